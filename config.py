@@ -1,0 +1,350 @@
+"""Configuration: nested dataclasses, named presets, YAML load/save and strict `--set` overrides.
+
+A run's configuration is resolved in this order, later wins:
+    defaults  ->  --preset NAME  ->  --config FILE.yaml  ->  --set section.key=value ...
+and the resolved result is written to RUN_DIR/config.yaml, which `--resume` and `evaluate` read back.
+
+    python config.py --preset cpu --set train.lr=3e-4     # print the resolved YAML
+    python config.py --list-presets
+
+Unknown keys and values that do not fit a field's type are errors that name the key; nothing is
+silently ignored (nanoGPT's strict overrides, without its exec).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import typing
+from dataclasses import dataclass, field
+
+import yaml
+
+
+@dataclass
+class DataConfig:
+    format: str = "synthetic"          # synthetic | isic | ph2 | msd | folders | auto
+    path: str = ""                     # data root; empty with format=synthetic = the embedded set
+    cache_dir: str = ""                # slice-cache root; empty = $SEMISEG_CACHE or ~/.cache/semiseg
+    image_size: int = 64               # slices/images are resized to image_size x image_size
+    channels: int = 0                  # 0 = as the data come (1 for grey/CT, 3 for RGB)
+    labeled_fraction: float = 0.1      # fraction of the *training* cases whose labels are used
+    val_fraction: float = 0.15         # of the labelled cases, per case (never per slice)
+    test_fraction: float = 0.15
+    hide_labels: bool = False          # real data: keep held-back labels only to score pseudo targets
+    shuffle_buffer: int = 1024         # records; the labelled set of a small study fits entirely
+    synthetic_cases: int = 400         # embedded data set: number of 2D images
+    synthetic_size: int = 96           # embedded data set: native image size before resizing
+    synthetic_difficulty: float = 1.0  # embedded data set: share of hard cases and artefacts
+    synthetic_seed: int = 0            # the data set's identity; run seeds vary splits and init, not the data
+    # Volumes (NIfTI): how 3D scans become 2D training slices.
+    slice_axis: int = 2                # after reorientation to RAS+ : 2 = axial
+    modality: str = "auto"             # auto (from dataset.json) | ct | mri
+    ct_window: typing.List[float] = field(default_factory=lambda: [-125.0, 275.0])  # HU, abdomen
+    label_set: typing.List[int] = field(default_factory=lambda: [1, 2])  # labels merged into foreground
+    foreground_only: bool = False      # keep slices with foreground plus background_ratio of the rest
+    background_ratio: float = 0.1
+    unlabeled_test_images: bool = True  # MSD imagesTs serve as unlabelled training data
+
+
+@dataclass
+class ModelConfig:
+    name: str = "unet"                 # registered builder in models_tf2.py
+    base_filters: int = 16             # 16/32/64 in the seed project
+    depth: int = 4                     # down-sampling blocks
+    dropout: float = 0.1
+    batchnorm: bool = True
+    sync_batchnorm: bool = False       # synchronise BN statistics across replicas
+    activation: str = "relu"           # relu | leaky_relu
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 20
+    steps_per_epoch: int = 0           # 0 = ceil(training slices / batch_size), same for every method
+    batch_size: int = 8                # GLOBAL labelled images per step (all replicas together)
+    unlabeled_ratio: int = 1           # unlabelled images per labelled image in a step (SSL methods)
+    lr: float = 1e-3
+    lr_scaling: str = "none"           # none | linear (lr * num_replicas)
+    schedule: str = "constant"         # constant | cosine | poly
+    warmup_epochs: float = 0.0
+    weight_decay: float = 0.0
+    clip_norm: float = 5.0             # global-norm gradient clipping; 0 = off
+    lambda_dice: float = 0.5           # L_sup = lambda_dice * Dice + lambda_bce * BCE
+    lambda_bce: float = 0.5
+    patience: int = 0                  # early stopping on validation Dice; 0 = off
+    min_delta: float = 0.0
+    steps_per_loop: int = 10           # optimizer steps per tf.function call (Orbit-style)
+    checkpoint_every: int = 0          # steps between 'latest' checkpoints; 0 = every epoch
+    keep_checkpoints: int = 2
+    precision: str = "float32"         # float32 | mixed_float16 | mixed_bfloat16
+    distribution: str = "auto"         # auto | none | mirrored | multi_worker
+    jit_compile: bool = False          # XLA; slower on CPU here (DESIGN.md), so off by default
+    eval_batch_size: int = 16
+    export: str = "auto"               # which network is exported as best_model.keras: auto | student | teacher
+
+
+@dataclass
+class MeanTeacherConfig:
+    ema_decay: float = 0.99            # seed project; the MIRA-U seed uses 0.999
+    consistency: float = 1.0           # maximum consistency weight
+    rampup_epochs: float = 10.0        # sigmoid ramp exp(-5(1-t/T)^2)
+    noise_std: float = 0.1             # Gaussian input noise of the teacher's view
+    evaluate_teacher: bool = True
+
+
+@dataclass
+class MixMatchConfig:
+    temperature: float = 0.5
+    alpha: float = 0.75
+    k: int = 2
+    lambda_u: float = 1.0              # maximum weight of the unlabelled L2 loss
+    rampup_epochs: float = 10.0
+
+
+@dataclass
+class MiraUConfig:
+    teacher_checkpoint: str = ""       # a stage-1 teacher (.keras) to start stage 2 from
+    mim_epochs: int = 50
+    mim_lr: float = 1e-3
+    mim_batch_size: int = 16
+    mask_ratio: float = 0.8
+    patch_size: int = 8
+    embed_dim: int = 256
+    depth: int = 4
+    num_heads: int = 4
+    teacher_dropout: float = 0.1
+    student_base_channels: int = 32
+    mc_samples: int = 20               # M
+    mc_chunk: int = 0                  # 0 = all M passes in one batched forward
+    kappa: float = 0.5
+    tau_u: float = 0.15
+    lambda_u: float = 1.0
+    lambda_c: float = 0.1
+    gamma: float = 0.01
+    rampup_epochs: float = 80.0
+    ema_decay: float = 0.999
+    ema_target: str = "student_ema"    # student_ema | teacher_head  (see docs/methods.md)
+
+
+@dataclass
+class Config:
+    method: str = "supervised"
+    preset: str = ""
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    mean_teacher: MeanTeacherConfig = field(default_factory=MeanTeacherConfig)
+    mixmatch: MixMatchConfig = field(default_factory=MixMatchConfig)
+    mira_u: MiraUConfig = field(default_factory=MiraUConfig)
+
+
+class ConfigError(ValueError):
+    """A bad key or value in a preset, YAML file or --set override."""
+
+
+# Presets are plain override mappings, so they read like the YAML a user would write.
+PRESETS: dict[str, dict] = {
+    # Seconds: tiny images and a handful of steps; used by the tests and for wiring checks.
+    "smoke": {
+        "data": {"image_size": 32, "synthetic_cases": 48, "synthetic_size": 48, "labeled_fraction": 0.25,
+                 "shuffle_buffer": 64},
+        "model": {"base_filters": 4, "depth": 2},
+        "train": {"epochs": 2, "steps_per_epoch": 3, "batch_size": 4, "steps_per_loop": 3, "eval_batch_size": 8},
+        "mean_teacher": {"rampup_epochs": 1.0},
+        "mixmatch": {"rampup_epochs": 1.0},
+        "mira_u": {"mim_epochs": 1, "mim_batch_size": 4, "embed_dim": 32, "depth": 1, "num_heads": 2,
+                   "student_base_channels": 4, "mc_samples": 3, "rampup_epochs": 1.0, "patch_size": 8},
+    },
+    # The README's main job: a few minutes on a 2-core laptop CPU.
+    "cpu": {
+        "data": {"image_size": 64, "labeled_fraction": 0.1},
+        "model": {"base_filters": 16, "depth": 4},
+        "train": {"epochs": 12, "batch_size": 8, "steps_per_epoch": 40, "lr": 2e-3, "schedule": "cosine"},
+        "mean_teacher": {"rampup_epochs": 5.0},
+        "mixmatch": {"rampup_epochs": 5.0},
+    },
+}
+
+
+def _field_types(cls) -> dict[str, typing.Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(value, typ, key: str):
+    """Coerce a YAML/--set value to the dataclass field's type, or raise ConfigError naming key."""
+    origin = typing.get_origin(typ)
+    if origin in (list, typing.List):
+        (item_type,) = typing.get_args(typ) or (str,)
+        if isinstance(value, str):
+            value = yaml.safe_load(value) if value.strip().startswith("[") else [v for v in value.split(",") if v]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, item_type, key) for v in value]
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in ("1", "true", "yes", "on"):
+            return True
+        if text in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if typ in (int, float):
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected {typ.__name__}, got {value!r}")
+        try:
+            number = float(value) if isinstance(value, str) else value
+            if typ is int:
+                if float(number) != int(float(number)):
+                    raise ValueError
+                return int(float(number))
+            return float(number)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected {typ.__name__}, got {value!r}") from None
+    if typ is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return "" if value is None else str(value)
+    raise ConfigError(f"{key}: unsupported field type {typ}")
+
+
+def apply_mapping(cfg, mapping: dict, prefix: str = ""):
+    """Apply a nested mapping of overrides to dataclass `cfg` in place; unknown keys are errors."""
+    if not isinstance(mapping, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {mapping!r}")
+    types = _field_types(type(cfg))
+    for key, value in mapping.items():
+        dotted = f"{prefix}{key}"
+        if key not in types:
+            known = ", ".join(sorted(types))
+            raise ConfigError(f"unknown config key '{dotted}' (known here: {known})")
+        current = getattr(cfg, key)
+        if dataclasses.is_dataclass(current):
+            apply_mapping(current, value, dotted + ".")
+        else:
+            setattr(cfg, key, _coerce(value, types[key], dotted))
+    return cfg
+
+
+def parse_set(assignments: typing.Iterable[str]) -> dict:
+    """Turn ['train.lr=3e-4', 'seed=1'] into a nested mapping (values still strings)."""
+    nested: dict = {}
+    for item in assignments:
+        if "=" not in item:
+            raise ConfigError(f"--set expects section.key=value, got {item!r}")
+        dotted, value = item.split("=", 1)
+        parts = [p for p in dotted.strip().split(".") if p]
+        if not parts:
+            raise ConfigError(f"--set expects section.key=value, got {item!r}")
+        node = nested
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {dotted}: '{part}' is not a section")
+        node[parts[-1]] = value
+    return nested
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_yaml(cfg: Config, path) -> None:
+    """Write atomically: a crash never leaves a half-written config.yaml."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as fh:
+        yaml.safe_dump(to_dict(cfg), fh, sort_keys=False)
+    os.replace(tmp, path)
+
+
+def load_yaml(path) -> dict:
+    try:
+        with open(path) as fh:
+            data = yaml.safe_load(fh) or {}
+    except OSError as err:
+        raise ConfigError(f"cannot read config file {path}: {err.strerror}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: expected a mapping at the top level")
+    return data
+
+
+def resolve(preset: str = "", config_file: str = "", overrides: typing.Iterable[str] = (), method: str = "") -> Config:
+    """defaults -> preset -> YAML file -> --set overrides (later wins)."""
+    cfg = Config()
+    if preset:
+        if preset not in PRESETS:
+            raise ConfigError(f"unknown preset '{preset}' (known: {', '.join(sorted(PRESETS))})")
+        apply_mapping(cfg, PRESETS[preset])
+        cfg.preset = preset
+    if config_file:
+        apply_mapping(cfg, load_yaml(config_file))
+    if method:
+        cfg.method = method
+    apply_mapping(cfg, parse_set(overrides))
+    validate(cfg)
+    return cfg
+
+
+def from_dict(mapping: dict) -> Config:
+    cfg = apply_mapping(Config(), mapping)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks that a single field's type cannot express."""
+    def check(ok, key, msg):
+        if not ok:
+            raise ConfigError(f"{key}: {msg}")
+    d, t, m = cfg.data, cfg.train, cfg.model
+    check(0.0 < d.labeled_fraction <= 1.0, "data.labeled_fraction", f"must be in (0, 1], got {d.labeled_fraction}")
+    check(0.0 <= d.val_fraction < 1 and 0.0 <= d.test_fraction < 1 and d.val_fraction + d.test_fraction < 1,
+          "data.val_fraction/test_fraction", "must be >= 0 and sum to less than 1")
+    check(d.image_size % (2 ** m.depth) == 0, "data.image_size",
+          f"{d.image_size} must be divisible by 2**model.depth = {2 ** m.depth}")
+    check(t.batch_size >= 1, "train.batch_size", "must be >= 1")
+    check(t.epochs >= 1, "train.epochs", "must be >= 1")
+    check(t.steps_per_loop >= 1, "train.steps_per_loop", "must be >= 1")
+    check(t.precision in ("float32", "mixed_float16", "mixed_bfloat16"), "train.precision",
+          f"must be float32, mixed_float16 or mixed_bfloat16, got {t.precision!r}")
+    check(t.distribution in ("auto", "none", "mirrored", "multi_worker"), "train.distribution",
+          f"must be auto, none, mirrored or multi_worker, got {t.distribution!r}")
+    check(t.schedule in ("constant", "cosine", "poly"), "train.schedule", f"unknown schedule {t.schedule!r}")
+    check(t.lr_scaling in ("none", "linear"), "train.lr_scaling", f"must be none or linear, got {t.lr_scaling!r}")
+    check(t.export in ("auto", "student", "teacher"), "train.export", f"must be auto, student or teacher")
+    check(m.activation in ("relu", "leaky_relu"), "model.activation", f"unknown activation {m.activation!r}")
+    check(0.0 <= cfg.mean_teacher.ema_decay < 1.0, "mean_teacher.ema_decay", "must be in [0, 1)")
+    check(0.0 <= cfg.mira_u.ema_decay < 1.0, "mira_u.ema_decay", "must be in [0, 1)")
+    check(cfg.mixmatch.k >= 1, "mixmatch.k", "must be >= 1")
+    check(0.0 < cfg.mira_u.mask_ratio < 1.0, "mira_u.mask_ratio", "must be in (0, 1)")
+    check(cfg.mira_u.ema_target in ("student_ema", "teacher_head"), "mira_u.ema_target",
+          "must be student_ema or teacher_head")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="Print a resolved semiseg configuration as YAML.")
+    parser.add_argument("--preset", default="")
+    parser.add_argument("--config", default="")
+    parser.add_argument("--method", default="")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--list-presets", action="store_true")
+    args = parser.parse_args(argv)
+    if args.list_presets:
+        print("\n".join(sorted(PRESETS)))
+        return 0
+    try:
+        cfg = resolve(args.preset, args.config, args.set, args.method)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    yaml.safe_dump(to_dict(cfg), sys.stdout, sort_keys=False)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""Evaluation: run a model over a split, stack slices back into cases, compute per-case metrics.
+
+    python main.py evaluate RUN_DIR [--split test|val] [--tta]
+
+Predictions are made slice by slice from the slice cache and regrouped per case (cache records of
+one case are contiguous), so a CT volume is scored as one 3D case with its voxel spacing (in-plane
+spacing scaled by the resize factor), and memory holds one case at a time.
+Test-time augmentation averages the probabilities of the original and the h-, v- and hv-flipped
+input, each flipped back before averaging.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+import metrics
+
+FLIPS = ((False, False), (True, False), (False, True), (True, True))   # (horizontal, vertical)
+
+
+def make_predict_fn(model, tta: bool = False):
+    """A tf.function: images [B,H,W,C] -> foreground probabilities [B,H,W] (float32)."""
+    import tensorflow as tf
+
+    def flip(x, h, v):
+        if h:
+            x = tf.reverse(x, axis=[2])
+        if v:
+            x = tf.reverse(x, axis=[1])
+        return x
+
+    @tf.function(reduce_retracing=True)
+    def predict(images):
+        if not tta:
+            return tf.sigmoid(tf.cast(model(images, training=False), tf.float32))[..., 0]
+        total = 0.0
+        for h, v in FLIPS:
+            prob = tf.sigmoid(tf.cast(model(flip(images, h, v), training=False), tf.float32))
+            total += flip(prob, h, v)          # flips are their own inverse
+        return (total / len(FLIPS))[..., 0]
+
+    return predict
+
+
+def iterate_cases(predict, bundle, split: str | None = None, batch: int = 16, case_ids=None):
+    """Yield (case_id, image [S,H,W,C], label [S,H,W] uint8, prob [S,H,W]) in cache order."""
+    current, parts = None, []
+
+    def emit():
+        parts.sort(key=lambda p: p[0])
+        image = np.stack([p[1] for p in parts])
+        label = np.stack([p[2] for p in parts]).astype(np.uint8)
+        prob = np.stack([p[3] for p in parts])
+        return current, image, label, prob
+
+    for batch_data in bundle.eval_dataset(split, batch, case_ids):
+        probs = predict(batch_data["image"]).numpy()
+        images = batch_data["image"].numpy()
+        masks = batch_data["mask"].numpy()[..., 0]
+        for i, case in enumerate(batch_data["case"].numpy()):
+            case = case.decode()
+            if case != current and parts:
+                yield emit()
+                parts = []
+            current = case
+            parts.append((int(batch_data["index"][i]), images[i], masks[i], probs[i]))
+    if parts:
+        yield emit()
+
+
+def _dice(pred: np.ndarray, truth: np.ndarray) -> float:
+    denom = pred.sum() + truth.sum()
+    return 1.0 if denom == 0 else float(2.0 * np.logical_and(pred, truth).sum() / denom)
+
+
+def mean_case_dice(model, bundle, split: str = "val", batch: int = 16, case_ids=None) -> float:
+    """Mean per-case Dice at threshold 0.5: the cheap score used for model selection each epoch."""
+    predict = make_predict_fn(model)
+    scores = [_dice(prob >= 0.5, label > 0) for _, _, label, prob in iterate_cases(predict, bundle, split, batch, case_ids)]
+    return float(np.mean(scores)) if scores else float("nan")
+
+
+def case_spacing(bundle, case_id: str, n_slices: int):
+    """Spacing in the order of the stacked array [S, H, W] (slice, row, col), or (row, col) for 2D."""
+    info = bundle.case_info(case_id)
+    row, col, slc = info["spacing"]
+    return ((row, col) if n_slices == 1 else (slc, row, col)), info.get("spacing_unit", "px")
+
+
+def evaluate(model, bundle, split: str = "test", batch: int = 16, tta: bool = False, out_dir=None,
+             threshold: float = 0.5, model_name: str = "student", previews: bool = True, progress: bool = False) -> dict:
+    """Full metrics over a split; writes metrics.json, per_case.csv and previews/ under out_dir."""
+    from tqdm import tqdm
+    predict = make_predict_fn(model, tta)
+    rows, units = [], set()
+    out_dir = Path(out_dir) if out_dir else None
+    preview_dir = out_dir / "previews" / split if (out_dir and previews) else None
+    if preview_dir:
+        preview_dir.mkdir(parents=True, exist_ok=True)
+    cases = tqdm(iterate_cases(predict, bundle, split, batch), desc=f"evaluate {split}", unit="case",
+                 disable=not progress, leave=False)
+    for case_id, image, label, prob in cases:
+        pred = prob >= threshold
+        spacing, unit = case_spacing(bundle, case_id, len(prob))
+        units.add(unit)
+        arrays = (pred[0], label[0]) if len(prob) == 1 else (pred, label)
+        row = {"case_id": case_id, **metrics.case_metrics(arrays[0], arrays[1] > 0, spacing)}
+        rows.append(row)
+        if preview_dir:
+            # The slice with most ground truth (or most prediction): what a reader wants to see.
+            k = int(np.argmax(label.reshape(len(label), -1).sum(1) if label.any() else prob.reshape(len(prob), -1).sum(1)))
+            np.savez_compressed(preview_dir / f"{case_id}.npz", image=image[k], label=label[k], prob=prob[k].astype(np.float32))
+    payload = metrics.aggregate(rows)
+    payload.update({"split": split, "model": model_name, "tta": tta, "threshold": threshold,
+                    "distance_unit": "mm" if units == {"mm"} else "px"})
+    if out_dir:
+        metrics.write_per_case_csv(out_dir / "per_case.csv", rows)
+        metrics.write_metrics_json(out_dir / "metrics.json", payload)
+    return payload

@@ -1,0 +1,231 @@
+"""semiseg command line: train, evaluate, predict, preprocess, check-data, describe.
+
+    python main.py train --method supervised --preset cpu
+    python main.py train --method mean_teacher --preset smoke --set train.epochs=3 --out runs/mt
+    python main.py train --out runs/mt --resume
+    python main.py evaluate runs/mt [--split val] [--tta]
+    python main.py describe --method supervised --preset cpu
+
+Thin on purpose: it parses, builds and calls. Exit codes: 0 done, 2 bad input (config, data, run
+folder), 75 preempted (checkpoint written; the sbatch scripts requeue on it).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")   # keep CUDA-probe noise out of run logs
+
+import config  # noqa: E402
+from config import ConfigError  # noqa: E402
+from data_sources import DataError  # noqa: E402
+from run_dir import RunDirError  # noqa: E402
+
+EXIT_BAD_INPUT = 2
+
+
+def _log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def _apply_data_args(cfg, args) -> None:
+    if getattr(args, "data", None):
+        cfg.data.path = args.data
+        if cfg.data.format == "synthetic":
+            cfg.data.format = "auto"
+    if getattr(args, "format", None):
+        cfg.data.format = args.format
+
+
+def _resolve_train_config(args):
+    if args.resume:
+        if not args.out:
+            raise RunDirError("--resume needs --out RUN_DIR (the run to continue)")
+        run = Path(args.out)
+        if not (run / "config.yaml").exists():
+            raise RunDirError(f"cannot resume: {run / 'config.yaml'} not found")
+        cfg = config.from_dict(config.load_yaml(run / "config.yaml"))
+        if args.set:      # e.g. more epochs for a finished run; recorded in the saved config
+            config.apply_mapping(cfg, config.parse_set(args.set))
+            config.validate(cfg)
+        return cfg, run
+    cfg = config.resolve(args.preset or "", args.config or "", args.set, args.method)
+    _apply_data_args(cfg, args)
+    return cfg, None
+
+
+def cmd_train(args) -> int:
+    cfg, run = _resolve_train_config(args)
+    if run is None and args.out and Path(args.out).exists():
+        raise RunDirError(f"run folder {args.out} already exists: pass --resume to continue it, "
+                          f"or choose another --out (nothing in it was changed)")
+    import distribute
+    # The strategy comes before any other TF op (multi-worker collectives are configured at init).
+    strategy, info = distribute.make_strategy(cfg.train.distribution)
+    import keras
+    import data_loader_tf2
+    import run_dir as rundir
+    from train_ssl_tf2 import EXIT_PREEMPTED, get_method
+    import evaluation
+
+    keras.mixed_precision.set_global_policy(cfg.train.precision)
+    keras.utils.set_random_seed(cfg.seed)
+    chief = info.get("is_chief", True)
+    method_cls = get_method(cfg.method)
+    _log(f"semiseg: method={cfg.method} preset={cfg.preset or '-'} strategy={info.get('strategy')} "
+         f"replicas={strategy.num_replicas_in_sync} global_batch={cfg.train.batch_size} precision={cfg.train.precision}")
+    # Data first: an unusable data set stops here, before a run folder exists.
+    bundle = data_loader_tf2.prepare_data(cfg, run_dir=run, log=_log if chief else (lambda m: None))
+    if run is None:
+        out = args.out
+        if out is None and os.environ.get("SLURM_JOB_ID") and info.get("num_workers", 1) > 1:
+            out = f"runs/{cfg.method}-{cfg.preset or 'custom'}-job{os.environ['SLURM_JOB_ID']}"
+        run = rundir.create_run_dir(out, cfg.method, cfg.preset) if chief else Path(out or "runs/_worker")
+    if chief:
+        config.save_yaml(cfg, run / "config.yaml")
+        data_loader_tf2.save_splits(bundle.splits, run / "splits.json")
+        import tensorflow as tf
+        devices = [d.name for d in tf.config.list_logical_devices()]
+        rundir.start_run_info(run, {**rundir.provenance(devices, info), "method": cfg.method,
+                                    "data": {"format": bundle.fmt, "cache": str(bundle.cache_dir),
+                                             **{f"n_{s}": len(bundle.splits[s]) for s in data_loader_tf2.SPLITS}}})
+    _log(f"run folder: {run}  (labeled {len(bundle.splits['labeled'])}, unlabeled {len(bundle.splits['unlabeled'])}, "
+         f"val {len(bundle.splits['val'])}, test {len(bundle.splits['test'])} cases)")
+    trainer = method_cls(cfg, bundle, strategy, info, log=_log if chief else (lambda m: None))
+    ckpt_dir = distribute.worker_checkpoint_dir(run, info) if hasattr(distribute, "worker_checkpoint_dir") else None
+    reason = trainer.fit(run, is_chief=chief, ckpt_dir=ckpt_dir, progress=not args.no_progress)
+    if reason == "preempted":
+        if chief:
+            rundir.finish_run_info(run, "preempted")
+        return EXIT_PREEMPTED
+    if not chief:
+        return 0
+    import keras as _k
+    name = trainer.export_model()[0]
+    best = _k.saving.load_model(run / "best_model.keras", compile=False)
+    payload = evaluation.evaluate(best, bundle, "test", cfg.train.eval_batch_size, out_dir=run, model_name=name)
+    rundir.finish_run_info(run, reason, best_val_dice=float(trainer.best_score.numpy()), test_dice=payload["dice"])
+    _log(f"\n{reason}: test Dice {payload['dice']:.4f}  IoU {payload['iou']:.4f}  ({payload['n_cases']} cases, "
+         f"{name} network, best validation Dice {float(trainer.best_score.numpy()):.4f})")
+    _log(f"run folder: {run}")
+    _log(f"evaluate:   python main.py evaluate {run} [--split val] [--tta]")
+    _log(f"predict:    python main.py predict {run} INPUT OUTPUT")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    run = Path(args.run_dir)
+    if not (run / "config.yaml").exists():
+        raise RunDirError(f"{run} is not a run folder (no config.yaml)")
+    if not (run / "best_model.keras").exists():
+        raise RunDirError(f"{run} has no best_model.keras yet (training has not finished an epoch)")
+    cfg = config.from_dict(config.load_yaml(run / "config.yaml"))
+    import keras
+    import data_loader_tf2
+    import evaluation
+    bundle = data_loader_tf2.prepare_data(cfg, run_dir=run, log=_log)
+    model = keras.saving.load_model(run / "best_model.keras", compile=False)
+    default = args.split == "test" and not args.tta
+    out = run if default else run / "eval" / f"{args.split}{'_tta' if args.tta else ''}"
+    out.mkdir(parents=True, exist_ok=True)
+    payload = evaluation.evaluate(model, bundle, args.split, cfg.train.eval_batch_size, tta=args.tta, out_dir=out,
+                                  progress=True)
+    keys = ("dice", "iou", "precision", "recall", "specificity", "hd95", "asd")
+    _log(" ".join(f"{k}={payload[k]:.4f}" if payload[k] is not None else f"{k}=nan" for k in keys)
+         + f"  n_cases={payload['n_cases']}")
+    _log(f"written: {out / 'metrics.json'}, {out / 'per_case.csv'}")
+    return 0
+
+
+def cmd_describe(args) -> int:
+    cfg = config.resolve(args.preset or "", "", args.set, args.method)
+    import keras  # noqa: F401
+    from train_ssl_tf2 import get_method
+    channels = cfg.data.channels or (1 if cfg.data.format in ("synthetic", "msd") else 3)
+    nets = get_method(cfg.method).build_networks(cfg, cfg.data.image_size, channels)
+    print(json.dumps({"method": cfg.method, "preset": cfg.preset, "image_size": cfg.data.image_size,
+                      "channels": channels, "parameters": {k: int(m.count_params()) for k, m in nets.items()}},
+                     indent=1))
+    return 0
+
+
+def cmd_preprocess(args) -> int:
+    cfg = config.resolve(args.preset or "", args.config or "", args.set)
+    _apply_data_args(cfg, args)
+    import data_loader_tf2
+    import slice_cache
+    fmt, root, cases = data_loader_tf2.resolve_source(cfg.data, _log)
+    path = slice_cache.build_cache(fmt, cases, cfg.data, log=_log)
+    _log(f"slice cache ready: {path}")
+    return 0
+
+
+def cmd_check_data(args) -> int:
+    cfg = config.resolve(args.preset or "", args.config or "", args.set)
+    _apply_data_args(cfg, args)
+    import data_loader_tf2
+    fmt, root, cases = data_loader_tf2.resolve_source(cfg.data, _log)
+    n_lab = sum(c.label is not None for c in cases)
+    _log(f"{root} ({fmt}): {len(cases)} cases, {n_lab} with labels, {len(cases) - n_lab} without")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="main.py", description="semiseg: semi-supervised medical image segmentation")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def config_args(p, method=True):
+        if method:
+            p.add_argument("--method", default="", help="supervised, mean_teacher, mixmatch, mira_u, ...")
+        p.add_argument("--preset", default="", help=f"one of: {', '.join(sorted(config.PRESETS))}")
+        p.add_argument("--config", default="", help="YAML file of overrides")
+        p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="e.g. train.lr=3e-4 data.labeled_fraction=0.3")
+
+    def data_args(p):
+        p.add_argument("--data", default=None, help="data-set folder (default: the embedded synthetic set)")
+        p.add_argument("--format", default=None, help="synthetic|msd|isic|ph2|folders|auto")
+
+    p = sub.add_parser("train", help="train a model (a new run folder, or --resume one)")
+    config_args(p)
+    data_args(p)
+    p.add_argument("--out", default=None, help="run folder (default runs/METHOD-PRESET-TIME); must not exist")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only; batch jobs)")
+    p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser("evaluate", help="metrics of a run's best model on a split")
+    p.add_argument("run_dir")
+    p.add_argument("--split", default="test", choices=["test", "val"])
+    p.add_argument("--tta", action="store_true", help="average over flips (test-time augmentation)")
+    p.set_defaults(fn=cmd_evaluate)
+
+    p = sub.add_parser("describe", help="JSON: parameter count of each network of a method")
+    config_args(p)
+    p.set_defaults(fn=cmd_describe)
+
+    p = sub.add_parser("preprocess", help="build the slice cache of a data set")
+    config_args(p, method=False)
+    data_args(p)
+    p.set_defaults(fn=cmd_preprocess)
+
+    p = sub.add_parser("check-data", help="validate a data set and list its problems")
+    config_args(p, method=False)
+    data_args(p)
+    p.set_defaults(fn=cmd_check_data)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except (ConfigError, DataError, RunDirError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())

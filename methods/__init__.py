@@ -1,0 +1,4 @@
+"""Semi-supervised methods, one module each; importing this package registers them by name.
+
+    python main.py train --method mean_teacher --preset smoke
+"""

@@ -1,0 +1,165 @@
+"""The run folder: creation without overwriting, provenance, history rows, atomic writes.
+
+    python -c "import run_dir; print(run_dir.default_run_name('supervised', 'cpu'))"
+
+A run folder holds config.yaml, splits.json, history.csv, checkpoints/, metrics.json, per_case.csv,
+run_info.json and best_model.keras. A new run never reuses an existing folder; `--resume` continues
+one. Every file is written to a temporary name and renamed, so a run killed mid-write keeps the
+previous complete version of each file.
+"""
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import json
+import math
+import os
+import platform
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent
+
+
+class RunDirError(RuntimeError):
+    """The run folder cannot be used as asked (exists, or missing for --resume)."""
+
+
+def default_run_name(method: str, preset: str) -> str:
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return f"{method}-{preset or 'custom'}-{stamp}"
+
+
+def create_run_dir(out: str | None, method: str, preset: str, runs_root: str = "runs") -> Path:
+    """Create a fresh run folder; an existing --out is an error (it is never modified)."""
+    if out:
+        path = Path(out)
+        if path.exists():
+            raise RunDirError(f"run folder {path} already exists: pass --resume to continue it, "
+                              f"or choose another --out (nothing in it was changed)")
+        path.mkdir(parents=True)
+        return path
+    base = Path(runs_root) / default_run_name(method, preset)
+    for k in range(1000):
+        path = base if k == 0 else base.with_name(f"{base.name}-{k}")
+        try:
+            path.mkdir(parents=True)
+            return path
+        except FileExistsError:
+            continue
+    raise RunDirError(f"cannot find a free run folder name next to {base}")
+
+
+def atomic_write_text(path, text: str) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _json_safe(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if hasattr(value, "item"):          # numpy scalars
+        return _json_safe(value.item())
+    return value
+
+
+def write_json(path, payload) -> None:
+    atomic_write_text(path, json.dumps(_json_safe(payload), indent=1) + "\n")
+
+
+def git_state() -> dict:
+    def git(*args):
+        try:
+            return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True,
+                                  timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+    commit = git("rev-parse", "HEAD")
+    return {"commit": commit or None, "dirty": bool(git("status", "--porcelain", "--untracked-files=no")) if commit else None}
+
+
+def provenance(devices: list[str], strategy_info: dict | None = None) -> dict:
+    """What made this run: command, code version, library versions, host, devices."""
+    import keras
+    import numpy
+    import tensorflow as tf
+    return {
+        "command": " ".join([Path(sys.executable).name] + sys.argv),
+        "argv": sys.argv,
+        "cwd": os.getcwd(),
+        "git": git_state(),
+        "python": platform.python_version(),
+        "tensorflow": tf.__version__, "keras": keras.__version__, "numpy": numpy.__version__,
+        "host": socket.gethostname(),
+        "platform": platform.platform(),
+        "devices": devices,
+        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+        "strategy": strategy_info or {},
+    }
+
+
+def start_run_info(run: Path, info: dict) -> dict:
+    """Record a (re)start: a resumed run appends to `sessions`, keeping the first start."""
+    path = run / "run_info.json"
+    previous = json.loads(path.read_text()) if path.exists() else {}
+    now = dt.datetime.now().isoformat(timespec="seconds")
+    sessions = previous.get("sessions", []) + [{"start": now, "command": info["command"], "host": info["host"]}]
+    merged = {**previous, **info, "start_time": previous.get("start_time", now), "sessions": sessions,
+              "status": "running", "end_time": None}
+    write_json(path, merged)
+    return merged
+
+
+def finish_run_info(run: Path, status: str, **extra) -> None:
+    path = run / "run_info.json"
+    info = json.loads(path.read_text()) if path.exists() else {}
+    info.update(extra)
+    info["status"] = status
+    info["end_time"] = dt.datetime.now().isoformat(timespec="seconds")
+    if info.get("sessions"):
+        info["sessions"][-1]["end"] = info["end_time"]
+        info["sessions"][-1]["status"] = status
+    write_json(path, info)
+
+
+def append_history(run: Path, row: dict) -> None:
+    """Rewrite history.csv with one more row (atomic). Rows from epochs at or after `row['epoch']`
+    are dropped first: after a resume from an older checkpoint the file matches the model."""
+    path = run / "history.csv"
+    rows = read_history(run)
+    rows = [r for r in rows if int(float(r["epoch"])) < int(row["epoch"])] + [row]
+    columns: list[str] = []
+    for r in rows:
+        columns += [k for k in r if k not in columns]
+    tmp = path.with_name(f".history.csv.tmp{os.getpid()}")
+    with open(tmp, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns)
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({k: _fmt(r.get(k, "")) for k in columns})
+    os.replace(tmp, path)
+
+
+def _fmt(value):
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return value
+
+
+def read_history(run: Path) -> list[dict]:
+    path = Path(run) / "history.csv"
+    if not path.exists():
+        return []
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))

@@ -1,0 +1,211 @@
+"""The slice cache: every case of a data set, normalised, sliced and resized once, in TFRecord shards.
+
+    python main.py preprocess --data PATH --format msd      # builds (or reuses) the cache
+
+Layout: CACHE_ROOT/<format>-<key>/ with shard-XXXXX.tfrecord files and manifest.json. The key hashes
+what the cache was made from (each file's size and mtime, the preprocessing settings, the cache
+version), so training reuses a matching cache and builds a new one when anything changed.
+A cache is built in a private `*.partial-HOST-PID` folder and renamed into place only when complete
+(manifest written last), so a killed preprocess is never read, and two jobs racing to build the
+same cache both end up reading one complete copy.
+
+One record per slice: image (float16 [H, W, C]), mask (uint8 [H, W]), has_label, case id, slice index.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import socket
+import time
+from pathlib import Path
+
+import numpy as np
+
+from data_sources import Case, DataError, LoadedCase, get_source
+
+CACHE_VERSION = 1
+SHARD_BYTES = 128 * 2 ** 20          # a shard holds whole cases, up to about this much
+# DataConfig fields that do not change the cached slices (splits and streaming only).
+_NOT_IN_KEY = {"labeled_fraction", "val_fraction", "test_fraction", "hide_labels", "shuffle_buffer", "cache_dir",
+               "unlabeled_test_images"}
+
+
+def cache_root(data_cfg) -> Path:
+    return Path(data_cfg.cache_dir or os.environ.get("SEMISEG_CACHE") or Path.home() / ".cache" / "semiseg")
+
+
+def cache_key(fmt: str, cases: list[Case], data_cfg) -> str:
+    """Hash of everything the cached slices depend on."""
+    h = hashlib.sha256()
+    settings = {k: v for k, v in dataclasses.asdict(data_cfg).items() if k not in _NOT_IN_KEY}
+    h.update(json.dumps({"version": CACHE_VERSION, "format": fmt, "settings": settings}, sort_keys=True).encode())
+    for case in sorted(cases, key=lambda c: c.case_id):
+        for path in (case.image, case.label):
+            if path is None:
+                h.update(b"-")
+                continue
+            st = os.stat(path)
+            h.update(f"{case.case_id}|{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
+def resize_slices(image: np.ndarray, label, size: int):
+    """[S, H, W, C] float and [S, H, W] uint8 -> size x size. Masks are resized as float and
+    thresholded at 0.5, which keeps thin structures that nearest-neighbour sampling can drop."""
+    from PIL import Image
+    s, h, w, c = image.shape
+    if (h, w) == (size, size):
+        return image.astype(np.float32), label
+
+    def resize(plane):
+        return np.asarray(Image.fromarray(plane.astype(np.float32), mode="F").resize((size, size), Image.BILINEAR))
+
+    out = np.empty((s, size, size, c), np.float32)
+    for i in range(s):
+        for ch in range(c):
+            out[i, :, :, ch] = resize(image[i, :, :, ch])
+    out_label = None
+    if label is not None:
+        out_label = np.stack([(resize(label[i]) >= 0.5).astype(np.uint8) for i in range(s)])
+    return np.clip(out, 0.0, 1.0), out_label
+
+
+def select_slices(loaded: LoadedCase, data_cfg, case_id: str) -> np.ndarray:
+    """Indices of the slices to keep: all, or (foreground_only) the foreground slices plus a
+    seeded random `background_ratio` share of the empty ones (pancreas is small; most are empty)."""
+    n = loaded.image.shape[0]
+    if not data_cfg.foreground_only or loaded.label is None or n == 1:
+        return np.arange(n)
+    has_fg = loaded.label.reshape(n, -1).any(axis=1)
+    rng = np.random.default_rng(int(hashlib.sha256(case_id.encode()).hexdigest()[:8], 16))
+    keep_bg = rng.random(n) < data_cfg.background_ratio
+    return np.flatnonzero(has_fg | keep_bg)
+
+
+def _serialize(tf, image, mask, has_label: bool, case_id: str, index: int) -> bytes:
+    feature = {
+        "image": tf.train.Feature(bytes_list=tf.train.BytesList(value=[image.astype(np.float16).tobytes()])),
+        "mask": tf.train.Feature(bytes_list=tf.train.BytesList(value=[mask.astype(np.uint8).tobytes()])),
+        "has_label": tf.train.Feature(int64_list=tf.train.Int64List(value=[int(has_label)])),
+        "case": tf.train.Feature(bytes_list=tf.train.BytesList(value=[case_id.encode()])),
+        "index": tf.train.Feature(int64_list=tf.train.Int64List(value=[int(index)])),
+    }
+    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_dead_partials(root: Path) -> None:
+    host = socket.gethostname()
+    for path in root.glob("*.partial-*"):
+        try:
+            _, tag = path.name.rsplit(".partial-", 1)
+            path_host, pid = tag.rsplit("-", 1)
+        except ValueError:
+            continue
+        if path_host == host and not _pid_alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def load_manifest(path: Path) -> dict | None:
+    try:
+        with open(path / "manifest.json") as fh:
+            manifest = json.load(fh)
+    except (OSError, json.JSONDecodeError):
+        return None
+    if manifest.get("version") != CACHE_VERSION:
+        return None
+    if not all((path / s["file"]).is_file() for s in manifest["shards"]):
+        return None
+    return manifest
+
+
+def build_cache(fmt: str, cases: list[Case], data_cfg, progress: bool = True, log=print) -> Path:
+    """Return the folder of a complete cache for `cases`, building it if needed."""
+    root = cache_root(data_cfg)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"{fmt}-{cache_key(fmt, cases, data_cfg)}"
+    if load_manifest(final) is not None:
+        return final
+    if final.exists():          # a folder without a valid manifest is not a cache: never read it
+        log(f"slice cache {final} is incomplete or stale: rebuilding it")
+        shutil.rmtree(final, ignore_errors=True)
+    _remove_dead_partials(root)
+    partial = root / f"{final.name}.partial-{socket.gethostname()}-{os.getpid()}"
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir()
+    t0 = time.time()
+    manifest = write_shards(fmt, cases, data_cfg, partial, progress)
+    manifest["build_seconds"] = round(time.time() - t0, 2)
+    tmp = partial / "manifest.json.tmp"
+    tmp.write_text(json.dumps(manifest, indent=1))
+    os.replace(tmp, partial / "manifest.json")
+    try:
+        os.rename(partial, final)
+    except OSError:             # another job finished the same cache first: use theirs
+        shutil.rmtree(partial, ignore_errors=True)
+        if load_manifest(final) is None:
+            raise
+    log(f"slice cache written: {final} ({manifest['n_slices']} slices, {len(manifest['shards'])} shards, "
+        f"{manifest['build_seconds']} s)")
+    return final
+
+
+def write_shards(fmt: str, cases: list[Case], data_cfg, out: Path, progress: bool) -> dict:
+    import tensorflow as tf
+    from tqdm import tqdm
+
+    source = get_source(fmt)
+    manifest = {"version": CACHE_VERSION, "format": fmt, "image_size": data_cfg.image_size,
+                "channels": None, "shards": [], "cases": {}, "n_slices": 0}
+    writer, shard_bytes, shard = None, 0, None
+    bar = tqdm(cases, desc="preprocess", unit="case", disable=not progress, leave=False)
+    for case in bar:
+        loaded = source.load_case(case, data_cfg)
+        keep = select_slices(loaded, data_cfg, case.case_id)
+        image, label = resize_slices(loaded.image[keep], None if loaded.label is None else loaded.label[keep],
+                                     data_cfg.image_size)
+        channels = image.shape[-1]
+        if manifest["channels"] is None:
+            manifest["channels"] = channels
+        elif manifest["channels"] != channels:
+            raise DataError(f"{case.image}: {channels} channels, but earlier cases have {manifest['channels']}; "
+                            f"set data.channels to convert all images")
+        if writer is None or shard_bytes > SHARD_BYTES:
+            if writer is not None:
+                writer.close()
+            shard = {"file": f"shard-{len(manifest['shards']):05d}.tfrecord", "cases": [], "n": 0}
+            manifest["shards"].append(shard)
+            writer, shard_bytes = tf.io.TFRecordWriter(str(out / shard["file"])), 0
+        empty = np.zeros(image.shape[1:3], np.uint8)
+        for i, idx in enumerate(keep):
+            mask = label[i] if label is not None else empty
+            record = _serialize(tf, image[i], mask, label is not None, case.case_id, int(idx))
+            writer.write(record)
+            shard_bytes += len(record)
+        shard["cases"].append(case.case_id)
+        shard["n"] += len(keep)
+        h, w = loaded.image.shape[1:3]
+        # In-plane spacing grows by the resize factor: distances stay in mm after resizing.
+        spacing = [loaded.spacing[0] * h / data_cfg.image_size, loaded.spacing[1] * w / data_cfg.image_size,
+                   loaded.spacing[2]]
+        manifest["cases"][case.case_id] = {
+            "n_slices": int(len(keep)), "has_label": label is not None, "spacing": spacing,
+            "spacing_unit": loaded.spacing_unit, "original_shape": list(loaded.image.shape[:3]),
+            "slices": [int(k) for k in keep], "shard": len(manifest["shards"]) - 1, "meta": loaded.meta,
+        }
+        manifest["n_slices"] += int(len(keep))
+    if writer is not None:
+        writer.close()
+    return manifest

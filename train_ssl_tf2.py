@@ -1,0 +1,359 @@
+"""Training: the `Trainer` base (one distributed loop for every method) and the method registry.
+
+    python main.py train --method supervised --preset cpu
+
+The Trainer owns the strategy scope, the networks, optimizer and LR schedule, the distributed step
+(`strategy.run` inside a `tf.function` that runs `steps_per_loop` steps per call, as in Orbit),
+checkpoints, early stopping, preemption and logging. A method is a registered subclass that
+overrides `compute_loss` (and maybe `build_models`, `on_step_end`, `epoch_diagnostics`); the base
+never asks which method it is running.
+
+Loss scaling under tf.distribute: every loss a method returns is this replica's share of the
+global-batch mean, so the all-reduced (summed) gradient equals one replica's gradient on the whole
+global batch. Per-example terms use `global_mean`; batch-level Dice all-reduces its sums first.
+"""
+from __future__ import annotations
+
+import math
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+import keras
+
+import evaluation
+import run_dir as rundir
+from data_loader_tf2 import steps_per_epoch
+from models_tf2 import build_model
+
+METHODS: dict[str, type] = {}
+EXIT_PREEMPTED = 75        # EX_TEMPFAIL: the sbatch scripts requeue on this code
+
+
+def register_method(name: str):
+    def wrap(cls):
+        cls.method_name = name
+        METHODS[name] = cls
+        return cls
+    return wrap
+
+
+def get_method(name: str) -> type:
+    import methods  # noqa: F401  (registers the semi-supervised methods)
+    if name not in METHODS:
+        raise ValueError(f"--method: unknown method '{name}' (known: {', '.join(sorted(METHODS))})")
+    return METHODS[name]
+
+
+def sigmoid_rampup(epoch, rampup_epochs):
+    """exp(-5 (1 - t/T)^2) for t < T, then 1 (Laine & Aila; Tarvainen & Valpola; MIRA-U's beta)."""
+    if rampup_epochs <= 0:
+        return tf.constant(1.0) if tf.is_tensor(epoch) else 1.0
+    if tf.is_tensor(epoch):
+        t = tf.clip_by_value(tf.cast(epoch, tf.float32) / rampup_epochs, 0.0, 1.0)
+        return tf.exp(-5.0 * tf.square(1.0 - t))
+    t = min(max(float(epoch) / rampup_epochs, 0.0), 1.0)
+    return math.exp(-5.0 * (1.0 - t) ** 2)
+
+
+def ema_update(teacher_vars, student_vars, decay):
+    """teacher <- decay * teacher + (1 - decay) * student, for every weight (BN statistics too)."""
+    for t, s in zip(teacher_vars, student_vars):
+        t.assign(decay * t + (1.0 - decay) * tf.cast(s, t.dtype))
+
+
+class Preemption:
+    """SIGTERM / SIGUSR1 set a flag; the loop checkpoints at the next loop boundary and exits 75."""
+
+    def __init__(self):
+        self.signal = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            try:
+                signal.signal(sig, self._handle)
+            except ValueError:          # not the main thread (e.g. inside some test runners)
+                pass
+
+    def _handle(self, signum, _frame):
+        self.signal = signal.Signals(signum).name
+
+
+class Trainer:
+    """Base trainer: supervised loss on labelled batches. Subclasses add unlabelled terms."""
+    method_name = "base"
+    uses_unlabeled = False
+    labeled_augment = "weak"        # weak | strong | none, applied in tf.data per element
+    unlabeled_augment = "weak"
+
+    def __init__(self, cfg, data, strategy, strategy_info: dict | None = None, log=print):
+        self.cfg, self.data, self.strategy, self.log = cfg, data, strategy, log
+        self.strategy_info = strategy_info or {}
+        self.n_replicas = strategy.num_replicas_in_sync
+        t = cfg.train
+        if t.batch_size % self.n_replicas:
+            raise ValueError(f"train.batch_size={t.batch_size} (global) must be divisible by the "
+                             f"{self.n_replicas} replicas")
+        self.global_batch = t.batch_size
+        self.per_replica_batch = t.batch_size // self.n_replicas
+        self.global_unlabeled_batch = t.batch_size * t.unlabeled_ratio
+        self.steps_per_epoch = steps_per_epoch(cfg, data)
+        self.total_steps = self.steps_per_epoch * t.epochs
+        with strategy.scope():
+            self.models = self.build_models()
+            self.optimizer = self._build_optimizer()
+            # Built explicitly: a lazily built Adam fails in a custom loop (keras-team/keras#23085).
+            self.optimizer.build(self.trainable_variables())
+            self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
+            self.best_score = tf.Variable(-1.0, dtype=tf.float64, trainable=False, name="best_score")
+            self.bad_epochs = tf.Variable(0, dtype=tf.int64, trainable=False, name="bad_epochs")
+        self._loop_fn = None
+
+    # ------------------------------------------------------------------ hooks for methods
+    @classmethod
+    def build_networks(cls, cfg, image_size: int, channels: int) -> dict:
+        """Networks by role; 'student' is the one the optimizer trains. A classmethod so that
+        `describe` can count parameters without data."""
+        return {"student": build_model(cfg.model, image_size, channels, "student")}
+
+    def build_models(self) -> dict:
+        return self.build_networks(self.cfg, self.data.image_size, self.data.channels)
+
+    def trainable_variables(self):
+        return self.models["student"].trainable_variables
+
+    def compute_loss(self, labeled, unlabeled, step):
+        """(loss, logs): loss is this replica's share; each log value sums over replicas to its global value."""
+        images, masks = labeled
+        logits = self.models["student"](images, training=True)
+        loss, dice, bce = self.supervised_loss(logits, masks)
+        return loss, {"loss": loss, "loss_sup": loss, "loss_dice": dice, "loss_bce": bce}
+
+    def on_step_end(self, step):
+        """Called in the replica context after the optimizer update (EMA teachers go here)."""
+        return None
+
+    def eval_models(self) -> dict:
+        """Networks scored on validation each epoch; the first one drives model selection."""
+        return {"student": self.models["student"]}
+
+    def export_model(self):
+        choice = self.cfg.train.export
+        if choice == "auto":
+            return next(iter(self.eval_models().items()))
+        return choice, self.models[choice]
+
+    def epoch_diagnostics(self, epoch: int) -> dict:
+        """Extra history.csv columns per epoch (e.g. Dice of pseudo targets vs hidden truth)."""
+        return {}
+
+    def schedule_logs(self, epoch_float: float) -> dict:
+        """Replica-independent values to log (ramp weights), computed in Python per epoch."""
+        return {}
+
+    # ------------------------------------------------------------------ loss helpers
+    def global_mean(self, per_example):
+        """Mean over the global batch of per-example values (this replica's share)."""
+        return tf.nn.compute_average_loss(per_example, global_batch_size=tf.shape(per_example)[0] * self.n_replicas)
+
+    def all_reduce_sum(self, value):
+        ctx = tf.distribute.get_replica_context()
+        return ctx.all_reduce(tf.distribute.ReduceOp.SUM, value) if ctx is not None else value
+
+    def soft_dice_loss(self, probs, targets, eps=1e-5):
+        """1 - 2|P.T| / (|P| + |T|) over the whole global batch (sums all-reduced), divided by the
+        replica count so the summed gradients equal the single-replica gradient."""
+        sums = tf.stack([tf.reduce_sum(probs * targets), tf.reduce_sum(probs), tf.reduce_sum(targets)])
+        inter, p, t = tf.unstack(self.all_reduce_sum(sums))
+        return (1.0 - (2.0 * inter + eps) / (p + t + eps)) / self.n_replicas
+
+    def supervised_loss(self, logits, masks):
+        """L_sup = lambda_dice * Dice + lambda_bce * BCE on float32 logits (the seed's 0.5 / 0.5)."""
+        logits = tf.cast(logits, tf.float32)
+        bce_map = tf.nn.sigmoid_cross_entropy_with_logits(labels=masks, logits=logits)
+        bce = self.global_mean(tf.reduce_mean(bce_map, axis=[1, 2, 3]))
+        dice = self.soft_dice_loss(tf.sigmoid(logits), masks)
+        t = self.cfg.train
+        return t.lambda_dice * dice + t.lambda_bce * bce, dice, bce
+
+    def replica_seed(self, step, stream: int):
+        """A stateless seed that differs per step, per replica and per purpose (`stream`)."""
+        ctx = tf.distribute.get_replica_context()
+        replica = ctx.replica_id_in_sync_group if ctx is not None else 0
+        return tf.stack([tf.cast(self.cfg.seed * 1000 + stream, tf.int64),
+                         tf.cast(step, tf.int64) * 1024 + tf.cast(replica, tf.int64)])
+
+    def epoch_float(self, step):
+        return tf.cast(step, tf.float32) / float(self.steps_per_epoch)
+
+    # ------------------------------------------------------------------ optimizer
+    def _lr_schedule(self):
+        t = self.cfg.train
+        lr = t.lr * (self.n_replicas if t.lr_scaling == "linear" else 1)
+        warmup = int(t.warmup_epochs * self.steps_per_epoch)
+        decay_steps = max(1, self.total_steps - warmup)
+        if t.schedule == "cosine":
+            return keras.optimizers.schedules.CosineDecay(
+                lr if not warmup else 0.0, decay_steps, alpha=0.01,
+                warmup_target=lr if warmup else None, warmup_steps=warmup)
+        if t.schedule == "poly":
+            return keras.optimizers.schedules.PolynomialDecay(lr, self.total_steps, lr * 0.01, power=0.9)
+        return lr
+
+    def _build_optimizer(self):
+        t = self.cfg.train
+        kwargs = {"learning_rate": self._lr_schedule()}
+        if t.clip_norm > 0:
+            kwargs["global_clipnorm"] = t.clip_norm
+        opt = (keras.optimizers.AdamW(weight_decay=t.weight_decay, **kwargs) if t.weight_decay > 0
+               else keras.optimizers.Adam(**kwargs))
+        if t.precision == "mixed_float16":
+            # float16 gradients underflow without loss scaling; bfloat16 has float32's range.
+            opt = keras.optimizers.LossScaleOptimizer(opt)
+        return opt
+
+    def current_lr(self) -> float:
+        opt = getattr(self.optimizer, "inner_optimizer", self.optimizer)
+        lr = opt.learning_rate
+        return float(lr(opt.iterations) if callable(lr) else lr)
+
+    # ------------------------------------------------------------------ the distributed step
+    def _replica_step(self, labeled, unlabeled):
+        step = self.optimizer.iterations
+        with tf.GradientTape() as tape:
+            loss, logs = self.compute_loss(labeled, unlabeled, step)
+            scaled = self.optimizer.scale_loss(loss) if hasattr(self.optimizer, "scale_loss") else loss
+        variables = self.trainable_variables()
+        grads = tape.gradient(scaled, variables)
+        self.optimizer.apply_gradients(zip(grads, variables))
+        self.on_step_end(step)
+        return logs
+
+    def _make_loop(self, labeled_it, unlabeled_it):
+        strategy = self.strategy
+
+        def one_step():
+            unlabeled = next(unlabeled_it) if unlabeled_it is not None else None
+            per_replica = strategy.run(self._replica_step, args=(next(labeled_it), unlabeled))
+            return {k: strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None) for k, v in per_replica.items()}
+
+        def loop(n_steps):
+            # Orbit-style: n optimizer steps per call cut Python overhead per step.
+            totals = one_step()
+            for _ in tf.range(n_steps - 1):
+                logs = one_step()
+                totals = {k: totals[k] + logs[k] for k in totals}
+            return {k: v / tf.cast(n_steps, v.dtype) for k, v in totals.items()}
+
+        return tf.function(loop, jit_compile=self.cfg.train.jit_compile or None)
+
+    def _iterators(self, start_step: int):
+        augment = _augment_fn(self.labeled_augment)
+        b, ub = self.per_replica_batch, self.per_replica_batch * self.cfg.train.unlabeled_ratio
+        lab = self.strategy.distribute_datasets_from_function(
+            lambda ctx: self.data.train_dataset("labeled", b, ctx, start_step, augment, stream_id=1))
+        unl = None
+        if self.uses_unlabeled:
+            uaug = _augment_fn(self.unlabeled_augment)
+            unl = iter(self.strategy.distribute_datasets_from_function(
+                lambda ctx: self.data.train_dataset("unlabeled", ub, ctx, start_step, uaug, stream_id=2,
+                                                    with_mask=False)))
+        return iter(lab), unl
+
+    # ------------------------------------------------------------------ checkpoints
+    def checkpoint(self) -> tf.train.Checkpoint:
+        return tf.train.Checkpoint(optimizer=self.optimizer, epoch=self.epoch, best_score=self.best_score,
+                                   bad_epochs=self.bad_epochs, **self.models)
+
+    # ------------------------------------------------------------------ the outer loop
+    def fit(self, run: Path, is_chief: bool = True, ckpt_dir: Path | None = None, progress: bool = True) -> str:
+        """Train until epochs are done, early stopping, or preemption. Returns the stop reason."""
+        from tqdm import tqdm
+        t = self.cfg.train
+        ckpt = self.checkpoint()
+        manager = tf.train.CheckpointManager(ckpt, str(ckpt_dir or run / "checkpoints"), max_to_keep=t.keep_checkpoints)
+        if manager.latest_checkpoint:
+            ckpt.restore(manager.latest_checkpoint).assert_existing_objects_matched()
+            self.log(f"resumed from {manager.latest_checkpoint} (epoch {int(self.epoch.numpy())}, "
+                     f"step {int(self.optimizer.iterations.numpy())})")
+        step = int(self.optimizer.iterations.numpy())
+        labeled_it, unlabeled_it = self._iterators(step)
+        loop = self._make_loop(labeled_it, unlabeled_it)
+        preempt = Preemption()
+        ckpt_every = t.checkpoint_every or self.steps_per_epoch
+        last_ckpt_step = step
+        select_name = next(iter(self.eval_models()))
+        if t.patience and int(self.bad_epochs.numpy()) >= t.patience:
+            return "early_stopped"      # a resumed run that had already stopped early
+        while int(self.epoch.numpy()) < t.epochs:
+            epoch = int(self.epoch.numpy())
+            epoch_end = (epoch + 1) * self.steps_per_epoch
+            t0, sums, n_done = time.time(), {}, 0
+            bar = tqdm(total=self.steps_per_epoch, initial=step - epoch * self.steps_per_epoch, unit="step",
+                       desc=f"epoch {epoch + 1}/{t.epochs}", disable=not (progress and is_chief), leave=False)
+            while step < epoch_end:
+                n = min(t.steps_per_loop, epoch_end - step)
+                logs = {k: float(v) for k, v in loop(tf.constant(n)).items()}
+                for k, v in logs.items():
+                    sums[k] = sums.get(k, 0.0) + v * n
+                step, n_done = step + n, n_done + n
+                bar.update(n)
+                bar.set_postfix(loss=f"{logs.get('loss', float('nan')):.4f}")
+                if not np.isfinite(logs.get("loss", 0.0)):
+                    raise FloatingPointError(f"loss became {logs['loss']} at step {step}; lower train.lr "
+                                             f"or check the data (run folder kept: {run})")
+                if preempt.signal:
+                    bar.close()
+                    manager.save(checkpoint_number=step)
+                    self.log(f"{preempt.signal} received: checkpoint saved at step {step}; exiting for requeue")
+                    return "preempted"
+                if step - last_ckpt_step >= ckpt_every and step < epoch_end:
+                    manager.save(checkpoint_number=step)
+                    last_ckpt_step = step
+            bar.close()
+            scores = {name: evaluation.mean_case_dice(model, self.data, "val", t.eval_batch_size)
+                      for name, model in self.eval_models().items()}
+            score = scores[select_name]
+            row = {"epoch": epoch + 1, "step": step, "lr": self.current_lr(),
+                   **{k: v / max(n_done, 1) for k, v in sums.items()},
+                   **self.schedule_logs((epoch + 1)), **self.epoch_diagnostics(epoch + 1),
+                   "val_dice": scores[select_name],
+                   **{f"val_dice_{k}": v for k, v in scores.items() if k != select_name},
+                   "time_s": round(time.time() - t0, 2)}
+            improved = score > float(self.best_score.numpy()) + t.min_delta
+            if improved:
+                self.best_score.assign(score)
+                self.bad_epochs.assign(0)
+                if is_chief:
+                    name, model = self.export_model()
+                    _save_model_atomic(model, run / "best_model.keras")
+            else:
+                self.bad_epochs.assign_add(1)
+            self.epoch.assign(epoch + 1)
+            manager.save(checkpoint_number=step)
+            last_ckpt_step = step
+            if is_chief:
+                rundir.append_history(run, row)
+            terms = " ".join(f"{k}={v:.4f}" for k, v in row.items() if k.startswith("loss"))
+            self.log(f"epoch {epoch + 1}/{t.epochs} {terms} val_dice={score:.4f}"
+                     f"{' *' if improved else ''} ({row['time_s']:.1f}s)")
+            if t.patience and int(self.bad_epochs.numpy()) >= t.patience:
+                self.log(f"early stopping: no validation improvement for {t.patience} epochs")
+                return "early_stopped"
+        return "completed"
+
+
+def _augment_fn(kind: str):
+    import augment
+    return {"weak": augment.weak_augment, "strong": augment.strong_augment, "none": None}[kind]
+
+
+def _save_model_atomic(model, path: Path) -> None:
+    tmp = path.with_name(f".tmp-{path.name}")
+    model.save(tmp)
+    tmp.replace(path)
+
+
+@register_method("supervised")
+class Supervised(Trainer):
+    """The supervised U-Net baseline: L_sup on labelled slices only."""
