@@ -89,7 +89,7 @@ def cmd_train(args) -> int:
         data_loader_tf2.save_splits(bundle.splits, run / "splits.json")
         import tensorflow as tf
         devices = [d.name for d in tf.config.list_logical_devices()]
-        rundir.start_run_info(run, {**rundir.provenance(devices, info), "method": cfg.method,
+        rundir.start_run_info(run, {**rundir.provenance(args.argv, devices, info), "method": cfg.method,
                                     "data": {"format": bundle.fmt, "cache": str(bundle.cache_dir),
                                              **{f"n_{s}": len(bundle.splits[s]) for s in data_loader_tf2.SPLITS}}})
     _log(f"run folder: {run}  (labeled {len(bundle.splits['labeled'])}, unlabeled {len(bundle.splits['unlabeled'])}, "
@@ -219,7 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     try:
         return args.fn(args)
     except (ConfigError, DataError, RunDirError) as err:

@@ -89,14 +89,15 @@ def git_state() -> dict:
     return {"commit": commit or None, "dirty": bool(git("status", "--porcelain", "--untracked-files=no")) if commit else None}
 
 
-def provenance(devices: list[str], strategy_info: dict | None = None) -> dict:
+def provenance(argv: list[str], devices: list[str], strategy_info: dict | None = None) -> dict:
     """What made this run: command, code version, library versions, host, devices."""
     import keras
     import numpy
     import tensorflow as tf
     return {
-        "command": " ".join([Path(sys.executable).name] + sys.argv),
-        "argv": sys.argv,
+        "command": " ".join(["python", "main.py", *argv]),
+        "argv": list(argv),
+        "python_executable": sys.executable,
         "cwd": os.getcwd(),
         "git": git_state(),
         "python": platform.python_version(),

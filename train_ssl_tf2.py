@@ -203,8 +203,11 @@ class Trainer:
     def _build_optimizer(self):
         t = self.cfg.train
         kwargs = {"learning_rate": self._lr_schedule()}
-        if t.clip_norm > 0:
-            kwargs["global_clipnorm"] = t.clip_norm
+        # With float16 loss scaling the gradients must be unscaled before clipping, which only the
+        # LossScaleOptimizer does: there Keras clips (each replica's share, at clip_norm / R).
+        self._keras_clips = t.precision == "mixed_float16"
+        if t.clip_norm > 0 and self._keras_clips:
+            kwargs["global_clipnorm"] = t.clip_norm / self.n_replicas
         opt = (keras.optimizers.AdamW(weight_decay=t.weight_decay, **kwargs) if t.weight_decay > 0
                else keras.optimizers.Adam(**kwargs))
         if t.precision == "mixed_float16":
@@ -225,6 +228,13 @@ class Trainer:
             scaled = self.optimizer.scale_loss(loss) if hasattr(self.optimizer, "scale_loss") else loss
         variables = self.trainable_variables()
         grads = tape.gradient(scaled, variables)
+        clip = self.cfg.train.clip_norm
+        if clip > 0 and not self._keras_clips:
+            # Keras clips each replica's share before its all-reduce; clipping must see the global
+            # gradient. So: all-reduce here, clip, and hand the optimizer 1/R of it (it sums again).
+            grads = self.all_reduce_sum(grads)
+            grads, _ = tf.clip_by_global_norm(grads, clip)
+            grads = [g / self.n_replicas for g in grads]
         self.optimizer.apply_gradients(zip(grads, variables))
         self.on_step_end(step)
         return logs
@@ -262,8 +272,12 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def checkpoint(self) -> tf.train.Checkpoint:
+        # Keras' SeedGenerator states (Dropout's RNG) are not tracked by tf.train.Checkpoint: save
+        # them explicitly, or a resumed run draws different dropout masks than an uninterrupted one.
+        rng = [v.value for m in self.models.values() for v in m.non_trainable_variables
+               if "seed_generator_state" in v.path]
         return tf.train.Checkpoint(optimizer=self.optimizer, epoch=self.epoch, best_score=self.best_score,
-                                   bad_epochs=self.bad_epochs, **self.models)
+                                   bad_epochs=self.bad_epochs, rng_states=rng, **self.models)
 
     # ------------------------------------------------------------------ the outer loop
     def fit(self, run: Path, is_chief: bool = True, ckpt_dir: Path | None = None, progress: bool = True) -> str:
@@ -289,6 +303,9 @@ class Trainer:
             epoch = int(self.epoch.numpy())
             epoch_end = (epoch + 1) * self.steps_per_epoch
             t0, sums, n_done = time.time(), {}, 0
+            partial = _load_partial(run, step)      # loss sums of an epoch cut by preemption
+            if partial:
+                sums, n_done = partial["sums"], partial["n_done"]
             bar = tqdm(total=self.steps_per_epoch, initial=step - epoch * self.steps_per_epoch, unit="step",
                        desc=f"epoch {epoch + 1}/{t.epochs}", disable=not (progress and is_chief), leave=False)
             while step < epoch_end:
@@ -305,6 +322,9 @@ class Trainer:
                 if preempt.signal:
                     bar.close()
                     manager.save(checkpoint_number=step)
+                    if is_chief:
+                        rundir.write_json(run / "checkpoints" / "partial_epoch.json",
+                                          {"step": step, "sums": sums, "n_done": n_done})
                     self.log(f"{preempt.signal} received: checkpoint saved at step {step}; exiting for requeue")
                     return "preempted"
                 if step - last_ckpt_step >= ckpt_every and step < epoch_end:
@@ -341,6 +361,16 @@ class Trainer:
                 self.log(f"early stopping: no validation improvement for {t.patience} epochs")
                 return "early_stopped"
         return "completed"
+
+
+def _load_partial(run: Path, step: int) -> dict | None:
+    """The epoch's running loss sums saved at preemption, if they belong to this exact step."""
+    import json
+    path = run / "checkpoints" / "partial_epoch.json"
+    if not path.exists():
+        return None
+    data = json.loads(path.read_text())
+    return data if data.get("step") == step else None
 
 
 def _augment_fn(kind: str):

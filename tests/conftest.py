@@ -1,0 +1,20 @@
+"""Shared test setup: quiet TF, one synthetic-data cache per session, the repo on sys.path."""
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_cache(tmp_path_factory):
+    """Every test shares one slice/synthetic cache, kept out of the user's ~/.cache."""
+    if "SEMISEG_TEST_CACHE" in os.environ:
+        os.environ["SEMISEG_CACHE"] = os.environ["SEMISEG_TEST_CACHE"]
+    else:
+        os.environ["SEMISEG_CACHE"] = str(tmp_path_factory.mktemp("semiseg-cache"))
+    yield

@@ -1,0 +1,61 @@
+import pytest
+import yaml
+
+import config
+from config import ConfigError
+
+
+def test_yaml_round_trip(tmp_path):
+    cfg = config.resolve("smoke", overrides=["train.lr=3e-4", "data.labeled_fraction=0.3", "data.ct_window=[-100,200]"],
+                         method="mean_teacher")
+    path = tmp_path / "c.yaml"
+    config.save_yaml(cfg, path)
+    back = config.from_dict(config.load_yaml(path))
+    assert back == cfg
+    assert back.train.lr == pytest.approx(3e-4) and back.data.ct_window == [-100.0, 200.0]
+    assert back.method == "mean_teacher" and back.preset == "smoke"
+
+
+def test_override_order_and_coercion(tmp_path):
+    f = tmp_path / "o.yaml"
+    f.write_text(yaml.safe_dump({"train": {"epochs": 7, "batch_size": 2}}))
+    cfg = config.resolve("cpu", str(f), ["train.epochs=9", "data.hide_labels=yes", "seed=3"])
+    assert cfg.train.epochs == 9            # --set beats the file
+    assert cfg.train.batch_size == 2        # the file beats the preset
+    assert cfg.data.image_size == 64        # the preset beats defaults
+    assert cfg.data.hide_labels is True and cfg.seed == 3
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("train.lrr=1", "unknown config key 'train.lrr'"),
+    ("nosection.x=1", "unknown config key 'nosection'"),
+    ("train.epochs=many", "train.epochs: expected int"),
+    ("train.epochs=2.5", "train.epochs: expected int"),
+    ("data.hide_labels=maybe", "data.hide_labels: expected true/false"),
+    ("train.precision=float8", "train.precision"),
+    ("data.labeled_fraction=0", "data.labeled_fraction"),
+    ("trainlr", "section.key=value"),
+])
+def test_bad_overrides_name_the_key(override, fragment):
+    with pytest.raises(ConfigError, match=fragment.replace("(", r"\(").replace(".", r"\.")):
+        config.resolve("smoke", overrides=[override])
+
+
+def test_unknown_preset_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="unknown preset 'nope'"):
+        config.resolve("nope")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [1, 2")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        config.resolve(config_file=str(bad))
+
+
+def test_image_size_must_fit_depth():
+    with pytest.raises(ConfigError, match="divisible by 2\\*\\*model.depth"):
+        config.resolve("cpu", overrides=["data.image_size=60"])
+
+
+def test_cli_prints_yaml(capsys):
+    assert config.main(["--preset", "smoke", "--set", "seed=5"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["seed"] == 5
+    assert config.main(["--set", "bogus.key=1"]) == 2
