@@ -180,7 +180,7 @@ def to_latex(table: pd.DataFrame) -> str:
         for char, replacement in (("\\", r"\textbackslash{}"), ("_", r"\_"), ("%", r"\%"),
                                   ("&", r"\&"), ("#", r"\#")):
             text = text.replace(char, replacement)
-        return text.replace("±", r"$\pm$").replace("<", r"$<$")
+        return text.replace("±", r"$\pm$").replace("<", r"$<$").replace("–", "--")
     lines = [r"\begin{tabular}{ll" + "r" * (len(header) - 2) + "}", r"\toprule",
              " & ".join(escape(cell) for cell in header) + r" \\", r"\midrule"]
     lines += [" & ".join(escape(cell) for cell in cells) + r" \\" for cells in body]

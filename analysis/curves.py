@@ -56,6 +56,20 @@ def plotted_columns(runs: list[Run]) -> list[str]:
     return sorted(present, key=order)
 
 
+def line_styles(runs: list[Run]) -> list[dict]:
+    """Colour by method and dash by seed when that tells the runs apart (a sweep at one labeled
+    fraction), else one colour per run."""
+    keys = [(run.method, run.seed) for run in runs]
+    if len(set(keys)) == len(keys):
+        colors = figures.method_colors(run.method for run in runs)
+        seeds = sorted({run.seed for run in runs}, key=str)
+        dashes = ["-", "--", ":", "-."]
+        return [dict(color=colors[run.method], linestyle=dashes[seeds.index(run.seed) % len(dashes)])
+                for run in runs]
+    palette = plt.get_cmap("tab10" if len(runs) <= 10 else "tab20").colors
+    return [dict(color=palette[index % len(palette)]) for index in range(len(runs))]
+
+
 def curves_figure(runs: list[Run], title: str | None = None):
     runs = [run for run in runs if run.history is not None and len(run.history)]
     if not runs:
@@ -65,14 +79,14 @@ def curves_figure(runs: list[Run], title: str | None = None):
     n_rows = math.ceil(len(columns) / n_cols)
     figure, axes = plt.subplots(n_rows, n_cols, figsize=(4.2 * n_cols, 3.0 * n_rows),
                                 squeeze=False, constrained_layout=True)
-    colors = plt.get_cmap("tab10" if len(runs) <= 10 else "tab20").colors
+    styles = line_styles(runs)
     for panel, column in zip(axes.flat, columns):
         panel_title, y_label = KNOWN_COLUMNS.get(column, (column, column))
-        for index, run in enumerate(runs):
+        for run, style in zip(runs, styles):
             if column in run.history.columns:
-                panel.plot(run.history["epoch"], run.history[column], color=colors[index % len(colors)],
-                           label=run.label, linewidth=1.4, marker="o" if len(run.history) < 15 else None,
-                           markersize=3)
+                panel.plot(run.history["epoch"], run.history[column], label=run.label,
+                           linewidth=1.4, marker="o" if len(run.history) < 15 else None,
+                           markersize=3, **style)
         panel.set_title(panel_title, fontsize=10)
         panel.set_xlabel("Epoch")
         panel.set_ylabel(y_label)

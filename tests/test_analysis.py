@@ -54,7 +54,7 @@ def write_fake_run(run_dir, method, fraction, seed, epochs=6, previews=True):
                "loss": 1.0 / epoch + 0.1 * seed, "loss_sup": 0.8 / epoch}
     for column in EXTRA_COLUMNS[method]:
         history[column] = (np.minimum(1.0, epoch / 4) if column == "rampup"
-                           else 0.5 + 0.05 * epoch if "dice" in column else 0.2 / epoch)
+                           else 0.5 + 0.4 * (1 - 1 / epoch) if "dice" in column else 0.2 / epoch)
     history["val_dice"] = 1 - 0.5 / epoch - 0.1 * seed
     history["time_s"] = epoch * 2.0
     pd.DataFrame(history).to_csv(run_dir / "history.csv", index=False)
