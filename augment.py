@@ -19,7 +19,7 @@ In the train step (images [B,H,W,C], parameters drawn per example):
     batch_weak_augment, batch_strong_augment, batch_photometric, gaussian_noise,
     random_flips -> (flipped, flips [B,2] bool), apply_flips / undo_flips (MixMatch averages
     guesses over K views after undoing their flips), affine_warp.
-Seeds: seed_for(step, replica_id, stream_id, base_seed) -> [2] int32.
+Seeds: seed_for(step, replica_id, stream_id, base_seed) -> [2] int64.
 In tf.data, give each element its own seed, e.g.
     ds.enumerate().map(lambda i, xy: weak_augment(*xy, seed_for(i, stream_id=1, base_seed=seed)))
 """
@@ -46,7 +46,7 @@ _GEOMETRY_STREAM, _PHOTOMETRIC_STREAM = 1, 2
 
 
 def seed_for(step, replica_id=0, stream_id=0, base_seed=0):
-    """A [2] int32 seed, distinct for every (base_seed, step, replica_id, stream_id).
+    """A [2] int64 seed, distinct for every (base_seed, step, replica_id, stream_id).
 
     `step`: the training step or element index; `replica_id`: the replica's
     `replica_id_in_sync_group` (draws must differ across replicas, see DESIGN.md); `stream_id`:
@@ -57,7 +57,7 @@ def seed_for(step, replica_id=0, stream_id=0, base_seed=0):
     as_int64 = lambda v: tf.cast(tf.convert_to_tensor(v), tf.int64)  # noqa: E731
     seed = tf.stack([as_int64(base_seed), as_int64(step)])
     seed = tf.random.experimental.stateless_fold_in(seed, as_int64(replica_id))
-    return tf.random.experimental.stateless_fold_in(seed, as_int64(stream_id))
+    return tf.cast(tf.random.experimental.stateless_fold_in(seed, as_int64(stream_id)), tf.int64)
 
 
 def _check_seed(seed):
@@ -66,7 +66,9 @@ def _check_seed(seed):
         raise ValueError(f"augment: seed must be int32 or int64, got {seed.dtype.name}")
     if seed.shape.rank is not None and seed.shape.as_list() not in ([2], [None]):
         raise ValueError(f"augment: seed must have shape [2], got {seed.shape}")
-    return seed
+    # stateless_split draws sub-seeds in the seed's own dtype, so [1, 2] as int32 and as int64
+    # would give different streams; one dtype makes the seed's value all that matters.
+    return tf.cast(seed, tf.int64)
 
 
 def _check_images(images, rank, name):
