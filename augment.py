@@ -41,8 +41,9 @@ NOISE_STD_MAX = 0.05            # additive Gaussian noise, std ~ U(0, 0.05) per 
 CUTOUT_PROBABILITY = 0.5
 CUTOUT_SIZE_RANGE = (0.1, 0.4)  # rectangle side as a fraction of the image side, per axis
 
-# Sub-streams folded into a caller's seed, so each purpose draws independent numbers.
-_GEOMETRY_STREAM, _PHOTOMETRIC_STREAM = 1, 2
+# Folded into a caller's seed for the photometric half of strong_augment, so its draws are
+# independent of the geometry's (which uses the seed itself, exactly as weak_augment does).
+_PHOTOMETRIC_STREAM = 2
 
 
 def seed_for(step, replica_id=0, stream_id=0, base_seed=0):

@@ -258,6 +258,18 @@ def test_blur_keeps_a_flat_image_flat_and_smooths_an_edge():
     np.testing.assert_allclose(blurred.mean(axis=(1, 2)), images.mean(axis=(1, 2)), atol=0.01)
 
 
+def test_blur_treats_each_channel_of_each_image_alone():
+    # The blur runs every (image, channel) pair through one depthwise convolution; an RGB batch
+    # must give what each channel blurred on its own gives (the same per-image sigma draws).
+    rgb = np.random.default_rng(1).random((3, SIZE, SIZE, 3), dtype=np.float32)
+    blur_only = {**NEUTRAL, "blur_probability": 1.0}
+    together = augment.batch_photometric(rgb, SEED, **blur_only).numpy()
+    for c in range(3):
+        alone = augment.batch_photometric(rgb[..., c:c + 1], SEED, **blur_only).numpy()
+        np.testing.assert_allclose(together[..., c:c + 1], alone, atol=1e-6)
+    assert np.abs(together - rgb).mean() > 0.05
+
+
 def test_cutout_fills_one_rectangle_with_the_image_mean():
     images, _ = _disc_batch()
     cut = augment.batch_photometric(images, SEED, **{**NEUTRAL, "cutout_probability": 1.0}).numpy()
