@@ -1,0 +1,167 @@
+"""Read semiseg run folders (config, history, metrics, per-case scores, previews) for analysis.
+
+Only files are read: no TensorFlow, no training code. Used by the other analysis scripts:
+
+    python analysis/runs.py runs/sweep        # list the runs found, one line each
+
+A run folder is any folder holding `config.yaml`; a path given on the command line is either a
+run folder or a folder searched recursively for them (a sweep).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import yaml
+
+
+@dataclass
+class Run:
+    """One run folder's files; missing optional files are None."""
+    path: Path
+    config: dict
+    history: pd.DataFrame | None
+    metrics: dict | None
+    per_case: pd.DataFrame | None
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    def config_value(self, dotted_key: str):
+        """config['a']['b'] for 'a.b'; a clear error naming the file when it is absent."""
+        node = self.config
+        for part in dotted_key.split("."):
+            if not isinstance(node, dict) or part not in node:
+                raise KeyError(f"{self.path / 'config.yaml'}: missing key {dotted_key!r}")
+            node = node[part]
+        return node
+
+    @property
+    def method(self) -> str:
+        return str(self.config_value("method"))
+
+    @property
+    def seed(self):
+        return self.config.get("seed")
+
+    @property
+    def labeled_fraction(self) -> float:
+        return float(self.config_value("data.labeled_fraction"))
+
+    @property
+    def label(self) -> str:
+        """A short legend label: method, labeled percentage and seed."""
+        parts = [self.method]
+        if isinstance(self.config.get("data"), dict) and "labeled_fraction" in self.config["data"]:
+            parts.append(f"{percent(self.labeled_fraction)} labeled")
+        if self.seed is not None:
+            parts.append(f"seed {self.seed}")
+        return ", ".join(parts)
+
+    def distance_unit(self) -> str:
+        return (self.metrics or {}).get("distance_unit", "px")
+
+    def preview_dir(self, split: str = "test") -> Path:
+        return self.path / "previews" / split
+
+    def load_preview(self, case_id: str, split: str = "test") -> dict:
+        """Arrays of previews/<split>/<case_id>.npz: image, label, prob, maybe uncertainty."""
+        path = self.preview_dir(split) / f"{case_id}.npz"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no preview for case {case_id!r}")
+        with np.load(path) as data:
+            arrays = {key: data[key] for key in data.files}
+        missing = {"image", "label", "prob"} - set(arrays)
+        if missing:
+            raise ValueError(f"{path}: missing arrays {sorted(missing)}; found {sorted(arrays)}")
+        return arrays
+
+
+def percent(fraction: float) -> str:
+    """0.1 -> '10%' (labeled fractions are stored as fractions of 1)."""
+    return f"{100 * fraction:g}%"
+
+
+def _read_yaml(path: Path) -> dict:
+    with open(path) as stream:
+        try:
+            config = yaml.safe_load(stream)
+        except yaml.YAMLError as error:
+            raise ValueError(f"{path}: not valid YAML ({error})") from error
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: expected a YAML mapping, got {type(config).__name__}")
+    return config
+
+
+def _read_csv(path: Path, required: tuple[str, ...]) -> pd.DataFrame | None:
+    if not path.is_file():
+        return None
+    table = pd.read_csv(path)
+    missing = [column for column in required if column not in table.columns]
+    if missing:
+        raise ValueError(f"{path}: missing columns {missing}; found {list(table.columns)}")
+    return table
+
+
+def load_run(run_dir) -> Run:
+    """Load one run folder; config.yaml is required, everything else optional."""
+    path = Path(run_dir)
+    config_path = path / "config.yaml"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{config_path}: not found; {path} is not a run folder")
+    metrics_path = path / "metrics.json"
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else None
+    per_case = _read_csv(path / "per_case.csv", ("case_id", "dice"))
+    if per_case is not None:
+        per_case["case_id"] = per_case["case_id"].astype(str)
+    return Run(path=path, config=_read_yaml(config_path),
+               history=_read_csv(path / "history.csv", ("epoch",)),
+               metrics=metrics, per_case=per_case)
+
+
+def unique_names(runs: list[Run]) -> list[str]:
+    """File-name-safe names: each run's folder name, lengthened by parent folders until unique
+    (a sweep laid out as method/fraction/seed0 would otherwise repeat 'seed0')."""
+    parts = [run.path.resolve().parts[1:] for run in runs]  # [1:] drops the root '/'
+    longest = max((len(each) for each in parts), default=1)
+    for depth in range(1, longest + 1):
+        names = ["_".join(each[-depth:]) for each in parts]
+        if len(set(names)) == len(names):
+            break
+    return names if runs else []
+
+
+def find_runs(paths) -> list[Run]:
+    """Runs named by `paths`: each a run folder or a folder searched recursively for them."""
+    runs = []
+    for given in paths:
+        given = Path(given)
+        if (given / "config.yaml").is_file():
+            runs.append(load_run(given))
+            continue
+        if not given.is_dir():
+            raise FileNotFoundError(f"{given}: no such folder")
+        found = sorted(config.parent for config in given.rglob("config.yaml"))
+        if not found:
+            raise FileNotFoundError(f"{given}: no run folder (a folder with config.yaml) inside")
+        runs.extend(load_run(run_dir) for run_dir in found)
+    return runs
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    args = parser.parse_args(argv)
+    for run in find_runs(args.run_dirs):
+        dice = (run.metrics or {}).get("dice")
+        epochs = 0 if run.history is None else len(run.history)
+        print(f"{run.path}\t{run.label}\tepochs={epochs}\ttest_dice={dice}")
+
+
+if __name__ == "__main__":
+    main()
