@@ -174,7 +174,7 @@ def test_cropping_to_the_masks_does_not_change_distances():
 
 def test_matches_medpy_on_random_blobs():
     binary = pytest.importorskip("medpy.metric.binary",
-                                 reason="medpy not installed (pip install -r requirements-dev-extra.txt)")
+                                 reason="medpy not installed (pip install -r requirements-dev.txt)")
     for shape, spacing in [((40, 48), (0.5, 2.0)), ((14, 20, 18), (2.5, 0.7, 0.9))]:
         for seed in range(3):
             pred, truth = blob(shape, seed=10 + seed), blob(shape, seed=20 + seed)
