@@ -468,6 +468,10 @@ class SwinBlock(layers.Layer):
         x = x + self.drop(y, training=training)
         return x + self.drop(self.fc2(self.fc1(self.norm2(x))), training=training)
 
+    def compute_output_shape(self, input_shape):
+        # Given explicitly so functional building skips tracing `call` (seconds per layer).
+        return input_shape
+
     def get_config(self):
         return {**super().get_config(), "dim": self.dim, "num_heads": self.num_heads,
                 "window_size": self.window_size, "shift": self.shift,
@@ -491,6 +495,10 @@ class PatchMerging(layers.Layer):
 
     def call(self, x):
         return self.reduction(self.norm(tf.nn.space_to_depth(x, 2)))
+
+    def compute_output_shape(self, input_shape):
+        b, h, w, _ = input_shape
+        return (b, h // 2, w // 2, self.dim)
 
     def get_config(self):
         return {**super().get_config(), "dim": self.dim}
@@ -527,6 +535,9 @@ class WindowCrossAttention(layers.Layer):
             att = _attend(self.queries[i](tokens[i]), k, v, self.num_heads)
             updated.append(x + _unwindows(self.outs[i](att), ws, h, w))
         return updated
+
+    def compute_output_shape(self, input_shape):
+        return [tuple(input_shape[0]), tuple(input_shape[1])]
 
     def get_config(self):
         return {**super().get_config(), "dim": self.dim, "num_heads": self.num_heads,
