@@ -74,9 +74,9 @@ def _dice(pred: np.ndarray, truth: np.ndarray) -> float:
     return 1.0 if denom == 0 else float(2.0 * np.logical_and(pred, truth).sum() / denom)
 
 
-def mean_case_dice(model, bundle, split: str = "val", batch: int = 16, case_ids=None) -> float:
-    """Mean per-case Dice at threshold 0.5: the cheap score used for model selection each epoch."""
-    predict = make_predict_fn(model)
+def mean_case_dice(predict, bundle, split: str = "val", batch: int = 16, case_ids=None) -> float:
+    """Mean per-case Dice at threshold 0.5: the cheap score used for model selection each epoch.
+    `predict` is a `make_predict_fn` result, made once per network so it is traced once."""
     scores = [_dice(prob >= 0.5, label > 0) for _, _, label, prob in iterate_cases(predict, bundle, split, batch, case_ids)]
     return float(np.mean(scores)) if scores else float("nan")
 

@@ -297,6 +297,7 @@ class Trainer:
         ckpt_every = t.checkpoint_every or self.steps_per_epoch
         last_ckpt_step = step
         select_name = next(iter(self.eval_models()))
+        predict_fns = {name: evaluation.make_predict_fn(m) for name, m in self.eval_models().items()}
         if t.patience and int(self.bad_epochs.numpy()) >= t.patience:
             return "early_stopped"      # a resumed run that had already stopped early
         while int(self.epoch.numpy()) < t.epochs:
@@ -331,8 +332,8 @@ class Trainer:
                     manager.save(checkpoint_number=step)
                     last_ckpt_step = step
             bar.close()
-            scores = {name: evaluation.mean_case_dice(model, self.data, "val", t.eval_batch_size)
-                      for name, model in self.eval_models().items()}
+            scores = {name: evaluation.mean_case_dice(predict, self.data, "val", t.eval_batch_size)
+                      for name, predict in predict_fns.items()}
             score = scores[select_name]
             row = {"epoch": epoch + 1, "step": step, "lr": self.current_lr(),
                    **{k: v / max(n_done, 1) for k, v in sums.items()},
