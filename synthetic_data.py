@@ -289,6 +289,12 @@ def _ct_volume(rng, shape, spacing):
     # Spine posterior (low y in RAS), a pair of ribs-like rods near the body wall.
     spine = (x_mm ** 2 + (y_mm + 0.7 * body_b) ** 2) < (0.13 * body_b) ** 2
     hu[spine] = 700.0
+    # Unlabelled look-alikes, so intensity alone does not find the organ: a contrast-filled aorta
+    # brighter than the organ in front of the spine, and small gas pockets (bowel).
+    aorta = ((x_mm + 0.12 * body_b) ** 2 + (y_mm + 0.4 * body_b) ** 2) < (0.09 * body_b) ** 2
+    hu[aorta] = rng.uniform(150, 200)
+    gas = _smooth_noise(rng, shape, (2.0, 2.0, 1.0)) > 2.6
+    hu[gas & body & (body_level < 0.6)] = -800.0
     for side in (-1, 1):
         rib = ((x_mm - side * 0.8 * body_a) ** 2 / (0.06 * body_a) ** 2
                + (y_mm - 0.1 * body_b) ** 2 / (0.12 * body_b) ** 2) < 1.0
@@ -297,14 +303,14 @@ def _ct_volume(rng, shape, spacing):
     # Organ: a perturbed ellipsoid covering only part of the slices; a hypodense lesion inside.
     center = np.array([rng.uniform(-0.25, 0.05) * half_x, rng.uniform(-0.1, 0.3) * body_b,
                        rng.uniform(-0.15, 0.15) * nz * spacing[2]])
-    radii = np.array([rng.uniform(0.3, 0.4) * half_x, rng.uniform(0.3, 0.4) * body_b,
+    radii = np.array([rng.uniform(0.35, 0.45) * half_x, rng.uniform(0.45, 0.6) * body_b,
                       rng.uniform(0.25, 0.35) * nz * spacing[2]])
     organ_level = (((x_mm - center[0]) / radii[0]) ** 2 + ((y_mm - center[1]) / radii[1]) ** 2
                    + ((z_mm - center[2]) / radii[2]) ** 2)
     organ_level = organ_level + 0.15 * _smooth_noise(rng, shape, (3.0, 3.0, 1.5))
-    organ = (organ_level < 1.0) & body & ~spine
-    lesion_center = center + rng.uniform(-0.35, 0.35, 3) * radii
-    lesion_radius = rng.uniform(0.2, 0.35) * radii.min()
+    organ = (organ_level < 1.0) & body & ~spine & ~aorta
+    lesion_center = center + rng.uniform(-0.3, 0.3, 3) * radii
+    lesion_radius = rng.uniform(0.35, 0.55) * radii[:2].min()
     lesion_level = (((x_mm - lesion_center[0]) ** 2 + (y_mm - lesion_center[1]) ** 2
                      + (z_mm - lesion_center[2]) ** 2) / lesion_radius ** 2
                     + 0.2 * _smooth_noise(rng, shape, 2.0))
