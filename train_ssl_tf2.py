@@ -279,6 +279,11 @@ class Trainer:
         return tf.train.Checkpoint(optimizer=self.optimizer, epoch=self.epoch, best_score=self.best_score,
                                    bad_epochs=self.bad_epochs, rng_states=rng, **self.models)
 
+    def _summary_writer(self, run: Path):
+        if getattr(self, "_writer", None) is None:
+            self._writer = tf.summary.create_file_writer(str(run / "tensorboard"))
+        return self._writer
+
     # ------------------------------------------------------------------ the outer loop
     def fit(self, run: Path, is_chief: bool = True, ckpt_dir: Path | None = None, progress: bool = True) -> str:
         """Train until epochs are done, early stopping, or preemption. Returns the stop reason."""
@@ -355,6 +360,10 @@ class Trainer:
             last_ckpt_step = step
             if is_chief:
                 rundir.append_history(run, row)
+                with self._summary_writer(run).as_default(step=step):
+                    for key, value in row.items():
+                        if key not in ("epoch", "step") and isinstance(value, (int, float)) and np.isfinite(value):
+                            tf.summary.scalar(key, value)
             terms = " ".join(f"{k}={v:.4f}" for k, v in row.items() if k.startswith("loss"))
             self.log(f"epoch {epoch + 1}/{t.epochs} {terms} val_dice={score:.4f}"
                      f"{' *' if improved else ''} ({row['time_s']:.1f}s)")
