@@ -3,7 +3,8 @@
     python main.py train --method supervised --preset cpu
     python main.py train --method mean_teacher --preset smoke --set train.epochs=3 --out runs/mt
     python main.py train --out runs/mt --resume
-    python main.py evaluate runs/mt [--split val] [--tta]
+    python main.py evaluate runs/mt [--split val] [--tta] [--checkpoint latest] [--data PH2 --format ph2]
+    python main.py predict runs/mt scan.nii.gz scan_mask.nii.gz [--tta] [--save-probabilities]
     python main.py describe --method supervised --preset cpu
 
 Thin on purpose: it parses, builds and calls. Exit codes: 0 done, 2 bad input (config, data, run
@@ -117,26 +118,44 @@ def cmd_train(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
+    """The run's split (test/val) or an external labelled data set (--data), best or latest model.
+    Only the default (test split, best model, no TTA) writes RUN_DIR/metrics.json; every other
+    evaluation goes to RUN_DIR/eval/<split or external_NAME>[_latest][_tta]/."""
+    import predict
     run = Path(args.run_dir)
-    if not (run / "config.yaml").exists():
-        raise RunDirError(f"{run} is not a run folder (no config.yaml)")
-    if not (run / "best_model.keras").exists():
-        raise RunDirError(f"{run} has no best_model.keras yet (training has not finished an epoch)")
-    cfg = config.from_dict(config.load_yaml(run / "config.yaml"))
-    import keras
+    cfg, model, network = predict.load_run_model(run, args.checkpoint)
     import data_loader_tf2
     import evaluation
-    bundle = data_loader_tf2.prepare_data(cfg, run_dir=run, log=_log)
-    model = keras.saving.load_model(run / "best_model.keras", compile=False)
-    default = args.split == "test" and not args.tta
-    out = run if default else run / "eval" / f"{args.split}{'_tta' if args.tta else ''}"
+    if args.data:
+        if args.split:
+            raise ConfigError("--split names the run's own splits; with --data every labelled case of that "
+                              "data set forms the split 'external'")
+        bundle = predict.external_bundle(cfg, args.data, args.format, predict.model_channels(model), log=_log)
+        split, name = "external", predict.external_name(args.data)
+    else:
+        if args.format:
+            raise ConfigError("--format needs --data PATH (the external data set to evaluate on)")
+        split = args.split or "test"
+        bundle = data_loader_tf2.prepare_data(cfg, run_dir=run, log=_log)
+        name = split
+    default = split == "test" and not args.tta and args.checkpoint == "best"
+    suffix = ("_latest" if args.checkpoint == "latest" else "") + ("_tta" if args.tta else "")
+    out = run if default else run / "eval" / f"{name}{suffix}"
     out.mkdir(parents=True, exist_ok=True)
-    payload = evaluation.evaluate(model, bundle, args.split, cfg.train.eval_batch_size, tta=args.tta, out_dir=out,
-                                  progress=True)
+    payload = evaluation.evaluate(model, bundle, split, cfg.train.eval_batch_size, tta=args.tta, out_dir=out,
+                                  model_name=network, progress=True)
     keys = ("dice", "iou", "precision", "recall", "specificity", "hd95", "asd")
     _log(" ".join(f"{k}={payload[k]:.4f}" if payload[k] is not None else f"{k}=nan" for k in keys)
-         + f"  n_cases={payload['n_cases']}")
+         + f"  n_cases={payload['n_cases']}  ({network} network, {args.checkpoint} checkpoint)")
     _log(f"written: {out / 'metrics.json'}, {out / 'per_case.csv'}")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    import predict
+    predict.run_prediction(args.run_dir, args.input, args.output, tta=args.tta, threshold=args.threshold,
+                           save_probabilities=args.save_probabilities, checkpoint=args.checkpoint,
+                           progress=not args.no_progress, log=_log)
     return 0
 
 
@@ -196,11 +215,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only; batch jobs)")
     p.set_defaults(fn=cmd_train)
 
-    p = sub.add_parser("evaluate", help="metrics of a run's best model on a split")
+    p = sub.add_parser("evaluate", help="metrics of a run's model on a split or an external data set")
     p.add_argument("run_dir")
-    p.add_argument("--split", default="test", choices=["test", "val"])
+    p.add_argument("--split", default=None, choices=["test", "val"], help="the run's split (default test)")
     p.add_argument("--tta", action="store_true", help="average over flips (test-time augmentation)")
+    p.add_argument("--checkpoint", default="best", choices=["best", "latest"],
+                   help="best_model.keras, or the newest checkpoint in RUN_DIR/checkpoints")
+    p.add_argument("--data", default=None, help="an external labelled data set (all its cases: split 'external')")
+    p.add_argument("--format", default=None, help="format of --data: msd|isic|ph2|folders|auto")
     p.set_defaults(fn=cmd_evaluate)
+
+    p = sub.add_parser("predict", help="masks for an image, a folder of images, or a NIfTI volume")
+    p.add_argument("run_dir")
+    p.add_argument("input", help="a picture, a NIfTI volume (.nii/.nii.gz), or a folder of them")
+    p.add_argument("output", help="a mask file for one input, else a folder (never overwritten)")
+    p.add_argument("--tta", action="store_true", help="average over flips (test-time augmentation)")
+    p.add_argument("--threshold", type=float, default=0.5, help="foreground where probability >= this")
+    p.add_argument("--save-probabilities", action="store_true",
+                   help="also write NAME_prob.npy (pictures) / NAME_prob.nii.gz (volumes), float32")
+    p.add_argument("--checkpoint", default="best", choices=["best", "latest"])
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(fn=cmd_predict)
 
     p = sub.add_parser("describe", help="JSON: parameter count of each network of a method")
     config_args(p)

@@ -1,0 +1,381 @@
+"""Prediction: a trained run applied to pictures and NIfTI volumes outside its own splits.
+
+    python main.py predict runs/sup photo.png photo_mask.png [--tta] [--threshold 0.5]
+    python main.py predict runs/sup photos/ masks/                       # a folder of images
+    python main.py predict runs/sup scan.nii.gz scan_mask.nii.gz --save-probabilities
+
+    from predict import Predictor                                       # in a notebook
+    p = Predictor("runs/sup", tta=True)
+    prob = p.predict(image)              # [H,W] / [H,W,C] (uint8 or float in [0,1]) or a batch [B,H,W,C]
+    mask, affine = p.predict_volume("scan.nii.gz")
+
+Inputs are normalised as training normalised them (pictures by `data_sources.read_picture` with the
+model's channel count, volumes by `volumes.load_volume` with the run's data config), resized to
+the run's image_size by the slice cache's own resize, predicted, and the *probabilities* resized
+back to the input's size before thresholding (thresholding at image_size first would give a
+blocky mask). A volume's slices are stacked and turned back into the file's voxel order, so the
+mask has the input's affine, header and shape.
+`load_run_model` (best model or latest checkpoint) and `external_bundle` (another labelled data
+set as the split 'external') serve `main.py evaluate` as well.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+
+import config
+from data_sources import IMAGE_SUFFIXES, DataError, read_picture
+from run_dir import RunDirError
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+MASK_SUFFIXES = (".png", ".bmp", ".tif", ".tiff")    # lossless: a JPEG would smear 0/255 masks
+
+
+class OutputError(DataError):
+    """OUTPUT cannot be written as asked (it exists, or its suffix does not fit the input)."""
+
+
+def is_nifti(path) -> bool:
+    return str(path).lower().endswith(NIFTI_SUFFIXES)
+
+
+def _stem(path: Path) -> str:
+    name = path.name
+    return name[:-7] if name.lower().endswith(".nii.gz") else path.stem
+
+
+# ------------------------------------------------------------------ loading a run
+def load_run_config(run_dir) -> config.Config:
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise RunDirError(f"run folder {run} does not exist")
+    if not (run / "config.yaml").exists():
+        raise RunDirError(f"{run} is not a run folder (no config.yaml)")
+    return config.from_dict(config.load_yaml(run / "config.yaml"))
+
+
+def exported_network_name(run: Path, cfg, names) -> str:
+    """The network the run exports: metrics.json's 'model' when written, else train.export, else
+    'student' (the network the optimizer trains; the default export of the supervised baseline)."""
+    metrics_path = run / "metrics.json"
+    if metrics_path.exists():
+        try:
+            name = json.loads(metrics_path.read_text()).get("model")
+        except (OSError, ValueError):
+            name = None
+        if name in names:
+            return name
+    if cfg.train.export in names:
+        return cfg.train.export
+    return "student" if "student" in names else next(iter(names))
+
+
+def _run_channels(run: Path, cfg) -> int:
+    """Input channels of the run's networks: the config's, else the exported model's input, else
+    the data loader's rule for channels=0 (grey for synthetic/msd, RGB otherwise)."""
+    if cfg.data.channels:
+        return int(cfg.data.channels)
+    if (run / "best_model.keras").exists():
+        import keras
+        return int(keras.saving.load_model(run / "best_model.keras", compile=False).inputs[0].shape[-1])
+    return 1 if cfg.data.format in ("synthetic", "msd") else 3
+
+
+def load_run_model(run_dir, checkpoint: str = "best"):
+    """(cfg, keras model, network name) of a run: 'best' = best_model.keras; 'latest' = the newest
+    checkpoint in RUN_DIR/checkpoints restored into freshly built networks of the run's method."""
+    run = Path(run_dir)
+    cfg = load_run_config(run)
+    import keras
+    if checkpoint == "best":
+        path = run / "best_model.keras"
+        if not path.exists():
+            raise RunDirError(f"{run} has no best_model.keras yet (training has not finished an epoch); "
+                              f"try --checkpoint latest")
+        model = keras.saving.load_model(path, compile=False)
+        return cfg, model, exported_network_name(run, cfg, ["student", "teacher"])
+    if checkpoint != "latest":
+        raise RunDirError(f"--checkpoint must be best or latest, got {checkpoint!r}")
+    import tensorflow as tf
+    from train_ssl_tf2 import get_method
+    latest = tf.train.latest_checkpoint(str(run / "checkpoints"))
+    if latest is None:
+        raise RunDirError(f"{run / 'checkpoints'}: no checkpoint found")
+    channels = _run_channels(run, cfg)
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy(cfg.train.precision)   # build the networks as trained
+    try:
+        networks = get_method(cfg.method).build_networks(cfg, cfg.data.image_size, channels)
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+    # expect_partial: the optimizer, counters and RNG states in the checkpoint are not needed here.
+    tf.train.Checkpoint(**networks).restore(latest).expect_partial()
+    name = exported_network_name(run, cfg, list(networks))
+    return cfg, networks[name], name
+
+
+def model_channels(model) -> int:
+    return int(model.inputs[0].shape[-1])
+
+
+def external_bundle(cfg, data_path: str, fmt: str | None, channels: int, log=print):
+    """A DataBundle of another data set (e.g. PH2 for an ISIC model): every labelled case forms
+    the split 'external', sliced and resized with the run's settings and the model's channels."""
+    import copy
+
+    import data_loader_tf2
+    import slice_cache
+    ext = copy.deepcopy(cfg)
+    ext.data.path, ext.data.format, ext.data.channels = str(data_path), fmt or "auto", int(channels)
+    found, root, cases = data_loader_tf2.resolve_source(ext.data, log)
+    labelled = sorted(c.case_id for c in cases if c.label is not None)
+    if not labelled:
+        raise DataError(f"{root}: no case with a label, nothing to evaluate")
+    if len(labelled) < len(cases):
+        log(f"{root}: {len(cases) - len(labelled)} cases without labels are left out")
+    cache_dir = slice_cache.build_cache(found, cases, ext.data, log=log)
+    manifest = slice_cache.load_manifest(cache_dir)
+    splits = {"seed": cfg.seed, "external": labelled, **{s: [] for s in data_loader_tf2.SPLITS}}
+    return data_loader_tf2.DataBundle(cache_dir, manifest, splits, ext.data, cfg.seed, found)
+
+
+def external_name(data_path: str) -> str:
+    """eval/ folder name for an external data set: 'external_' + its folder name, made safe."""
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(str(data_path).rstrip("/\\")).name) or "data"
+    return f"external_{name}"
+
+
+# ------------------------------------------------------------------ arrays in and out
+def as_float_images(array, channels: int):
+    """(images [B,H,W,channels] float32 in [0,1], batched?) from [H,W], [H,W,C] or [B,H,W,C].
+
+    uint8 is divided by 255, other integers by their maximum (as 16-bit pictures are read); floats
+    must already lie in [0,1]. RGB(A) becomes grey by ITU-R 601 luma, PIL's "L" conversion that
+    `read_picture` applies; grey is repeated for an RGB model."""
+    arr = np.asarray(array)
+    if arr.ndim == 2:
+        arr, batched = arr[None, ..., None], False
+    elif arr.ndim == 3:
+        if arr.shape[-1] not in (1, 3, 4):
+            raise ValueError(f"a 3D array is read as one image [H, W, C] with C in 1, 3, 4; got shape {arr.shape} "
+                             f"(pass a batch of grey images as [B, H, W, 1])")
+        arr, batched = arr[None], False
+    elif arr.ndim == 4:
+        batched = True
+    else:
+        raise ValueError(f"expected [H, W], [H, W, C] or [B, H, W, C], got shape {arr.shape}")
+    if arr.dtype == np.uint8:
+        images = arr.astype(np.float32) / 255.0
+    elif arr.dtype == np.bool_:
+        images = arr.astype(np.float32)
+    elif np.issubdtype(arr.dtype, np.integer):
+        images = arr.astype(np.float32) / max(float(arr.max()), 1.0)
+    else:
+        images = arr.astype(np.float32)
+        lo, hi = float(np.nanmin(images)), float(np.nanmax(images))
+        if lo < -1e-3 or hi > 1.0 + 1e-3 or not np.isfinite(images).all():
+            raise ValueError(f"float images must lie in [0, 1] (as training saw them), got values in [{lo:.4g}, {hi:.4g}]")
+        images = np.clip(images, 0.0, 1.0)
+    if images.shape[-1] == 4:
+        images = images[..., :3]                         # alpha carries no image content
+    if images.shape[-1] == 3 and channels == 1:
+        # PIL's "L": L = R*299/1000 + G*587/1000 + B*114/1000
+        images = (images @ np.array([0.299, 0.587, 0.114], np.float32))[..., None]
+    elif images.shape[-1] == 1 and channels == 3:
+        images = np.repeat(images, 3, axis=-1)
+    if images.shape[-1] != channels:
+        raise ValueError(f"images have {images.shape[-1]} channels, the model takes {channels}")
+    return images, batched
+
+
+def resize_probabilities(prob: np.ndarray, height: int, width: int) -> np.ndarray:
+    """[S, h, w] -> [S, height, width] by bilinear interpolation (the inverse of the input resize)."""
+    from PIL import Image
+    if prob.shape[1:] == (height, width):
+        return prob.astype(np.float32)
+    return np.stack([np.asarray(Image.fromarray(p.astype(np.float32), mode="F").resize((width, height), Image.BILINEAR))
+                     for p in prob]).clip(0.0, 1.0)
+
+
+class Predictor:
+    """A run's exported network, ready to segment arrays, picture files and NIfTI volumes."""
+
+    def __init__(self, run_dir, tta: bool = False, checkpoint: str = "best", threshold: float = 0.5,
+                 batch_size: int = 0):
+        import evaluation
+        self.run_dir = Path(run_dir)
+        self.cfg, self.model, self.network = load_run_model(self.run_dir, checkpoint)
+        self.image_size = int(self.cfg.data.image_size)
+        self.channels = model_channels(self.model)
+        self.tta, self.threshold = tta, float(threshold)
+        self.batch_size = int(batch_size or self.cfg.train.eval_batch_size)
+        self._predict = evaluation.make_predict_fn(self.model, tta)      # traced once, reused
+
+    def predict_slices(self, images: np.ndarray, progress=None) -> np.ndarray:
+        """[S,H,W,C] float32 in [0,1] -> probabilities [S,H,W] at the same H, W."""
+        import tensorflow as tf
+        from slice_cache import resize_slices
+        s, h, w, _ = images.shape
+        out = np.empty((s, h, w), np.float32)
+        for start in range(0, s, self.batch_size):
+            chunk = images[start:start + self.batch_size]
+            small, _ = resize_slices(chunk, None, self.image_size)
+            prob = self._predict(tf.constant(small, tf.float32)).numpy()
+            out[start:start + len(chunk)] = resize_probabilities(prob, h, w)
+            if progress is not None:
+                progress.update(len(chunk))
+        return out
+
+    def predict(self, array) -> np.ndarray:
+        """Foreground probabilities at the input's size: [H,W] for one image, [B,H,W] for a batch."""
+        images, batched = as_float_images(array, self.channels)
+        prob = self.predict_slices(images)
+        return prob if batched else prob[0]
+
+    def predict_file(self, path) -> np.ndarray:
+        """Probabilities [H,W] of a picture file, read as training read pictures."""
+        if is_nifti(path):
+            raise DataError(f"{path}: a NIfTI volume; use predict_volume")
+        return self.predict_slices(read_picture(path, self.channels)[None])[0]
+
+    def volume_probabilities(self, path, progress: bool = False):
+        """(probabilities [S,H,W] in slice order at the original in-plane size, meta of volumes.load_volume)."""
+        import volumes
+        from tqdm import tqdm
+        image, _spacing, meta = volumes.load_volume(path, self.cfg.data)
+        if image.shape[-1] != self.channels:
+            raise DataError(f"{path}: {image.shape[-1]} channel(s), but the model of {self.run_dir} takes {self.channels}")
+        with tqdm(total=len(image), desc=Path(path).name, unit="slice", disable=not progress, leave=False) as bar:
+            prob = self.predict_slices(image, bar)
+        return prob, meta
+
+    def predict_volume(self, path, progress: bool = False):
+        """(uint8 mask in the file's voxel order and shape, the file's affine [4,4])."""
+        import volumes
+        prob, meta = self.volume_probabilities(path, progress)
+        mask = volumes.restore_orientation((prob >= self.threshold).astype(np.uint8), meta)
+        return mask, np.asarray(meta["affine"], dtype=float)
+
+
+# ------------------------------------------------------------------ files: what to write where
+def list_inputs(path: Path) -> list[Path]:
+    """The pictures and NIfTI volumes of a file or folder (not recursive, hidden files skipped)."""
+    if not path.exists():
+        raise DataError(f"input {path} does not exist")
+    if path.is_file():
+        if not (is_nifti(path) or path.suffix.lower() in IMAGE_SUFFIXES):
+            raise DataError(f"{path}: not a picture ({', '.join(IMAGE_SUFFIXES)}) or NIfTI volume (.nii, .nii.gz)")
+        return [path]
+    found = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")
+                   and (is_nifti(p) or p.suffix.lower() in IMAGE_SUFFIXES))
+    if not found:
+        raise DataError(f"{path}: no pictures ({', '.join(IMAGE_SUFFIXES)}) or NIfTI volumes found")
+    return found
+
+
+def plan_outputs(inputs: list[Path], output: Path, single: bool, save_probabilities: bool):
+    """[(input, mask path, probability path or None)]; refuses before anything is written when any
+    target exists (an existing OUTPUT is used only as a folder to write new files into)."""
+    if single and not output.is_dir():
+        src = inputs[0]
+        wanted = NIFTI_SUFFIXES if is_nifti(src) else MASK_SUFFIXES
+        if not str(output).lower().endswith(wanted):
+            raise OutputError(f"OUTPUT {output}: for {src.name} it must end with {' or '.join(wanted)} "
+                              f"(or be an existing folder)")
+        if output.exists():
+            raise OutputError(f"OUTPUT {output} already exists; nothing was overwritten")
+        mask_paths = [output]
+    else:
+        if output.exists() and not output.is_dir():
+            raise OutputError(f"OUTPUT {output} is an existing file; a folder is needed for {len(inputs)} inputs")
+        mask_paths = [output / (_stem(p) + (".nii.gz" if p.name.lower().endswith(".nii.gz") else ".nii")
+                                if is_nifti(p) else _stem(p) + ".png") for p in inputs]
+    plan = []
+    for src, mask in zip(inputs, mask_paths):
+        prob = None
+        if save_probabilities:
+            suffix = ".nii.gz" if is_nifti(src) else ".npy"
+            prob = mask.with_name(_stem(mask) + "_prob" + suffix)
+        plan.append((src, mask, prob))
+    targets = [p for _, m, q in plan for p in (m, q) if p is not None]
+    if len(set(targets)) != len(targets):
+        raise OutputError(f"two inputs would write the same file in {output} (same name, different suffix)")
+    clash = [str(p) for p in targets if p.exists()]
+    if clash:
+        raise OutputError(f"{len(clash)} output file(s) already exist, e.g. {clash[0]}; nothing was overwritten")
+    return plan
+
+
+def _atomic(path: Path, write) -> None:
+    """write(tmp) then rename: a killed run never leaves a half-written mask under the final name."""
+    tmp = path.with_name(f".tmp{os.getpid()}-{path.name}")      # keeps .nii.gz so nibabel compresses
+    try:
+        write(tmp)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_mask_picture(mask: np.ndarray, path: Path) -> None:
+    from PIL import Image
+    fmt = {".png": "PNG", ".bmp": "BMP", ".tif": "TIFF", ".tiff": "TIFF"}[path.suffix.lower()]
+    _atomic(path, lambda tmp: Image.fromarray((mask > 0).astype(np.uint8) * 255, mode="L").save(tmp, format=fmt))
+
+
+def _save_npy(path: Path, prob: np.ndarray) -> None:
+    with open(path, "wb") as fh:                 # a file object: np.save would append .npy to a name
+        np.save(fh, prob.astype(np.float32))
+
+
+def _probability_nifti(prob_slices: np.ndarray, meta: dict):
+    """float32 probabilities in the file's voxel order, with the input's affine and header."""
+    import nibabel as nib
+    import volumes
+    data = volumes.restore_orientation(prob_slices.astype(np.float32), meta)
+    affine = np.asarray(meta["affine"], dtype=float)
+    header = nib.load(meta["path"]).header.copy()
+    img = nib.Nifti1Image(data, affine, header=header)
+    img.header.set_data_dtype(np.float32)
+    img.header.set_slope_inter(1.0, 0.0)
+    img.set_qform(affine, code=int(header["qform_code"]) or 1)
+    img.set_sform(affine, code=int(header["sform_code"]) or 1)
+    return img
+
+
+def run_prediction(run_dir, input_path, output_path, tta: bool = False, threshold: float = 0.5,
+                   save_probabilities: bool = False, checkpoint: str = "best", progress: bool = True,
+                   log=print) -> list[Path]:
+    """`main.py predict`: segment every input and write its mask; returns the files written."""
+    import nibabel as nib
+    from tqdm import tqdm
+    if not 0.0 < threshold < 1.0:
+        raise DataError(f"--threshold must be in (0, 1), got {threshold}")
+    source, output = Path(input_path), Path(output_path)
+    inputs = list_inputs(source)
+    plan = plan_outputs(inputs, output, source.is_file(), save_probabilities)
+    predictor = Predictor(run_dir, tta=tta, checkpoint=checkpoint, threshold=threshold)
+    (output if not source.is_file() else output.parent).mkdir(parents=True, exist_ok=True)
+    written = []
+    bar = tqdm(plan, desc="predict", unit="file", disable=not (progress and len(plan) > 1))
+    for src, mask_path, prob_path in bar:
+        if is_nifti(src):
+            import volumes
+            prob, meta = predictor.volume_probabilities(src, progress=progress)
+            mask_img = volumes.mask_to_nifti((prob >= threshold).astype(np.uint8), meta)
+            _atomic(mask_path, lambda tmp: nib.save(mask_img, str(tmp)))
+            if prob_path is not None:
+                prob_img = _probability_nifti(prob, meta)
+                _atomic(prob_path, lambda tmp: nib.save(prob_img, str(tmp)))
+        else:
+            prob = predictor.predict_file(src)
+            write_mask_picture(prob >= threshold, mask_path)
+            if prob_path is not None:
+                _atomic(prob_path, lambda tmp: _save_npy(tmp, prob))
+        written += [p for p in (mask_path, prob_path) if p is not None]
+    log(f"predict: {len(plan)} input(s) -> {output} ({predictor.network} network, "
+        f"{'TTA, ' if tta else ''}threshold {threshold})")
+    return written
