@@ -84,7 +84,7 @@ def visible_gpus(num_gpus_hint=None):
     return gpus
 
 
-def slurm_cluster_resolver(gpus_per_task, env=None):
+def slurm_cluster_resolver(gpus_per_task):
     """A cluster resolver for the current `srun` step whose task ids equal SLURM_PROCID.
 
     Built on tf.distribute.cluster_resolver.SlurmClusterResolver, minus its faults:
@@ -97,8 +97,9 @@ def slurm_cluster_resolver(gpus_per_task, env=None):
     - it lists nodes sorted as strings (node10 before node9) yet gives rank r the r-th address,
       while SLURM's block distribution puts rank 0 on the first node of the step's nodelist:
       we reorder the addresses into SLURM's node order, and check this task's own rank.
+    Reads os.environ (as the TF resolver does): call it inside the `srun` step.
     """
-    env = os.environ if env is None else env
+    env = os.environ
     hosts = expand_hostlist(env["SLURM_STEP_NODELIST"])
     tasks_per_host = expand_tasks_per_node(env["SLURM_STEP_TASKS_PER_NODE"])
     if len(hosts) != len(tasks_per_host):
@@ -219,13 +220,13 @@ def remove_worker_checkpoint_dir(checkpoint_dir, info):
 
 
 def any_worker_true(strategy, flag):
-    """All-reduce a Python bool with MAX: True on every worker when True on any.
+    """All-reduce a Python bool: True on every worker when True on any (a SUM of 0/1 > 0).
 
     A preemption signal reaches the workers at different steps; calling this at a fixed step
     cadence makes all of them stop (and save collectively) at the same step.
     """
     value = strategy.run(lambda: tf.constant(1.0 if flag else 0.0))
-    return bool(strategy.reduce(tf.distribute.ReduceOp.MAX, value, axis=None).numpy() > 0)
+    return bool(strategy.reduce(tf.distribute.ReduceOp.SUM, value, axis=None).numpy() > 0)
 
 
 def check_all_reduce(strategy):
