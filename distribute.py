@@ -219,24 +219,34 @@ def remove_worker_checkpoint_dir(checkpoint_dir, info):
         shutil.rmtree(os.path.dirname(checkpoint_dir), ignore_errors=True)
 
 
+@tf.function
+def _sum_over_replicas(strategy, value):
+    # tf.identity makes one copy per replica (a captured tensor alone is not a per-replica
+    # value); inside a tf.function because collectives run eagerly cost extra round trips.
+    per_replica = strategy.run(lambda: tf.identity(value))
+    return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+
+
 def any_worker_true(strategy, flag):
     """All-reduce a Python bool: True on every worker when True on any (a SUM of 0/1 > 0).
 
     A preemption signal reaches the workers at different steps; calling this at a fixed step
-    cadence makes all of them stop (and save collectively) at the same step.
+    cadence (every worker must call it, at the same steps) makes all of them stop, and save
+    collectively, at the same step.
     """
-    value = strategy.run(lambda: tf.constant(1.0 if flag else 0.0))
-    return bool(strategy.reduce(tf.distribute.ReduceOp.SUM, value, axis=None).numpy() > 0)
+    return bool(_sum_over_replicas(strategy, tf.constant(1.0 if flag else 0.0)).numpy() > 0)
 
 
 def check_all_reduce(strategy):
     """Sum replica_id+1 over all replicas; returns (sum, expected n(n+1)/2)."""
-    def replica_value():
-        ctx = tf.distribute.get_replica_context()
-        return tf.cast(ctx.replica_id_in_sync_group, tf.float32) + 1.0
-    total = strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(replica_value), axis=None)
+    @tf.function
+    def replica_sum():
+        def replica_value():
+            ctx = tf.distribute.get_replica_context()
+            return tf.cast(ctx.replica_id_in_sync_group, tf.float32) + 1.0
+        return strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(replica_value), axis=None)
     n = strategy.num_replicas_in_sync
-    return float(total.numpy()), n * (n + 1) / 2.0
+    return float(replica_sum().numpy()), n * (n + 1) / 2.0
 
 
 def main():

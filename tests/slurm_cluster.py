@@ -23,6 +23,7 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "sinfo", "scontrol")
 START_TIMEOUT_S = 60
+START_ATTEMPTS = 3
 FAKE_GPU_FILES = ("/dev/null", "/dev/zero", "/dev/full", "/dev/urandom")
 
 
@@ -30,22 +31,29 @@ def missing_binaries():
     return [name for name in BINARIES if shutil.which(name) is None]
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
+def free_ports(count):
+    """`count` distinct free ports (all held open together, so none is handed out twice)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
 
 
 def write_config(root, host):
     """slurm.conf + gres.conf for one node named `host`, all paths under `root`."""
     conf = os.path.join(root, "slurm.conf")
+    controller_port, node_port = free_ports(2)
     lines = [
         "ClusterName=semiseg-test",
         f"SlurmctldHost={host}",
         "SlurmUser=root",
         "SlurmdUser=root",
-        f"SlurmctldPort={free_port()}",
-        f"SlurmdPort={free_port()}",
+        f"SlurmctldPort={controller_port}",
+        f"SlurmdPort={node_port}",
         "AuthType=auth/munge",
         "CredType=cred/munge",
         # Our own munged, not the system one (which may not run, or have another key).
@@ -216,13 +224,17 @@ def start_cluster():
                           f"could not install them: {(setup.stdout + setup.stderr)[-500:]}")
     elif missing:
         return None, f"SLURM binaries missing ({', '.join(missing)}); SEMISEG_SLURM_INSTALL=0"
-    cluster = SlurmCluster(tempfile.mkdtemp(prefix="semiseg-slurm-"))
-    try:
-        cluster.start()
-    except Exception:
-        cluster.stop()
-        raise
-    return cluster, None
+    for attempt in range(START_ATTEMPTS):
+        cluster = SlurmCluster(tempfile.mkdtemp(prefix="semiseg-slurm-"))
+        try:
+            cluster.start()
+            return cluster, None
+        except RuntimeError as err:
+            cluster.stop()
+            shutil.rmtree(cluster.root, ignore_errors=True)
+            # Another process may grab a port between our probe and the daemon's bind.
+            if "Address already in use" not in str(err) or attempt == START_ATTEMPTS - 1:
+                raise
 
 
 @pytest.fixture(scope="session")
@@ -244,7 +256,9 @@ if __name__ == "__main__":
         raise SystemExit(reason)
     print(f"SLURM up in {cluster.startup_seconds:.1f}s: export SLURM_CONF={cluster.conf}",
           flush=True)
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt))
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, interrupt)
     try:
         while True:
             time.sleep(3600)
