@@ -30,12 +30,14 @@ STRATEGY_NAMES = {"none": "default", "mirrored": "MirroredStrategy",
                   "multi_worker": "MultiWorkerMirroredStrategy"}
 
 # Exit code of a training process that caught SIGUSR1/SIGTERM, wrote a checkpoint and stopped
-# early (EX_TEMPFAIL: "try again later"). slurm/job_lib.sh requeues the job on this code.
+# early (EX_TEMPFAIL: "try again later"). slurm/job_lib.sh requeues a job that exits so after
+# SIGUSR1 (the time-limit warning).
 PREEMPTED_EXIT_CODE = 75
 
 # Port of SLURM task 0 on each node is PORT_BASE + job_id % PORT_SPAN (tasks sharing a node
 # take the next ports), so two jobs on one node rarely collide; SEMISEG_PORT overrides it.
-PORT_BASE, PORT_SPAN = 20000, 20000
+# 20000-29999 stays below Linux's ephemeral range (32768+) used by outgoing connections.
+PORT_BASE, PORT_SPAN = 20000, 10000
 
 
 def slurm_port(env=None):

@@ -145,7 +145,7 @@ def test_multinode_script_runs_two_workers(slurm_cluster, workdir):
     log = read_log(workdir, f"semiseg-multinode-{job}.out")
     assert record["JobState"] == "COMPLETED" and record["ExitCode"] == "0:0", log[-3000:]
     assert len(re.findall(r"all-reduce task=\d workers=2 sum=3 expected=3", log)) == 2, log
-    assert f"port {20000 + int(job) % 20000}" in log and "tensorflow 2." in log
+    assert f"port {20000 + int(job) % 10000}" in log and "tensorflow 2." in log
     done = json.loads((workdir / f"runs/semiseg-multinode-{job}/done.json").read_text())
     assert done["strategy"]["num_workers"] == 2 and done["strategy"]["task_index"] == 0
     assert done["argv"] == ["train", "--method", "supervised", "--preset", "smoke",
@@ -192,6 +192,23 @@ def test_scancel_stops_without_requeue(slurm_cluster, workdir):
     log = read_log(workdir, f"semiseg-1gpu-{job}.out")
     assert "caught SIGTERM" in log and "requeueing" not in log
     assert slurm_cluster.job(job)["Restarts"] == "0"
+
+
+def test_node_script_takes_env_inputs_and_resumes_existing_out(slurm_cluster, workdir):
+    # A run folder that already has a checkpoint (an earlier job of the same OUT).
+    (workdir / "runs/mine/checkpoints").mkdir(parents=True)
+    (workdir / "runs/mine/checkpoints/step").write_text("2")
+    job = slurm_cluster.submit("slurm/train_node.sbatch", cwd=workdir, env=job_env(
+        METHOD="mixmatch", DATA="/data/isic", FORMAT="isic", OUT="runs/mine",
+        EXTRA="--set train.precision=mixed_float16", FAKE_STEPS="4"))
+    (record,) = slurm_cluster.wait(job, timeout=120)
+    log = read_log(workdir, f"semiseg-node-{job}.out")
+    assert record["ExitCode"] == "0:0", log[-3000:]
+    done = json.loads((workdir / "runs/mine/done.json").read_text())
+    assert done["argv"] == ["train", "--method", "mixmatch", "--data", "/data/isic",
+                            "--set", "data.format=isic", "--out", "runs/mine", "--resume",
+                            "--set", "train.precision=mixed_float16"]
+    assert done["first_step"] == 2 and "step 4" in log and "step 2\n" not in log
 
 
 def test_sweep_array_after_preprocess(slurm_cluster, workdir):
