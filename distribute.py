@@ -1,7 +1,271 @@
-"""TEMPORARY stand-in until the HPC branch lands: the default strategy only."""
+"""Pick and build the tf.distribute strategy: one CPU, all GPUs of a node, or many workers.
+
+The trainer calls `make_strategy(config.train.distribution)` before any other TF op (a
+MultiWorkerMirroredStrategy must configure collectives before the TF runtime starts), then
+saves the returned info dict in the run folder. Check a cluster by hand with:
+
+    python distribute.py --distribution auto --check             # one process
+    srun -N 2 --ntasks-per-node=1 python distribute.py --check   # one worker per SLURM task
+
+`auto` picks, in order: a SLURM step with more than one task -> MultiWorkerMirroredStrategy
+over the SLURM tasks; TF_CONFIG with more than one task -> MultiWorkerMirroredStrategy; more
+than one GPU visible -> MirroredStrategy; else TF's default (single-device) strategy.
+"""
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+
 import tensorflow as tf
+# TF's own SLURM hostlist parsers ("node[9-10]" -> ["node9", "node10"], "2(x3)" -> [2, 2, 2]);
+# they are not exported under tf.*, only the resolver class is.
+from tensorflow.python.distribute.cluster_resolver.slurm_cluster_resolver import (
+    expand_hostlist, expand_tasks_per_node)
+
+DISTRIBUTIONS = ("auto", "none", "mirrored", "multi_worker")
+
+STRATEGY_NAMES = {"none": "default", "mirrored": "MirroredStrategy",
+                  "multi_worker": "MultiWorkerMirroredStrategy"}
+
+# Exit code of a training process that caught SIGUSR1/SIGTERM, wrote a checkpoint and stopped
+# early (EX_TEMPFAIL: "try again later"). slurm/job_lib.sh requeues a job that exits so after
+# SIGUSR1 (the time-limit warning).
+PREEMPTED_EXIT_CODE = 75
+
+# Port of SLURM task 0 on each node is PORT_BASE + job_id % PORT_SPAN (tasks sharing a node
+# take the next ports), so two jobs on one node rarely collide; SEMISEG_PORT overrides it.
+# 20000-29999 stays below Linux's ephemeral range (32768+) used by outgoing connections.
+PORT_BASE, PORT_SPAN = 20000, 10000
+
+
+def slurm_port(env=None):
+    """The first port of this job's workers: $SEMISEG_PORT, else derived from $SLURM_JOB_ID."""
+    env = os.environ if env is None else env
+    if env.get("SEMISEG_PORT"):
+        return int(env["SEMISEG_PORT"])
+    if not env.get("SLURM_JOB_ID"):
+        raise RuntimeError("SLURM_JOB_ID is not set: cannot derive a port; set SEMISEG_PORT")
+    return PORT_BASE + int(env["SLURM_JOB_ID"]) % PORT_SPAN
+
+
+def slurm_step_tasks(env=None):
+    """Number of tasks of the enclosing `srun` step, 0 outside a step.
+
+    SLURM_STEP_NUM_TASKS exists only inside `srun`; the batch shell of `sbatch -n 2` has
+    SLURM_NTASKS=2 but is a single process, so it must not count as two workers.
+    """
+    env = os.environ if env is None else env
+    return int(env.get("SLURM_STEP_NUM_TASKS", 0) or 0)
+
+
+def tf_config_tasks(env=None):
+    """Number of chief+worker tasks in $TF_CONFIG, 0 when unset."""
+    env = os.environ if env is None else env
+    if not env.get("TF_CONFIG"):
+        return 0
+    try:
+        cluster = json.loads(env["TF_CONFIG"]).get("cluster", {})
+    except json.JSONDecodeError as err:
+        raise ValueError(f"TF_CONFIG is not valid JSON: {err}") from err
+    return len(cluster.get("chief", [])) + len(cluster.get("worker", []))
+
+
+def visible_gpus(num_gpus_hint=None):
+    """GPUs this process will use: the first `num_gpus_hint` of those TF sees, else all.
+
+    Asks TF itself (it honours CUDA_VISIBLE_DEVICES, which SLURM sets per task);
+    list_physical_devices does not start the TF runtime, so a strategy can still follow.
+    """
+    gpus = tf.config.list_physical_devices("GPU")
+    if num_gpus_hint is not None:
+        if num_gpus_hint > len(gpus):
+            raise ValueError(f"num_gpus_hint={num_gpus_hint} but TF sees {len(gpus)} GPU(s)")
+        gpus = gpus[:num_gpus_hint]
+    return gpus
+
+
+def slurm_cluster_resolver(gpus_per_task):
+    """A cluster resolver for the current `srun` step whose task ids equal SLURM_PROCID.
+
+    Built on tf.distribute.cluster_resolver.SlurmClusterResolver, minus its faults:
+    - it calls nvidia-smi when no GPU count is given (FileNotFoundError on CPU nodes) and
+      rejects gpus_per_node=0: we pass counts with auto_set_gpu=False (SLURM already set
+      CUDA_VISIBLE_DEVICES per task) and report the true count through SimpleClusterResolver;
+    - cluster_spec() pairs the tasks of a node with range(0, gpus_per_node, gpus_per_task) and
+      silently drops tasks beyond the GPU count: we give it one "slot" per task and check that
+      no task went missing;
+    - it lists nodes sorted as strings (node10 before node9) yet gives rank r the r-th address,
+      while SLURM's block distribution puts rank 0 on the first node of the step's nodelist:
+      we reorder the addresses into SLURM's node order, and check this task's own rank.
+    Reads os.environ (as the TF resolver does): call it inside the `srun` step.
+    """
+    env = os.environ
+    hosts = expand_hostlist(env["SLURM_STEP_NODELIST"])
+    tasks_per_host = expand_tasks_per_node(env["SLURM_STEP_TASKS_PER_NODE"])
+    if len(hosts) != len(tasks_per_host):
+        raise RuntimeError(f"SLURM_STEP_NODELIST has {len(hosts)} nodes but "
+                           f"SLURM_STEP_TASKS_PER_NODE lists {len(tasks_per_host)}")
+    num_tasks, procid = sum(tasks_per_host), int(env["SLURM_PROCID"])
+    port = slurm_port(env)
+
+    slots_per_task = max(gpus_per_task, 1)
+    resolver = tf.distribute.cluster_resolver.SlurmClusterResolver(
+        port_base=port, gpus_per_node=slots_per_task * max(tasks_per_host),
+        gpus_per_task=slots_per_task, auto_set_gpu=False)
+    addresses = resolver.cluster_spec().as_dict().get("worker", [])
+    if len(addresses) != num_tasks:
+        raise RuntimeError(f"SlurmClusterResolver listed {len(addresses)} of {num_tasks} tasks")
+
+    # Block distribution: rank r lives on the node holding the r-th task when nodes are taken in
+    # nodelist order, at port base + its local index on that node.
+    by_host = {}
+    for address in addresses:
+        by_host.setdefault(address.rsplit(":", 1)[0], []).append(address)
+    ordered = [address for host in hosts for address in by_host[host]]
+
+    node, local_id = env.get("SLURMD_NODENAME"), env.get("SLURM_LOCALID")
+    if node in hosts and local_id is not None:
+        expected = sum(tasks_per_host[:hosts.index(node)]) + int(local_id)
+        if expected != procid:
+            raise RuntimeError(
+                f"SLURM_PROCID={procid} on {node} (local task {local_id}) is not the block "
+                f"layout's rank {expected}: run srun with --distribution=block (the default)")
+
+    return tf.distribute.cluster_resolver.SimpleClusterResolver(
+        tf.train.ClusterSpec({"worker": ordered}), task_type="worker", task_id=procid,
+        num_accelerators={"GPU": gpus_per_task}, rpc_layer="grpc")
 
 
 def make_strategy(distribution="auto", num_gpus_hint=None):
-    strategy = tf.distribute.get_strategy()
-    return strategy, {"strategy": "default", "num_replicas": 1, "num_workers": 1, "task_index": 0, "is_chief": True}
+    """Build the strategy named by `distribution` (see module docstring) and describe it.
+
+    Returns (strategy, info); info is JSON-serialisable: strategy, distribution, source
+    (slurm|tf_config|local), num_replicas, num_workers, task_type, task_index, is_chief,
+    cluster ({job: [host:port]} or None), gpus_per_worker.
+    """
+    if distribution not in DISTRIBUTIONS:
+        raise ValueError(f"train.distribution={distribution!r}: expected one of {DISTRIBUTIONS}")
+    step_tasks, config_tasks = slurm_step_tasks(), tf_config_tasks()
+    gpus = visible_gpus(num_gpus_hint)
+
+    if distribution == "auto":
+        if step_tasks > 1 or config_tasks > 1:
+            distribution = "multi_worker"
+        elif len(gpus) > 1:
+            distribution = "mirrored"
+        else:
+            distribution = "none"
+
+    resolver, source = None, "local"
+    if distribution == "none":
+        strategy = tf.distribute.get_strategy()
+    elif distribution == "mirrored":
+        # Without GPUs mirror over the logical CPUs (one unless configured, as the tests do).
+        devices = ([f"/gpu:{i}" for i in range(len(gpus))] if gpus
+                   else [d.name for d in tf.config.list_logical_devices("CPU")])
+        strategy = tf.distribute.MirroredStrategy(devices=devices)
+    elif step_tasks >= 1:
+        source, resolver = "slurm", slurm_cluster_resolver(len(gpus))
+        strategy = tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=resolver)
+    else:
+        # TF_CONFIG, or a lone local worker when it is unset.
+        source = "tf_config" if config_tasks else "local"
+        strategy = tf.distribute.MultiWorkerMirroredStrategy()
+        resolver = strategy.cluster_resolver if config_tasks else None
+
+    cluster, task_type, task_index = None, None, 0
+    if resolver is not None:
+        cluster = {job: list(tasks) for job, tasks in resolver.cluster_spec().as_dict().items()}
+        task_type, task_index = resolver.task_type, int(resolver.task_id)
+    info = {
+        "strategy": STRATEGY_NAMES[distribution],
+        "distribution": distribution,
+        "source": source,
+        "num_replicas": int(strategy.num_replicas_in_sync),
+        "num_workers": sum(len(tasks) for tasks in cluster.values()) if cluster else 1,
+        "task_type": task_type,
+        "task_index": task_index,
+        "is_chief": bool(strategy.extended.should_checkpoint),
+        "cluster": cluster,
+        "gpus_per_worker": len(gpus),
+    }
+    return strategy, info
+
+
+def is_chief(info):
+    """Whether this process writes the run folder (logs, config, exported models)."""
+    return bool(info["is_chief"])
+
+
+def worker_checkpoint_dir(run_dir, info):
+    """Where this worker saves checkpoints.
+
+    Under MultiWorkerMirroredStrategy every worker must take part in a save (the variables'
+    values are gathered collectively), but only the chief's copy is kept: the chief writes
+    RUN_DIR/checkpoints, the others a private temporary folder that
+    `remove_worker_checkpoint_dir` deletes afterwards. All workers restore from the chief's
+    folder (RUN_DIR on a file system they share).
+    """
+    if is_chief(info):
+        return os.path.join(run_dir, "checkpoints")
+    run_key = hashlib.sha1(os.path.abspath(run_dir).encode()).hexdigest()[:10]
+    name = f"semiseg-ckpt-{run_key}-{info['task_type']}{info['task_index']}"
+    return os.path.join(tempfile.gettempdir(), name, "checkpoints")
+
+
+def remove_worker_checkpoint_dir(checkpoint_dir, info):
+    """Delete a non-chief worker's temporary checkpoints; the chief's are never touched."""
+    if not is_chief(info):
+        shutil.rmtree(os.path.dirname(checkpoint_dir), ignore_errors=True)
+
+
+@tf.function
+def _sum_over_replicas(strategy, value):
+    # tf.identity makes one copy per replica (a captured tensor alone is not a per-replica
+    # value); inside a tf.function because collectives run eagerly cost extra round trips.
+    per_replica = strategy.run(lambda: tf.identity(value))
+    return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+
+
+def any_worker_true(strategy, flag):
+    """All-reduce a Python bool: True on every worker when True on any (a SUM of 0/1 > 0).
+
+    A preemption signal reaches the workers at different steps; calling this at a fixed step
+    cadence (every worker must call it, at the same steps) makes all of them stop, and save
+    collectively, at the same step.
+    """
+    return bool(_sum_over_replicas(strategy, tf.constant(1.0 if flag else 0.0)).numpy() > 0)
+
+
+def check_all_reduce(strategy):
+    """Sum replica_id+1 over all replicas; returns (sum, expected n(n+1)/2)."""
+    @tf.function
+    def replica_sum():
+        def replica_value():
+            ctx = tf.distribute.get_replica_context()
+            return tf.cast(ctx.replica_id_in_sync_group, tf.float32) + 1.0
+        return strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(replica_value), axis=None)
+    n = strategy.num_replicas_in_sync
+    return float(replica_sum().numpy()), n * (n + 1) / 2.0
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--distribution", default="auto", choices=DISTRIBUTIONS)
+    parser.add_argument("--check", action="store_true",
+                        help="all-reduce a known value across replicas; exit 1 if wrong")
+    args = parser.parse_args()
+    strategy, info = make_strategy(args.distribution)
+    print("strategy " + json.dumps(info, sort_keys=True), flush=True)
+    if args.check:
+        total, expected = check_all_reduce(strategy)
+        print(f"all-reduce task={info['task_index']} workers={info['num_workers']} "
+              f"replicas={info['num_replicas']} sum={total:g} expected={expected:g}", flush=True)
+        if total != expected:
+            raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()

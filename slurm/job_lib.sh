@@ -1,0 +1,118 @@
+# Shared steps of the semiseg sbatch scripts; sourced by them, not run on its own:
+#   SEMISEG_ROOT=${SEMISEG_ROOT:-${SLURM_SUBMIT_DIR:-$PWD}}
+#   source "$SEMISEG_ROOT/slurm/job_lib.sh"
+#   semiseg_job_start "$@"                                  # env, banner, train arguments
+#   semiseg_run_requeueable srun python main.py train "${SEMISEG_TRAIN_ARGS[@]}"
+# Inputs (environment, e.g. `sbatch --export=ALL,METHOD=...`, or positional METHOD PRESET DATA
+# followed by extra main.py arguments): METHOD, PRESET, DATA, FORMAT, OUT, EXTRA, PYTHON,
+# DISTRIBUTION, SEMISEG_PORT, SEMISEG_MAX_RESTARTS. See slurm/README.md.
+
+# Exit code of a trainer that caught the signal, saved a checkpoint and stopped early
+# (distribute.PREEMPTED_EXIT_CODE).
+SEMISEG_PREEMPTED_EXIT=75
+
+semiseg_die() { echo "semiseg job error: $*" >&2; exit 2; }
+
+# Environment every script needs; prints what ran where.
+semiseg_environment() {
+    cd "$SEMISEG_ROOT" || semiseg_die "cannot cd to SEMISEG_ROOT=$SEMISEG_ROOT"
+    [ -f main.py ] || semiseg_die "$SEMISEG_ROOT has no main.py: submit from the semiseg folder or set SEMISEG_ROOT"
+    PYTHON=${PYTHON:-python}
+    # Slurm 22.05+ no longer passes the batch allocation's --cpus-per-task on to srun.
+    [ -n "${SLURM_CPUS_PER_TASK:-}" ] && export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK
+    # Workers listen on this port (and the next ones when tasks share a node); derived from
+    # the job id so that jobs sharing a node do not collide (same rule as distribute.slurm_port).
+    export SEMISEG_PORT=${SEMISEG_PORT:-$((20000 + ${SLURM_JOB_ID:-0} % 10000))}
+    export TF_CPP_MIN_LOG_LEVEL=${TF_CPP_MIN_LOG_LEVEL:-1}
+    export PYTHONUNBUFFERED=1
+
+    echo "=== semiseg ${SLURM_JOB_NAME:-job} ${SLURM_JOB_ID:-?} restart ${SLURM_RESTART_COUNT:-0} on $(hostname) at $(date '+%F %T')"
+    echo "nodes ${SLURM_JOB_NODELIST:-?} ntasks ${SLURM_NTASKS:-1} cpus/task ${SLURM_CPUS_PER_TASK:-?} port $SEMISEG_PORT"
+    echo "CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-<unset>}"
+    if command -v nvidia-smi >/dev/null 2>&1; then
+        nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv,noheader
+    else
+        echo "nvidia-smi: not found (no NVIDIA GPU driver on this node)"
+    fi
+    # Versions from package metadata: importing TensorFlow here would cost seconds.
+    "$PYTHON" - <<'PY' || semiseg_die "'$PYTHON' cannot run: set PYTHON or activate the environment before sbatch"
+import importlib.metadata as metadata, sys
+def version(name):
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return "missing"
+print(f"python {sys.version.split()[0]} ({sys.executable}) tensorflow {version('tensorflow')} "
+      f"keras {version('keras')}", flush=True)
+PY
+}
+
+# Reads METHOD PRESET DATA from the positional arguments (else the environment) and builds
+# SEMISEG_TRAIN_ARGS, the arguments of `main.py train`; the remaining positional arguments and
+# $EXTRA (word-split) are appended as given.
+semiseg_job_start() {
+    [ $# -ge 1 ] && [ -n "$1" ] && METHOD=$1
+    [ $# -ge 2 ] && [ -n "$2" ] && PRESET=$2
+    [ $# -ge 3 ] && [ -n "$3" ] && DATA=$3
+    if [ $# -gt 3 ]; then shift 3; else shift $#; fi
+    [ -n "${METHOD:-}" ] || semiseg_die "METHOD is not set: pass it as the first argument or METHOD=... in the environment"
+    semiseg_environment
+    OUT=${OUT:-runs/${SLURM_JOB_NAME:-semiseg}-${SLURM_JOB_ID:-local}}
+    SEMISEG_TRAIN_ARGS=(--method "$METHOD")
+    [ -n "${PRESET:-}" ] && SEMISEG_TRAIN_ARGS+=(--preset "$PRESET")
+    [ -n "${DATA:-}" ] && SEMISEG_TRAIN_ARGS+=(--data "$DATA")
+    [ -n "${FORMAT:-}" ] && SEMISEG_TRAIN_ARGS+=(--set "data.format=$FORMAT")
+    [ -n "${DISTRIBUTION:-}" ] && SEMISEG_TRAIN_ARGS+=(--set "train.distribution=$DISTRIBUTION")
+    # A requeued job reuses OUT (its name holds only the job id), so it resumes that run.
+    SEMISEG_TRAIN_ARGS+=(--out "$OUT")
+    if [ -d "$OUT/checkpoints" ]; then
+        SEMISEG_TRAIN_ARGS+=(--resume)
+        echo "resuming $OUT from its checkpoints"
+    fi
+    # EXTRA is split into words (no glob expansion): EXTRA="--set train.epochs=5 --set seed=1".
+    local extra_words=()
+    read -r -a extra_words <<< "${EXTRA:-}"
+    SEMISEG_TRAIN_ARGS+=("${extra_words[@]}")
+    SEMISEG_TRAIN_ARGS+=("$@")
+    echo "method $METHOD preset ${PRESET:-<none>} data ${DATA:-<default>} out $OUT"
+}
+
+# Runs the command in the background so that the batch shell can catch the signals:
+# SIGUSR1 (sent by --signal=B:USR1@SECS before the time limit, or `scancel --signal=USR1
+# --batch JOB`) is forwarded to the command (srun passes it on to every task); when the
+# command then stops with a non-zero code (75: checkpoint saved) the job is requeued and
+# resumes from that checkpoint. SIGTERM (scancel, preemption) is forwarded too, but never
+# requeues here: a cancelled job stays cancelled, a preempted one is requeued by SLURM.
+semiseg_run_requeueable() {
+    echo "+ $*"
+    SEMISEG_SIGNAL=""
+    "$@" &
+    local child=$! rc trapped
+    trap 'trapped=1; SEMISEG_SIGNAL=USR1; echo "caught SIGUSR1, forwarding to $child"; kill -USR1 $child 2>/dev/null' USR1
+    trap 'trapped=1; SEMISEG_SIGNAL=${SEMISEG_SIGNAL:-TERM}; echo "caught SIGTERM, forwarding to $child"; kill -TERM $child 2>/dev/null' TERM
+    while :; do
+        trapped=""
+        wait "$child"; rc=$?
+        [ -n "$trapped" ] || break           # the command exited; rc is its status
+        # A trapped signal interrupts `wait` (rc > 128) while the command still runs.
+        if ! kill -0 "$child" 2>/dev/null; then
+            wait "$child"; local again=$?
+            [ "$again" -ne 127 ] && rc=$again
+            break
+        fi
+    done
+    trap - USR1 TERM
+    echo "command exited with code $rc"
+
+    if [ "$SEMISEG_SIGNAL" = USR1 ] && [ "$rc" -ne 0 ]; then
+        local restarts=${SLURM_RESTART_COUNT:-0} max=${SEMISEG_MAX_RESTARTS:-20}
+        if [ "$restarts" -ge "$max" ]; then
+            echo "not requeueing: already restarted $restarts times (SEMISEG_MAX_RESTARTS=$max)"
+        elif [ -n "${SLURM_JOB_ID:-}" ]; then
+            echo "requeueing job $SLURM_JOB_ID (restart $((restarts + 1)))"
+            scontrol requeue "$SLURM_JOB_ID" && exit 0
+            echo "scontrol requeue failed" >&2
+        fi
+    fi
+    return "$rc"
+}
