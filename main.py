@@ -60,12 +60,13 @@ def _resolve_train_config(args):
 
 def cmd_train(args) -> int:
     cfg, run = _resolve_train_config(args)
-    if run is None and args.out and Path(args.out).exists():
-        raise RunDirError(f"run folder {args.out} already exists: pass --resume to continue it, "
-                          f"or choose another --out (nothing in it was changed)")
     import distribute
     # The strategy comes before any other TF op (multi-worker collectives are configured at init).
     strategy, info = distribute.make_strategy(cfg.train.distribution)
+    chief = info.get("is_chief", True)
+    if run is None and args.out and Path(args.out).exists() and chief:
+        raise RunDirError(f"run folder {args.out} already exists: pass --resume to continue it, "
+                          f"or choose another --out (nothing in it was changed)")
     import keras
     import data_loader_tf2
     import run_dir as rundir
@@ -74,7 +75,6 @@ def cmd_train(args) -> int:
 
     keras.mixed_precision.set_global_policy(cfg.train.precision)
     keras.utils.set_random_seed(cfg.seed)
-    chief = info.get("is_chief", True)
     method_cls = get_method(cfg.method)
     _log(f"semiseg: method={cfg.method} preset={cfg.preset or '-'} strategy={info.get('strategy')} "
          f"replicas={strategy.num_replicas_in_sync} global_batch={cfg.train.batch_size} precision={cfg.train.precision}")
@@ -96,8 +96,10 @@ def cmd_train(args) -> int:
     _log(f"run folder: {run}  (labeled {len(bundle.splits['labeled'])}, unlabeled {len(bundle.splits['unlabeled'])}, "
          f"val {len(bundle.splits['val'])}, test {len(bundle.splits['test'])} cases)")
     trainer = method_cls(cfg, bundle, strategy, info, log=_log if chief else (lambda m: None))
-    ckpt_dir = distribute.worker_checkpoint_dir(run, info) if hasattr(distribute, "worker_checkpoint_dir") else None
+    _log(f"strategy: {json.dumps(info)}; per-replica batch {trainer.per_replica_batch}")
+    ckpt_dir = Path(distribute.worker_checkpoint_dir(str(run), info))
     reason = trainer.fit(run, is_chief=chief, ckpt_dir=ckpt_dir, progress=not args.no_progress)
+    distribute.remove_worker_checkpoint_dir(str(ckpt_dir), info)
     if reason == "preempted":
         if chief:
             rundir.finish_run_info(run, "preempted")

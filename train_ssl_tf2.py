@@ -23,13 +23,14 @@ import numpy as np
 import tensorflow as tf
 import keras
 
+import distribute
 import evaluation
 import run_dir as rundir
 from data_loader_tf2 import steps_per_epoch
 from models_tf2 import build_model
 
 METHODS: dict[str, type] = {}
-EXIT_PREEMPTED = 75        # EX_TEMPFAIL: the sbatch scripts requeue on this code
+EXIT_PREEMPTED = distribute.PREEMPTED_EXIT_CODE   # 75, EX_TEMPFAIL: the sbatch scripts requeue on it
 
 
 def register_method(name: str):
@@ -290,10 +291,13 @@ class Trainer:
         from tqdm import tqdm
         t = self.cfg.train
         ckpt = self.checkpoint()
+        # Every worker saves (tf.distribute gathers variables collectively), the chief into the run
+        # folder and the others into private folders; all restore from the chief's.
         manager = tf.train.CheckpointManager(ckpt, str(ckpt_dir or run / "checkpoints"), max_to_keep=t.keep_checkpoints)
-        if manager.latest_checkpoint:
-            ckpt.restore(manager.latest_checkpoint).assert_existing_objects_matched()
-            self.log(f"resumed from {manager.latest_checkpoint} (epoch {int(self.epoch.numpy())}, "
+        latest = tf.train.latest_checkpoint(str(run / "checkpoints"))
+        if latest:
+            ckpt.restore(latest).assert_existing_objects_matched()
+            self.log(f"resumed from {latest} (epoch {int(self.epoch.numpy())}, "
                      f"step {int(self.optimizer.iterations.numpy())})")
         step = int(self.optimizer.iterations.numpy())
         labeled_it, unlabeled_it = self._iterators(step)
@@ -325,13 +329,17 @@ class Trainer:
                 if not np.isfinite(logs.get("loss", 0.0)):
                     raise FloatingPointError(f"loss became {logs['loss']} at step {step}; lower train.lr "
                                              f"or check the data (run folder kept: {run})")
-                if preempt.signal:
+                # A signal reaches workers at different times: agree (all-reduce) before stopping,
+                # so that all of them save the same step together.
+                stop = (distribute.any_worker_true(self.strategy, preempt.signal is not None)
+                        if self.strategy_info.get("num_workers", 1) > 1 else preempt.signal is not None)
+                if stop:
                     bar.close()
                     manager.save(checkpoint_number=step)
                     if is_chief:
                         rundir.write_json(run / "checkpoints" / "partial_epoch.json",
                                           {"step": step, "sums": sums, "n_done": n_done})
-                    self.log(f"{preempt.signal} received: checkpoint saved at step {step}; exiting for requeue")
+                    self.log(f"{preempt.signal or 'a peer worker'} received: checkpoint saved at step {step}; exiting for requeue")
                     return "preempted"
                 if step - last_ckpt_step >= ckpt_every and step < epoch_end:
                     manager.save(checkpoint_number=step)
