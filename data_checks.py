@@ -261,7 +261,7 @@ def check_data(fmt: str, root, cases: list, data_cfg, workers: int = 0, progress
         report.problems += [Problem("warning", path, what) for path, what in source.find_orphans(root, data_cfg)]
     report.problems += _unlabelled_notes(fmt, cases)
     chunks = slice_cache.plan_chunks(list(cases))
-    workers = worker_pool.available_cpus() if workers <= 0 else workers
+    workers = slice_cache.useful_workers(list(cases), chunks, workers)
     results = worker_pool.run_tasks(check_chunk, [(chunk, data_cfg) for chunk in chunks], workers,
                                     len(cases), "check-data", progress)
     for chunk_result in results:

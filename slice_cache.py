@@ -32,6 +32,7 @@ from data_sources import Case, DataError, LoadedCase, get_source
 
 CACHE_VERSION = 2
 SHARD_BYTES = 128 * 2 ** 20          # a shard holds whole cases, up to about this much
+WORKER_BYTES = 16 * 2 ** 20          # input bytes that justify one more worker process
 # DataConfig fields that do not change the cached slices (splits and streaming only).
 _NOT_IN_KEY = {"labeled_fraction", "val_fraction", "test_fraction", "hide_labels", "shuffle_buffer", "cache_dir",
                "unlabeled_test_images"}
@@ -200,11 +201,20 @@ def plan_chunks(cases: list[Case]) -> list[list[Case]]:
     return chunks
 
 
+def useful_workers(cases: list[Case], chunks: list, workers: int = 0) -> int:
+    """Processes worth starting: the request (0 = every available core), at most one per chunk and
+    one per WORKER_BYTES of input files, since a spawned worker pays for its own imports
+    (TensorFlow: seconds) and small data sets are faster in this process."""
+    import worker_pool
+    workers = worker_pool.available_cpus() if workers <= 0 else workers
+    total = sum(os.path.getsize(p) for c in cases for p in (c.image, c.label) if p and os.path.exists(p))
+    return max(1, min(workers, len(chunks), 1 + total // WORKER_BYTES))
+
+
 def write_shards(fmt: str, cases: list[Case], data_cfg, out: Path, progress: bool, workers: int = 0) -> dict:
     import worker_pool
     chunks = plan_chunks(cases)
-    workers = worker_pool.available_cpus() if workers <= 0 else workers
-    workers = max(1, min(workers, len(chunks)))
+    workers = useful_workers(cases, chunks, workers)
     tasks = [(fmt, chunk, data_cfg, str(out), k) for k, chunk in enumerate(chunks)]
     parts = worker_pool.run_tasks(write_chunk, tasks, workers, len(cases), "preprocess", progress)
     manifest = {"version": CACHE_VERSION, "format": fmt, "image_size": data_cfg.image_size, "channels": None,

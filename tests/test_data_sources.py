@@ -92,15 +92,22 @@ def test_volume_cache_keeps_case_ids_and_splits_never_share_a_case(tmp_path):
 
 
 @pytest.mark.parametrize("fmt,make", [("msd", make_msd), ("isic", make_isic), ("ph2", make_ph2),
-                                      ("folders", make_folders_nifti)])
-def test_check_preprocess_and_smoke_train_each_format(tmp_path, monkeypatch, capsys, fmt, make):
-    monkeypatch.setenv("SEMISEG_WORKERS", "1")
+                                      ("folders", make_folders_nifti), ("folders", make_folders_png)])
+def test_check_data_and_preprocess_each_format(tmp_path, capsys, fmt, make):
     root = make(tmp_path / fmt)
     assert main.main(["check-data", "--data", str(root), "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert f"data format inferred: {fmt}" in out and "0 errors" in out
     assert main.main(["preprocess", "--data", str(root), "--format", fmt, "--preset", "smoke", "--no-progress"]) == 0
-    assert "slice cache ready" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "slice cache ready" in out
+    n_cases = len(data_sources.get_source(fmt).list_cases(root, config.DataConfig()))
+    assert f"of {n_cases} cases" in out
+
+
+def test_smoke_train_on_a_volume_data_set(tmp_path):
+    """The 3D path end to end (the 2D formats share the picture path the default data set trains)."""
+    fmt, root = "msd", make_msd(tmp_path / "msd")
     run = tmp_path / "run"
     assert main.main(["train", "--method", "supervised", "--preset", "smoke", "--data", str(root), "--format", fmt,
                       "--out", str(run), "--no-progress", "--set", "train.epochs=1", "train.steps_per_epoch=2",
