@@ -50,7 +50,7 @@ def test_affine_mismatch_truncation_nan_and_missing_files(tmp_path):
     image.write_bytes(image.read_bytes()[:200])             # a killed copy
     nan = np.zeros((16, 16, 6), np.float32)
     nan[0, 0, 0] = np.nan
-    write_nifti(root / "imagesTr" / "pancreas_002.nii.gz", nan, np.diag([-0.8, -0.8, 2.5, 1.0]))
+    write_nifti(root / "imagesTr" / "pancreas_002.nii.gz", nan, np.diag([0.8, -0.8, -2.5, 1.0]))
     (root / "labelsTr" / "pancreas_003.nii.gz").unlink()
     errors = _problems(_report(root, "msd"), "error")
     text = "\n".join(f"{p} {m}" for p, m in errors)
@@ -58,7 +58,7 @@ def test_affine_mismatch_truncation_nan_and_missing_files(tmp_path):
     assert any("pancreas_001" in p and "unreadable" in m for p, m in errors)
     assert any("pancreas_002" in p and "1 NaN/Inf voxels" in m for p, m in errors)
     assert any("labelsTr/pancreas_003" in p and "not found" in m for p, m in errors)
-    assert len(errors) == 4
+    assert len(errors) == 4, text
 
 
 def test_label_values_empty_masks_and_orphans(tmp_path):
