@@ -202,13 +202,14 @@ def plan_chunks(cases: list[Case]) -> list[list[Case]]:
 
 
 def useful_workers(cases: list[Case], chunks: list, workers: int = 0) -> int:
-    """Processes worth starting: the request (0 = every available core), at most one per chunk and
-    one per WORKER_BYTES of input files, since a spawned worker pays for its own imports
-    (TensorFlow: seconds) and small data sets are faster in this process."""
+    """Processes worth starting, at most one per chunk: the request, or for 0 (auto) every
+    available core but at most one per WORKER_BYTES of input files, since a spawned worker pays for
+    its own imports (TensorFlow: seconds) and small data sets are faster in this process."""
     import worker_pool
-    workers = worker_pool.available_cpus() if workers <= 0 else workers
+    if workers > 0:
+        return max(1, min(workers, len(chunks)))
     total = sum(os.path.getsize(p) for c in cases for p in (c.image, c.label) if p and os.path.exists(p))
-    return max(1, min(workers, len(chunks), 1 + total // WORKER_BYTES))
+    return max(1, min(worker_pool.available_cpus(), len(chunks), 1 + total // WORKER_BYTES))
 
 
 def write_shards(fmt: str, cases: list[Case], data_cfg, out: Path, progress: bool, workers: int = 0) -> dict:
