@@ -76,7 +76,17 @@ def main(argv=None) -> int:
                 print(f"{count:>3} volumes  {workers} workers: peak RSS main {row['peak_rss_main_mib']:7.1f} MiB, "
                       f"worker {row['peak_rss_worker_mib']:7.1f} MiB; build {row['seconds_build']:6.1f} s "
                       f"({row['volumes_per_s_build']:.2f} volumes/s), total {row['seconds_total']:.1f} s", flush=True)
-    payload = {"shape": args.shape, "image_size": args.image_size, "cpus": os.cpu_count(), "rows": rows}
+    # Marginal speed between the smallest and largest count: start-up (TensorFlow imports in each
+    # worker, the check pass) cancels out, leaving the per-volume cost.
+    marginal = {}
+    for workers in args.workers:
+        mine = sorted((r for r in rows if r["workers"] == workers), key=lambda r: r["volumes"])
+        if len(mine) >= 2 and mine[-1]["seconds_build"] > mine[0]["seconds_build"]:
+            marginal[workers] = round((mine[-1]["volumes"] - mine[0]["volumes"])
+                                      / (mine[-1]["seconds_build"] - mine[0]["seconds_build"]), 2)
+            print(f"{workers} workers: {marginal[workers]} volumes/s marginal (start-up excluded)")
+    payload = {"shape": args.shape, "image_size": args.image_size, "cpus": os.cpu_count(), "rows": rows,
+               "marginal_volumes_per_s": marginal}
     Path(args.out).write_text(json.dumps(payload, indent=1))
     print(f"written: {args.out}")
     return 0
