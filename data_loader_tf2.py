@@ -26,6 +26,9 @@ import slice_cache
 from data_sources import Case, DataError, detect_format, get_source, synthetic_root
 
 SPLITS = ("labeled", "unlabeled", "val", "test")
+# Splits whose training stream keeps only the cache's train_keep slices. Not 'unlabeled': choosing
+# unlabelled slices by their (hidden) labels would leak label information into the SSL stream.
+TRAIN_FILTERED_SPLITS = ("labeled",)
 
 
 def resolve_source(data_cfg, log=print) -> tuple[str, Path, list[Case]]:
@@ -106,7 +109,10 @@ class DataBundle:
         return int(self.manifest["channels"])
 
     def n_slices(self, split: str) -> int:
-        return sum(self.manifest["cases"][c]["n_slices"] for c in self.splits[split])
+        """Records the split's stream yields per pass: the training-kept slices for 'labeled'
+        (data.foreground_only), every slice otherwise (evaluation scores whole volumes)."""
+        key = "n_train_slices" if split in TRAIN_FILTERED_SPLITS else "n_slices"
+        return sum(self.manifest["cases"][c][key] for c in self.splits[split])
 
     def case_info(self, case_id: str) -> dict:
         return self.manifest["cases"][case_id]
@@ -116,9 +122,10 @@ class DataBundle:
         wanted = set(case_ids)
         return [str(self.cache_dir / s["file"]) for s in self.manifest["shards"] if wanted & set(s["cases"])]
 
-    def _records(self, case_ids, file_seed=None):
+    def _records(self, case_ids, file_seed=None, train_only: bool = False):
         """Parsed records of the given cases, in cache order, or with the shard files in a
-        stateless-random order when `file_seed` (a [2] int64 tensor) is given."""
+        stateless-random order when `file_seed` (a [2] int64 tensor) is given; `train_only` keeps
+        the records flagged train_keep."""
         import tensorflow as tf
         size, ch = self.image_size, self.channels
         files = self._files(case_ids)
@@ -130,7 +137,7 @@ class DataBundle:
                                                 tf.ones(len(case_ids), tf.int64)), default_value=0)
         features = {"image": tf.io.FixedLenFeature([], tf.string), "mask": tf.io.FixedLenFeature([], tf.string),
                     "has_label": tf.io.FixedLenFeature([], tf.int64), "case": tf.io.FixedLenFeature([], tf.string),
-                    "index": tf.io.FixedLenFeature([], tf.int64)}
+                    "index": tf.io.FixedLenFeature([], tf.int64), "train_keep": tf.io.FixedLenFeature([], tf.int64)}
 
         def parse(record):
             f = tf.io.parse_single_example(record, features)
@@ -138,10 +145,18 @@ class DataBundle:
             mask = tf.cast(tf.reshape(tf.io.decode_raw(f["mask"], tf.uint8), [size, size, 1]), tf.float32)
             return {"image": image, "mask": mask, "case": f["case"], "index": f["index"]}
 
-        ds = tf.data.TFRecordDataset(files, num_parallel_reads=min(4, n_files) or None)
-        # Filter on the raw case field before decoding pixels of cases this stream does not use.
-        ds = ds.filter(lambda r: table.lookup(tf.io.parse_single_example(
-            r, {"case": features["case"]})["case"]) > 0)
+        # Ordered reads (one file after the other) unless shuffling: evaluation relies on the
+        # records of a case being contiguous, and parallel reads interleave shards record by record.
+        ds = tf.data.TFRecordDataset(files, num_parallel_reads=(min(4, n_files) or None) if file_seed is not None else None)
+        # Filter on the raw case (and train_keep) fields before decoding pixels this stream does not use.
+        keys = {"case": features["case"], "train_keep": features["train_keep"]}
+
+        def wanted(record):
+            f = tf.io.parse_single_example(record, keys)
+            ok = table.lookup(f["case"]) > 0
+            return tf.logical_and(ok, f["train_keep"] > 0) if train_only else ok
+
+        ds = ds.filter(wanted)
         return ds.map(parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
     def train_dataset(self, split: str, per_replica_batch: int, input_context=None, start_step: int = 0,
@@ -161,6 +176,9 @@ class DataBundle:
         pipe = input_context.input_pipeline_id if input_context else 0
         replicas_here = (input_context.num_replicas_in_sync // n_pipe) if input_context else 1
         total = self.n_slices(split)
+        if total == 0:
+            raise DataError(f"split '{split}' has no training slices (data.foreground_only keeps none; "
+                            f"raise data.background_ratio or turn it off)")
         per_pass = len(range(pipe, total, n_pipe))           # records this pipeline sees per pass
         consumed = start_step * per_replica_batch * replicas_here
         first_pass, skip = divmod(consumed, per_pass)
@@ -173,7 +191,7 @@ class DataBundle:
             # reshuffling state would make --resume replay every earlier pass.) The order is the
             # same on every worker, so sharding after it splits one global order.
             pass_seed = tf.stack([tf.cast(seed * 1_000_003 + stream_id * 7919, tf.int64), p])
-            ds = self._records(case_ids, file_seed=pass_seed).enumerate()
+            ds = self._records(case_ids, file_seed=pass_seed, train_only=split in TRAIN_FILTERED_SPLITS).enumerate()
 
             def keyed(i, r):
                 key_seed = tf.stack([pass_seed[0] + 1, p * 2 ** 24 + i])
@@ -214,7 +232,19 @@ class DataBundle:
 def prepare_data(cfg, run_dir=None, log=print, progress: bool = True) -> DataBundle:
     """Resolve the source, build or reuse the cache, and make (or reload) the run's splits."""
     fmt, root, cases = resolve_source(cfg.data, log)
-    cache_dir = slice_cache.build_cache(fmt, cases, cfg.data, progress=progress, log=log)
+    try:
+        cached = slice_cache.find_cache(fmt, cases, cfg.data)
+    except DataError:         # e.g. a listed file is missing: the checks below name every problem
+        cached = None
+    if cached is None:
+        # A matching cache was checked when it was built from these very files (sizes, mtimes);
+        # otherwise check now, before anything is written: an unusable data set stops here.
+        import data_checks
+        report = data_checks.check_data(fmt, root, cases, cfg.data, progress=progress)
+        if report.warnings:
+            log(f"check-data: {len(report.warnings)} warnings\n" + report.table(report.warnings, limit=10))
+        report.raise_if_unusable()
+    cache_dir = cached or slice_cache.build_cache(fmt, cases, cfg.data, progress=progress, log=log)
     manifest = slice_cache.load_manifest(cache_dir)
     splits_path = Path(run_dir) / "splits.json" if run_dir else None
     if splits_path is not None and splits_path.exists():

@@ -1,15 +1,19 @@
 """Data sources: turn a data-set folder into a list of cases, and read one case as normalised slices.
 
-    python -c "import data_sources as d, config; print(d.list_cases('synthetic', '', config.DataConfig())[:2])"
+    python main.py check-data --data PATH [--format msd|isic|ph2|folders]   # lists and checks the cases
 
-A *source* is registered by format name and provides two functions:
+A *source* is registered by format name and provides:
   list_cases(root, data_cfg) -> list[Case]         (paths only, nothing decoded: cheap)
   load_case(case, data_cfg)  -> LoadedCase         (image slices in [0, 1], label slices, spacing)
+  detect(root) -> bool                             (optional: does this folder have my layout?)
+  find_orphans(root, data_cfg) -> [(path, what)]   (optional: files that pair with nothing)
 Everything downstream (splits, the slice cache, tf.data) works on these, whatever the format.
+Formats (layouts drawn in docs/data.md): msd, isic, ph2, folders, and the embedded synthetic set.
 No TensorFlow here: sources run in preprocessing worker processes.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -30,6 +34,7 @@ class Case:
     label: Optional[str] = None    # path of the label, None for genuinely unlabelled cases
     subset: Optional[str] = None   # split fixed by the data set's own layout (train/val/test), else None
     kind: str = "2d"               # 2d | 3d
+    modality: Optional[str] = None  # ct | mri for volumes when the data set says so (MSD dataset.json)
 
 
 @dataclass
@@ -47,13 +52,14 @@ class Source:
     list_cases: Callable
     load_case: Callable
     detect: Optional[Callable] = None   # detect(root) -> bool, for --format auto
+    find_orphans: Optional[Callable] = None   # find_orphans(root, data_cfg) -> [(path, what is wrong)]
 
 
 SOURCES: dict[str, Source] = {}
 
 
-def register_source(name: str, list_cases, load_case, detect=None) -> None:
-    SOURCES[name] = Source(name, list_cases, load_case, detect)
+def register_source(name: str, list_cases, load_case, detect=None, find_orphans=None) -> None:
+    SOURCES[name] = Source(name, list_cases, load_case, detect, find_orphans)
 
 
 def get_source(name: str) -> Source:
@@ -150,10 +156,19 @@ def list_isic_cases(root, data_cfg) -> list[Case]:
 
 
 def detect_isic(root: Path) -> bool:
-    return (root / "images").is_dir() and (root / "masks").is_dir()
+    return (root / "images").is_dir() and not (root / "labels").is_dir()
 
 
-register_source("isic", list_isic_cases, load_picture_case, detect_isic)
+def isic_orphans(root, data_cfg) -> list:
+    root = Path(root)
+    if not (root / "masks").is_dir() or not (root / "images").is_dir():
+        return []
+    images = {p.stem.lower() for p in _pictures(root / "images")}
+    return [(str(p), "mask without an image (expected images/" + _SEG_SUFFIX.sub("", p.stem) + ".jpg)")
+            for p in _pictures(root / "masks") if _SEG_SUFFIX.sub("", p.stem).lower() not in images]
+
+
+register_source("isic", list_isic_cases, load_picture_case, detect_isic, isic_orphans)
 
 
 # ---------------------------------------------------------------- the embedded synthetic data set
@@ -171,3 +186,218 @@ def list_synthetic_cases(root, data_cfg) -> list[Case]:
 
 
 register_source("synthetic", list_synthetic_cases, load_picture_case)
+
+
+# ---------------------------------------------------------------- NIfTI volumes
+def load_any_case(case: Case, data_cfg) -> LoadedCase:
+    """A NIfTI volume (sliced, see volumes.py) or a 2D picture, by the image file's suffix."""
+    import volumes
+    if not volumes.is_nifti(case.image):
+        return load_picture_case(case, data_cfg)
+    image, spacing, meta = volumes.load_volume(case.image, data_cfg, case.modality or "auto")
+    label = None
+    if case.label is not None:
+        if not volumes.is_nifti(case.label):
+            raise DataError(f"label {case.label} is not NIfTI but its image {case.image} is")
+        label, label_meta = volumes.load_label_volume(case.label, data_cfg)
+        if label_meta["shape"][:3] != meta["shape"][:3]:
+            raise DataError(f"label {case.label} has shape {tuple(label_meta['shape'][:3])} but image "
+                            f"{case.image} has shape {tuple(meta['shape'][:3])}")
+        if label_meta["ornt"] != meta["ornt"]:
+            raise DataError(f"label {case.label} and image {case.image} have different orientations "
+                            f"(affines differ)")
+    return LoadedCase(image, label, spacing, "mm", meta)
+
+
+# ---------------------------------------------------------------- Medical Segmentation Decathlon
+def _read_dataset_json(root: Path) -> dict:
+    path = root / "dataset.json"
+    try:
+        with open(path) as fh:
+            description = json.load(fh)
+    except FileNotFoundError:
+        raise DataError(f"{root}: no dataset.json (Decathlon layout: dataset.json, imagesTr/, labelsTr/, imagesTs/)") from None
+    except (OSError, json.JSONDecodeError) as err:
+        raise DataError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(description, dict) or not isinstance(description.get("training"), list):
+        raise DataError(f"{path}: expected a 'training' list of {{image, label}} pairs")
+    return description
+
+
+def msd_modality(description: dict) -> Optional[str]:
+    """'ct' or 'mri' from dataset.json's modality mapping ({"0": "CT"}, {"0": "T2", "1": "ADC"})."""
+    names = [str(v).strip().lower() for v in (description.get("modality") or {}).values()]
+    if not names:
+        return None
+    return "ct" if all(n in ("ct", "cect", "ncct") for n in names) else "mri"
+
+
+def _msd_path(root: Path, entry, key: str, index: int) -> Path:
+    if not isinstance(entry, str) or not entry:
+        raise DataError(f"{root / 'dataset.json'}: {key}[{index}] is not a file path ({entry!r})")
+    return (root / entry).resolve() if not os.path.isabs(entry) else Path(entry)
+
+
+def list_msd_cases(root, data_cfg) -> list[Case]:
+    """dataset.json's `training` pairs (imagesTr/labelsTr) and, when data.unlabeled_test_images,
+    its `test` images (imagesTs) as unlabelled training cases."""
+    import volumes
+    root = Path(root)
+    description = _read_dataset_json(root)
+    modality = msd_modality(description)
+    cases = []
+    for i, pair in enumerate(description["training"]):
+        if not isinstance(pair, dict) or "image" not in pair or "label" not in pair:
+            raise DataError(f"{root / 'dataset.json'}: training[{i}] must have 'image' and 'label', got {pair!r}")
+        image = _msd_path(root, pair["image"], "training", i)
+        label = _msd_path(root, pair["label"], "training", i)
+        cases.append(Case(volumes.nifti_stem(image), str(image), str(label), kind="3d", modality=modality))
+    if data_cfg.unlabeled_test_images:
+        for i, entry in enumerate(description.get("test") or []):
+            entry = entry.get("image") if isinstance(entry, dict) else entry
+            image = _msd_path(root, entry, "test", i)
+            cases.append(Case(volumes.nifti_stem(image), str(image), None, kind="3d", modality=modality))
+    if not cases:
+        raise DataError(f"{root / 'dataset.json'}: the training list is empty")
+    return cases
+
+
+def _niftis(folder: Path) -> list[Path]:
+    # Decathlon archives made on macOS carry '._name' resource files: never volumes.
+    return sorted(p for p in folder.iterdir() if p.name.lower().endswith((".nii", ".nii.gz"))
+                  and not p.name.startswith(".")) if folder.is_dir() else []
+
+
+def msd_orphans(root, data_cfg) -> list:
+    root = Path(root)
+    try:
+        description = _read_dataset_json(root)
+    except DataError:
+        return []
+    entries = [pair.get(k) for pair in description.get("training", []) if isinstance(pair, dict)
+               for k in ("image", "label")]
+    entries += [e.get("image") if isinstance(e, dict) else e for e in description.get("test") or []]
+    listed = {str(_msd_path(root, e, "entry", 0)) for e in entries if isinstance(e, str) and e}
+    found = []
+    for folder, what in (("imagesTr", "image"), ("labelsTr", "label"), ("imagesTs", "image")):
+        for path in _niftis(root / folder):
+            if str(path.resolve()) not in listed:
+                partner = "label" if what == "image" else "image"
+                found.append((str(path), f"{what} not listed in dataset.json (no {partner}): ignored"))
+    return found
+
+
+def detect_msd(root: Path) -> bool:
+    return (root / "dataset.json").is_file() and (root / "imagesTr").is_dir()
+
+
+register_source("msd", list_msd_cases, load_any_case, detect_msd, msd_orphans)
+
+
+# ---------------------------------------------------------------- PH2
+def _ph2_case_dirs(root: Path) -> list[Path]:
+    """IMDxxx folders at the root or one level down ('PH2 Dataset images/' in the release)."""
+    dirs = [p for p in root.glob("IMD*") if p.is_dir()]
+    if not dirs:
+        dirs = [p for p in root.glob("*/IMD*") if p.is_dir()]
+    return sorted(dirs, key=lambda p: p.name)
+
+
+def _ph2_file(case_dir: Path, folder_suffix: str) -> Optional[Path]:
+    folder = case_dir / f"{case_dir.name}{folder_suffix}"
+    if not folder.is_dir():
+        return None
+    pictures = _pictures(folder)       # the release has exactly one picture per folder
+    return pictures[0] if pictures else None
+
+
+def list_ph2_cases(root, data_cfg) -> list[Case]:
+    """PH2: IMDxxx/IMDxxx_Dermoscopic_Image/IMDxxx.bmp with IMDxxx/IMDxxx_lesion/IMDxxx_lesion.bmp."""
+    root = Path(root)
+    cases = []
+    for case_dir in _ph2_case_dirs(root):
+        image = _ph2_file(case_dir, "_Dermoscopic_Image")
+        if image is None:
+            continue
+        label = _ph2_file(case_dir, "_lesion")
+        cases.append(Case(case_dir.name, str(image), str(label) if label else None))
+    if not cases:
+        raise DataError(f"{root}: no PH2 cases (expected IMDxxx/IMDxxx_Dermoscopic_Image/IMDxxx.bmp)")
+    return cases
+
+
+def ph2_orphans(root, data_cfg) -> list:
+    return [(str(d), "lesion mask without a dermoscopic image") for d in _ph2_case_dirs(Path(root))
+            if _ph2_file(d, "_Dermoscopic_Image") is None and _ph2_file(d, "_lesion") is not None]
+
+
+def detect_ph2(root: Path) -> bool:
+    return any((d / f"{d.name}_Dermoscopic_Image").is_dir() for d in _ph2_case_dirs(root)[:5])
+
+
+register_source("ph2", list_ph2_cases, load_picture_case, detect_ph2, ph2_orphans)
+
+
+# ---------------------------------------------------------------- plain folders
+FOLDER_SUBSETS = ("train", "val", "test")
+_LABEL_SUFFIX = re.compile(r"_(segmentation|seg|mask|label)$", re.IGNORECASE)
+
+
+def _folder_files(folder: Path) -> dict[str, Path]:
+    """stem (lower case, label suffixes such as _mask dropped) -> path, for pictures and NIfTI."""
+    import volumes
+    if not folder.is_dir():
+        return {}
+    files = [p for p in folder.iterdir() if not p.name.startswith(".")
+             and (p.suffix.lower() in IMAGE_SUFFIXES or volumes.is_nifti(p))]
+    return {_LABEL_SUFFIX.sub("", volumes.nifti_stem(p)).lower(): p for p in sorted(files)}
+
+
+def _folder_subsets(root: Path) -> list:
+    present = [s for s in FOLDER_SUBSETS if (root / "images" / s).is_dir()]
+    return present or [None]          # no subfolders: images/*.png with labels/*.png
+
+
+def list_folder_cases(root, data_cfg) -> list[Case]:
+    """images/{train,val,test}/NAME with labels/{train,val,test}/NAME (same stem; NIfTI or pictures).
+    Case.subset is the folder; train cases are left to the random split when val/ or test/ is
+    missing, so the missing split is cut from them."""
+    import volumes
+    root = Path(root)
+    if not (root / "images").is_dir():
+        raise DataError(f"{root}: no images/ folder (folders layout: images/{{train,val,test}} and labels/...)")
+    subsets = _folder_subsets(root)
+    fixed_train = {"val", "test"} <= set(subsets)
+    cases = []
+    for subset in subsets:
+        image_dir = root / "images" / subset if subset else root / "images"
+        label_dir = root / "labels" / subset if subset else root / "labels"
+        labels = _folder_files(label_dir)
+        for key, image in _folder_files(image_dir).items():
+            label = labels.get(key)
+            kind = "3d" if volumes.is_nifti(image) else "2d"
+            case_subset = subset if (subset != "train" or fixed_train) else None
+            cases.append(Case(volumes.nifti_stem(image), str(image), str(label) if label else None,
+                              subset=case_subset, kind=kind))
+    if not cases:
+        raise DataError(f"{root / 'images'}: no images found (pictures or .nii/.nii.gz)")
+    return cases
+
+
+def folder_orphans(root, data_cfg) -> list:
+    root = Path(root)
+    found = []
+    for subset in _folder_subsets(root):
+        image_dir = root / "images" / subset if subset else root / "images"
+        label_dir = root / "labels" / subset if subset else root / "labels"
+        images = _folder_files(image_dir)
+        found += [(str(p), f"label without an image in {image_dir}") for k, p in _folder_files(label_dir).items()
+                  if k not in images]
+    return found
+
+
+def detect_folders(root: Path) -> bool:
+    return (root / "images").is_dir() and (root / "labels").is_dir()
+
+
+register_source("folders", list_folder_cases, load_any_case, detect_folders, folder_orphans)

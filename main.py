@@ -6,6 +6,8 @@
     python main.py evaluate runs/mt [--split val] [--tta] [--checkpoint latest] [--data PH2 --format ph2]
     python main.py predict runs/mt scan.nii.gz scan_mask.nii.gz [--tta] [--save-probabilities]
     python main.py describe --method supervised --preset cpu
+    python main.py check-data --data data/Task07_Pancreas            # format inferred and printed
+    python main.py preprocess --data data/Task07_Pancreas --format msd
 
 Thin on purpose: it parses, builds and calls. Exit codes: 0 done, 2 bad input (config, data, run
 folder), 75 preempted (checkpoint written; the sbatch scripts requeue on it).
@@ -176,21 +178,34 @@ def cmd_describe(args) -> int:
 def cmd_preprocess(args) -> int:
     cfg = config.resolve(args.preset or "", args.config or "", args.set)
     _apply_data_args(cfg, args)
+    if args.out:
+        cfg.data.cache_dir = args.out
+    import data_checks
     import data_loader_tf2
     import slice_cache
     fmt, root, cases = data_loader_tf2.resolve_source(cfg.data, _log)
-    path = slice_cache.build_cache(fmt, cases, cfg.data, log=_log)
-    _log(f"slice cache ready: {path}")
+    report = data_checks.check_data(fmt, root, cases, cfg.data, workers=args.workers, progress=not args.no_progress)
+    _log(report.summary())
+    if report.warnings:
+        _log(report.table(report.warnings, limit=20))
+    report.raise_if_unusable()
+    path = slice_cache.build_cache(fmt, cases, cfg.data, progress=not args.no_progress, log=_log, workers=args.workers)
+    manifest = slice_cache.load_manifest(path)
+    _log(f"slice cache ready: {path} ({manifest['n_slices']} slices of {len(manifest['cases'])} cases, "
+         f"{manifest['n_train_slices']} kept for training)")
     return 0
 
 
 def cmd_check_data(args) -> int:
     cfg = config.resolve(args.preset or "", args.config or "", args.set)
     _apply_data_args(cfg, args)
+    import data_checks
     import data_loader_tf2
     fmt, root, cases = data_loader_tf2.resolve_source(cfg.data, _log)
-    n_lab = sum(c.label is not None for c in cases)
-    _log(f"{root} ({fmt}): {len(cases)} cases, {n_lab} with labels, {len(cases) - n_lab} without")
+    report = data_checks.check_data(fmt, root, cases, cfg.data, workers=args.workers, progress=not args.no_progress)
+    _log(report.summary())
+    _log(report.table(limit=args.limit))
+    report.raise_if_unusable()
     return 0
 
 
@@ -243,14 +258,22 @@ def build_parser() -> argparse.ArgumentParser:
     config_args(p)
     p.set_defaults(fn=cmd_describe)
 
-    p = sub.add_parser("preprocess", help="build the slice cache of a data set")
+    def worker_args(p):
+        p.add_argument("--workers", type=int, default=0, help="processes (default 0: every available core)")
+        p.add_argument("--no-progress", action="store_true", help="no progress bar (batch jobs)")
+
+    p = sub.add_parser("preprocess", help="check a data set and build its slice cache (reused when it matches)")
     config_args(p, method=False)
     data_args(p)
+    worker_args(p)
+    p.add_argument("--out", default=None, help="slice-cache root (default data.cache_dir, $SEMISEG_CACHE or ~/.cache/semiseg)")
     p.set_defaults(fn=cmd_preprocess)
 
-    p = sub.add_parser("check-data", help="validate a data set and list its problems")
+    p = sub.add_parser("check-data", help="validate a data set and print a table of its problems (exit 2 if unusable)")
     config_args(p, method=False)
     data_args(p)
+    worker_args(p)
+    p.add_argument("--limit", type=int, default=200, help="rows of the problem table to print")
     p.set_defaults(fn=cmd_check_data)
     return parser
 

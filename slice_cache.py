@@ -1,6 +1,6 @@
 """The slice cache: every case of a data set, normalised, sliced and resized once, in TFRecord shards.
 
-    python main.py preprocess --data PATH --format msd      # builds (or reuses) the cache
+    python main.py preprocess --data PATH --format msd [--workers N]    # builds (or reuses) the cache
 
 Layout: CACHE_ROOT/<format>-<key>/ with shard-XXXXX.tfrecord files and manifest.json. The key hashes
 what the cache was made from (each file's size and mtime, the preprocessing settings, the cache
@@ -9,7 +9,11 @@ A cache is built in a private `*.partial-HOST-PID` folder and renamed into place
 (manifest written last), so a killed preprocess is never read, and two jobs racing to build the
 same cache both end up reading one complete copy.
 
-One record per slice: image (float16 [H, W, C]), mask (uint8 [H, W]), has_label, case id, slice index.
+One record per slice, every slice of every case: image (float16 [H, W, C]), mask (uint8 [H, W]),
+has_label, case id, slice index, and train_keep (1 if the slice is used for training: with
+data.foreground_only only foreground slices plus a share of empty ones; evaluation reads all).
+The manifest lists per case n_slices, n_train_slices, train_slices, spacing, original_shape, meta.
+Workers (spawned processes, all cores by default) each write whole chunks of cases to their own shards.
 """
 from __future__ import annotations
 
@@ -26,8 +30,9 @@ import numpy as np
 
 from data_sources import Case, DataError, LoadedCase, get_source
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 SHARD_BYTES = 128 * 2 ** 20          # a shard holds whole cases, up to about this much
+WORKER_BYTES = 16 * 2 ** 20          # input bytes that justify one more worker process
 # DataConfig fields that do not change the cached slices (splits and streaming only).
 _NOT_IN_KEY = {"labeled_fraction", "val_fraction", "test_fraction", "hide_labels", "shuffle_buffer", "cache_dir",
                "unlabeled_test_images"}
@@ -47,7 +52,10 @@ def cache_key(fmt: str, cases: list[Case], data_cfg) -> str:
             if path is None:
                 h.update(b"-")
                 continue
-            st = os.stat(path)
+            try:
+                st = os.stat(path)
+            except OSError as err:
+                raise DataError(f"{path}: cannot read ({err.strerror}); case {case.case_id}") from None
             h.update(f"{case.case_id}|{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}".encode())
     return h.hexdigest()[:16]
 
@@ -73,25 +81,28 @@ def resize_slices(image: np.ndarray, label, size: int):
     return np.clip(out, 0.0, 1.0), out_label
 
 
-def select_slices(loaded: LoadedCase, data_cfg, case_id: str) -> np.ndarray:
-    """Indices of the slices to keep: all, or (foreground_only) the foreground slices plus a
-    seeded random `background_ratio` share of the empty ones (pancreas is small; most are empty)."""
+def train_keep_flags(loaded: LoadedCase, data_cfg, case_id: str) -> np.ndarray:
+    """Per slice: 1 if the slice is used for *training*, else 0. All slices, unless foreground_only:
+    then the foreground slices plus a seeded random `background_ratio` share of the empty ones
+    (pancreas is small; most slices are empty). Evaluation always reads every slice: metrics are
+    per whole volume."""
     n = loaded.image.shape[0]
     if not data_cfg.foreground_only or loaded.label is None or n == 1:
-        return np.arange(n)
+        return np.ones(n, np.int64)
     has_fg = loaded.label.reshape(n, -1).any(axis=1)
     rng = np.random.default_rng(int(hashlib.sha256(case_id.encode()).hexdigest()[:8], 16))
     keep_bg = rng.random(n) < data_cfg.background_ratio
-    return np.flatnonzero(has_fg | keep_bg)
+    return (has_fg | keep_bg).astype(np.int64)
 
 
-def _serialize(tf, image, mask, has_label: bool, case_id: str, index: int) -> bytes:
+def _serialize(tf, image, mask, has_label: bool, case_id: str, index: int, train_keep: int) -> bytes:
     feature = {
         "image": tf.train.Feature(bytes_list=tf.train.BytesList(value=[image.astype(np.float16).tobytes()])),
         "mask": tf.train.Feature(bytes_list=tf.train.BytesList(value=[mask.astype(np.uint8).tobytes()])),
         "has_label": tf.train.Feature(int64_list=tf.train.Int64List(value=[int(has_label)])),
         "case": tf.train.Feature(bytes_list=tf.train.BytesList(value=[case_id.encode()])),
         "index": tf.train.Feature(int64_list=tf.train.Int64List(value=[int(index)])),
+        "train_keep": tf.train.Feature(int64_list=tf.train.Int64List(value=[int(train_keep)])),
     }
     return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
 
@@ -131,8 +142,15 @@ def load_manifest(path: Path) -> dict | None:
     return manifest
 
 
-def build_cache(fmt: str, cases: list[Case], data_cfg, progress: bool = True, log=print) -> Path:
-    """Return the folder of a complete cache for `cases`, building it if needed."""
+def find_cache(fmt: str, cases: list[Case], data_cfg) -> Path | None:
+    """The folder of a complete cache for exactly these files and settings, or None."""
+    final = cache_root(data_cfg) / f"{fmt}-{cache_key(fmt, cases, data_cfg)}"
+    return final if load_manifest(final) is not None else None
+
+
+def build_cache(fmt: str, cases: list[Case], data_cfg, progress: bool = True, log=print, workers: int = 0) -> Path:
+    """Return the folder of a complete cache for `cases`, building it if needed (on `workers`
+    processes; 0 = every available core)."""
     root = cache_root(data_cfg)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{fmt}-{cache_key(fmt, cases, data_cfg)}"
@@ -146,7 +164,11 @@ def build_cache(fmt: str, cases: list[Case], data_cfg, progress: bool = True, lo
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir()
     t0 = time.time()
-    manifest = write_shards(fmt, cases, data_cfg, partial, progress)
+    try:
+        manifest = write_shards(fmt, cases, data_cfg, partial, progress, workers)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
     manifest["build_seconds"] = round(time.time() - t0, 2)
     tmp = partial / "manifest.json.tmp"
     tmp.write_text(json.dumps(manifest, indent=1))
@@ -157,55 +179,109 @@ def build_cache(fmt: str, cases: list[Case], data_cfg, progress: bool = True, lo
         shutil.rmtree(partial, ignore_errors=True)
         if load_manifest(final) is None:
             raise
-    log(f"slice cache written: {final} ({manifest['n_slices']} slices, {len(manifest['shards'])} shards, "
-        f"{manifest['build_seconds']} s)")
+    log(f"slice cache written: {final} ({manifest['n_slices']} slices, {manifest['n_train_slices']} for training, "
+        f"{len(manifest['shards'])} shards, {manifest['workers']} workers, {manifest['build_seconds']} s)")
     return final
 
 
-def write_shards(fmt: str, cases: list[Case], data_cfg, out: Path, progress: bool) -> dict:
-    import tensorflow as tf
-    from tqdm import tqdm
+def plan_chunks(cases: list[Case]) -> list[list[Case]]:
+    """Cases grouped into chunks, each written to its own shard files by one worker. The grouping
+    depends on the cases only, never on the number of workers, so every machine builds the same
+    cache (same shards, same record order) and training streams stay reproducible."""
+    chunks, current, weight = [], [], 0
+    for case in cases:
+        current.append(case)
+        # ~4 volumes (tens of MB each at 256x256) or 64 pictures per chunk: shards of ~100 MB.
+        weight += 16 if case.kind == "3d" else 1
+        if weight >= 64:
+            chunks.append(current)
+            current, weight = [], 0
+    if current:
+        chunks.append(current)
+    return chunks
 
-    source = get_source(fmt)
-    manifest = {"version": CACHE_VERSION, "format": fmt, "image_size": data_cfg.image_size,
-                "channels": None, "shards": [], "cases": {}, "n_slices": 0}
-    writer, shard_bytes, shard = None, 0, None
-    bar = tqdm(cases, desc="preprocess", unit="case", disable=not progress, leave=False)
-    for case in bar:
-        loaded = source.load_case(case, data_cfg)
-        keep = select_slices(loaded, data_cfg, case.case_id)
-        image, label = resize_slices(loaded.image[keep], None if loaded.label is None else loaded.label[keep],
-                                     data_cfg.image_size)
-        channels = image.shape[-1]
-        if manifest["channels"] is None:
-            manifest["channels"] = channels
-        elif manifest["channels"] != channels:
-            raise DataError(f"{case.image}: {channels} channels, but earlier cases have {manifest['channels']}; "
-                            f"set data.channels to convert all images")
-        if writer is None or shard_bytes > SHARD_BYTES:
-            if writer is not None:
-                writer.close()
-            shard = {"file": f"shard-{len(manifest['shards']):05d}.tfrecord", "cases": [], "n": 0}
-            manifest["shards"].append(shard)
-            writer, shard_bytes = tf.io.TFRecordWriter(str(out / shard["file"])), 0
-        empty = np.zeros(image.shape[1:3], np.uint8)
-        for i, idx in enumerate(keep):
-            mask = label[i] if label is not None else empty
-            record = _serialize(tf, image[i], mask, label is not None, case.case_id, int(idx))
-            writer.write(record)
-            shard_bytes += len(record)
-        shard["cases"].append(case.case_id)
-        shard["n"] += len(keep)
-        h, w = loaded.image.shape[1:3]
-        # In-plane spacing grows by the resize factor: distances stay in mm after resizing.
-        spacing = [loaded.spacing[0] * h / data_cfg.image_size, loaded.spacing[1] * w / data_cfg.image_size,
-                   loaded.spacing[2]]
-        manifest["cases"][case.case_id] = {
-            "n_slices": int(len(keep)), "has_label": label is not None, "spacing": spacing,
-            "spacing_unit": loaded.spacing_unit, "original_shape": list(loaded.image.shape[:3]),
-            "slices": [int(k) for k in keep], "shard": len(manifest["shards"]) - 1, "meta": loaded.meta,
-        }
-        manifest["n_slices"] += int(len(keep))
-    if writer is not None:
-        writer.close()
+
+def useful_workers(cases: list[Case], chunks: list, workers: int = 0) -> int:
+    """Processes worth starting, at most one per chunk: the request, or for 0 (auto) every
+    available core but at most one per WORKER_BYTES of input files, since a spawned worker pays for
+    its own imports (TensorFlow: seconds) and small data sets are faster in this process."""
+    import worker_pool
+    if workers > 0:
+        return max(1, min(workers, len(chunks)))
+    total = sum(os.path.getsize(p) for c in cases for p in (c.image, c.label) if p and os.path.exists(p))
+    return max(1, min(worker_pool.available_cpus(), len(chunks), 1 + total // WORKER_BYTES))
+
+
+def write_shards(fmt: str, cases: list[Case], data_cfg, out: Path, progress: bool, workers: int = 0) -> dict:
+    import worker_pool
+    chunks = plan_chunks(cases)
+    workers = useful_workers(cases, chunks, workers)
+    tasks = [(fmt, chunk, data_cfg, str(out), k) for k, chunk in enumerate(chunks)]
+    parts = worker_pool.run_tasks(write_chunk, tasks, workers, len(cases), "preprocess", progress)
+    manifest = {"version": CACHE_VERSION, "format": fmt, "image_size": data_cfg.image_size, "channels": None,
+                "shards": [], "cases": {}, "n_slices": 0, "n_train_slices": 0, "workers": workers}
+    for part, chunk in zip(parts, chunks):
+        if part["channels"] is not None:
+            if manifest["channels"] is None:
+                manifest["channels"] = part["channels"]
+            elif manifest["channels"] != part["channels"]:
+                raise DataError(f"{chunk[0].image}: {part['channels']} channels, but earlier cases have "
+                                f"{manifest['channels']}; set data.channels to convert all images")
+        offset = len(manifest["shards"])
+        manifest["shards"] += part["shards"]
+        for case_id, info in part["cases"].items():
+            info["shard"] += offset
+            manifest["cases"][case_id] = info
+            manifest["n_slices"] += info["n_slices"]
+            manifest["n_train_slices"] += info["n_train_slices"]
     return manifest
+
+
+def write_chunk(task, tick) -> dict:
+    """Worker: load, slice, resize and write one chunk of cases to its own shard files."""
+    import tensorflow as tf
+    fmt, cases, data_cfg, out, chunk_index = task
+    out = Path(out)
+    source = get_source(fmt)
+    part = {"channels": None, "shards": [], "cases": {}}
+    writer, shard_bytes, shard = None, 0, None
+    try:
+        for case in cases:
+            loaded = source.load_case(case, data_cfg)
+            keep = train_keep_flags(loaded, data_cfg, case.case_id)
+            image, label = resize_slices(loaded.image, loaded.label, data_cfg.image_size)
+            channels = int(image.shape[-1])
+            if part["channels"] is None:
+                part["channels"] = channels
+            elif part["channels"] != channels:
+                raise DataError(f"{case.image}: {channels} channels, but earlier cases have {part['channels']}; "
+                                f"set data.channels to convert all images")
+            if writer is None or shard_bytes > SHARD_BYTES:
+                if writer is not None:
+                    writer.close()
+                shard = {"file": f"shard-{chunk_index:05d}-{len(part['shards']):02d}.tfrecord", "cases": [], "n": 0}
+                part["shards"].append(shard)
+                writer, shard_bytes = tf.io.TFRecordWriter(str(out / shard["file"])), 0
+            empty = np.zeros(image.shape[1:3], np.uint8)
+            for i in range(len(image)):
+                mask = label[i] if label is not None else empty
+                record = _serialize(tf, image[i], mask, label is not None, case.case_id, i, int(keep[i]))
+                writer.write(record)
+                shard_bytes += len(record)
+            shard["cases"].append(case.case_id)
+            shard["n"] += len(image)
+            h, w = loaded.image.shape[1:3]
+            # In-plane spacing grows by the resize factor: distances stay in mm after resizing.
+            spacing = [loaded.spacing[0] * h / data_cfg.image_size, loaded.spacing[1] * w / data_cfg.image_size,
+                       loaded.spacing[2]]
+            part["cases"][case.case_id] = {
+                "n_slices": int(len(image)), "n_train_slices": int(keep.sum()), "has_label": label is not None,
+                "spacing": spacing, "spacing_unit": loaded.spacing_unit,
+                "original_shape": list(loaded.image.shape[:3]), "train_slices": np.flatnonzero(keep).tolist(),
+                "shard": len(part["shards"]) - 1, "meta": loaded.meta,
+            }
+            tick()
+    finally:
+        if writer is not None:
+            writer.close()
+    return part

@@ -1,0 +1,118 @@
+"""Sources: each layout lists and pairs its cases right, detects its format, and trains (smoke)."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import config
+import data_loader_tf2
+import data_sources
+import main
+from data_layouts import make_folders_nifti, make_folders_png, make_isic, make_msd, make_ph2
+
+
+def _cfg(fmt, path, *sets):
+    cfg = config.resolve("smoke", "", [f"data.format={fmt}", f"data.path={path}", *sets])
+    return cfg
+
+
+def test_msd_pairs_cases_reads_modality_and_unlabeled_test_images(tmp_path):
+    root = make_msd(tmp_path / "Task07", n=4, n_test=2)
+    assert data_sources.detect_format(root) == "msd"
+    cases = data_sources.get_source("msd").list_cases(root, config.DataConfig())
+    labelled = [c for c in cases if c.label]
+    assert len(labelled) == 4 and len(cases) == 6
+    for c in labelled:
+        assert Path(c.image).name == Path(c.label).name and "imagesTr" in c.image and "labelsTr" in c.label
+        assert c.kind == "3d" and c.modality == "ct"
+    no_test = data_sources.list_msd_cases(root, config.DataConfig(unlabeled_test_images=False))
+    assert len(no_test) == 4
+    loaded = data_sources.load_any_case(labelled[1], config.DataConfig())
+    assert loaded.image.shape == (6, 16, 16, 1) and loaded.label.shape == (6, 16, 16)
+    assert loaded.spacing == pytest.approx((0.8, 0.8, 2.5)) and loaded.spacing_unit == "mm"
+    assert set(np.unique(loaded.label)) == {0, 1}
+
+
+def test_msd_mri_modality_from_dataset_json(tmp_path):
+    root = make_msd(tmp_path / "mr", n=1, n_test=0, modality="T2")
+    (case,) = data_sources.list_msd_cases(root, config.DataConfig())
+    assert case.modality == "mri"
+
+
+def test_isic_suffix_is_case_insensitive_and_unlabeled_images_kept(tmp_path):
+    root = make_isic(tmp_path / "isic", n=4, unlabeled=2)
+    assert data_sources.detect_format(root) == "isic"
+    cases = data_sources.list_isic_cases(root, config.DataConfig())
+    assert [c.case_id for c in cases] == [f"ISIC_{i:07d}" for i in range(6)]
+    assert [c.label is not None for c in cases] == [True] * 4 + [False] * 2
+    assert Path(cases[1].label).name == "ISIC_0000001_Segmentation.png"
+
+
+def test_ph2_layout(tmp_path):
+    root = make_ph2(tmp_path / "PH2Dataset", n=3)
+    assert data_sources.detect_format(root) == "ph2"
+    cases = data_sources.list_ph2_cases(root, config.DataConfig())
+    assert [c.case_id for c in cases] == ["IMD000", "IMD001", "IMD002"]
+    assert all(c.image.endswith(f"{c.case_id}.bmp") and c.label.endswith(f"{c.case_id}_lesion.bmp") for c in cases)
+    loaded = data_sources.load_picture_case(cases[0], config.DataConfig())
+    assert loaded.image.shape == (1, 24, 24, 3) and set(np.unique(loaded.label)) == {0, 1}
+
+
+def test_folders_subsets_fixed_and_nifti_or_png(tmp_path):
+    root = make_folders_png(tmp_path / "f")
+    assert data_sources.detect_format(root) == "folders"
+    cases = data_sources.list_folder_cases(root, config.DataConfig())
+    assert {c.subset for c in cases} == {"train", "val", "test"} and all(c.label for c in cases)
+    splits = data_loader_tf2.make_splits(cases, config.DataConfig(labeled_fraction=1.0), seed=0)
+    assert splits["test"] == ["test0", "test1"] and splits["val"] == ["val0", "val1"]
+    vols = data_sources.list_folder_cases(make_folders_nifti(tmp_path / "n"), config.DataConfig())
+    assert all(c.kind == "3d" and c.label.endswith(".nii.gz") for c in vols)
+    # No val/ folder: the train cases are left to the random split, which cuts val from them.
+    partial = data_sources.list_folder_cases(make_folders_png(tmp_path / "p", (("train", 8), ("test", 2))),
+                                             config.DataConfig())
+    assert {c.subset for c in partial} == {None, "test"}
+
+
+def test_volume_cache_keeps_case_ids_and_splits_never_share_a_case(tmp_path):
+    root = make_msd(tmp_path / "msd", n=6, n_test=1)
+    cfg = _cfg("msd", root, "data.val_fraction=0.2", "data.test_fraction=0.2")
+    bundle = data_loader_tf2.prepare_data(cfg, log=lambda m: None, progress=False)
+    cases = bundle.manifest["cases"]
+    assert len(cases) == 7 and all(info["n_slices"] == 6 for info in cases.values())
+    assert cases["pancreas_000"]["original_shape"] == [6, 16, 16]
+    assert cases["pancreas_000"]["spacing"] == pytest.approx([0.8 * 16 / 32, 0.8 * 16 / 32, 2.5])
+    parts = [set(bundle.splits[s]) for s in data_loader_tf2.SPLITS]
+    assert sum(map(len, parts)) == 7 and len(set().union(*parts)) == 7
+    seen = {}
+    for batch in bundle.eval_dataset("test", 4, case_ids=sorted(cases)):
+        for case, index in zip(batch["case"].numpy(), batch["index"].numpy()):
+            seen.setdefault(case.decode(), []).append(int(index))
+    assert all(indices == list(range(6)) for indices in seen.values()) and len(seen) == 7
+
+
+@pytest.mark.parametrize("fmt,make", [("msd", make_msd), ("isic", make_isic), ("ph2", make_ph2),
+                                      ("folders", make_folders_nifti), ("folders", make_folders_png)])
+def test_check_data_and_preprocess_each_format(tmp_path, capsys, fmt, make):
+    root = make(tmp_path / fmt)
+    assert main.main(["check-data", "--data", str(root), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert f"data format inferred: {fmt}" in out and "0 errors" in out
+    assert main.main(["preprocess", "--data", str(root), "--format", fmt, "--preset", "smoke", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "slice cache ready" in out
+    n_cases = len(data_sources.get_source(fmt).list_cases(root, config.DataConfig()))
+    assert f"of {n_cases} cases" in out
+
+
+def test_smoke_train_on_a_volume_data_set(tmp_path):
+    """The 3D path end to end (the 2D formats share the picture path the default data set trains)."""
+    fmt, root = "msd", make_msd(tmp_path / "msd")
+    run = tmp_path / "run"
+    assert main.main(["train", "--method", "supervised", "--preset", "smoke", "--data", str(root), "--format", fmt,
+                      "--out", str(run), "--no-progress", "--set", "train.epochs=1", "train.steps_per_epoch=2",
+                      "data.val_fraction=0.2", "data.test_fraction=0.2"]) == 0
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["n_cases"] >= 1 and 0.0 <= metrics["dice"] <= 1.0
+    info = json.loads((run / "run_info.json").read_text())
+    assert info["data"]["format"] == fmt

@@ -1,0 +1,73 @@
+"""Run a function over tasks in a pool of worker processes, with one progress bar over items.
+
+    python main.py preprocess --data PATH --workers 4     # the slice cache is built through this
+
+Workers are *spawned* (never forked): a forked copy of a process that already runs TensorFlow
+threads can deadlock, and spawn behaves the same on Linux, macOS and clusters. A task may report
+progress by calling the `tick` it receives (one call per finished item: a case); the parent moves
+the bar. `workers <= 1` runs in this process, which tests and small data sets prefer (no start-up).
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import queue as queue_module
+
+_TICKS = None                         # the queue of this worker process, set by _init_worker
+
+
+def available_cpus() -> int:
+    """CPU cores this process may use (affinity mask / Slurm allocation, not the machine's total);
+    $SEMISEG_WORKERS overrides (e.g. 1 on a shared login node)."""
+    if os.environ.get("SEMISEG_WORKERS", "").isdigit():
+        return max(1, int(os.environ["SEMISEG_WORKERS"]))
+    if os.environ.get("SLURM_CPUS_PER_TASK", "").isdigit():
+        return max(1, int(os.environ["SLURM_CPUS_PER_TASK"]))
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:
+        return max(1, os.cpu_count() or 1)
+
+
+def _init_worker(ticks) -> None:
+    global _TICKS
+    _TICKS = ticks
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
+def _tick() -> None:
+    _TICKS.put(1)
+
+
+def _run(fn_and_task):
+    fn, task = fn_and_task
+    return fn(task, _tick)
+
+
+def run_tasks(fn, tasks: list, workers: int, total_items: int, desc: str, progress: bool = True) -> list:
+    """[fn(task, tick) for task in tasks], in task order, on up to `workers` processes.
+
+    `fn` must be a module-level function (it is pickled by name). The first exception raised by a
+    task is re-raised here after the pool is stopped."""
+    from tqdm import tqdm
+    bar = tqdm(total=total_items, desc=desc, unit="case", disable=not progress, leave=False)
+    workers = max(1, min(int(workers), len(tasks)))
+    try:
+        if workers == 1:
+            return [fn(task, lambda: bar.update(1)) for task in tasks]
+        ctx = mp.get_context("spawn")
+        ticks = ctx.Queue()
+        with ctx.Pool(workers, initializer=_init_worker, initargs=(ticks,)) as pool:
+            pending = [pool.apply_async(_run, ((fn, task),)) for task in tasks]
+            while not all(r.ready() for r in pending):
+                try:
+                    ticks.get(timeout=0.2)
+                    bar.update(1)
+                except queue_module.Empty:
+                    pass
+                for r in pending:          # fail fast: stop the others on the first error
+                    if r.ready() and not r.successful():
+                        r.get()
+            return [r.get() for r in pending]
+    finally:
+        bar.close()
