@@ -90,8 +90,11 @@ class MeanTeacherConfig:
     ema_decay: float = 0.99            # seed project; the MIRA-U seed uses 0.999
     consistency: float = 1.0           # maximum consistency weight
     rampup_epochs: float = 10.0        # sigmoid ramp exp(-5(1-t/T)^2)
-    noise_std: float = 0.1             # Gaussian input noise of the teacher's view
-    evaluate_teacher: bool = True
+    noise_std: float = 0.1             # Gaussian input noise, drawn independently for student and teacher
+    evaluate_teacher: bool = True      # score (and select/export) the teacher; false = the student only
+    ema_warmup: bool = True            # decay min(1 - 1/(n+1), ema_decay) after n updates (the paper's code)
+    consistency_on_labeled: bool = True  # consistency on labelled images too (the paper: on all images)
+    probe_cases: int = 32              # hidden-truth cases scoring the teacher's targets per epoch; 0 = off
 
 
 @dataclass
@@ -101,6 +104,8 @@ class MixMatchConfig:
     k: int = 2
     lambda_u: float = 1.0              # maximum weight of the unlabelled L2 loss
     rampup_epochs: float = 10.0
+    photometric_views: bool = True     # the K guess views: flips + photometric jitter (false: flips only)
+    probe_cases: int = 32              # hidden-truth cases scoring the sharpened guesses per epoch; 0 = off
 
 
 @dataclass
