@@ -171,6 +171,30 @@ PRESETS: dict[str, dict] = {
         "mean_teacher": {"rampup_epochs": 5.0},
         "mixmatch": {"rampup_epochs": 5.0},
     },
+    # The seed project's pancreas runs (MSD Task07, 281 labelled CT volumes; pass --data PATH).
+    # The seed trained on 225 and validated on 56 volumes with no held-out test set; here 56 (20%)
+    # validate, 28 (10%) are held out for test, so 197 train: "all labels" is 197 volumes and the
+    # seed's 30 labelled volumes are labeled_fraction 30/197.
+    "pancreas_supervised": {
+        "data": {"format": "msd", "image_size": 256, "labeled_fraction": 1.0, "val_fraction": 0.2,
+                 "test_fraction": 0.1, "modality": "ct"},
+        "model": {"base_filters": 32, "depth": 4},
+        "train": {"epochs": 100, "batch_size": 8, "patience": 15},
+    },
+    "pancreas_mean_teacher": {
+        "data": {"format": "msd", "image_size": 256, "labeled_fraction": 30 / 197, "val_fraction": 0.2,
+                 "test_fraction": 0.1, "modality": "ct"},
+        "model": {"base_filters": 16, "depth": 4},
+        "train": {"epochs": 100, "batch_size": 4},
+        "mean_teacher": {"ema_decay": 0.99, "consistency": 50.0},
+    },
+    "pancreas_mixmatch": {
+        "data": {"format": "msd", "image_size": 256, "labeled_fraction": 30 / 197, "val_fraction": 0.2,
+                 "test_fraction": 0.1, "modality": "ct"},
+        "model": {"base_filters": 16, "depth": 4},
+        "train": {"epochs": 150, "batch_size": 4},
+        "mixmatch": {"temperature": 0.5, "alpha": 0.75, "k": 2},
+    },
 }
 
 

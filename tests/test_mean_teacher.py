@@ -82,3 +82,18 @@ def test_smoke_training_end_to_end(tmp_path):
         assert 0.0 <= float(row["pseudo_target_dice"]) <= 1.0
         assert 0.0 <= float(row["val_dice_student"]) <= 1.0
     assert (out / "best_model.keras").exists() and (out / "metrics.json").exists()
+
+
+def test_pancreas_presets_hold_the_seed_settings():
+    sup = config.resolve("pancreas_supervised")
+    assert (sup.data.image_size, sup.train.batch_size, sup.model.base_filters, sup.train.epochs,
+            sup.train.patience) == (256, 8, 32, 100, 15)
+    mt = config.resolve("pancreas_mean_teacher")
+    assert (mt.train.batch_size, mt.model.base_filters, mt.mean_teacher.ema_decay, mt.mean_teacher.consistency) == \
+        (4, 16, 0.99, 50.0)
+    mm = config.resolve("pancreas_mixmatch")
+    assert (mm.train.batch_size, mm.train.epochs, mm.mixmatch.temperature, mm.mixmatch.alpha, mm.mixmatch.k) == \
+        (4, 150, 0.5, 0.75, 2)
+    # 281 labelled volumes: 28 test, 56 validation, 197 training, of which the seed's 30 keep labels.
+    n_train = 281 - round(0.1 * 281) - round(0.2 * 281)
+    assert (n_train, round(mt.data.labeled_fraction * n_train), round(sup.data.labeled_fraction * n_train)) == (197, 30, 197)
