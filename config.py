@@ -90,8 +90,11 @@ class MeanTeacherConfig:
     ema_decay: float = 0.99            # seed project; the MIRA-U seed uses 0.999
     consistency: float = 1.0           # maximum consistency weight
     rampup_epochs: float = 10.0        # sigmoid ramp exp(-5(1-t/T)^2)
-    noise_std: float = 0.1             # Gaussian input noise of the teacher's view
-    evaluate_teacher: bool = True
+    noise_std: float = 0.1             # Gaussian input noise, drawn independently for student and teacher
+    evaluate_teacher: bool = True      # score (and select/export) the teacher; false = the student only
+    ema_warmup: bool = True            # decay min(1 - 1/(n+1), ema_decay) after n updates (the paper's code)
+    consistency_on_labeled: bool = True  # consistency on labelled images too (the paper: on all images)
+    probe_cases: int = 32              # hidden-truth cases scoring the teacher's targets per epoch; 0 = off
 
 
 @dataclass
@@ -101,6 +104,8 @@ class MixMatchConfig:
     k: int = 2
     lambda_u: float = 1.0              # maximum weight of the unlabelled L2 loss
     rampup_epochs: float = 10.0
+    photometric_views: bool = True     # the K guess views: flips + photometric jitter (false: flips only)
+    probe_cases: int = 32              # hidden-truth cases scoring the sharpened guesses per epoch; 0 = off
 
 
 @dataclass
@@ -165,6 +170,30 @@ PRESETS: dict[str, dict] = {
         "train": {"epochs": 12, "batch_size": 8, "steps_per_epoch": 40, "lr": 2e-3, "schedule": "cosine"},
         "mean_teacher": {"rampup_epochs": 5.0},
         "mixmatch": {"rampup_epochs": 5.0},
+    },
+    # The seed project's pancreas runs (MSD Task07, 281 labelled CT volumes; pass --data PATH).
+    # The seed trained on 225 and validated on 56 volumes with no held-out test set; here 56 (20%)
+    # validate, 28 (10%) are held out for test, so 197 train: "all labels" is 197 volumes and the
+    # seed's 30 labelled volumes are labeled_fraction 30/197.
+    "pancreas_supervised": {
+        "data": {"format": "msd", "image_size": 256, "labeled_fraction": 1.0, "val_fraction": 0.2,
+                 "test_fraction": 0.1, "modality": "ct"},
+        "model": {"base_filters": 32, "depth": 4},
+        "train": {"epochs": 100, "batch_size": 8, "patience": 15},
+    },
+    "pancreas_mean_teacher": {
+        "data": {"format": "msd", "image_size": 256, "labeled_fraction": 30 / 197, "val_fraction": 0.2,
+                 "test_fraction": 0.1, "modality": "ct"},
+        "model": {"base_filters": 16, "depth": 4},
+        "train": {"epochs": 100, "batch_size": 4},
+        "mean_teacher": {"ema_decay": 0.99, "consistency": 50.0},
+    },
+    "pancreas_mixmatch": {
+        "data": {"format": "msd", "image_size": 256, "labeled_fraction": 30 / 197, "val_fraction": 0.2,
+                 "test_fraction": 0.1, "modality": "ct"},
+        "model": {"base_filters": 16, "depth": 4},
+        "train": {"epochs": 150, "batch_size": 4},
+        "mixmatch": {"temperature": 0.5, "alpha": 0.75, "k": 2},
     },
 }
 

@@ -1,0 +1,118 @@
+"""Label-efficiency benchmark: supervised vs Mean Teacher vs MixMatch on the embedded data set.
+
+    python bench/label_efficiency.py                    # 3 seeds, 10%/30% (+100% supervised)
+    python bench/label_efficiency.py --quick            # 1 seed, shorter runs: a first look
+    python bench/label_efficiency.py --seeds 2 --set mean_teacher.consistency=10
+
+Every run is `main.py train --preset cpu` with the reduced settings below (one 2-core CPU), a run
+folder per (method, fraction, seed) under --out; a run whose metrics.json exists is reused, so an
+interrupted benchmark continues where it stopped. At the end it writes, under --out:
+    comparison.md / .csv / .tex  mean ± std over seeds per method and fraction (analysis/compare.py)
+    label_efficiency.png         test Dice vs labelled fraction, one line per method
+    summary.md                   test Dice, the last epoch's pseudo-target Dice, and the verdict:
+                                 does each SSL method beat supervised at 10% by >= 2 Dice points?
+Seeds change the labelled subset and the initialisation, never the data set itself.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+# Reduced size: 48x48 images, an 8-64 U-Net of depth 3; the same optimizer steps for every method.
+BENCH = ["data.image_size=48", "model.base_filters=8", "model.depth=3", "train.batch_size=8",
+         "train.epochs=10", "train.steps_per_epoch=40", "train.lr=2e-3", "train.schedule=cosine",
+         "mean_teacher.rampup_epochs=4", "mixmatch.rampup_epochs=4",
+         "mean_teacher.consistency=10", "mixmatch.lambda_u=10"]
+QUICK = ["train.epochs=6", "train.steps_per_epoch=30", "mean_teacher.rampup_epochs=3", "mixmatch.rampup_epochs=3"]
+PLAN = {"supervised": (0.1, 0.3, 1.0), "mean_teacher": (0.1, 0.3), "mixmatch": (0.1, 0.3)}
+GOAL_POINTS = 2.0
+
+
+def run_one(out: Path, method: str, fraction: float, seed: int, overrides: list[str]) -> Path:
+    import main
+    run = out / f"{method}-{round(100 * fraction)}pct-seed{seed}"
+    if (run / "metrics.json").exists():
+        print(f"[bench] reuse {run}", flush=True)
+        return run
+    if run.exists():        # an interrupted run: start it again from scratch
+        import shutil
+        shutil.rmtree(run)
+    t0 = time.time()
+    code = main.main(["train", "--method", method, "--preset", "cpu", "--out", str(run), "--no-progress",
+                      "--set", f"seed={seed}", f"data.labeled_fraction={fraction}", *overrides])
+    if code != 0:
+        raise SystemExit(f"[bench] {method} {fraction} seed {seed} failed with exit code {code}")
+    print(f"[bench] {run.name}: {time.time() - t0:.0f} s", flush=True)
+    return run
+
+
+def summarize(out: Path, runs: list[Path]) -> str:
+    import numpy as np
+    from analysis import compare, figures
+    from analysis.label_efficiency import label_efficiency_figure
+    from analysis.runs import load_run
+    loaded = [load_run(r) for r in runs]
+    compare.write_tables(loaded, out)
+    figure = label_efficiency_figure(loaded, "dice", band="std")
+    figures.save_figure(figure, out, "label_efficiency", ("png",))
+    figures.close(figure)
+    groups: dict = {}
+    for run in loaded:
+        probe = np.nan
+        if run.history is not None and "pseudo_target_dice" in run.history:
+            probe = float(run.history["pseudo_target_dice"].iloc[-1])
+        groups.setdefault((run.method, run.labeled_fraction), []).append((run.metrics["dice"], probe, run.seed))
+    lines = ["| Method | Labeled | Seeds | Test Dice (mean ± std) | Pseudo-target Dice, last epoch |",
+             "|---|---|---|---|---|"]
+    means = {}
+    for (method, fraction), rows in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0] != "supervised")):
+        dice = np.array([r[0] for r in rows])
+        probe = np.array([r[1] for r in rows])
+        means[(method, fraction)] = dice.mean()
+        spread = f" ± {dice.std(ddof=1):.3f}" if len(dice) > 1 else ""
+        probe_text = "–" if np.all(np.isnan(probe)) else f"{np.nanmean(probe):.3f}"
+        lines.append(f"| {method} | {100 * fraction:g}% | {len(rows)} | {dice.mean():.3f}{spread} | {probe_text} |")
+    lines.append("")
+    base = means.get(("supervised", 0.1))
+    for method in ("mean_teacher", "mixmatch"):
+        if base is not None and (method, 0.1) in means:
+            gain = 100 * (means[(method, 0.1)] - base)
+            verdict = "meets" if gain >= GOAL_POINTS else "misses"
+            lines.append(f"- {method} at 10%: {gain:+.1f} Dice points vs supervised ({verdict} the +{GOAL_POINTS:g} goal)")
+    text = "\n".join(lines) + "\n"
+    (out / "summary.md").write_text(text)
+    return text
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="runs/bench_label_efficiency", help="folder of run folders and tables")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="1 seed (unless --seeds) and shorter runs")
+    parser.add_argument("--methods", nargs="*", default=list(PLAN), choices=list(PLAN))
+    parser.add_argument("--fractions", nargs="*", type=float, default=None, help="subset of 0.1 0.3 1.0")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra overrides for every run")
+    args = parser.parse_args(argv)
+    seeds = 1 if args.quick and "--seeds" not in (argv or sys.argv) else args.seeds
+    overrides = BENCH + (QUICK if args.quick else []) + args.set
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    runs = []
+    for seed in range(seeds):
+        for method in args.methods:
+            for fraction in PLAN[method]:
+                if args.fractions is None or fraction in args.fractions:
+                    runs.append(run_one(out, method, fraction, seed, overrides))
+    print(summarize(out, runs))
+    print(f"[bench] tables and plot in {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

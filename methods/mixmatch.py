@@ -1,0 +1,124 @@
+"""MixMatch (Berthelot et al., NeurIPS 2019) for binary segmentation, on the shared Trainer loop.
+
+    python main.py train --method mixmatch --preset cpu
+    python main.py train --method mixmatch --preset smoke --set mixmatch.lambda_u=10
+
+Per step, with labelled (x, y) and unlabelled u (both already weakly augmented in tf.data):
+ 1. K views of u: random flips + photometric jitter (`batch_photometric`), each its own seed.
+ 2. Guess: q = mean_k undo_flips_k(sigmoid(f(view_k))), pixel by pixel (undoing the flips lines
+    the K predictions up); f runs in inference mode (no dropout, BN moving statistics).
+ 3. Sharpen: q^(1/T) / (q^(1/T) + (1-q)^(1/T)), the two-class form of the paper's Sharpen.
+ 4. U' = the K views, each with the guess flipped back onto it; X' = (x, y).
+    W = shuffle(concat(X', U')); lambda ~ Beta(alpha, alpha) per example, lambda' = max(lambda, 1-lambda)
+    (so each mixed example stays closer to its own first input); X'' = MixUp(X', W[:|X'|]),
+    U'' = MixUp(U', W[|X'|:]), images and targets mixed with the same lambda'.
+ 5. L = L_sup(f(X''), soft targets) + lambda_u * ramp(t) * mean_pixels (sigmoid(f(U'')) - q'')^2,
+    one forward pass over concat(X'', U'') in training mode.
+Every random draw (views, flips, shuffle, Beta) is stateless and seeded with `replica_seed`, so each
+replica of a distribution strategy draws its own; Beta is drawn as G1/(G1+G2) from two stateless
+Gamma(alpha) draws (TF has no stateless Beta).
+
+history.csv gets `loss_u` (the unweighted L2), `lambda_u_weight` and, where hidden truth exists,
+`pseudo_target_dice`: the sharpened guess (>= 0.5) on a fixed probe vs the hidden truth.
+"""
+from __future__ import annotations
+
+import tensorflow as tf
+
+import augment
+from methods import probe
+from train_ssl_tf2 import Trainer, register_method, sigmoid_rampup
+
+VIEW_STREAM, SHUFFLE_STREAM, BETA_STREAM = 20, 40, 41
+PROBE_SEED = (12345, 0)     # the probe's K views: fixed, so epochs are scored on the same views
+
+
+def sharpen(probs, temperature: float):
+    """Per-pixel two-class sharpening: p^(1/T) / (p^(1/T) + (1-p)^(1/T)); T -> 0 gives a step."""
+    p = tf.clip_by_value(tf.cast(probs, tf.float32), 1e-7, 1.0 - 1e-7)
+    # In log space: p^(1/T) underflows for small p and T.
+    a, b = tf.math.log(p) / temperature, tf.math.log(1.0 - p) / temperature
+    return tf.sigmoid(a - b)
+
+
+def sample_mixup_lambda(batch, alpha: float, seed):
+    """lambda' = max(lambda, 1 - lambda), lambda ~ Beta(alpha, alpha), one per example, stateless."""
+    seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), 2)
+    g1 = tf.random.stateless_gamma([batch], seeds[0], alpha=alpha)
+    g2 = tf.random.stateless_gamma([batch], seeds[1], alpha=alpha)
+    lam = g1 / tf.maximum(g1 + g2, 1e-12)
+    return tf.maximum(lam, 1.0 - lam)
+
+
+def mixup(images, targets, other_images, other_targets, lam):
+    """lam * first + (1 - lam) * second, the same per-example lam for images and targets."""
+    lam = tf.reshape(lam, [-1, 1, 1, 1])
+    return lam * images + (1.0 - lam) * other_images, lam * targets + (1.0 - lam) * other_targets
+
+
+def guess_labels(model, images, seed, k: int, temperature: float, photometric: bool = True):
+    """Sharpened mean of the model's probabilities over K flipped (+ jittered) views of `images`.
+
+    Returns (guess [B,H,W,1] aligned with `images`, views: list of (view images, flips)).
+    """
+    views, total = [], 0.0
+    for i, view_seed in enumerate(tf.unstack(tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), k))):
+        flip_seed, jitter_seed = tf.unstack(tf.random.experimental.stateless_split(view_seed, 2))
+        view, flips = augment.random_flips(images, flip_seed)
+        if photometric:
+            view = augment.batch_photometric(view, jitter_seed)
+        views.append((view, flips))
+        probs = tf.sigmoid(tf.cast(model(view, training=False), tf.float32))
+        total += augment.undo_flips(probs, flips)
+    return tf.stop_gradient(sharpen(total / k, temperature)), views
+
+
+@register_method("mixmatch")
+class MixMatch(Trainer):
+    """L_sup on mixed labelled images + ramped L2 to sharpened, mixed guesses on unlabelled ones."""
+    uses_unlabeled = True
+
+    def unlabeled_weight(self, epoch):
+        mm = self.cfg.mixmatch
+        return mm.lambda_u * sigmoid_rampup(epoch, mm.rampup_epochs)
+
+    def compute_loss(self, labeled, unlabeled, step):
+        mm = self.cfg.mixmatch
+        model = self.models["student"]
+        images, masks = labeled
+        guess, views = guess_labels(model, unlabeled, self.replica_seed(step, VIEW_STREAM), mm.k,
+                                    mm.temperature, mm.photometric_views)
+        u_images = tf.concat([v for v, _ in views], axis=0)
+        u_targets = tf.concat([augment.apply_flips(guess, flips) for _, flips in views], axis=0)
+        all_images = tf.concat([images, u_images], axis=0)
+        all_targets = tf.concat([masks, u_targets], axis=0)
+        n_all, n_lab = tf.shape(all_images)[0], tf.shape(images)[0]
+        order = tf.random.experimental.stateless_shuffle(tf.range(n_all), self.replica_seed(step, SHUFFLE_STREAM))
+        lam = sample_mixup_lambda(n_all, mm.alpha, self.replica_seed(step, BETA_STREAM))
+        mixed_images, mixed_targets = mixup(all_images, all_targets, tf.gather(all_images, order),
+                                            tf.gather(all_targets, order), lam)
+        logits = tf.cast(model(mixed_images, training=True), tf.float32)
+        sup, dice, bce = self.supervised_loss(logits[:n_lab], mixed_targets[:n_lab])
+        squared = tf.square(tf.sigmoid(logits[n_lab:]) - mixed_targets[n_lab:])
+        loss_u = self.global_mean(tf.reduce_mean(squared, axis=[1, 2, 3]))
+        loss = sup + self.unlabeled_weight(self.epoch_float(step)) * loss_u
+        return loss, {"loss": loss, "loss_sup": sup, "loss_dice": dice, "loss_bce": bce, "loss_u": loss_u}
+
+    def schedule_logs(self, epoch_float: float) -> dict:
+        mm = self.cfg.mixmatch
+        return {"rampup": sigmoid_rampup(epoch_float, mm.rampup_epochs),
+                "lambda_u_weight": self.unlabeled_weight(epoch_float)}
+
+    def pseudo_targets(self, images):
+        """The sharpened guess the unlabelled loss trains on (fixed views, so epochs compare)."""
+        mm = self.cfg.mixmatch
+        guess, _ = guess_labels(self.models["student"], images, tf.constant(PROBE_SEED, tf.int64), mm.k,
+                                mm.temperature, mm.photometric_views)
+        return guess
+
+    def epoch_diagnostics(self, epoch: int) -> dict:
+        cases = probe.probe_case_ids(self.cfg, self.data, self.cfg.mixmatch.probe_cases)
+        if not cases:
+            return {}
+        fn = tf.function(self.pseudo_targets, reduce_retracing=True)
+        return {"pseudo_target_dice": probe.pseudo_target_dice(fn, self.data, cases, self.cfg.train.eval_batch_size)}

@@ -1,0 +1,49 @@
+"""Is the teacher any good? Dice of a method's pseudo targets against hidden ground truth.
+
+    python main.py train --method mean_teacher --preset smoke    # history.csv gains pseudo_target_dice
+
+Semi-supervised training fails silently when its targets are wrong. Where the unlabelled training
+cases have hidden truth (the embedded synthetic set always; real data only with
+`data.hide_labels=true`), a method scores the targets it actually trains on against that truth,
+once per epoch, on a fixed probe: the first `probe_cases` ids of `splits['hidden_truth']` (sorted,
+so the probe is the same every epoch and on every resume).
+
+The truth is read here, from the evaluation stream, and only here: the unlabelled training
+stream is built with `with_mask=False`, so no hidden label can reach a loss
+(tests/test_hidden_labels.py proves the trained weights do not depend on them).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+def hidden_truth_available(cfg, bundle) -> bool:
+    """True where unlabelled training cases carry a truth we may use for diagnostics only."""
+    allowed = bundle.fmt == "synthetic" or cfg.data.hide_labels
+    return bool(allowed and bundle.splits.get("hidden_truth"))
+
+
+def probe_case_ids(cfg, bundle, n_cases: int) -> list[str]:
+    """The fixed probe: the first n hidden-truth cases, or [] when there is no usable truth."""
+    if n_cases <= 0 or not hidden_truth_available(cfg, bundle):
+        return []
+    return sorted(bundle.splits["hidden_truth"])[:n_cases]
+
+
+def pseudo_target_dice(target_fn, bundle, case_ids, batch: int = 16) -> float:
+    """Mean per-case Dice between target_fn(images) >= 0.5 and the hidden truth.
+
+    target_fn: images [B,H,W,C] -> target probabilities [B,H,W,1] (a method's pseudo targets).
+    A case where both are empty scores 1 (as in evaluation.mean_case_dice).
+    """
+    inter, pred_sum, truth_sum = {}, {}, {}
+    for batch_data in bundle.eval_dataset("hidden_truth", batch, case_ids):
+        pred = np.asarray(target_fn(batch_data["image"]))[..., 0] >= 0.5
+        truth = batch_data["mask"].numpy()[..., 0] > 0
+        for i, case in enumerate(batch_data["case"].numpy()):
+            inter[case] = inter.get(case, 0) + int(np.logical_and(pred[i], truth[i]).sum())
+            pred_sum[case] = pred_sum.get(case, 0) + int(pred[i].sum())
+            truth_sum[case] = truth_sum.get(case, 0) + int(truth[i].sum())
+    scores = [1.0 if pred_sum[c] + truth_sum[c] == 0 else 2.0 * inter[c] / (pred_sum[c] + truth_sum[c])
+              for c in inter]
+    return float(np.mean(scores)) if scores else float("nan")

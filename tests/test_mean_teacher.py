@@ -1,0 +1,99 @@
+"""Mean Teacher: the EMA rule, the ramp-up, one exact training step, and the smoke run end to end."""
+import math
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import config
+import data_loader_tf2
+import main
+import run_dir
+import train_ssl_tf2
+from methods import mean_teacher
+
+
+def test_ema_update_is_exact():
+    teacher = [tf.Variable([1.0, 2.0, -4.0]), tf.Variable([[0.5]])]
+    student = [tf.Variable([3.0, 5.0, 0.0]), tf.Variable([[1.5]])]
+    train_ssl_tf2.ema_update(teacher, student, 0.9)
+    np.testing.assert_allclose(teacher[0].numpy(), [0.9 * 1 + 0.1 * 3, 0.9 * 2 + 0.1 * 5, 0.9 * -4], rtol=1e-7)
+    np.testing.assert_allclose(teacher[1].numpy(), [[0.9 * 0.5 + 0.1 * 1.5]], rtol=1e-7)
+    np.testing.assert_array_equal(student[0].numpy(), [3.0, 5.0, 0.0])     # the student is untouched
+
+
+def test_ema_decay_warmup_follows_the_paper():
+    assert float(mean_teacher.ema_decay_at(1, 0.99, True)) == pytest.approx(0.5)
+    assert float(mean_teacher.ema_decay_at(9, 0.99, True)) == pytest.approx(0.9)
+    assert float(mean_teacher.ema_decay_at(10_000, 0.99, True)) == pytest.approx(0.99)
+    assert float(mean_teacher.ema_decay_at(1, 0.99, False)) == pytest.approx(0.99)
+
+
+@pytest.mark.parametrize("as_tensor", [False, True])
+def test_sigmoid_rampup_values(as_tensor):
+    ramp = train_ssl_tf2.sigmoid_rampup
+    value = (lambda t: float(ramp(tf.constant(t), 8.0))) if as_tensor else (lambda t: ramp(t, 8.0))
+    assert value(0.0) == pytest.approx(math.exp(-5.0), rel=1e-6)
+    assert value(4.0) == pytest.approx(math.exp(-1.25), rel=1e-6)
+    assert value(8.0) == pytest.approx(1.0)
+    assert value(20.0) == pytest.approx(1.0)
+    assert value(2.0) < value(4.0) < value(6.0)
+
+
+def test_consistency_weight_and_schedule_logs():
+    trainer = mean_teacher.MeanTeacher.__new__(mean_teacher.MeanTeacher)
+    trainer.cfg = config.resolve(overrides=["mean_teacher.consistency=50", "mean_teacher.rampup_epochs=4"])
+    logs = trainer.schedule_logs(2.0)
+    assert logs["rampup"] == pytest.approx(math.exp(-1.25))
+    assert logs["cons_weight"] == pytest.approx(50 * math.exp(-1.25))
+
+
+def _trainer(*overrides):
+    cfg = config.resolve("smoke", overrides=overrides, method="mean_teacher")
+    bundle = data_loader_tf2.prepare_data(cfg, log=lambda m: None, progress=False)
+    return mean_teacher.MeanTeacher(cfg, bundle, tf.distribute.get_strategy(), log=lambda m: None)
+
+
+@pytest.mark.parametrize("warmup, decay", [(True, 0.5), (False, 0.9)])
+def test_one_step_moves_student_and_teacher_by_the_ema_rule(warmup, decay):
+    trainer = _trainer(f"mean_teacher.ema_warmup={warmup}", "mean_teacher.ema_decay=0.9")
+    student, teacher = (mean_teacher.ema_weights(trainer.models[k]) for k in ("student", "teacher"))
+    s0 = [v.numpy().copy() for v in student]
+    t0 = [v.numpy().copy() for v in teacher]
+    for a, b in zip(s0, t0):            # the teacher starts as a copy of the student
+        np.testing.assert_array_equal(a, b)
+    logs = trainer._make_loop(*trainer._iterators(0))(tf.constant(1))
+    assert all(np.isfinite(float(v)) for v in logs.values())
+    assert float(logs["loss_cons"]) > 0
+    trainable = {v.path for v in trainer.models["student"].trainable_variables}
+    changed = [not np.allclose(a, v.numpy()) for a, v in zip(s0, student) if v.path in trainable]
+    assert all(changed)
+    for before, s, t in zip(t0, student, teacher):
+        np.testing.assert_allclose(t.numpy(), decay * before + (1 - decay) * s.numpy(), rtol=1e-5, atol=1e-7)
+
+
+def test_smoke_training_end_to_end(tmp_path):
+    out = tmp_path / "mt"
+    assert main.main(["train", "--method", "mean_teacher", "--preset", "smoke", "--out", str(out), "--no-progress"]) == 0
+    history = run_dir.read_history(out)
+    assert [int(r["epoch"]) for r in history] == [1, 2]
+    for row in history:
+        assert np.isfinite(float(row["loss_cons"])) and float(row["loss_cons"]) >= 0
+        assert 0.0 <= float(row["pseudo_target_dice"]) <= 1.0
+        assert 0.0 <= float(row["val_dice_student"]) <= 1.0
+    assert (out / "best_model.keras").exists() and (out / "metrics.json").exists()
+
+
+def test_pancreas_presets_hold_the_seed_settings():
+    sup = config.resolve("pancreas_supervised")
+    assert (sup.data.image_size, sup.train.batch_size, sup.model.base_filters, sup.train.epochs,
+            sup.train.patience) == (256, 8, 32, 100, 15)
+    mt = config.resolve("pancreas_mean_teacher")
+    assert (mt.train.batch_size, mt.model.base_filters, mt.mean_teacher.ema_decay, mt.mean_teacher.consistency) == \
+        (4, 16, 0.99, 50.0)
+    mm = config.resolve("pancreas_mixmatch")
+    assert (mm.train.batch_size, mm.train.epochs, mm.mixmatch.temperature, mm.mixmatch.alpha, mm.mixmatch.k) == \
+        (4, 150, 0.5, 0.75, 2)
+    # 281 labelled volumes: 28 test, 56 validation, 197 training, of which the seed's 30 keep labels.
+    n_train = 281 - round(0.1 * 281) - round(0.2 * 281)
+    assert (n_train, round(mt.data.labeled_fraction * n_train), round(sup.data.labeled_fraction * n_train)) == (197, 30, 197)

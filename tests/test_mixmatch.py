@@ -1,0 +1,76 @@
+"""MixMatch: sharpening, MixUp's lambda', flip-invariant guesses, one step, the smoke run."""
+import numpy as np
+import pytest
+import tensorflow as tf
+import keras
+
+import config
+import data_loader_tf2
+import main
+import run_dir
+from methods import mixmatch
+
+
+def test_sharpen_known_probabilities():
+    p = tf.constant([0.5, 0.8, 0.2, 0.99])
+    np.testing.assert_allclose(mixmatch.sharpen(p, 0.5).numpy(),
+                               [0.5, 0.64 / 0.68, 0.04 / 0.68, 0.99 ** 2 / (0.99 ** 2 + 0.01 ** 2)], rtol=1e-5)
+    np.testing.assert_allclose(mixmatch.sharpen(p, 1.0).numpy(), p.numpy(), rtol=1e-5)
+    assert np.all(np.isfinite(mixmatch.sharpen(tf.constant([0.0, 1.0, 1e-9]), 0.05).numpy()))
+
+
+def test_mixup_lambda_at_least_half_and_beta_distributed():
+    lam = mixmatch.sample_mixup_lambda(4000, 0.75, tf.constant([3, 4], tf.int64)).numpy()
+    assert lam.min() >= 0.5 and lam.max() <= 1.0
+    # Beta(0.75, 0.75) folded at 0.5: E[max(l, 1-l)] = 0.5 + E|l - 0.5| ~= 0.70 (numerically)
+    reference = np.random.default_rng(0).beta(0.75, 0.75, 200_000)
+    assert lam.mean() == pytest.approx(np.maximum(reference, 1 - reference).mean(), abs=0.01)
+    other = mixmatch.sample_mixup_lambda(4000, 0.75, tf.constant([3, 5], tf.int64)).numpy()
+    assert not np.allclose(lam, other)              # another seed (step or replica): other draws
+
+
+def test_mixup_uses_one_lambda_for_images_and_targets():
+    rng = np.random.default_rng(1)
+    a, b = rng.random((3, 4, 4, 1)).astype("float32"), rng.random((3, 4, 4, 1)).astype("float32")
+    lam = tf.constant([0.5, 0.7, 1.0])
+    images, targets = mixmatch.mixup(a, a, b, b, lam)
+    np.testing.assert_array_equal(images.numpy(), targets.numpy())
+    np.testing.assert_allclose(images.numpy()[1], 0.7 * a[1] + 0.3 * b[1], rtol=1e-6)
+    np.testing.assert_allclose(images.numpy()[2], a[2], rtol=1e-6)
+
+
+def test_guessed_labels_are_invariant_to_the_flips_used():
+    # A per-pixel model commutes with flips, so after undoing each view's flips the guess must equal
+    # the sharpened prediction on the unflipped images, whatever flips were drawn.
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Conv2D(1, 1)])
+    images = tf.constant(np.random.default_rng(2).random((6, 8, 8, 1)), tf.float32)
+    guess, views = mixmatch.guess_labels(model, images, tf.constant([7, 1], tf.int64), 2, 0.5, photometric=False)
+    expected = mixmatch.sharpen(tf.sigmoid(model(images)), 0.5)
+    np.testing.assert_allclose(guess.numpy(), expected.numpy(), rtol=1e-5, atol=1e-6)
+    flips = np.concatenate([f.numpy() for _, f in views])
+    assert flips.any() and not flips.all()          # the views really were flipped (some of them)
+    probs = tf.sigmoid(model(views[0][0]))
+    assert not np.allclose(probs.numpy(), tf.sigmoid(model(images)).numpy())   # without the undo: misaligned
+
+
+def test_one_step_gives_finite_losses_and_changes_the_student():
+    cfg = config.resolve("smoke", method="mixmatch")
+    bundle = data_loader_tf2.prepare_data(cfg, log=lambda m: None, progress=False)
+    trainer = mixmatch.MixMatch(cfg, bundle, tf.distribute.get_strategy(), log=lambda m: None)
+    before = [v.numpy().copy() for v in trainer.trainable_variables()]
+    logs = trainer._make_loop(*trainer._iterators(0))(tf.constant(1))
+    assert all(np.isfinite(float(v)) for v in logs.values())
+    assert float(logs["loss_u"]) > 0 and float(logs["loss_sup"]) > 0
+    assert all(not np.allclose(b, v.numpy()) for b, v in zip(before, trainer.trainable_variables()))
+
+
+def test_smoke_training_end_to_end(tmp_path):
+    out = tmp_path / "mm"
+    assert main.main(["train", "--method", "mixmatch", "--preset", "smoke", "--out", str(out), "--no-progress"]) == 0
+    history = run_dir.read_history(out)
+    assert [int(r["epoch"]) for r in history] == [1, 2]
+    for row in history:
+        assert np.isfinite(float(row["loss_u"]))
+        assert 0.0 <= float(row["pseudo_target_dice"]) <= 1.0
+        assert float(row["lambda_u_weight"]) == pytest.approx(1.0)     # rampup_epochs=1 in smoke
