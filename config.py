@@ -56,6 +56,9 @@ class ModelConfig:
     dropout: float = 0.1
     batchnorm: bool = True
     sync_batchnorm: bool = False       # synchronise BN statistics across replicas
+    bn_momentum: float = 0.9           # moving-statistics momentum; Keras' 0.99 lags for hundreds of
+                                       # steps, so short runs (and EMA teachers in inference mode)
+                                       # evaluate with stale statistics. 0.9 = PyTorch's default.
     activation: str = "relu"           # relu | leaky_relu
 
 
@@ -95,6 +98,8 @@ class MeanTeacherConfig:
     ema_warmup: bool = True            # decay min(1 - 1/(n+1), ema_decay) after n updates (the paper's code)
     consistency_on_labeled: bool = True  # consistency on labelled images too (the paper: on all images)
     probe_cases: int = 32              # hidden-truth cases scoring the teacher's targets per epoch; 0 = off
+    student_view: str = "noise"        # noise | strong: the student's view gets photometric strong
+                                       # augmentation (jitter, blur, noise, cutout) on top of its noise
 
 
 @dataclass
@@ -348,6 +353,8 @@ def validate(cfg: Config) -> None:
     check(t.export in ("auto", "student", "teacher"), "train.export", f"must be auto, student or teacher")
     check(m.activation in ("relu", "leaky_relu"), "model.activation", f"unknown activation {m.activation!r}")
     check(0.0 <= cfg.mean_teacher.ema_decay < 1.0, "mean_teacher.ema_decay", "must be in [0, 1)")
+    check(cfg.mean_teacher.student_view in ("noise", "strong"), "mean_teacher.student_view",
+          f"must be noise or strong, got {cfg.mean_teacher.student_view!r}")
     check(0.0 <= cfg.mira_u.ema_decay < 1.0, "mira_u.ema_decay", "must be in [0, 1)")
     check(cfg.mixmatch.k >= 1, "mixmatch.k", "must be >= 1")
     check(0.0 < cfg.mira_u.mask_ratio < 1.0, "mira_u.mask_ratio", "must be in (0, 1)")

@@ -38,7 +38,8 @@ def _conv_block(x, filters: int, cfg, prefix: str):
         x = layers.Conv2D(filters, 3, padding="same", use_bias=not cfg.batchnorm,
                           kernel_initializer="he_normal", name=f"{prefix}_conv{i}")(x)
         if cfg.batchnorm:
-            x = layers.BatchNormalization(synchronized=cfg.sync_batchnorm, name=f"{prefix}_bn{i}")(x)
+            x = layers.BatchNormalization(momentum=cfg.bn_momentum, synchronized=cfg.sync_batchnorm,
+                                          name=f"{prefix}_bn{i}")(x)
         if cfg.activation == "leaky_relu":
             x = layers.LeakyReLU(0.01, name=f"{prefix}_act{i}")(x)
         else:

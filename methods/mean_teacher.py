@@ -35,7 +35,7 @@ from methods import probe
 from models_tf2 import build_model
 from train_ssl_tf2 import Trainer, ema_update, register_method, sigmoid_rampup
 
-STUDENT_NOISE_STREAM, TEACHER_NOISE_STREAM = 11, 12
+STUDENT_NOISE_STREAM, TEACHER_NOISE_STREAM, STUDENT_STRONG_STREAM = 11, 12, 13
 
 
 def ema_weights(model) -> list:
@@ -80,6 +80,10 @@ class MeanTeacher(Trainer):
         x = tf.concat([images, unlabeled], axis=0)
         x_student = augment.gaussian_noise(x, mt.noise_std, self.replica_seed(step, STUDENT_NOISE_STREAM))
         x_teacher = augment.gaussian_noise(x, mt.noise_std, self.replica_seed(step, TEACHER_NOISE_STREAM))
+        if mt.student_view == "strong":
+            # A harder view for the student than for the teacher (as in FixMatch-style consistency):
+            # photometric only, so pixels still line up with the teacher's view.
+            x_student = augment.batch_photometric(x_student, self.replica_seed(step, STUDENT_STRONG_STREAM))
         logits = tf.cast(self.models["student"](x_student, training=True), tf.float32)
         teacher_logits = tf.cast(self.models["teacher"](x_teacher, training=False), tf.float32)
         sup, dice, bce = self.supervised_loss(logits[:n_lab], masks)
