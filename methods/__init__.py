@@ -2,3 +2,4 @@
 
     python main.py train --method mean_teacher --preset smoke
 """
+from methods import mira_u  # noqa: F401,E402
