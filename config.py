@@ -116,6 +116,7 @@ class MiraUConfig:
     num_heads: int = 4
     teacher_dropout: float = 0.1
     student_base_channels: int = 32
+    student_swin_depth: int = 2        # Swin blocks per student stage (1 makes tests trace faster)
     mc_samples: int = 20               # M
     mc_chunk: int = 0                  # 0 = all M passes in one batched forward
     kappa: float = 0.5

@@ -133,12 +133,14 @@ class MiraU(Trainer):
     @classmethod
     def build_networks(cls, cfg, image_size: int, channels: int) -> dict:
         m = cfg.mira_u
-        student = build_hybrid_student(image_size, channels, m.student_base_channels, name="student")
+        student = build_hybrid_student(image_size, channels, m.student_base_channels,
+                                       swin_depth=m.student_swin_depth, name="student")
         teacher = build_mim_teacher(image_size, channels, m.patch_size, m.embed_dim, m.depth,
                                     m.num_heads, dropout=m.teacher_dropout, name="teacher")
         nets = {"student": student, "teacher": teacher}
         if m.ema_target == "student_ema":
-            ema = build_hybrid_student(image_size, channels, m.student_base_channels, name="student_ema")
+            ema = build_hybrid_student(image_size, channels, m.student_base_channels,
+                                       swin_depth=m.student_swin_depth, name="student_ema")
             ema.set_weights(student.get_weights())
             nets["student_ema"] = ema
         else:
@@ -162,25 +164,31 @@ class MiraU(Trainer):
     def compute_loss(self, labeled, unlabeled, step):
         m, teacher, student = self.cfg.mira_u, self.models["teacher"], self.models["student"]
         images, masks = labeled
-        loss_sup, dice, bce = self.supervised_loss(student(images, training=True), masks)
+        weak = unlabeled
+        strong = augment.batch_photometric(weak, self.replica_seed(step, _STREAM_STRONG))
+        # One student forward over [labeled; strong (; weak)]: one traced graph instead of two or
+        # three (the hybrid student traces slowly), and BN sees labeled and unlabeled images alike.
+        own_weak = "student_ema" not in self.models
+        parts = [images, strong] + ([weak] if own_weak else [])
+        all_logits = tf.split(tf.cast(student(tf.concat(parts, 0), training=True), tf.float32),
+                              [tf.shape(p)[0] for p in parts], axis=0)
+        loss_sup, dice, bce = self.supervised_loss(all_logits[0], masks)
         # Teacher head on labeled data, frozen encoder (no gradient, deterministic tokens).
         tokens = tf.stop_gradient(teacher.encode(images, training=False))
         grid = tf.reshape(tokens, [-1, teacher.grid, teacher.grid, teacher.embed_dim])
         loss_head, _, _ = self.supervised_loss(self.trained_head()(grid, training=True), masks)
 
-        weak = unlabeled
-        strong = augment.batch_photometric(weak, self.replica_seed(step, _STREAM_STRONG))
         mu, sigma = mc_dropout_stats(teacher, weak, m.mc_samples, m.mc_chunk or None,
                                      seed=self.replica_seed(step, _STREAM_MC))
         mu, sigma = tf.stop_gradient(mu), tf.stop_gradient(sigma)
         w, keep, target = confidence_targets(mu, sigma, m.kappa, m.tau_u)
 
-        logits = tf.cast(student(strong, training=True), tf.float32)
+        logits = all_logits[1]
         prob = tf.sigmoid(logits)
-        if "student_ema" in self.models:      # the EMA student in inference mode
+        if own_weak:            # the seed's Student(x^_j), as trained (batch BN), stop-gradient
+            weak_logits = all_logits[2]
+        else:                   # the EMA student in inference mode
             weak_logits = self.models["student_ema"](weak, training=False)
-        else:                                  # the seed's Student(x^_j), as trained (batch BN)
-            weak_logits = student(weak, training=True)
         p_weak = tf.stop_gradient(tf.sigmoid(tf.cast(weak_logits, tf.float32)))
 
         # Masked means divide by the *global* kept count, so summing replica shares gives the
