@@ -37,8 +37,8 @@ no pseudo labels at all:
   teacher_head : the EMA lands in the teacher, as the seed writes, but from a trained copy of its
                 own head ("teacher_head_fast"): the pseudo-labelling head is the EMA of that copy;
                 p_target = student(weak) (stop-gradient); the student is exported.
-The EMA decay is min(alpha, 1 - 1/(step + 1)) (Tarvainen & Valpola's warm-up), so early
-targets are not stuck at the random initialisation.
+The EMA decay is min(alpha, 1 - 1/(t + 1)), t = updates done (0.5 after the first; Tarvainen &
+Valpola's warm-up), so early targets are not stuck at the random initialisation.
 
 Per epoch history.csv gets loss_sup, loss_unsup (= lambda_U L_ce + lambda_C L_cons, before beta),
 loss_ce, loss_cons, loss_ent, loss_head, beta, kept_fraction (pixels with w >= tau_u),
@@ -230,6 +230,7 @@ class MiraU(Trainer):
         return logs
 
     def ema_decay(self, step):
+        # on_step_end runs after apply_gradients: `step` (optimizer.iterations) is already t.
         return tf.minimum(self.cfg.mira_u.ema_decay, 1.0 - 1.0 / (tf.cast(step, tf.float32) + 1.0))
 
     def on_step_end(self, step):

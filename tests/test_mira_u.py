@@ -138,12 +138,18 @@ def _stage2_step(trainer):
     return logs, before
 
 
+def _assert_half_way(ema_vars, before, source_vars):
+    """EMA warm-up: decay min(alpha, 1 - 1/(t+1)) = 0.5 after the first update (t = 1)."""
+    for e, b, s in zip(ema_vars, before, source_vars):
+        np.testing.assert_allclose(e.numpy(), 0.5 * b + 0.5 * s.numpy(), rtol=1e-5, atol=1e-7)
+
+
 def test_one_stage2_step_student_ema_reading(trainer):
+    ema, student = (mira_u.float_weights(trainer.models[k]) for k in ("student_ema", "student"))
+    np.testing.assert_array_equal(ema[0].numpy(), student[0].numpy())    # starts as a copy
+    initial = _values(ema)
     logs, _ = _stage2_step(trainer)
-    # EMA warm-up: decay min(0.999, 1 - 1/(step+1)) = 0 at step 0, so the EMA copies the student.
-    for e, s in zip(mira_u.float_weights(trainer.models["student_ema"]),
-                    mira_u.float_weights(trainer.models["student"])):
-        np.testing.assert_array_equal(e.numpy(), s.numpy())
+    _assert_half_way(ema, initial, student)
     # kappa = 0.5 bounds w below by exp(-1) > tau_u: nothing is dropped at the seed's values.
     assert logs["kept_fraction"] == 1.0 and logs["mean_confidence"] >= math.exp(-1)
 
@@ -151,12 +157,13 @@ def test_one_stage2_step_student_ema_reading(trainer):
 def test_one_stage2_step_teacher_head_reading():
     trainer = _trainer("mira_u.ema_target=teacher_head")
     assert "student_ema" not in trainer.models and "student_ema" not in trainer.eval_models()
+    pseudo_head = mira_u.float_weights(trainer.models["teacher"].seg_head)
+    fast_head = mira_u.float_weights(trainer.models["teacher_head_fast"])
+    initial = _values(pseudo_head)
     _, before = _stage2_step(trainer)
-    # The pseudo-labelling head is the EMA of the trained fast copy (a copy at step 0).
+    # The pseudo-labelling head is the EMA of the trained fast copy.
     assert all(_changed(before["pseudo_head"], trainer.models["teacher"].seg_head.trainable_variables))
-    for e, s in zip(mira_u.float_weights(trainer.models["teacher"].seg_head),
-                    mira_u.float_weights(trainer.models["teacher_head_fast"])):
-        np.testing.assert_array_equal(e.numpy(), s.numpy())
+    _assert_half_way(pseudo_head, initial, fast_head)
 
 
 def test_bad_teacher_checkpoint_is_named(trainer, tmp_path):
