@@ -126,6 +126,7 @@ class MiraUConfig:
     num_heads: int = 4
     teacher_dropout: float = 0.1
     student_base_channels: int = 32
+    student_swin_depth: int = 2        # Swin blocks per student stage (1 makes tests trace faster)
     mc_samples: int = 20               # M
     mc_chunk: int = 0                  # 0 = all M passes in one batched forward
     kappa: float = 0.5
@@ -135,7 +136,8 @@ class MiraUConfig:
     gamma: float = 0.01
     rampup_epochs: float = 80.0
     ema_decay: float = 0.999
-    ema_target: str = "student_ema"    # student_ema | teacher_head  (see docs/methods.md)
+    ema_target: str = "student_ema"    # student_ema | teacher_head  (see docs/mira_u.md)
+    probe_cases: int = 32              # hidden-truth unlabeled cases scored for pseudo-label Dice per epoch; 0 = off
 
 
 @dataclass
@@ -201,6 +203,21 @@ PRESETS: dict[str, dict] = {
         "mixmatch": {"temperature": 0.5, "alpha": 0.75, "k": 2},
     },
 }
+
+# MIRA-U on ISIC-2016 with the seed's hyperparameters (docs/mira_u.md). The seed splits 80% train /
+# 20% test; validation (model selection) is carved out of that 80% (10% of all images, so 70%
+# train), and the labeled fraction is of the remaining training images. Pass --data ISIC_ROOT.
+for _fraction in (10, 20, 30, 50):
+    PRESETS[f"isic2016_{_fraction}"] = {
+        "method": "mira_u",
+        "data": {"format": "isic", "image_size": 256, "channels": 3, "labeled_fraction": _fraction / 100,
+                 "test_fraction": 0.2, "val_fraction": 0.1},
+        "train": {"epochs": 150, "batch_size": 4, "lr": 1e-3, "lambda_dice": 0.5, "lambda_bce": 0.5,
+                  "unlabeled_ratio": 1},
+        "mira_u": {"mim_epochs": 50, "mim_lr": 1e-3, "mim_batch_size": 16, "mask_ratio": 0.8, "patch_size": 8,
+                   "mc_samples": 20, "kappa": 0.5, "tau_u": 0.15, "ema_decay": 0.999, "rampup_epochs": 80.0,
+                   "lambda_u": 1.0, "lambda_c": 0.1, "gamma": 0.01},
+    }
 
 
 def _field_types(cls) -> dict[str, typing.Any]:

@@ -2,4 +2,4 @@
 
     python main.py train --method mean_teacher --preset smoke
 """
-from methods import mean_teacher, mixmatch  # noqa: E402,F401  (registration by import)
+from methods import mean_teacher, mira_u, mixmatch  # noqa: E402,F401  (registration by import)

@@ -1,0 +1,359 @@
+"""MIRA-U: a MIM-pretrained ViT teacher gives uncertainty-weighted pseudo labels to a hybrid
+CNN-Transformer student (two stages; Algorithms 1 and 2 of the MIRA-U README; issue 6).
+
+    python main.py train --method mira_u --preset smoke
+    python main.py train --preset isic2016_10 --data data/ISIC2016 --out runs/mira10
+    python main.py train --preset isic2016_30 --data data/ISIC2016 \
+        --set mira_u.teacher_checkpoint=runs/mira10/teacher_mim.keras     # skips stage 1
+
+Stage 1 (`fit` runs it before the shared loop, unless `mira_u.teacher_checkpoint` is given or the
+run folder already holds RUN/teacher_mim.keras from an interrupted run): masked image modelling
+on the training split's images only (labeled + unlabeled; never val/test), 80% of the 8x8 patches
+masked, loss = mean L1 over the masked patches; the teacher is saved to RUN/teacher_mim.keras and
+per-epoch L_MIM to RUN/mim_history.csv. Stage 1 is not checkpointed mid-way: preempted, it reruns.
+
+Stage 2 (`compute_loss`, run by the base loop), per step:
+    L = L_sup + beta(t) * (lambda_U * L_ce + lambda_C * L_cons) + gamma * L_ent  (+ L_head)
+  L_sup  = 0.5 Dice + 0.5 BCE of the student on strong-augmented labeled images.
+  mu, sigma = mean / std (ddof 0) of M MC-dropout passes of the teacher on the weak view, as one
+           batched forward (`mc_dropout_stats`), noise seeded per step and per replica.
+  w = exp(-sigma / kappa); pixels with w < tau_u are dropped; y~ = w * mu (the seed's soft label).
+  L_ce   = BCE(student(strong), y~), mean over kept pixels (global count, all-reduced).
+  L_cons = (p_student(strong) - p_target(weak))^2, mean over kept pixels; p_target is stop-gradient.
+  L_ent  = binary entropy of student(strong), mean over all unlabeled pixels.
+  beta(t) = exp(-5 (1 - t/80)^2) for t < 80 epochs, then 1, with t the fractional epoch.
+The strong unlabeled view is the weak view plus photometric noise (same geometry, so the pixels
+of the two views line up for L_cons).
+
+The EMA reading (`mira_u.ema_target`). The seed writes phi* <- alpha phi* + (1 - alpha) theta, the
+student's weights into the teacher's, but the ViT teacher and the hybrid student have different
+architectures, so that cannot hold literally. We keep what it is for: a slowly moving, stable
+network. Both readings freeze the teacher's MIM encoder after stage 1 and train its segmentation
+head (`seg_head`) on the labeled batch (L_head = L_sup of the head), since an untrained head gives
+no pseudo labels at all:
+  student_ema  (default): an EMA copy of the student (alpha = 0.999) is the consistency target
+                p_target = EMA(weak) and the network validated first and exported (Mean Teacher's
+                reading: theta -> phi with phi shaped like theta). Pseudo labels: the trained head.
+  teacher_head : the EMA lands in the teacher, as the seed writes, but from a trained copy of its
+                own head ("teacher_head_fast"): the pseudo-labelling head is the EMA of that copy;
+                p_target = student(weak) (stop-gradient); the student is exported.
+The EMA decay is min(alpha, 1 - 1/(t + 1)), t = updates done (0.5 after the first; Tarvainen &
+Valpola's warm-up), so early targets are not stuck at the random initialisation.
+
+Per epoch history.csv gets loss_sup, loss_unsup (= lambda_U L_ce + lambda_C L_cons, before beta),
+loss_ce, loss_cons, loss_ent, loss_head, beta, kept_fraction (pixels with w >= tau_u),
+mean_confidence (mean w), and pseudo_dice: Dice of the binarised pseudo labels (y~ >= 0.5, dropped
+pixels as background) against the hidden truth of up to `mira_u.probe_cases` unlabeled cases.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import time
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+import keras
+
+import augment
+import evaluation
+from models_transformer import (SegmentationHead, build_hybrid_student, build_mim_teacher,
+                                mc_dropout_stats, mim_l1_loss, patchify, random_patch_mask)
+from train_ssl_tf2 import Trainer, _augment_fn, _save_model_atomic, register_method, sigmoid_rampup
+
+TEACHER_FILE = "teacher_mim.keras"
+MIM_HISTORY = "mim_history.csv"
+# replica_seed streams (distinct purposes draw independent noise)
+_STREAM_STRONG, _STREAM_MC, _STREAM_MIM_MASK = 11, 12, 21
+
+
+# ----------------------------------------------------------------------------- pure pieces
+def confidence_targets(mu, sigma, kappa, tau_u):
+    """(w, keep, y~): w = exp(-sigma/kappa), keep = 1 where w >= tau_u, y~ = w * mu (Alg. 2, l. 19-28).
+
+    Note: sigma of a probability is at most 0.5, so with kappa = 0.5 every w >= exp(-1) = 0.37 and
+    the seed's tau_u = 0.15 never drops a pixel; the filter acts only for kappa < 0.5/ln(1/tau_u)."""
+    w = tf.exp(-sigma / kappa)
+    keep = tf.cast(w >= tau_u, tf.float32)
+    return w, keep, w * mu
+
+
+def binary_entropy_from_logits(logits):
+    """-p log p - (1-p) log(1-p) with p = sigmoid(z), from logits without log(0):
+    log p = -softplus(-z), log(1-p) = -softplus(z)."""
+    p = tf.sigmoid(logits)
+    return p * tf.nn.softplus(-logits) + (1.0 - p) * tf.nn.softplus(logits)
+
+
+def mim_batch_loss(teacher, images, mask_ratio, seed, training=True):
+    """(L_MIM, mask): 80%-masked reconstruction, L1 over masked patches only (Algorithm 1).
+    Exactly round(ratio * N) patches per image, so a per-replica mean is unbiased (see
+    models_transformer.random_patch_mask; its ratio and visible-patch tests live in
+    tests/test_models_transformer.py)."""
+    mask = random_patch_mask(tf.shape(images)[0], teacher.num_patches, mask_ratio, seed)
+    recon = teacher.reconstruct(images, mask, training=training)
+    return mim_l1_loss(recon, patchify(tf.cast(images, tf.float32), teacher.patch_size), mask), mask
+
+
+def float_weights(model):
+    """Floating-point variables (weights and BN statistics), not integer RNG seed states."""
+    return [v for v in model.weights if tf.as_dtype(v.dtype).is_floating]
+
+
+def ema_assign(target_vars, source_vars, decay):
+    for t, s in zip(target_vars, source_vars):
+        t.assign(decay * t + (1.0 - decay) * tf.cast(s, t.dtype))
+
+
+def load_teacher_into(teacher, path):
+    """Copy a saved stage-1 teacher's weights into `teacher` (built in the strategy scope)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"mira_u.teacher_checkpoint: {path} does not exist")
+    loaded = keras.saving.load_model(path, compile=False)
+    want, got = teacher.config_values, getattr(loaded, "config_values", None)
+    if got is None:
+        raise ValueError(f"mira_u.teacher_checkpoint: {path} is not a MIM teacher")
+    diff = {k: (got.get(k), v) for k, v in want.items() if got.get(k) != v}
+    if diff:
+        raise ValueError(f"mira_u.teacher_checkpoint: {path} was built with other settings "
+                         f"(saved, wanted): {diff}")
+    for dst, src in zip(teacher.weights, loaded.weights):
+        dst.assign(src)
+
+
+# ----------------------------------------------------------------------------- the method
+@register_method("mira_u")
+class MiraU(Trainer):
+    uses_unlabeled = True
+    labeled_augment = "strong"
+    unlabeled_augment = "weak"
+
+    @classmethod
+    def build_networks(cls, cfg, image_size: int, channels: int) -> dict:
+        m = cfg.mira_u
+        student = build_hybrid_student(image_size, channels, m.student_base_channels,
+                                       swin_depth=m.student_swin_depth, name="student")
+        teacher = build_mim_teacher(image_size, channels, m.patch_size, m.embed_dim, m.depth,
+                                    m.num_heads, dropout=m.teacher_dropout, name="teacher")
+        nets = {"student": student, "teacher": teacher}
+        if m.ema_target == "student_ema":
+            ema = build_hybrid_student(image_size, channels, m.student_base_channels,
+                                       swin_depth=m.student_swin_depth, name="student_ema")
+            ema.set_weights(student.get_weights())
+            nets["student_ema"] = ema
+        else:
+            tv = teacher.config_values
+            fast = SegmentationHead(tv["patch_size"], tv["head_channels"], tv["dropout"],
+                                    name="teacher_head_fast")
+            fast.build((None, teacher.grid, teacher.grid, tv["embed_dim"]))
+            fast.set_weights(teacher.seg_head.get_weights())
+            nets["teacher_head_fast"] = fast
+        return nets
+
+    def trained_head(self):
+        """The head L_head trains: the teacher's own (student_ema) or its fast copy (teacher_head)."""
+        return self.models.get("teacher_head_fast", self.models["teacher"].seg_head)
+
+    def trainable_variables(self):
+        # The teacher's encoder and MIM decoder are frozen in stage 2: not in this list.
+        return self.models["student"].trainable_variables + self.trained_head().trainable_variables
+
+    # ------------------------------------------------------------------ stage 2
+    def compute_loss(self, labeled, unlabeled, step):
+        m, teacher, student = self.cfg.mira_u, self.models["teacher"], self.models["student"]
+        images, masks = labeled
+        weak = unlabeled
+        strong = augment.batch_photometric(weak, self.replica_seed(step, _STREAM_STRONG))
+        # One student forward over [labeled; strong (; weak)]: one traced graph instead of two or
+        # three (the hybrid student traces slowly), and BN sees labeled and unlabeled images alike.
+        own_weak = "student_ema" not in self.models
+        parts = [images, strong] + ([weak] if own_weak else [])
+        all_logits = tf.split(tf.cast(student(tf.concat(parts, 0), training=True), tf.float32),
+                              [tf.shape(p)[0] for p in parts], axis=0)
+        loss_sup, dice, bce = self.supervised_loss(all_logits[0], masks)
+        # Teacher head on labeled data, frozen encoder (no gradient, deterministic tokens).
+        tokens = tf.stop_gradient(teacher.encode(images, training=False))
+        grid = tf.reshape(tokens, [-1, teacher.grid, teacher.grid, teacher.embed_dim])
+        loss_head, _, _ = self.supervised_loss(self.trained_head()(grid, training=True), masks)
+
+        mu, sigma = mc_dropout_stats(teacher, weak, m.mc_samples, m.mc_chunk or None,
+                                     seed=self.replica_seed(step, _STREAM_MC))
+        mu, sigma = tf.stop_gradient(mu), tf.stop_gradient(sigma)
+        w, keep, target = confidence_targets(mu, sigma, m.kappa, m.tau_u)
+
+        logits = all_logits[1]
+        prob = tf.sigmoid(logits)
+        if own_weak:            # the seed's Student(x^_j), as trained (batch BN), stop-gradient
+            weak_logits = all_logits[2]
+        else:                   # the EMA student in inference mode
+            weak_logits = self.models["student_ema"](weak, training=False)
+        p_weak = tf.stop_gradient(tf.sigmoid(tf.cast(weak_logits, tf.float32)))
+
+        # Masked means divide by the *global* kept count, so summing replica shares gives the
+        # global-batch mean (DESIGN.md: filtered losses need an all-reduced count).
+        n_pixels = tf.cast(tf.size(keep), tf.float32) * self.n_replicas
+        n_kept = self.all_reduce_sum(tf.reduce_sum(keep))
+        ce = tf.nn.sigmoid_cross_entropy_with_logits(labels=target, logits=logits)
+        loss_ce = tf.reduce_sum(ce * keep) / tf.maximum(n_kept, 1.0)
+        loss_cons = tf.reduce_sum(tf.square(prob - p_weak) * keep) / tf.maximum(n_kept, 1.0)
+        loss_ent = tf.reduce_sum(binary_entropy_from_logits(logits)) / n_pixels
+        loss_unsup = m.lambda_u * loss_ce + m.lambda_c * loss_cons
+        beta = sigmoid_rampup(self.epoch_float(step), m.rampup_epochs)
+        loss = loss_sup + beta * loss_unsup + m.gamma * loss_ent + loss_head
+        r = float(self.n_replicas)
+        return loss, {"loss": loss, "loss_sup": loss_sup, "loss_dice": dice, "loss_bce": bce,
+                      "loss_unsup": loss_unsup, "loss_ce": loss_ce, "loss_cons": loss_cons,
+                      "loss_ent": loss_ent, "loss_head": loss_head, "beta": beta / r,
+                      "kept_fraction": tf.reduce_sum(keep) / n_pixels,
+                      "mean_confidence": tf.reduce_sum(w) / n_pixels}
+
+    def _replica_step(self, labeled, unlabeled):
+        """The base step, plus one line: the student's relative-position-bias tables are read with
+        tf.gather, so their gradients are IndexedSlices, which the base clipping path cannot
+        all-reduce and divide. TODO(integrator): densify in Trainer._replica_step, drop this copy."""
+        step = self.optimizer.iterations
+        with tf.GradientTape() as tape:
+            loss, logs = self.compute_loss(labeled, unlabeled, step)
+            scaled = self.optimizer.scale_loss(loss) if hasattr(self.optimizer, "scale_loss") else loss
+        variables = self.trainable_variables()
+        grads = [tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices) else g
+                 for g in tape.gradient(scaled, variables)]
+        clip = self.cfg.train.clip_norm
+        if clip > 0 and not self._keras_clips:
+            grads = self.all_reduce_sum(grads)
+            grads, _ = tf.clip_by_global_norm(grads, clip)
+            grads = [g / self.n_replicas for g in grads]
+        self.optimizer.apply_gradients(zip(grads, variables))
+        self.on_step_end(step)
+        return logs
+
+    def ema_decay(self, step):
+        # on_step_end runs after apply_gradients: `step` (optimizer.iterations) is already t.
+        return tf.minimum(self.cfg.mira_u.ema_decay, 1.0 - 1.0 / (tf.cast(step, tf.float32) + 1.0))
+
+    def on_step_end(self, step):
+        decay = self.ema_decay(step)
+        if "student_ema" in self.models:
+            ema_assign(float_weights(self.models["student_ema"]), float_weights(self.models["student"]), decay)
+        else:
+            ema_assign(float_weights(self.models["teacher"].seg_head),
+                       float_weights(self.models["teacher_head_fast"]), decay)
+
+    def eval_models(self) -> dict:
+        first = {"student_ema": self.models["student_ema"]} if "student_ema" in self.models else {}
+        return {**first, "student": self.models["student"], "teacher": self.models["teacher"]}
+
+    def epoch_diagnostics(self, epoch: int) -> dict:
+        cases = self.data.splits.get("hidden_truth", [])[: self.cfg.mira_u.probe_cases]
+        if not cases:
+            return {}
+        if getattr(self, "_pseudo_label_fn", None) is None:
+            m, teacher = self.cfg.mira_u, self.models["teacher"]
+
+            @tf.function(reduce_retracing=True)
+            def pseudo_label(images):
+                # A fixed MC seed, so the probe changes only because the teacher's head changed.
+                mu, sigma = mc_dropout_stats(teacher, images, m.mc_samples, m.mc_chunk or None,
+                                             seed=[self.cfg.seed, 7])
+                _, keep, target = confidence_targets(mu, sigma, m.kappa, m.tau_u)
+                return (target * keep)[..., 0]
+            self._pseudo_label_fn = pseudo_label
+        return {"pseudo_dice": pseudo_label_dice(self._pseudo_label_fn, self.data, cases,
+                                                 self.cfg.train.eval_batch_size)}
+
+    # ------------------------------------------------------------------ stage 1 + stage 2
+    def fit(self, run: Path, is_chief: bool = True, ckpt_dir: Path | None = None, progress: bool = True) -> str:
+        m, teacher = self.cfg.mira_u, self.models["teacher"]
+        saved = Path(run) / TEACHER_FILE
+        if m.teacher_checkpoint:
+            load_teacher_into(teacher, m.teacher_checkpoint)
+            self.log(f"stage 1 skipped: teacher loaded from {m.teacher_checkpoint}")
+        elif saved.exists():
+            load_teacher_into(teacher, saved)
+            self.log(f"stage 1 skipped: {saved} exists (resumed run)")
+        else:
+            self.pretrain_teacher(Path(run), is_chief)
+            if is_chief:
+                _save_model_atomic(teacher, saved)
+            self.log(f"stage 1 done: teacher saved to {saved}")
+        return super().fit(run, is_chief, ckpt_dir, progress)
+
+    def mim_dataset_bundle(self):
+        """The bundle with one more split, 'mim_train' = labeled + unlabeled training cases (never
+        val or test: the seed's own code pretrains on them, issue 6 forbids it)."""
+        splits = {**self.data.splits, "mim_train": sorted(self.data.splits["labeled"] + self.data.splits["unlabeled"])}
+        return dataclasses.replace(self.data, splits=splits)
+
+    def make_mim_loop(self):
+        """(loop(n) -> mean L_MIM over n steps, steps per MIM epoch, optimizer)."""
+        m, teacher, strategy = self.cfg.mira_u, self.models["teacher"], self.strategy
+        if m.mim_batch_size % self.n_replicas:
+            raise ValueError(f"mira_u.mim_batch_size={m.mim_batch_size} must be divisible by the "
+                             f"{self.n_replicas} replicas")
+        bundle, per_replica = self.mim_dataset_bundle(), m.mim_batch_size // self.n_replicas
+        weak = _augment_fn("weak")
+        it = iter(strategy.distribute_datasets_from_function(
+            lambda ctx: bundle.train_dataset("mim_train", per_replica, ctx, 0, weak, stream_id=3, with_mask=False)))
+        parts = teacher.part_weights()
+        variables = [v for v in parts["encoder"] + parts["mim_decoder"] if v.trainable]
+        with strategy.scope():
+            opt = keras.optimizers.Adam(m.mim_lr)
+            if self.cfg.train.precision == "mixed_float16":
+                opt = keras.optimizers.LossScaleOptimizer(opt)
+            opt.build(variables)
+
+        def replica_step(images):
+            with tf.GradientTape() as tape:
+                loss, _ = mim_batch_loss(teacher, images, m.mask_ratio,
+                                         self.replica_seed(opt.iterations, _STREAM_MIM_MASK))
+                share = loss / self.n_replicas      # equal masked counts per replica: unbiased
+                scaled = opt.scale_loss(share) if hasattr(opt, "scale_loss") else share
+            opt.apply_gradients(zip(tape.gradient(scaled, variables), variables))
+            return share
+
+        @tf.function
+        def loop(n):
+            total = tf.constant(0.0)
+            for _ in tf.range(n):
+                total += strategy.reduce(tf.distribute.ReduceOp.SUM,
+                                         strategy.run(replica_step, args=(next(it),)), axis=None)
+            return total / tf.cast(n, tf.float32)
+
+        steps = max(1, -(-bundle.n_slices("mim_train") // m.mim_batch_size))
+        return loop, steps, opt
+
+    def pretrain_teacher(self, run: Path, is_chief: bool = True) -> list[float]:
+        """Stage 1 (Algorithm 1): `mim_epochs` epochs of masked image modelling. Returns L_MIM per epoch."""
+        m = self.cfg.mira_u
+        loop, steps, _ = self.make_mim_loop()
+        losses = []
+        for epoch in range(m.mim_epochs):
+            t0 = time.time()
+            loss = float(loop(tf.constant(steps)))
+            if not np.isfinite(loss):
+                raise FloatingPointError(f"stage 1: L_MIM became {loss} in epoch {epoch + 1}; lower mira_u.mim_lr")
+            losses.append(loss)
+            if is_chief:
+                _append_csv(run / MIM_HISTORY, {"epoch": epoch + 1, "step": (epoch + 1) * steps,
+                                                 "loss_mim": loss, "time_s": round(time.time() - t0, 2)})
+            self.log(f"stage 1 epoch {epoch + 1}/{m.mim_epochs} L_MIM={loss:.4f} ({time.time() - t0:.1f}s)")
+        return losses
+
+
+def pseudo_label_dice(pseudo_fn, bundle, case_ids, batch: int = 16) -> float:
+    """Mean per-case Dice of pseudo labels (pseudo_fn(images) -> [B,H,W] in [0,1], binarised at
+    0.5) against the hidden truth of `case_ids`. Method-agnostic: any method's target maker fits."""
+    scores = [evaluation._dice(prob >= 0.5, label > 0)
+              for _, _, label, prob in evaluation.iterate_cases(pseudo_fn, bundle, None, batch, case_ids)]
+    return float(np.mean(scores)) if scores else float("nan")
+
+
+def _append_csv(path: Path, row: dict) -> None:
+    new = not path.exists()
+    with open(path, "a", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(row))
+        if new:
+            writer.writeheader()
+        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
