@@ -228,7 +228,10 @@ class Trainer:
             loss, logs = self.compute_loss(labeled, unlabeled, step)
             scaled = self.optimizer.scale_loss(loss) if hasattr(self.optimizer, "scale_loss") else loss
         variables = self.trainable_variables()
-        grads = tape.gradient(scaled, variables)
+        # Gathered tables (e.g. Swin relative-position biases) give IndexedSlices: densify them so
+        # the all-reduce and clipping below treat every gradient alike.
+        grads = [tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices) else g
+                 for g in tape.gradient(scaled, variables)]
         clip = self.cfg.train.clip_norm
         if clip > 0 and not self._keras_clips:
             # Keras clips each replica's share before its all-reduce; clipping must see the global

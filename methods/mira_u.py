@@ -209,26 +209,6 @@ class MiraU(Trainer):
                       "kept_fraction": tf.reduce_sum(keep) / n_pixels,
                       "mean_confidence": tf.reduce_sum(w) / n_pixels}
 
-    def _replica_step(self, labeled, unlabeled):
-        """The base step, plus one line: the student's relative-position-bias tables are read with
-        tf.gather, so their gradients are IndexedSlices, which the base clipping path cannot
-        all-reduce and divide. TODO(integrator): densify in Trainer._replica_step, drop this copy."""
-        step = self.optimizer.iterations
-        with tf.GradientTape() as tape:
-            loss, logs = self.compute_loss(labeled, unlabeled, step)
-            scaled = self.optimizer.scale_loss(loss) if hasattr(self.optimizer, "scale_loss") else loss
-        variables = self.trainable_variables()
-        grads = [tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices) else g
-                 for g in tape.gradient(scaled, variables)]
-        clip = self.cfg.train.clip_norm
-        if clip > 0 and not self._keras_clips:
-            grads = self.all_reduce_sum(grads)
-            grads, _ = tf.clip_by_global_norm(grads, clip)
-            grads = [g / self.n_replicas for g in grads]
-        self.optimizer.apply_gradients(zip(grads, variables))
-        self.on_step_end(step)
-        return logs
-
     def ema_decay(self, step):
         # on_step_end runs after apply_gradients: `step` (optimizer.iterations) is already t.
         return tf.minimum(self.cfg.mira_u.ema_decay, 1.0 - 1.0 / (tf.cast(step, tf.float32) + 1.0))
