@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import tempfile
 
 import tensorflow as tf
@@ -43,6 +44,32 @@ PREEMPTED_EXIT_CODE = 75
 # take the next ports), so two jobs on one node rarely collide; SEMISEG_PORT overrides it.
 # 20000-29999 stays below Linux's ephemeral range (32768+) used by outgoing connections.
 PORT_BASE, PORT_SPAN = 20000, 10000
+
+
+# Signals (SIGTERM, SIGUSR1) caught before the trainer installs its own handler.
+_early_signals = []
+
+
+def catch_preemption_signals_early():
+    """Record SIGTERM/SIGUSR1 from now on; the trainer's Preemption takes over what arrived.
+
+    Start-up (TF, the slice cache, building networks) can take minutes, and Python's default
+    action for SIGUSR1 kills the process: a time-limit warning then would lose the job without a
+    checkpoint. Recorded, it makes the trainer save and stop after its first steps instead.
+    """
+    _early_signals.clear()          # a second run in one process starts clean
+    def record(signum, _frame):
+        _early_signals.append(signal.Signals(signum).name)
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        try:
+            signal.signal(sig, record)
+        except ValueError:          # not the main thread
+            pass
+
+
+def early_signal():
+    """Name of the first signal recorded by catch_preemption_signals_early, else None."""
+    return _early_signals[0] if _early_signals else None
 
 
 def slurm_port(env=None):

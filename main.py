@@ -61,6 +61,7 @@ def _resolve_train_config(args):
 def cmd_train(args) -> int:
     cfg, run = _resolve_train_config(args)
     import distribute
+    distribute.catch_preemption_signals_early()     # SIGUSR1 during start-up: save, not die
     # The strategy comes before any other TF op (multi-worker collectives are configured at init).
     strategy, info = distribute.make_strategy(cfg.train.distribution)
     chief = info.get("is_chief", True)

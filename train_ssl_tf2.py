@@ -69,7 +69,7 @@ class Preemption:
     """SIGTERM / SIGUSR1 set a flag; the loop checkpoints at the next loop boundary and exits 75."""
 
     def __init__(self):
-        self.signal = None
+        self.signal = distribute.early_signal()      # one that arrived during start-up
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             try:
                 signal.signal(sig, self._handle)
