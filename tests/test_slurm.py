@@ -269,7 +269,7 @@ def real_job_env(tmp_path, **extra):
 def test_real_trainer_multinode_two_workers(slurm_cluster, tmp_path):
     out = tmp_path / "run"
     job = slurm_cluster.submit(
-        "slurm/train_multinode.sbatch", "supervised", "smoke",
+        os.path.join(REPO, "slurm/train_multinode.sbatch"), "supervised", "smoke",
         options=["--nodes=1", "--ntasks-per-node=2"], cwd=tmp_path,
         env=real_job_env(tmp_path, OUT=str(out), DISTRIBUTION="auto",
                          EXTRA="--no-progress --set train.epochs=1"))
@@ -301,7 +301,7 @@ def test_real_trainer_usr1_requeues_and_resumes(slurm_cluster, tmp_path):
     out = tmp_path / "run"
     steps = 150                    # per epoch; enough that the signal lands mid-run
     job = slurm_cluster.submit(
-        "slurm/train_1gpu.sbatch", "supervised", "smoke", cwd=tmp_path,
+        os.path.join(REPO, "slurm/train_1gpu.sbatch"), "supervised", "smoke", cwd=tmp_path,
         env=real_job_env(tmp_path, OUT=str(out), EXTRA=(
             f"--no-progress --set train.epochs=2 train.steps_per_epoch={steps} "
             "train.steps_per_loop=1 train.checkpoint_every=5")))
