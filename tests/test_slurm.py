@@ -299,7 +299,7 @@ def test_real_trainer_multinode_two_workers(slurm_cluster, tmp_path):
 
 def test_real_trainer_usr1_requeues_and_resumes(slurm_cluster, tmp_path):
     out = tmp_path / "run"
-    steps = 150                    # per epoch; enough that the signal lands mid-run
+    steps = 80                     # per epoch (~0.1 s each here): the signal lands mid-run
     job = slurm_cluster.submit(
         os.path.join(REPO, "slurm/train_1gpu.sbatch"), "supervised", "smoke", cwd=tmp_path,
         env=real_job_env(tmp_path, OUT=str(out), EXTRA=(
