@@ -163,9 +163,11 @@ class DataBundle:
                       augment=None, stream_id: int = 0, with_mask: bool = True):
         """Infinite stream of batches of `split` for one input pipeline.
 
-        Sharding across pipelines is by record (every pipeline reads the split, keeps every n-th
-        record of the shared shuffled order), so the global batch over all workers is exactly the
-        batch one worker would see: results do not depend on the number of workers.
+        Sharding across pipelines is by record of one global stream (every pipeline reads the
+        split and keeps records pipe, pipe + n, pipe + 2n, ... of the shared shuffled order, passes
+        concatenated), so the records of global step s are exactly [s*G, (s+1)*G) of that order
+        whatever the number of workers, and each record's augmentation is seeded by its global
+        index: results do not depend on the number of workers (only the order within a batch).
         `augment(image, mask, seed) -> (image, mask)` runs per element with seed (seed, stream, index).
         """
         import tensorflow as tf
@@ -174,14 +176,13 @@ class DataBundle:
             raise DataError(f"split '{split}' has no cases")
         n_pipe = input_context.num_input_pipelines if input_context else 1
         pipe = input_context.input_pipeline_id if input_context else 0
-        replicas_here = (input_context.num_replicas_in_sync // n_pipe) if input_context else 1
-        total = self.n_slices(split)
+        replicas = input_context.num_replicas_in_sync if input_context else 1
+        total = self.n_slices(split)                        # records per pass, all pipelines
         if total == 0:
             raise DataError(f"split '{split}' has no training slices (data.foreground_only keeps none; "
                             f"raise data.background_ratio or turn it off)")
-        per_pass = len(range(pipe, total, n_pipe))           # records this pipeline sees per pass
-        consumed = start_step * per_replica_batch * replicas_here
-        first_pass, skip = divmod(consumed, per_pass)
+        consumed = start_step * per_replica_batch * replicas   # global records before start_step
+        first_pass, skip = divmod(consumed, total)
         seed, buffer = self.seed, self.data_cfg.shuffle_buffer
 
         def one_pass(p):
@@ -201,16 +202,18 @@ class DataBundle:
                 order = tf.argsort(keys)
                 return tf.data.Dataset.from_tensor_slices(tf.nest.map_structure(lambda x: tf.gather(x, order), r))
 
-            ds = ds.map(keyed).batch(buffer).flat_map(sort_window)
-            return ds.shard(n_pipe, pipe)
+            return ds.map(keyed).batch(buffer).flat_map(sort_window)
 
+        # Shard the concatenated passes, not each pass: with a pass length not divisible by n_pipe,
+        # per-pass shards would give pipelines unequal shares and break the global batch after
+        # the first pass. k is the record's index in the global stream.
         ds = tf.data.Dataset.range(first_pass, 2 ** 62).flat_map(one_pass).skip(skip)
-        ds = ds.enumerate(start=consumed)
+        ds = ds.enumerate(start=consumed).shard(n_pipe, pipe)
 
         def prepare(k, r):
             image, mask = r["image"], r["mask"]
             if augment is not None:
-                aug_seed = tf.stack([tf.cast(seed * 1000 + stream_id * 100 + pipe, tf.int64), k])
+                aug_seed = tf.stack([tf.cast(seed * 1000 + stream_id * 100, tf.int64), k])
                 image, mask = augment(image, mask, aug_seed)
             return (image, mask) if with_mask else image
 

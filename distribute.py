@@ -10,12 +10,18 @@ saves the returned info dict in the run folder. Check a cluster by hand with:
 `auto` picks, in order: a SLURM step with more than one task -> MultiWorkerMirroredStrategy
 over the SLURM tasks; TF_CONFIG with more than one task -> MultiWorkerMirroredStrategy; more
 than one GPU visible -> MirroredStrategy; else TF's default (single-device) strategy.
+
+SEMISEG_LOGICAL_CPUS=N (environment) splits the CPU into N logical devices before the strategy
+is built, so `mirrored` runs N replicas on a machine without GPUs (the equivalence tests do):
+
+    SEMISEG_LOGICAL_CPUS=2 python main.py train --preset smoke --set train.distribution=mirrored
 """
 import argparse
 import hashlib
 import json
 import os
 import shutil
+import signal
 import tempfile
 
 import tensorflow as tf
@@ -38,6 +44,32 @@ PREEMPTED_EXIT_CODE = 75
 # take the next ports), so two jobs on one node rarely collide; SEMISEG_PORT overrides it.
 # 20000-29999 stays below Linux's ephemeral range (32768+) used by outgoing connections.
 PORT_BASE, PORT_SPAN = 20000, 10000
+
+
+# Signals (SIGTERM, SIGUSR1) caught before the trainer installs its own handler.
+_early_signals = []
+
+
+def catch_preemption_signals_early():
+    """Record SIGTERM/SIGUSR1 from now on; the trainer's Preemption takes over what arrived.
+
+    Start-up (TF, the slice cache, building networks) can take minutes, and Python's default
+    action for SIGUSR1 kills the process: a time-limit warning then would lose the job without a
+    checkpoint. Recorded, it makes the trainer save and stop after its first steps instead.
+    """
+    _early_signals.clear()          # a second run in one process starts clean
+    def record(signum, _frame):
+        _early_signals.append(signal.Signals(signum).name)
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        try:
+            signal.signal(sig, record)
+        except ValueError:          # not the main thread
+            pass
+
+
+def early_signal():
+    """Name of the first signal recorded by catch_preemption_signals_early, else None."""
+    return _early_signals[0] if _early_signals else None
 
 
 def slurm_port(env=None):
@@ -138,6 +170,29 @@ def slurm_cluster_resolver(gpus_per_task):
         num_accelerators={"GPU": gpus_per_task}, rpc_layer="grpc")
 
 
+def configure_logical_cpus(env=None):
+    """Split the first CPU into $SEMISEG_LOGICAL_CPUS logical devices; returns the count (0: unset).
+
+    TF accepts this only before its runtime starts, hence here, at the top of make_strategy.
+    """
+    env = os.environ if env is None else env
+    text = env.get("SEMISEG_LOGICAL_CPUS", "").strip()
+    if not text:
+        return 0
+    if not text.isdigit() or int(text) < 1:
+        raise ValueError(f"SEMISEG_LOGICAL_CPUS={text!r}: expected a positive integer")
+    count = int(text)
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    try:
+        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * count)
+    except RuntimeError as err:
+        # Already initialised: fine if an earlier call configured the same split.
+        if len(tf.config.list_logical_devices("CPU")) != count:
+            raise RuntimeError(f"SEMISEG_LOGICAL_CPUS={count}: TF was initialised before "
+                               f"make_strategy ({err})") from err
+    return count
+
+
 def make_strategy(distribution="auto", num_gpus_hint=None):
     """Build the strategy named by `distribution` (see module docstring) and describe it.
 
@@ -147,6 +202,7 @@ def make_strategy(distribution="auto", num_gpus_hint=None):
     """
     if distribution not in DISTRIBUTIONS:
         raise ValueError(f"train.distribution={distribution!r}: expected one of {DISTRIBUTIONS}")
+    configure_logical_cpus()
     step_tasks, config_tasks = slurm_step_tasks(), tf_config_tasks()
     gpus = visible_gpus(num_gpus_hint)
 

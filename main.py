@@ -63,6 +63,7 @@ def _resolve_train_config(args):
 def cmd_train(args) -> int:
     cfg, run = _resolve_train_config(args)
     import distribute
+    distribute.catch_preemption_signals_early()     # SIGUSR1 during start-up: save, not die
     # The strategy comes before any other TF op (multi-worker collectives are configured at init).
     strategy, info = distribute.make_strategy(cfg.train.distribution)
     chief = info.get("is_chief", True)
@@ -81,7 +82,8 @@ def cmd_train(args) -> int:
     _log(f"semiseg: method={cfg.method} preset={cfg.preset or '-'} strategy={info.get('strategy')} "
          f"replicas={strategy.num_replicas_in_sync} global_batch={cfg.train.batch_size} precision={cfg.train.precision}")
     # Data first: an unusable data set stops here, before a run folder exists.
-    bundle = data_loader_tf2.prepare_data(cfg, run_dir=run, log=_log if chief else (lambda m: None))
+    bundle = data_loader_tf2.prepare_data(cfg, run_dir=run, log=_log if chief else (lambda m: None),
+                                          progress=chief and not args.no_progress)
     if run is None:
         out = args.out
         if out is None and os.environ.get("SLURM_JOB_ID") and info.get("num_workers", 1) > 1:

@@ -69,7 +69,7 @@ class Preemption:
     """SIGTERM / SIGUSR1 set a flag; the loop checkpoints at the next loop boundary and exits 75."""
 
     def __init__(self):
-        self.signal = None
+        self.signal = distribute.early_signal()      # one that arrived during start-up
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             try:
                 signal.signal(sig, self._handle)
@@ -219,7 +219,9 @@ class Trainer:
     def current_lr(self) -> float:
         opt = getattr(self.optimizer, "inner_optimizer", self.optimizer)
         lr = opt.learning_rate
-        return float(lr(opt.iterations) if callable(lr) else lr)
+        # Under a tf.distribute strategy a constant rate is a MirroredVariable, which float()
+        # rejects; convert_to_numpy reads its value.
+        return float(keras.ops.convert_to_numpy(lr(opt.iterations) if callable(lr) else lr))
 
     # ------------------------------------------------------------------ the distributed step
     def _replica_step(self, labeled, unlabeled):

@@ -63,9 +63,11 @@ semiseg_job_start() {
     [ -n "${DATA:-}" ] && SEMISEG_TRAIN_ARGS+=(--data "$DATA")
     [ -n "${FORMAT:-}" ] && SEMISEG_TRAIN_ARGS+=(--set "data.format=$FORMAT")
     [ -n "${DISTRIBUTION:-}" ] && SEMISEG_TRAIN_ARGS+=(--set "train.distribution=$DISTRIBUTION")
-    # A requeued job reuses OUT (its name holds only the job id), so it resumes that run.
+    # A requeued job reuses OUT (its name holds only the job id), so it resumes that run. A run
+    # killed before its first checkpoint has config.yaml only: --resume starts it at step 0
+    # (main.py refuses an existing OUT without --resume).
     SEMISEG_TRAIN_ARGS+=(--out "$OUT")
-    if [ -d "$OUT/checkpoints" ]; then
+    if [ -d "$OUT/checkpoints" ] || [ -f "$OUT/config.yaml" ]; then
         SEMISEG_TRAIN_ARGS+=(--resume)
         echo "resuming $OUT from its checkpoints"
     fi

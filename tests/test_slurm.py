@@ -250,3 +250,78 @@ def test_sweep_index_rows_and_errors():
         sweep_index.sweep_rows(["a"], [1.5], [0])
     with pytest.raises(ValueError, match="METHOD=PRESET"):
         sweep_index.parse_presets(["nopreset"])
+
+
+# ---------------------------------------------------------------- the real trainer under SLURM
+# The scripts run REPO's own main.py (SEMISEG_ROOT=REPO); logs and the run folder (OUT, absolute)
+# stay in tmp_path. Few and small: every TF start costs 10-30 s on a small machine.
+RUN_FILES = ("config.yaml", "splits.json", "history.csv", "checkpoints", "metrics.json",
+             "per_case.csv", "run_info.json", "best_model.keras")
+
+
+def real_job_env(tmp_path, **extra):
+    (tmp_path / "logs").mkdir(exist_ok=True)
+    return dict(PYTHON=sys.executable, TF_CPP_MIN_LOG_LEVEL="3", SEMISEG_ROOT=REPO,
+                SEMISEG_CACHE=os.environ.get("SEMISEG_CACHE", str(tmp_path / "cache")),
+                CUDA_VISIBLE_DEVICES="", **extra)
+
+
+def test_real_trainer_multinode_two_workers(slurm_cluster, tmp_path):
+    out = tmp_path / "run"
+    job = slurm_cluster.submit(
+        os.path.join(REPO, "slurm/train_multinode.sbatch"), "supervised", "smoke",
+        options=["--nodes=1", "--ntasks-per-node=2"], cwd=tmp_path,
+        env=real_job_env(tmp_path, OUT=str(out), DISTRIBUTION="auto",
+                         EXTRA="--no-progress --set train.epochs=1"))
+    (record,) = slurm_cluster.wait(job, timeout=600)
+    log = read_log(tmp_path, f"semiseg-multinode-{job}.out")
+    assert record["JobState"] == "COMPLETED" and record["ExitCode"] == "0:0", log[-4000:]
+    # srun --label prefixes each line with its rank; both ranks built the same 2-worker strategy.
+    infos = {int(rank): json.loads(text) for rank, text in
+             re.findall(r"^\s*(\d+): strategy: (\{.*\}); per-replica batch 2$", log, re.MULTILINE)}
+    assert sorted(infos) == [0, 1], log[-4000:]
+    for rank, info in infos.items():
+        assert info["strategy"] == "MultiWorkerMirroredStrategy" and info["source"] == "slurm"
+        assert (info["num_workers"], info["num_replicas"]) == (2, 2)
+        assert info["task_index"] == rank and info["is_chief"] == (rank == 0)
+    # The chief logs the epoch's all-reduced loss; history.csv holds the same value.
+    (loss,) = re.findall(r"^\s*0: epoch 1/1 loss=(\d+\.\d+)", log, re.MULTILINE)
+    assert not re.search(r"^\s*1: epoch 1/1", log, re.MULTILINE)    # only the chief logs
+    for name in RUN_FILES:
+        assert (out / name).exists(), name
+    history = open(out / "history.csv").read().splitlines()
+    assert len(history) == 2 and float(history[1].split(",")[3]) == pytest.approx(float(loss), abs=1e-4)
+    run_info = json.loads((out / "run_info.json").read_text())
+    assert run_info["status"] == "completed"
+    assert run_info["strategy"]["num_workers"] == 2
+    assert json.loads((out / "metrics.json").read_text())["n_cases"] > 0
+
+
+def test_real_trainer_usr1_requeues_and_resumes(slurm_cluster, tmp_path):
+    out = tmp_path / "run"
+    steps = 80                     # per epoch (~0.1 s each here): the signal lands mid-run
+    job = slurm_cluster.submit(
+        os.path.join(REPO, "slurm/train_1gpu.sbatch"), "supervised", "smoke", cwd=tmp_path,
+        env=real_job_env(tmp_path, OUT=str(out), EXTRA=(
+            f"--no-progress --set train.epochs=2 train.steps_per_epoch={steps} "
+            "train.steps_per_loop=1 train.checkpoint_every=5")))
+    wait_for_file(out / "checkpoints" / "checkpoint", timeout=300)    # training is under way
+    slurm_cluster.run("scancel", "--signal=USR1", "--batch", job)
+    deadline = time.monotonic() + 180
+    while slurm_cluster.job(job).get("Restarts") != "1" and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert slurm_cluster.job(job).get("Restarts") == "1", read_log(tmp_path, "*.out")[-4000:]
+    slurm_cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now")
+    (record,) = slurm_cluster.wait(job, timeout=600)
+    log = read_log(tmp_path, f"semiseg-1gpu-{job}.out")
+    assert record["JobState"] == "COMPLETED" and record["ExitCode"] == "0:0", log[-4000:]
+    saved = int(re.search(r"SIGUSR1 received: checkpoint saved at step (\d+)", log).group(1))
+    assert 0 < saved < 2 * steps
+    assert "command exited with code 75" in log and f"requeueing job {job}" in log
+    assert "restart 1 on" in log
+    resumed = re.search(r"resumed from (\S+) \(epoch (\d+), step (\d+)\)", log)
+    assert resumed and int(resumed.group(3)) == saved, log[-4000:]
+    assert resumed.group(1).endswith(f"ckpt-{saved}")
+    history = [line.split(",") for line in open(out / "history.csv").read().splitlines()[1:]]
+    assert [int(row[1]) for row in history] == [steps, 2 * steps]
+    assert json.loads((out / "run_info.json").read_text())["status"] == "completed"
