@@ -4,7 +4,7 @@
 
 The yardstick (`../shared/yardsticks/plain_step.py`) is a Mean Teacher / supervised step written as
 plainly as TF allows on a 1.9M-parameter U-Net (16-256 channels, conv+BN+LeakyReLU(0.01)),
-128x128, 4 labeled + 4 unlabeled, trained on one fixed tensor. semiseg runs the same shape through
+128x128 (64x64 with --quick), 4 labeled + 4 unlabeled, trained on one fixed tensor. semiseg runs the same shape through
 its real Trainer loop (strategy, config, clipping, EMA, logs), with `--set` overrides only:
   memory: the loop fed one repeated in-memory batch (no input pipeline, like the yardstick)
   cache : the loop fed by the real tf.data stream (slice cache + weak augmentation)
@@ -28,26 +28,28 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-UNET_SETS = ["data.image_size=128", "data.synthetic_size=128", "data.synthetic_cases=48",
+UNET_SETS = ["data.synthetic_cases=48",
              "data.labeled_fraction=0.25", "model.base_filters=16", "model.depth=4",
              "model.activation=leaky_relu", "model.dropout=0", "model.batchnorm=true",
              "train.batch_size=4", "train.unlabeled_ratio=1", "train.steps_per_epoch=1000", "train.epochs=100"]
 
 
-def yardstick_subprocess(policy: str, supervised: bool, steps: int, warmup: int) -> dict:
-    args = [str(common.YARDSTICKS / "plain_step.py"), "--size", "128", "--batch", "8", "--labeled", "4",
+def yardstick_subprocess(policy: str, supervised: bool, steps: int, warmup: int, size: int) -> dict:
+    args = [str(common.YARDSTICKS / "plain_step.py"), "--size", str(size), "--batch", "8", "--labeled", "4",
             "--policy", policy, "--steps", str(steps), "--warmup", str(warmup)]
     if supervised:
         args.append("--supervised")
     return common.run_json_script(args)
 
 
-def semiseg(method: str, policy: str, spl: int, data: str, extra=(), calls: int = 1, no_ema: bool = False):
-    trainer = common.build_trainer(method, UNET_SETS + [f"train.precision={policy}", f"train.steps_per_loop={spl}",
+def semiseg(method: str, policy: str, spl: int, data: str, size: int, extra=(), calls: int = 1,
+            no_ema: bool = False, warmup_calls: int = 2):
+    trainer = common.build_trainer(method, UNET_SETS + [f"data.image_size={size}", f"data.synthetic_size={size}",
+                                                        f"train.precision={policy}", f"train.steps_per_loop={spl}",
                                                         *extra])
     if no_ema:
         trainer.on_step_end = lambda step: None
-    return common.loop_timer(trainer, data, warmup_calls=2, calls=calls)
+    return common.loop_timer(trainer, data, warmup_calls=warmup_calls, calls=calls)
 
 
 def registered(method: str) -> bool:
@@ -59,24 +61,31 @@ def registered(method: str) -> bool:
         return False
 
 
-def run(quick: bool, policies=("float32", "mixed_bfloat16")) -> dict:
+def run(quick: bool, policies=("float32", "mixed_bfloat16"), size: int = 0, ablations: bool | None = None) -> dict:
+    """Quick: 64x64 (the yardstick takes --size), 2 rounds, no ablations; full: 128x128, 5 rounds."""
     os.environ.setdefault("SEMISEG_CACHE", str(Path(tempfile.gettempdir()) / "semiseg-bench-cache"))
-    rounds = 3 if quick else 5
+    rounds = 2 if quick else 5
+    size = size or (64 if quick else 128)
+    ablations = (not quick) if ablations is None else ablations
+    warm = 1 if quick else 2
     methods = ["supervised"] + (["mean_teacher"] if registered("mean_teacher") else [])
     notes = [] if "mean_teacher" in methods else [
         "mean_teacher is not registered in this checkout: supervised step only"]
-    result = {"machine": common.machine_info(), "quick": quick, "rounds": rounds, "notes": notes, "by_policy": {}}
+    result = {"machine": common.machine_info(), "quick": quick, "image_size": size, "batch_labeled": 4,
+              "batch_unlabeled": 4, "rounds": rounds, "notes": notes, "by_policy": {}}
     for policy in policies:
         cands = {}
         for method in methods:
-            cands["yardstick_" + method] = common.yardstick_in_process(policy, method == "supervised")
-            cands[f"{method}_spl10_memory"] = semiseg(method, policy, 10, "memory")
-            cands[f"{method}_spl10_cache"] = semiseg(method, policy, 10, "cache")
-            if not quick or policy == "float32":
-                cands[f"{method}_spl1_memory"] = semiseg(method, policy, 1, "memory", calls=5)
-                cands[f"{method}_spl10_memory_noclip"] = semiseg(method, policy, 10, "memory", ["train.clip_norm=0"])
+            cands["yardstick_" + method] = common.yardstick_in_process(policy, method == "supervised", size=size)
+            cands[f"{method}_spl10_memory"] = semiseg(method, policy, 10, "memory", size, warmup_calls=warm)
+            cands[f"{method}_spl10_cache"] = semiseg(method, policy, 10, "cache", size, warmup_calls=warm)
+            if ablations:
+                cands[f"{method}_spl1_memory"] = semiseg(method, policy, 1, "memory", size, calls=5)
+                cands[f"{method}_spl10_memory_noclip"] = semiseg(method, policy, 10, "memory", size,
+                                                                 ["train.clip_norm=0"])
                 if method == "mean_teacher":
-                    cands[f"{method}_spl10_memory_noema"] = semiseg(method, policy, 10, "memory", no_ema=True)
+                    cands[f"{method}_spl10_memory_noema"] = semiseg(method, policy, 10, "memory", size,
+                                                                    no_ema=True)
         timed = common.interleaved(cands, rounds)
         rows = []
         for name, t in timed.items():
@@ -90,7 +99,7 @@ def run(quick: bool, policies=("float32", "mixed_bfloat16")) -> dict:
                          "cpu_ratio_vs_yardstick": round(t["cpu_median"] / cpu_ref, 3)})
         block = {"rows": rows, "load_avg_1min": timed["_load_avg_1min"], "diagnosis": diagnose(timed, methods)}
         if not quick:
-            block["yardstick_subprocess"] = {m: yardstick_subprocess(policy, m == "supervised", 10, 3)
+            block["yardstick_subprocess"] = {m: yardstick_subprocess(policy, m == "supervised", 10, 3, size)
                                              for m in methods}
             block["yardstick_subprocess_load_avg"] = common.load()
         result["by_policy"][policy] = block
@@ -130,10 +139,14 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--repo", default=None, help="semiseg checkout to benchmark (default: this one)")
     parser.add_argument("--policies", default="float32,mixed_bfloat16")
+    parser.add_argument("--size", type=int, default=0, help="image size (default 64 with --quick, else 128)")
+    parser.add_argument("--ablations", choices=["auto", "on", "off"], default="auto",
+                        help="time the diagnosis variants (default: off with --quick)")
     parser.add_argument("--out", default=str(common.BENCH_DIR / "results_step_vs_yardstick.json"))
     args = parser.parse_args(argv)
     common.use_repo(args.repo)
-    result = run(args.quick, tuple(args.policies.split(",")))
+    ablations = {"auto": None, "on": True, "off": False}[args.ablations]
+    result = run(args.quick, tuple(args.policies.split(",")), args.size, ablations)
     for policy, block in result["by_policy"].items():
         print(f"\n[{policy}] load {block['load_avg_1min']}")
         common.print_table(block["rows"], ["candidate", "ms_per_step", "ratio_vs_yardstick", "cpu_ms_per_step",
