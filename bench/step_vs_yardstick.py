@@ -61,7 +61,8 @@ def registered(method: str) -> bool:
         return False
 
 
-def run(quick: bool, policies=("float32", "mixed_bfloat16"), size: int = 0, ablations: bool | None = None) -> dict:
+def run(quick: bool, policies=("float32", "mixed_bfloat16"), size: int = 0, ablations: bool | None = None,
+        feeds=("memory", "cache")) -> dict:
     """Quick: 64x64 (the yardstick takes --size), 2 rounds, no ablations; full: 128x128, 5 rounds."""
     os.environ.setdefault("SEMISEG_CACHE", str(Path(tempfile.gettempdir()) / "semiseg-bench-cache"))
     rounds = 2 if quick else 5
@@ -77,8 +78,8 @@ def run(quick: bool, policies=("float32", "mixed_bfloat16"), size: int = 0, abla
         cands = {}
         for method in methods:
             cands["yardstick_" + method] = common.yardstick_in_process(policy, method == "supervised", size=size)
-            cands[f"{method}_spl10_memory"] = semiseg(method, policy, 10, "memory", size, warmup_calls=warm)
-            cands[f"{method}_spl10_cache"] = semiseg(method, policy, 10, "cache", size, warmup_calls=warm)
+            for feed in feeds:
+                cands[f"{method}_spl10_{feed}"] = semiseg(method, policy, 10, feed, size, warmup_calls=warm)
             if ablations:
                 cands[f"{method}_spl1_memory"] = semiseg(method, policy, 1, "memory", size, calls=5)
                 cands[f"{method}_spl10_memory_noclip"] = semiseg(method, policy, 10, "memory", size,
@@ -121,6 +122,8 @@ def diagnose(timed: dict, methods: list[str]) -> list[str]:
             verdict = "within 5%" if gap <= 0.05 else "SLOWER by more than 5%"
             out.append(f"{m} {variant}: {ms:.1f} ms vs yardstick {ref:.1f} ms ({gap:+.1%} wall, "
                        f"{cpu_gap:+.1%} CPU time; {verdict})")
+        if f"{m}_spl10_memory" not in timed:
+            continue
         base = timed[f"{m}_spl10_memory"]["median"]
         for key, what in (("spl10_cache", "tf.data input pipeline (cache read + augmentation on the same cores)"),
                           ("spl1_memory", "one tf.function call per step instead of 10 (Python/dispatch)"),
@@ -142,11 +145,12 @@ def main(argv=None) -> int:
     parser.add_argument("--size", type=int, default=0, help="image size (default 64 with --quick, else 128)")
     parser.add_argument("--ablations", choices=["auto", "on", "off"], default="auto",
                         help="time the diagnosis variants (default: off with --quick)")
+    parser.add_argument("--feeds", default="memory,cache", help="memory (one repeated batch) and/or cache (tf.data)")
     parser.add_argument("--out", default=str(common.BENCH_DIR / "results_step_vs_yardstick.json"))
     args = parser.parse_args(argv)
     common.use_repo(args.repo)
     ablations = {"auto": None, "on": True, "off": False}[args.ablations]
-    result = run(args.quick, tuple(args.policies.split(",")), args.size, ablations)
+    result = run(args.quick, tuple(args.policies.split(",")), args.size, ablations, tuple(args.feeds.split(",")))
     for policy, block in result["by_policy"].items():
         print(f"\n[{policy}] load {block['load_avg_1min']}")
         common.print_table(block["rows"], ["candidate", "ms_per_step", "ratio_vs_yardstick", "cpu_ms_per_step",
