@@ -56,7 +56,7 @@ def run(quick: bool) -> dict:
             model = trainer.models["student"]
             flops = forward_flops(lambda x: model(x, training=False), (size, size, 1))
             formula_flops = models_tf2.unet_forward_flops(trainer.cfg.model, size, 1)
-        cands[f"step_{policy}"] = common.loop_timer(trainer, "memory", warmup_calls=2)
+        cands[f"step_{policy}"] = common.loop_timer(trainer, "memory", warmup_calls=1 if quick else 2)
         cands[f"forward_{policy}"] = forward_timer(trainer.models["student"], batch, size)
     peaks = []
     cands["matmul_peak"] = lambda: peaks.append(
