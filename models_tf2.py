@@ -89,7 +89,7 @@ def unet_forward_flops(cfg, image_size: int, channels: int) -> float:
     for level in reversed(range(cfg.depth)):
         f = cfg.base_filters * 2 ** level
         size *= 2
-        flops += 2 * size * size * 4 * cin * f          # 2x2 transposed conv, stride 2
+        flops += 2 * size * size * cin * f              # 2x2 stride-2 transposed conv: 1 input pixel per output
         flops += 2 * size * size * 9 * (2 * f * f + f * f)
         cin = f
     flops += 2 * size * size * cin
