@@ -170,7 +170,7 @@ PRESETS: dict[str, dict] = {
         "mean_teacher": {"rampup_epochs": 1.0},
         "mixmatch": {"rampup_epochs": 1.0},
         "mira_u": {"mim_epochs": 1, "mim_batch_size": 4, "embed_dim": 32, "depth": 1, "num_heads": 2,
-                   "student_base_channels": 4, "mc_samples": 3, "rampup_epochs": 1.0, "patch_size": 8},
+                   "student_base_channels": 4, "student_swin_depth": 1, "mc_samples": 3, "rampup_epochs": 1.0, "patch_size": 8},
     },
     # The README's main job: a few minutes on a 2-core laptop CPU.
     "cpu": {

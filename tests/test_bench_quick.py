@@ -7,6 +7,8 @@ Runs in a subprocess (the yardstick sets Keras' global seed and dtype policy). C
 sanity of the numbers, never their size: timings on a shared machine are not assertable.
 """
 import json
+
+import pytest
 import math
 import subprocess
 import sys
@@ -15,6 +17,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow   # starts TF twice in subprocesses; a harness check, not a value check of semiseg
 def test_step_vs_yardstick_tiny_writes_ratios(tmp_path):
     out = tmp_path / "svy.json"
     proc = subprocess.run([sys.executable, str(REPO / "bench" / "step_vs_yardstick.py"), "--quick", "--size", "16",

@@ -171,6 +171,7 @@ def test_bad_teacher_checkpoint_is_named(trainer, tmp_path):
         mira_u.load_teacher_into(trainer.models["teacher"], tmp_path / "missing.keras")
 
 
+@pytest.mark.slow   # ~3 min on 2 idle cores: tracing the hybrid student dominates
 def test_train_smoke_runs_both_stages_then_reuses_the_teacher(tmp_path, capsys):
     common = ["--method", "mira_u", "--preset", "smoke", "--no-progress", "--set", *FAST,
               "train.epochs=1", "train.steps_per_epoch=2", "train.steps_per_loop=2"]
