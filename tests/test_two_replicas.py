@@ -1,0 +1,64 @@
+"""Mean Teacher's EMA teacher and MixMatch's random draws under two mirrored replicas (CPU).
+
+    python -m pytest tests/test_two_replicas.py -q
+
+Two logical CPU devices (SEMISEG_LOGICAL_CPUS=2, configured before TF starts, hence a subprocess)
+run MirroredStrategy. After real train steps the teacher's copies on the two replicas must be
+identical (with synchronised BatchNorm: otherwise each replica's moving statistics, and so their EMA,
+legitimately differ) (an EMA assign in the replica context keeps mirrored copies in sync only if every replica
+computes the same update), and the random draws MixMatch makes inside the step (MixUp lambdas)
+must differ between replicas (seeded with the replica id, DESIGN.md: Keras draws do not).
+"""
+import json
+import subprocess
+import sys
+import textwrap
+
+from test_equivalence import SUBPROCESS_TIMEOUT_S, python_env
+
+SCRIPT = textwrap.dedent("""
+    import json
+    import numpy as np
+    import config, distribute
+    strategy, info = distribute.make_strategy("mirrored")
+    import keras, tensorflow as tf
+    import data_loader_tf2, train_ssl_tf2
+    from methods.mixmatch import sample_mixup_lambda
+    from methods.mean_teacher import ema_weights
+    out = {"replicas": strategy.num_replicas_in_sync}
+    cfg = config.resolve("smoke", "", ["train.steps_per_epoch=2", "train.epochs=1",
+                                              "model.sync_batchnorm=true"], "mean_teacher")
+    bundle = data_loader_tf2.prepare_data(cfg, log=lambda m: None, progress=False)
+    mt = train_ssl_tf2.get_method("mean_teacher")(cfg, bundle, strategy, info, log=lambda m: None)
+    before = [keras.ops.convert_to_numpy(v) for v in ema_weights(mt.models["teacher"])]
+    mt._make_loop(*mt._iterators(0))(tf.constant(2))
+    teacher = ema_weights(mt.models["teacher"])      # weights and BN statistics
+    out["teacher_moved"] = max(float(np.abs(keras.ops.convert_to_numpy(v) - b).max())
+                               for v, b in zip(teacher, before))
+    out["teacher_replica_gap"] = max(float(np.abs(v.value.values[0].numpy() - v.value.values[1].numpy()).max())
+                                     for v in teacher)
+    mm_cfg = config.resolve("smoke", "", [], "mixmatch")
+    mm = train_ssl_tf2.get_method("mixmatch")(mm_cfg, bundle, strategy, info, log=lambda m: None)
+
+    @tf.function
+    def draws():
+        return strategy.run(lambda: sample_mixup_lambda(8, 0.75, mm.replica_seed(tf.constant(5, tf.int64), 3)))
+    per_replica = draws()
+    a, b = (t.numpy() for t in per_replica.values)
+    out["lambda_replica_0"], out["lambda_replica_1"] = a.tolist(), b.tolist()
+    print("RESULT" + json.dumps(out))
+""")
+
+
+def test_ema_teacher_identical_and_mixmatch_draws_differ_across_replicas(tmp_path):
+    proc = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, cwd=tmp_path,
+                          env=python_env(SEMISEG_LOGICAL_CPUS="2"), timeout=SUBPROCESS_TIMEOUT_S)
+    line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT")]
+    assert proc.returncode == 0 and line, proc.stderr[-3000:]
+    out = json.loads(line[0][len("RESULT"):])
+    assert out["replicas"] == 2
+    assert out["teacher_moved"] > 0                    # the EMA did update the teacher
+    assert out["teacher_replica_gap"] == 0.0           # ... identically on both replicas
+    lam0, lam1 = out["lambda_replica_0"], out["lambda_replica_1"]
+    assert all(0.5 <= x <= 1.0 for x in lam0 + lam1)
+    assert lam0 != lam1                                # each replica mixes with its own draws
