@@ -119,11 +119,7 @@ def main(argv=None) -> list[Path]:
         if run.history is None:
             print(f"curves: skipping {run.path}: no history.csv", file=sys.stderr)
     figure = curves_figure(runs)
-    paths = figures.save_figure(figure, args.out, "curves", args.formats)
-    figures.close(figure)
-    for path in paths:
-        print(path)
-    return paths
+    return figures.write_figure(figure, args.out, "curves", args.formats)
 
 
 if __name__ == "__main__":

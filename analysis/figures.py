@@ -54,6 +54,15 @@ def save_figure(figure, out_dir, stem: str, formats=("png",)) -> list[Path]:
     return paths
 
 
+def write_figure(figure, out_dir, stem: str, formats=("png",)) -> list[Path]:
+    """Save, close and print the paths: the ending every command-line script shares."""
+    paths = save_figure(figure, out_dir, stem, formats)
+    close(figure)
+    for path in paths:
+        print(path)
+    return paths
+
+
 def png_base64(figure=None, path=None) -> str:
     """A base64 PNG for embedding in HTML: of a PNG file already written, else of the figure."""
     if path is not None:

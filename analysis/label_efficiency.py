@@ -87,11 +87,7 @@ def main(argv=None) -> list[Path]:
     args = parser.parse_args(argv)
     figure = label_efficiency_figure(find_runs(args.run_dirs), args.metric, args.band)
     stem = "label_efficiency" if args.metric == "dice" else f"label_efficiency_{args.metric}"
-    paths = figures.save_figure(figure, args.out, stem, args.formats)
-    figures.close(figure)
-    for path in paths:
-        print(path)
-    return paths
+    return figures.write_figure(figure, args.out, stem, args.formats)
 
 
 if __name__ == "__main__":
