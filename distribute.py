@@ -40,10 +40,12 @@ STRATEGY_NAMES = {"none": "default", "mirrored": "MirroredStrategy",
 # SIGUSR1 (the time-limit warning).
 PREEMPTED_EXIT_CODE = 75
 
-# Port of SLURM task 0 on each node is PORT_BASE + job_id % PORT_SPAN (tasks sharing a node
+# Port of SLURM task 0 on each node is PORT_BASE + (job_id % PORT_SPAN) * PORT_STRIDE (tasks sharing a node
 # take the next ports), so two jobs on one node rarely collide; SEMISEG_PORT overrides it.
-# 20000-29999 stays below Linux's ephemeral range (32768+) used by outgoing connections.
-PORT_BASE, PORT_SPAN = 20000, 10000
+# 20000-31999 stays below Linux's ephemeral range (32768+) used by outgoing connections.
+PORT_BASE, PORT_SPAN = 20000, 750    # job ids modulo PORT_SPAN ...
+PORT_STRIDE = 16          # ... times this: one job's tasks on a node get ports P..P+15, so consecutive jobs
+                          # (ids n, n+1) never share a port, even while the last one's sockets linger
 
 
 # Signals (SIGTERM, SIGUSR1) caught before the trainer installs its own handler.
@@ -79,7 +81,7 @@ def slurm_port(env=None):
         return int(env["SEMISEG_PORT"])
     if not env.get("SLURM_JOB_ID"):
         raise RuntimeError("SLURM_JOB_ID is not set: cannot derive a port; set SEMISEG_PORT")
-    return PORT_BASE + int(env["SLURM_JOB_ID"]) % PORT_SPAN
+    return PORT_BASE + (int(env["SLURM_JOB_ID"]) % PORT_SPAN) * PORT_STRIDE
 
 
 def slurm_step_tasks(env=None):

@@ -22,7 +22,7 @@ semiseg_environment() {
     [ -n "${SLURM_CPUS_PER_TASK:-}" ] && export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK
     # Workers listen on this port (and the next ones when tasks share a node); derived from
     # the job id so that jobs sharing a node do not collide (same rule as distribute.slurm_port).
-    export SEMISEG_PORT=${SEMISEG_PORT:-$((20000 + ${SLURM_JOB_ID:-0} % 10000))}
+    export SEMISEG_PORT=${SEMISEG_PORT:-$((20000 + (${SLURM_JOB_ID:-0} % 750) * 16))}
     export TF_CPP_MIN_LOG_LEVEL=${TF_CPP_MIN_LOG_LEVEL:-1}
     export PYTHONUNBUFFERED=1
 

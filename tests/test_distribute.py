@@ -146,7 +146,7 @@ def fake_slurm_step(monkeypatch, nodelist, tasks_per_node, procid, node, local_i
 def test_slurm_nodes_keep_slurm_order_not_string_order(monkeypatch, procid, node):
     fake_slurm_step(monkeypatch, "node[9-10]", "1(x2)", procid, node, 0)
     resolver = distribute.slurm_cluster_resolver(gpus_per_task=0)
-    port = 20000 + 12345 % 10000
+    port = 20000 + (12345 % 750) * 16
     # TF's resolver alone sorts "node10" before "node9", giving rank 0 node10's address.
     assert resolver.cluster_spec().as_dict() == {"worker": [f"node9:{port}", f"node10:{port}"]}
     assert (resolver.task_type, resolver.task_id) == ("worker", procid)
@@ -180,8 +180,9 @@ def test_slurm_cyclic_distribution_is_refused(monkeypatch):
 
 
 def test_port_from_job_id_and_override():
-    assert distribute.slurm_port({"SLURM_JOB_ID": "12345"}) == 22345
-    assert distribute.slurm_port({"SLURM_JOB_ID": "57000"}) == 27000
+    assert distribute.slurm_port({"SLURM_JOB_ID": "12345"}) == 20000 + 345 * 16
+    assert distribute.slurm_port({"SLURM_JOB_ID": "57000"}) == 20000 + 0 * 16
+    assert distribute.slurm_port({"SLURM_JOB_ID": "8"}) - distribute.slurm_port({"SLURM_JOB_ID": "7"}) == 16
     assert distribute.slurm_port({"SLURM_JOB_ID": "1", "SEMISEG_PORT": "29500"}) == 29500
     with pytest.raises(RuntimeError, match="SEMISEG_PORT"):
         distribute.slurm_port({})
