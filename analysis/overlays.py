@@ -128,11 +128,14 @@ def main(argv=None) -> list[Path]:
     paths = []
     runs = find_runs(args.run_dirs)
     for run, name in zip(runs, unique_names(runs)):
-        figure = overlays_figure(run, args.split, args.threshold)
-        paths += figures.save_figure(figure, args.out, f"overlays_{name}", args.formats)
-        figures.close(figure)
-    for path in paths:
-        print(path)
+        try:
+            figure = overlays_figure(run, args.split, args.threshold)
+        except FileNotFoundError as err:     # e.g. a run of a sweep that has not finished yet
+            print(f"overlays: skipping {run.path}: {err}", file=sys.stderr)
+            continue
+        paths += figures.write_figure(figure, args.out, f"overlays_{name}", args.formats)
+    if not paths:
+        raise SystemExit(f"overlays: no run under {', '.join(map(str, args.run_dirs))} has previews")
     return paths
 
 
