@@ -18,3 +18,14 @@ def _session_cache(tmp_path_factory):
     else:
         os.environ["SEMISEG_CACHE"] = str(tmp_path_factory.mktemp("semiseg-cache"))
     yield
+
+
+@pytest.fixture(scope="session")
+def one_epoch_run(tmp_path_factory, _session_cache):
+    """One supervised smoke run of a single epoch (best model == latest checkpoint), shared by the
+    evaluate and predict tests, which only read it or write under its eval/ folder."""
+    import main
+    out = tmp_path_factory.mktemp("runs") / "smoke"
+    assert main.main(["train", "--method", "supervised", "--preset", "smoke", "--out", str(out), "--no-progress",
+                      "--set", "train.epochs=1"]) == 0
+    return out

@@ -11,12 +11,9 @@ KEYS = ("dice", "iou", "accuracy", "precision", "recall", "sensitivity", "specif
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    # One epoch: the best model and the latest checkpoint are then the same weights.
-    out = tmp_path_factory.mktemp("runs") / "smoke"
-    assert main.main(["train", "--method", "supervised", "--preset", "smoke", "--out", str(out), "--no-progress",
-                      "--set", "train.epochs=1"]) == 0
-    return out
+def run(one_epoch_run):
+    # One epoch (conftest): the best model and the latest checkpoint are the same weights.
+    return one_epoch_run
 
 
 def _payload(path):
