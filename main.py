@@ -86,9 +86,12 @@ def cmd_train(args) -> int:
                                           progress=chief and not args.no_progress)
     if run is None:
         out = args.out
-        if out is None and os.environ.get("SLURM_JOB_ID") and info.get("num_workers", 1) > 1:
+        if out is None and info.get("num_workers", 1) > 1:
+            # Every worker must name the same folder; a timestamped default would differ per worker.
+            if not os.environ.get("SLURM_JOB_ID"):
+                raise RunDirError("multi-worker training needs --out RUN_DIR on a file system all workers see")
             out = f"runs/{cfg.method}-{cfg.preset or 'custom'}-job{os.environ['SLURM_JOB_ID']}"
-        run = rundir.create_run_dir(out, cfg.method, cfg.preset) if chief else Path(out or "runs/_worker")
+        run = rundir.create_run_dir(out, cfg.method, cfg.preset) if chief else Path(out)
     if chief:
         config.save_yaml(cfg, run / "config.yaml")
         data_loader_tf2.save_splits(bundle.splits, run / "splits.json")
@@ -110,9 +113,8 @@ def cmd_train(args) -> int:
         return EXIT_PREEMPTED
     if not chief:
         return 0
-    import keras as _k
     name = trainer.export_model()[0]
-    best = _k.saving.load_model(run / "best_model.keras", compile=False)
+    best = keras.saving.load_model(run / "best_model.keras", compile=False)
     payload = evaluation.evaluate(best, bundle, "test", cfg.train.eval_batch_size, out_dir=run, model_name=name)
     rundir.finish_run_info(run, reason, best_val_dice=float(trainer.best_score.numpy()), test_dice=payload["dice"])
     _log(f"\n{reason}: test Dice {payload['dice']:.4f}  IoU {payload['iou']:.4f}  ({payload['n_cases']} cases, "
