@@ -172,11 +172,16 @@ register_source("isic", list_isic_cases, load_picture_case, detect_isic, isic_or
 
 
 # ---------------------------------------------------------------- the embedded synthetic data set
+def cache_root(data_cfg) -> Path:
+    """Where semiseg keeps what it generates: data.cache_dir, else $SEMISEG_CACHE, else ~/.cache/semiseg
+    (the slice caches and the embedded data set live side by side under it)."""
+    return Path(data_cfg.cache_dir or os.environ.get("SEMISEG_CACHE") or Path.home() / ".cache" / "semiseg")
+
+
 def synthetic_root(data_cfg) -> Path:
     """Generate the embedded data set on first use (deterministic from the seed) and reuse it."""
     import synthetic_data
-    cache = Path(data_cfg.cache_dir or os.environ.get("SEMISEG_CACHE") or Path.home() / ".cache" / "semiseg")
-    return synthetic_data.ensure_synthetic(cache / "synthetic", kind="2d", n_cases=data_cfg.synthetic_cases,
+    return synthetic_data.ensure_synthetic(cache_root(data_cfg) / "synthetic", kind="2d", n_cases=data_cfg.synthetic_cases,
                                            size=data_cfg.synthetic_size, seed=data_cfg.synthetic_seed,
                                            difficulty=data_cfg.synthetic_difficulty)
 

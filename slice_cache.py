@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_sources import Case, DataError, LoadedCase, get_source
+from data_sources import Case, DataError, LoadedCase, cache_root, get_source
 
 CACHE_VERSION = 2
 SHARD_BYTES = 128 * 2 ** 20          # a shard holds whole cases, up to about this much
@@ -36,10 +36,6 @@ WORKER_BYTES = 16 * 2 ** 20          # input bytes that justify one more worker 
 # DataConfig fields that do not change the cached slices (splits and streaming only).
 _NOT_IN_KEY = {"labeled_fraction", "val_fraction", "test_fraction", "hide_labels", "shuffle_buffer", "cache_dir",
                "unlabeled_test_images"}
-
-
-def cache_root(data_cfg) -> Path:
-    return Path(data_cfg.cache_dir or os.environ.get("SEMISEG_CACHE") or Path.home() / ".cache" / "semiseg")
 
 
 def cache_key(fmt: str, cases: list[Case], data_cfg) -> str:

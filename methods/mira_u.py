@@ -60,7 +60,7 @@ import augment
 import evaluation
 from models_transformer import (SegmentationHead, build_hybrid_student, build_mim_teacher,
                                 mc_dropout_stats, mim_l1_loss, patchify, random_patch_mask)
-from train_ssl_tf2 import Trainer, _augment_fn, _save_model_atomic, register_method, sigmoid_rampup
+from train_ssl_tf2 import Trainer, _augment_fn, _save_model_atomic, ema_update, register_method, sigmoid_rampup
 
 TEACHER_FILE = "teacher_mim.keras"
 MIM_HISTORY = "mim_history.csv"
@@ -99,11 +99,6 @@ def mim_batch_loss(teacher, images, mask_ratio, seed, training=True):
 def float_weights(model):
     """Floating-point variables (weights and BN statistics), not integer RNG seed states."""
     return [v for v in model.weights if tf.as_dtype(v.dtype).is_floating]
-
-
-def ema_assign(target_vars, source_vars, decay):
-    for t, s in zip(target_vars, source_vars):
-        t.assign(decay * t + (1.0 - decay) * tf.cast(s, t.dtype))
 
 
 def load_teacher_into(teacher, path):
@@ -216,9 +211,9 @@ class MiraU(Trainer):
     def on_step_end(self, step):
         decay = self.ema_decay(step)
         if "student_ema" in self.models:
-            ema_assign(float_weights(self.models["student_ema"]), float_weights(self.models["student"]), decay)
+            ema_update(float_weights(self.models["student_ema"]), float_weights(self.models["student"]), decay)
         else:
-            ema_assign(float_weights(self.models["teacher"].seg_head),
+            ema_update(float_weights(self.models["teacher"].seg_head),
                        float_weights(self.models["teacher_head_fast"]), decay)
 
     def eval_models(self) -> dict:
@@ -240,8 +235,8 @@ class MiraU(Trainer):
                 _, keep, target = confidence_targets(mu, sigma, m.kappa, m.tau_u)
                 return (target * keep)[..., 0]
             self._pseudo_label_fn = pseudo_label
-        return {"pseudo_dice": pseudo_label_dice(self._pseudo_label_fn, self.data, cases,
-                                                 self.cfg.train.eval_batch_size)}
+        return {"pseudo_dice": evaluation.mean_case_dice(self._pseudo_label_fn, self.data, None,
+                                                         self.cfg.train.eval_batch_size, cases)}
 
     # ------------------------------------------------------------------ stage 1 + stage 2
     def fit(self, run: Path, is_chief: bool = True, ckpt_dir: Path | None = None, progress: bool = True) -> str:
@@ -320,14 +315,6 @@ class MiraU(Trainer):
                                                  "loss_mim": loss, "time_s": round(time.time() - t0, 2)})
             self.log(f"stage 1 epoch {epoch + 1}/{m.mim_epochs} L_MIM={loss:.4f} ({time.time() - t0:.1f}s)")
         return losses
-
-
-def pseudo_label_dice(pseudo_fn, bundle, case_ids, batch: int = 16) -> float:
-    """Mean per-case Dice of pseudo labels (pseudo_fn(images) -> [B,H,W] in [0,1], binarised at
-    0.5) against the hidden truth of `case_ids`. Method-agnostic: any method's target maker fits."""
-    scores = [evaluation._dice(prob >= 0.5, label > 0)
-              for _, _, label, prob in evaluation.iterate_cases(pseudo_fn, bundle, None, batch, case_ids)]
-    return float(np.mean(scores)) if scores else float("nan")
 
 
 def _append_csv(path: Path, row: dict) -> None:

@@ -14,7 +14,7 @@ stream is built with `with_mask=False`, so no hidden label can reach a loss
 """
 from __future__ import annotations
 
-import numpy as np
+import evaluation
 
 
 def hidden_truth_available(cfg, bundle) -> bool:
@@ -34,16 +34,6 @@ def pseudo_target_dice(target_fn, bundle, case_ids, batch: int = 16) -> float:
     """Mean per-case Dice between target_fn(images) >= 0.5 and the hidden truth.
 
     target_fn: images [B,H,W,C] -> target probabilities [B,H,W,1] (a method's pseudo targets).
-    A case where both are empty scores 1 (as in evaluation.mean_case_dice).
+    The same per-case score as validation (`evaluation.mean_case_dice`; both-empty cases score 1).
     """
-    inter, pred_sum, truth_sum = {}, {}, {}
-    for batch_data in bundle.eval_dataset("hidden_truth", batch, case_ids):
-        pred = np.asarray(target_fn(batch_data["image"]))[..., 0] >= 0.5
-        truth = batch_data["mask"].numpy()[..., 0] > 0
-        for i, case in enumerate(batch_data["case"].numpy()):
-            inter[case] = inter.get(case, 0) + int(np.logical_and(pred[i], truth[i]).sum())
-            pred_sum[case] = pred_sum.get(case, 0) + int(pred[i].sum())
-            truth_sum[case] = truth_sum.get(case, 0) + int(truth[i].sum())
-    scores = [1.0 if pred_sum[c] + truth_sum[c] == 0 else 2.0 * inter[c] / (pred_sum[c] + truth_sum[c])
-              for c in inter]
-    return float(np.mean(scores)) if scores else float("nan")
+    return evaluation.mean_case_dice(lambda images: target_fn(images)[..., 0], bundle, None, batch, case_ids)
