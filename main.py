@@ -163,7 +163,7 @@ def cmd_predict(args) -> int:
     import predict
     predict.run_prediction(args.run_dir, args.input, args.output, tta=args.tta, threshold=args.threshold,
                            save_probabilities=args.save_probabilities, checkpoint=args.checkpoint,
-                           progress=not args.no_progress, log=_log)
+                           progress=not args.no_progress, log=_log, save_uncertainty=args.uncertainty)
     return 0
 
 
@@ -254,6 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, default=0.5, help="foreground where probability >= this")
     p.add_argument("--save-probabilities", action="store_true",
                    help="also write NAME_prob.npy (pictures) / NAME_prob.nii.gz (volumes), float32")
+    p.add_argument("--uncertainty", action="store_true",
+                   help="MIRA-U runs: also write NAME_uncertainty.npy / .nii.gz, the per-pixel std of the "
+                        "teacher's probability over mira_u.mc_samples MC-dropout passes")
     p.add_argument("--checkpoint", default="best", choices=["best", "latest"])
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(fn=cmd_predict)

@@ -3,6 +3,7 @@
     python main.py predict runs/sup photo.png photo_mask.png [--tta] [--threshold 0.5]
     python main.py predict runs/sup photos/ masks/                       # a folder of images
     python main.py predict runs/sup scan.nii.gz scan_mask.nii.gz --save-probabilities
+    python main.py predict runs/mira lesion.png lesion_mask.png --uncertainty   # + lesion_mask_uncertainty.npy
 
     from predict import Predictor                                       # in a notebook
     p = Predictor("runs/sup", tta=True)
@@ -214,9 +215,10 @@ class Predictor:
         self.tta, self.threshold = tta, float(threshold)
         self.batch_size = int(batch_size or self.cfg.train.eval_batch_size)
         self._predict = evaluation.make_predict_fn(self.model, tta)      # traced once, reused
+        self._uncertainty = None
 
-    def predict_slices(self, images: np.ndarray, progress=None) -> np.ndarray:
-        """[S,H,W,C] float32 in [0,1] -> probabilities [S,H,W] at the same H, W."""
+    def _map_slices(self, fn, images: np.ndarray, progress=None) -> np.ndarray:
+        """fn([b, size, size, C]) -> [b, size, size] maps, batched over [S,H,W,C] and resized back."""
         import tensorflow as tf
         from slice_cache import resize_slices
         s, h, w, _ = images.shape
@@ -224,11 +226,23 @@ class Predictor:
         for start in range(0, s, self.batch_size):
             chunk = images[start:start + self.batch_size]
             small, _ = resize_slices(chunk, None, self.image_size)
-            prob = self._predict(tf.constant(small, tf.float32)).numpy()
-            out[start:start + len(chunk)] = resize_probabilities(prob, h, w)
+            out[start:start + len(chunk)] = resize_probabilities(fn(tf.constant(small, tf.float32)).numpy(), h, w)
             if progress is not None:
                 progress.update(len(chunk))
         return out
+
+    def predict_slices(self, images: np.ndarray, progress=None) -> np.ndarray:
+        """[S,H,W,C] float32 in [0,1] -> probabilities [S,H,W] at the same H, W."""
+        return self._map_slices(self._predict, images, progress)
+
+    def uncertainty_slices(self, images: np.ndarray) -> np.ndarray:
+        """[S,H,W,C] -> MIRA-U's per-pixel uncertainty [S,H,W]: the standard deviation of the
+        teacher's foreground probability over mira_u.mc_samples MC-dropout passes (the sigma that
+        weights its pseudo labels in training), from RUN/teacher_best.keras; a fixed MC seed, so
+        the same input gives the same map. Other methods have no such teacher: RunDirError."""
+        if self._uncertainty is None:
+            self._uncertainty = _teacher_uncertainty_fn(self.run_dir, self.cfg)
+        return self._map_slices(self._uncertainty, images)
 
     def predict(self, array) -> np.ndarray:
         """Foreground probabilities at the input's size: [H,W] for one image, [B,H,W] for a batch."""
@@ -241,6 +255,15 @@ class Predictor:
         if is_nifti(path):
             raise DataError(f"{path}: a NIfTI volume; use predict_volume")
         return self.predict_slices(read_picture(path, self.channels)[None])[0]
+
+    def uncertainty_file(self, path) -> np.ndarray:
+        """Uncertainty [H,W] of a picture file (see uncertainty_slices)."""
+        return self.uncertainty_slices(read_picture(path, self.channels)[None])[0]
+
+    def volume_uncertainty(self, path) -> np.ndarray:
+        """Uncertainty [S,H,W] of a volume's slices, in the order volume_probabilities returns."""
+        import volumes
+        return self.uncertainty_slices(volumes.load_volume(path, self.cfg.data)[0])
 
     def volume_probabilities(self, path, progress: bool = False):
         """(probabilities [S,H,W] in slice order at the original in-plane size, meta of volumes.load_volume)."""
@@ -261,6 +284,27 @@ class Predictor:
         return mask, np.asarray(meta["affine"], dtype=float)
 
 
+def _teacher_uncertainty_fn(run: Path, cfg):
+    """A traced images -> sigma [b, size, size] function of a MIRA-U run's best-epoch teacher."""
+    import keras
+    import tensorflow as tf
+    from methods.mira_u import TEACHER_BEST_FILE
+    from models_transformer import mc_dropout_stats
+    path = run / TEACHER_BEST_FILE
+    if not path.exists():
+        why = ("only MIRA-U runs have an MC-dropout teacher" if cfg.method != "mira_u"
+               else "the run has not finished an epoch of stage 2 yet")
+        raise RunDirError(f"--uncertainty: {path} does not exist ({cfg.method} run; {why})")
+    teacher = keras.saving.load_model(path, compile=False)
+    m = cfg.mira_u
+
+    @tf.function(reduce_retracing=True)
+    def sigma(images):
+        _, std = mc_dropout_stats(teacher, images, m.mc_samples, m.mc_chunk or None, seed=[cfg.seed, 7])
+        return std[..., 0]
+    return sigma
+
+
 # ------------------------------------------------------------------ files: what to write where
 def list_inputs(path: Path) -> list[Path]:
     """The pictures and NIfTI volumes of a file or folder (not recursive, hidden files skipped)."""
@@ -277,9 +321,11 @@ def list_inputs(path: Path) -> list[Path]:
     return found
 
 
-def plan_outputs(inputs: list[Path], output: Path, single: bool, save_probabilities: bool):
-    """[(input, mask path, probability path or None)]; refuses before anything is written when any
-    target exists (an existing OUTPUT is used only as a folder to write new files into)."""
+def plan_outputs(inputs: list[Path], output: Path, single: bool, save_probabilities: bool,
+                 save_uncertainty: bool = False):
+    """[(input, mask path, probability path or None, uncertainty path or None)]; refuses before
+    anything is written when any target exists (an existing OUTPUT is used only as a folder to
+    write new files into)."""
     if single and not output.is_dir():
         src = inputs[0]
         wanted = NIFTI_SUFFIXES if is_nifti(src) else MASK_SUFFIXES
@@ -296,12 +342,11 @@ def plan_outputs(inputs: list[Path], output: Path, single: bool, save_probabilit
                                 if is_nifti(p) else _stem(p) + ".png") for p in inputs]
     plan = []
     for src, mask in zip(inputs, mask_paths):
-        prob = None
-        if save_probabilities:
-            suffix = ".nii.gz" if is_nifti(src) else ".npy"
-            prob = mask.with_name(_stem(mask) + "_prob" + suffix)
-        plan.append((src, mask, prob))
-    targets = [p for _, m, q in plan for p in (m, q) if p is not None]
+        suffix = ".nii.gz" if is_nifti(src) else ".npy"
+        prob = mask.with_name(_stem(mask) + "_prob" + suffix) if save_probabilities else None
+        sigma = mask.with_name(_stem(mask) + "_uncertainty" + suffix) if save_uncertainty else None
+        plan.append((src, mask, prob, sigma))
+    targets = [p for _, *paths in plan for p in paths if p is not None]
     if len(set(targets)) != len(targets):
         raise OutputError(f"two inputs would write the same file in {output} (same name, different suffix)")
     clash = [str(p) for p in targets if p.exists()]
@@ -332,7 +377,7 @@ def _save_npy(path: Path, prob: np.ndarray) -> None:
 
 
 def _probability_nifti(prob_slices: np.ndarray, meta: dict):
-    """float32 probabilities in the file's voxel order, with the input's affine and header."""
+    """float32 maps (probabilities, uncertainty) in the file's voxel order, with the input's affine and header."""
     import nibabel as nib
     import volumes
     data = volumes.restore_orientation(prob_slices.astype(np.float32), meta)
@@ -348,7 +393,7 @@ def _probability_nifti(prob_slices: np.ndarray, meta: dict):
 
 def run_prediction(run_dir, input_path, output_path, tta: bool = False, threshold: float = 0.5,
                    save_probabilities: bool = False, checkpoint: str = "best", progress: bool = True,
-                   log=print) -> list[Path]:
+                   log=print, save_uncertainty: bool = False) -> list[Path]:
     """`main.py predict`: segment every input and write its mask; returns the files written."""
     import nibabel as nib
     from tqdm import tqdm
@@ -356,12 +401,14 @@ def run_prediction(run_dir, input_path, output_path, tta: bool = False, threshol
         raise DataError(f"--threshold must be in (0, 1), got {threshold}")
     source, output = Path(input_path), Path(output_path)
     inputs = list_inputs(source)
-    plan = plan_outputs(inputs, output, source.is_file(), save_probabilities)
+    plan = plan_outputs(inputs, output, source.is_file(), save_probabilities, save_uncertainty)
     predictor = Predictor(run_dir, tta=tta, checkpoint=checkpoint, threshold=threshold)
+    if save_uncertainty:        # fail on a run without a MIRA-U teacher before writing anything
+        predictor.uncertainty_slices(np.zeros((1, 8, 8, predictor.channels), np.float32))
     (output if not source.is_file() else output.parent).mkdir(parents=True, exist_ok=True)
     written = []
     bar = tqdm(plan, desc="predict", unit="file", disable=not (progress and len(plan) > 1))
-    for src, mask_path, prob_path in bar:
+    for src, mask_path, prob_path, sigma_path in bar:
         if is_nifti(src):
             import volumes
             prob, meta = predictor.volume_probabilities(src, progress=progress)
@@ -370,12 +417,18 @@ def run_prediction(run_dir, input_path, output_path, tta: bool = False, threshol
             if prob_path is not None:
                 prob_img = _probability_nifti(prob, meta)
                 _atomic(prob_path, lambda tmp: nib.save(prob_img, str(tmp)))
+            if sigma_path is not None:
+                sigma_img = _probability_nifti(predictor.volume_uncertainty(src), meta)
+                _atomic(sigma_path, lambda tmp: nib.save(sigma_img, str(tmp)))
         else:
             prob = predictor.predict_file(src)
             write_mask_picture(prob >= threshold, mask_path)
             if prob_path is not None:
                 _atomic(prob_path, lambda tmp: _save_npy(tmp, prob))
-        written += [p for p in (mask_path, prob_path) if p is not None]
+            if sigma_path is not None:
+                sigma = predictor.uncertainty_file(src)
+                _atomic(sigma_path, lambda tmp: _save_npy(tmp, sigma))
+        written += [p for p in (mask_path, prob_path, sigma_path) if p is not None]
     log(f"predict: {len(plan)} input(s) -> {output} ({predictor.network} network, "
         f"{'TTA, ' if tta else ''}threshold {threshold})")
     return written

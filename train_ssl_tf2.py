@@ -144,6 +144,10 @@ class Trainer:
             return next(iter(self.eval_models().items()))
         return choice, self.models[choice]
 
+    def save_best(self, run: Path) -> None:
+        """RUN/best_model.keras = the exported network; a method may write companions beside it."""
+        _save_model_atomic(self.export_model()[1], run / "best_model.keras")
+
     def epoch_diagnostics(self, epoch: int) -> dict:
         """Extra history.csv columns per epoch (e.g. Dice of pseudo targets vs hidden truth)."""
         return {}
@@ -248,13 +252,17 @@ class Trainer:
     def _make_loop(self, labeled_it, unlabeled_it):
         strategy = self.strategy
 
+        # A tf.function of its own, called twice below but traced once: inlined as two calls of
+        # one graph, the step (the costly part of tracing a hybrid student) is not traced twice.
+        @tf.function
         def one_step():
             unlabeled = next(unlabeled_it) if unlabeled_it is not None else None
             per_replica = strategy.run(self._replica_step, args=(next(labeled_it), unlabeled))
             return {k: strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None) for k, v in per_replica.items()}
 
         def loop(n_steps):
-            # Orbit-style: n optimizer steps per call cut Python overhead per step.
+            # Orbit-style: n optimizer steps per call cut Python overhead per step. The first
+            # step sits outside tf.range so `totals` has the logs' structure to carry.
             totals = one_step()
             for _ in tf.range(n_steps - 1):
                 logs = one_step()
@@ -364,8 +372,7 @@ class Trainer:
                 self.best_score.assign(score)
                 self.bad_epochs.assign(0)
                 if is_chief:
-                    name, model = self.export_model()
-                    _save_model_atomic(model, run / "best_model.keras")
+                    self.save_best(run)
             else:
                 self.bad_epochs.assign_add(1)
             self.epoch.assign(epoch + 1)

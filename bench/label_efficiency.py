@@ -1,4 +1,4 @@
-"""Label-efficiency benchmark: supervised vs Mean Teacher vs MixMatch on the embedded data set.
+"""Label-efficiency benchmark: supervised vs Mean Teacher vs MixMatch vs MIRA-U on the embedded data set.
 
     python bench/label_efficiency.py                    # 3 seeds, 10%/30% (+100% supervised)
     python bench/label_efficiency.py --quick            # 1 seed, shorter runs: a first look
@@ -12,6 +12,13 @@ interrupted benchmark continues where it stopped. At the end it writes, under --
     summary.md                   test Dice, the last epoch's pseudo-target Dice, and the verdict:
                                  does each SSL method beat supervised at 10% by >= 2 Dice points?
 Seeds change the labelled subset and the initialisation, never the data set itself.
+
+MIRA-U runs its own networks (a ViT teacher and the hybrid CNN-Transformer student, both scaled
+down below, as the U-Net is); its stage-1 teacher depends only on the training images, which are
+the same for every labelled fraction of a seed (the labelled subset is nested in them), so the
+10% run pretrains it and the 30% run of that seed starts stage 2 from it (mira_u.teacher_checkpoint,
+the way a user shares one stage 1 across runs). The MIRA-U ramp keeps the seed's proportion: 80
+of 150 epochs -> 5 of 10.
 """
 from __future__ import annotations
 
@@ -29,8 +36,13 @@ BENCH = ["data.image_size=48", "model.base_filters=8", "model.depth=3", "train.b
          "train.epochs=10", "train.steps_per_epoch=40", "train.lr=2e-3", "train.schedule=cosine",
          "mean_teacher.rampup_epochs=4", "mixmatch.rampup_epochs=4",
          "mean_teacher.consistency=10", "mixmatch.lambda_u=10"]
-QUICK = ["train.epochs=6", "train.steps_per_epoch=30", "mean_teacher.rampup_epochs=3", "mixmatch.rampup_epochs=3"]
-PLAN = {"supervised": (0.1, 0.3, 1.0), "mean_teacher": (0.1, 0.3), "mixmatch": (0.1, 0.3)}
+# MIRA-U at the same scale: ViT teacher 64-d, 2 layers, 2 heads (seed: 256, 4, 4), student base 8
+# (seed: 32); the seed's M = 20, kappa, tau_u, lambdas and gamma unchanged.
+MIRA_U = ["mira_u.embed_dim=64", "mira_u.depth=2", "mira_u.num_heads=2", "mira_u.student_base_channels=8",
+          "mira_u.student_swin_depth=2", "mira_u.mim_epochs=20", "mira_u.rampup_epochs=5"]
+QUICK = ["train.epochs=6", "train.steps_per_epoch=30", "mean_teacher.rampup_epochs=3", "mixmatch.rampup_epochs=3",
+         "mira_u.mim_epochs=6", "mira_u.rampup_epochs=3"]
+PLAN = {"supervised": (0.1, 0.3, 1.0), "mean_teacher": (0.1, 0.3), "mixmatch": (0.1, 0.3), "mira_u": (0.1, 0.3)}
 GOAL_POINTS = 2.0
 
 
@@ -44,6 +56,11 @@ def run_one(out: Path, method: str, fraction: float, seed: int, overrides: list[
         import shutil
         shutil.rmtree(run)
     t0 = time.time()
+    if method == "mira_u":
+        overrides = MIRA_U + overrides
+        shared = sorted(out.glob(f"mira_u-*pct-seed{seed}/teacher_mim.keras"))
+        if shared:             # same seed = same training images: one stage 1 serves every fraction
+            overrides = overrides + [f"mira_u.teacher_checkpoint={shared[0]}"]
     code = main.main(["train", "--method", method, "--preset", "cpu", "--out", str(run), "--no-progress",
                       "--set", f"seed={seed}", f"data.labeled_fraction={fraction}", *overrides])
     if code != 0:
@@ -80,7 +97,7 @@ def summarize(out: Path, runs: list[Path]) -> str:
         lines.append(f"| {method} | {100 * fraction:g}% | {len(rows)} | {dice.mean():.3f}{spread} | {probe_text} |")
     lines.append("")
     base = means.get(("supervised", 0.1))
-    for method in ("mean_teacher", "mixmatch"):
+    for method in ("mean_teacher", "mixmatch", "mira_u"):
         if base is not None and (method, 0.1) in means:
             gain = 100 * (means[(method, 0.1)] - base)
             verdict = "meets" if gain >= GOAL_POINTS else "misses"

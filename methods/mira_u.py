@@ -63,6 +63,9 @@ from models_transformer import (SegmentationHead, build_hybrid_student, build_mi
 from train_ssl_tf2 import Trainer, _augment_fn, _save_model_atomic, ema_update, register_method, sigmoid_rampup
 
 TEACHER_FILE = "teacher_mim.keras"
+# The teacher as it stood at the best epoch (MIM encoder + trained head): `predict --uncertainty`
+# reads its MC-dropout standard deviation from here.
+TEACHER_BEST_FILE = "teacher_best.keras"
 MIM_HISTORY = "mim_history.csv"
 # replica_seed streams (distinct purposes draw independent noise)
 _STREAM_STRONG, _STREAM_MC, _STREAM_MIM_MASK = 11, 12, 21
@@ -215,6 +218,10 @@ class MiraU(Trainer):
         else:
             ema_update(float_weights(self.models["teacher"].seg_head),
                        float_weights(self.models["teacher_head_fast"]), decay)
+
+    def save_best(self, run: Path) -> None:
+        super().save_best(run)
+        _save_model_atomic(self.models["teacher"], Path(run) / TEACHER_BEST_FILE)
 
     def eval_models(self) -> dict:
         first = {"student_ema": self.models["student_ema"]} if "student_ema" in self.models else {}

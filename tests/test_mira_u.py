@@ -15,9 +15,11 @@ import tensorflow as tf
 import config
 import main
 import run_dir
+import synthetic_data
 import train_ssl_tf2
 from methods import mira_u
 from models_transformer import patchify
+from predict import Predictor
 
 FAST = ["mira_u.student_swin_depth=1", "mira_u.probe_cases=4"]
 
@@ -190,6 +192,15 @@ def test_train_smoke_runs_both_stages_then_reuses_the_teacher(tmp_path, capsys):
         assert np.isfinite(float(row[key])), key
     assert 0.0 <= float(row["pseudo_dice"]) <= 1.0
     assert "stage 1 done" in capsys.readouterr().out
+
+    # predict --uncertainty: the best-epoch teacher's MC-dropout std, deterministic, in [0, 0.5]
+    picture = synthetic_data.generate_2d(tmp_path / "pics", n_cases=1, size=40, seed=3) / "images" / "case_0000.png"
+    assert main.main(["predict", str(first), str(picture), str(tmp_path / "m.png"), "--uncertainty",
+                      "--no-progress"]) == 0
+    sigma = np.load(tmp_path / "m_uncertainty.npy")
+    assert sigma.shape == (40, 40) and sigma.dtype == np.float32
+    assert 0.0 <= sigma.min() and sigma.max() <= 0.5 and sigma.max() > 0.0     # dropout really sampled
+    np.testing.assert_allclose(sigma, Predictor(first).uncertainty_file(picture), atol=1e-6)
 
     second = tmp_path / "second"
     assert main.main(["train", "--out", str(second), *common,

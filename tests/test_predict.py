@@ -165,3 +165,10 @@ def test_predict_folder_of_volumes(run, volume_dir, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["vol_000.nii.gz", "vol_001.nii.gz"]
     for name in ("vol_000.nii.gz", "vol_001.nii.gz"):
         np.testing.assert_allclose(nib.load(str(out / name)).affine, nib.load(str(volume_dir / name)).affine)
+
+
+def test_uncertainty_on_a_run_without_mc_teacher_is_refused_before_writing(run, pictures, tmp_path):
+    out = tmp_path / "mask.png"
+    assert main.main(["predict", str(run), str(pictures / "case_0000.png"), str(out), "--uncertainty",
+                      "--no-progress"]) == 2
+    assert not out.exists() and not (tmp_path / "mask_uncertainty.npy").exists()
