@@ -27,6 +27,8 @@ def build_model(model_cfg, image_size: int, channels: int, name: str | None = No
     """Build the network that `model_cfg.name` names, for square `image_size` inputs."""
     key = model_cfg.name
     if key not in MODELS:
+        import models_transformer  # noqa: F401  registers 'hybrid'; only loaded when asked for
+    if key not in MODELS:
         raise ValueError(f"model.name: unknown model '{key}' (known: {', '.join(sorted(MODELS))})")
     return MODELS[key](model_cfg, image_size, channels, name=name or key)
 

@@ -607,3 +607,15 @@ if __name__ == "__main__":
     teacher = build_mim_teacher()
     student = build_hybrid_student()
     print({"mim_teacher": teacher.param_counts(), "hybrid_student": student.count_params()})
+
+
+# ----------------------------------------------------------------------------- as a plain network
+from models_tf2 import register_model  # noqa: E402  (models_tf2 imports this module lazily)
+
+
+@register_model("hybrid")
+def build_hybrid(cfg, image_size: int, channels: int, name: str = "hybrid") -> keras.Model:
+    """The MIRA-U student as an ordinary network: `--set model.name=hybrid` trains it with any method
+    (the supervised baseline that tells MIRA-U's architecture from its semi-supervision apart).
+    Base channels = model.base_filters; two Swin blocks per stage and no dropout, as in MIRA-U."""
+    return build_hybrid_student(image_size, channels, cfg.base_filters, name=name)

@@ -52,11 +52,16 @@ def machine_info() -> dict:
 
 
 def interleaved(candidates: dict, rounds: int) -> dict:
-    """Call every candidate once per round, in turn, `rounds` times. Each candidate returns one
+    """Call every candidate once (not recorded), then once per round, in turn, `rounds` times. Each candidate returns one
     measurement (ms per step); returns {name: {"median": m, "all": [...]}} plus the load average.
     Interleaving spreads a burst of load from other processes over all candidates alike.
     A candidate may return (wall_ms, cpu_ms): CPU time of this process (all its threads) per
     step, which other processes' load inflates far less than wall time."""
+    # One unrecorded round first: a candidate's first call after the others were built and traced
+    # ran 3-6x slower than its later ones here (cold caches, thread pools spinning up), and with 2-3
+    # rounds that one call moved the median.
+    for fn in candidates.values():
+        fn()
     times = {name: [] for name in candidates}
     loads = []
     for _ in range(rounds):

@@ -34,8 +34,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # Reduced size: 48x48 images, an 8-64 U-Net of depth 3; the same optimizer steps for every method.
 BENCH = ["data.image_size=48", "model.base_filters=8", "model.depth=3", "train.batch_size=8",
          "train.epochs=10", "train.steps_per_epoch=40", "train.lr=2e-3", "train.schedule=cosine",
-         "mean_teacher.rampup_epochs=4", "mixmatch.rampup_epochs=4",
-         "mean_teacher.consistency=10", "mixmatch.lambda_u=10"]
+         "mean_teacher.rampup_epochs=4", "mixmatch.rampup_epochs=4"]
 # MIRA-U at the same scale: ViT teacher 64-d, 2 layers, 2 heads (seed: 256, 4, 4), student base 8
 # (seed: 32); the seed's M = 20, kappa, tau_u, lambdas and gamma unchanged.
 MIRA_U = ["mira_u.embed_dim=64", "mira_u.depth=2", "mira_u.num_heads=2", "mira_u.student_base_channels=8",

@@ -4,7 +4,7 @@
 
 Peak: `../shared/yardsticks/matmul_peak.py` (a 4096^2 matmul in TF, float32 and bfloat16), run as a
 subprocess in the same run, interleaved with the step timings. Step: semiseg's supervised Trainer
-loop (U-Net 16-256, leaky_relu, 128x128, batch 8, steps_per_loop 10, fed from memory), in float32
+loop (U-Net 16-256, leaky_relu, 128x128 (64x64 with --quick), batch 8, steps_per_loop 10, fed from memory), in float32
 and mixed_bfloat16. Achieved = 3 x forward FLOPs x batch / step time (backward = 2 x forward).
 Forward FLOPs come from TF's graph profiler on the network (1.51 GFLOP per 128x128 image, DESIGN.md's
 count); `models_tf2.unet_forward_flops` is recorded next to it. To locate the waste, the same network's
@@ -24,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-SETS = ["data.image_size=128", "data.synthetic_size=128", "data.synthetic_cases=48", "data.labeled_fraction=0.25",
+SETS = ["data.synthetic_cases=48", "data.labeled_fraction=0.25",
         "model.base_filters=16", "model.depth=4", "model.activation=leaky_relu", "model.dropout=0",
         "train.batch_size=8", "train.steps_per_loop=10", "train.steps_per_epoch=1000", "train.epochs=100"]
 
@@ -48,10 +48,11 @@ def run(quick: bool) -> dict:
     import models_tf2
     from method_throughput import forward_flops
     rounds = 2 if quick else 4
-    batch, size = 8, 128
+    batch, size = 8, (64 if quick else 128)
     cands, flops = {}, None
     for policy in ("float32", "mixed_bfloat16"):
-        trainer = common.build_trainer("supervised", SETS + [f"train.precision={policy}"])
+        trainer = common.build_trainer("supervised", SETS + [f"train.precision={policy}", f"data.image_size={size}",
+                                                             f"data.synthetic_size={size}"])
         if flops is None:
             model = trainer.models["student"]
             flops = forward_flops(lambda x: model(x, training=False), (size, size, 1))

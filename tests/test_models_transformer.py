@@ -194,3 +194,12 @@ def test_one_mim_step_changes_encoder_and_decoder_only():
         assert all(changed), part
     for a, v in zip(before["seg_head"], parts["seg_head"]):
         np.testing.assert_array_equal(a, v.numpy())
+
+
+def test_hybrid_student_is_a_registered_model_for_any_method():
+    import config
+    import models_tf2
+    model = models_tf2.build_model(config.ModelConfig(name="hybrid", base_filters=4), 32, 3)
+    twin = mt.build_hybrid_student(32, 3, 4)
+    assert model.count_params() == twin.count_params() and model.name == "hybrid"
+    assert model(images(1, 32), training=False).shape == (1, 32, 32, 1)
