@@ -102,6 +102,10 @@ class MeanTeacherConfig:
     probe_cases: int = 32              # hidden-truth cases scoring the teacher's targets per epoch; 0 = off
     student_view: str = "noise"        # noise | strong: the student's view gets photometric strong
                                        # augmentation (jitter, blur, noise, cutout) on top of its noise
+    teacher_bn: str = "batch"          # batch (the paper's code): teacher BN on batch statistics during
+                                       # training, its own moving statistics (for evaluation) from them;
+                                       # moving: inference mode on the EMA of the student's statistics
+                                       # (the teacher then trailed the student: label-efficiency bench)
 
 
 @dataclass
@@ -374,6 +378,8 @@ def validate(cfg: Config) -> None:
     check(0.0 <= cfg.mean_teacher.ema_decay < 1.0, "mean_teacher.ema_decay", "must be in [0, 1)")
     check(cfg.mean_teacher.student_view in ("noise", "strong"), "mean_teacher.student_view",
           f"must be noise or strong, got {cfg.mean_teacher.student_view!r}")
+    check(cfg.mean_teacher.teacher_bn in ("moving", "batch"), "mean_teacher.teacher_bn",
+          f"must be moving or batch, got {cfg.mean_teacher.teacher_bn!r}")
     check(0.0 <= cfg.mira_u.ema_decay < 1.0, "mira_u.ema_decay", "must be in [0, 1)")
     check(cfg.mixmatch.k >= 1, "mixmatch.k", "must be >= 1")
     check(0.0 < cfg.mira_u.mask_ratio < 1.0, "mira_u.mask_ratio", "must be in (0, 1)")

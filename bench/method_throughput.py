@@ -72,7 +72,7 @@ def work_units(trainer) -> tuple[float, float, str]:
 
 def run(quick: bool) -> dict:
     os.environ.setdefault("SEMISEG_CACHE", str(Path(tempfile.gettempdir()) / "semiseg-bench-cache"))
-    size = 64 if quick else 128
+    size = 32 if quick else 128
     batch = 4
     rounds = 3 if quick else 5
     sets = [f"data.image_size={size}", f"data.synthetic_size={size}", "data.synthetic_cases=48",
@@ -87,12 +87,12 @@ def run(quick: bool) -> dict:
             skipped[method] = str(err)
             continue
         trainers[method] = trainer
-        cands[method] = common.loop_timer(trainer, "memory", warmup_calls=2)
+        cands[method] = common.loop_timer(trainer, "memory", warmup_calls=1 if quick else 2)
     if "mira_u" in trainers:
         # MIRA-U trains its own student: its baseline is the supervised step of that same network.
         base = trainers["mira_u"].cfg.mira_u.student_base_channels
         hybrid = common.build_trainer("supervised", sets + ["model.name=hybrid", f"model.base_filters={base}"])
-        cands["supervised_hybrid"] = common.loop_timer(hybrid, "memory", warmup_calls=2)
+        cands["supervised_hybrid"] = common.loop_timer(hybrid, "memory", warmup_calls=1 if quick else 2)
     timed = common.interleaved(cands, rounds)
     rows = []
     for method, trainer in trainers.items():

@@ -34,6 +34,9 @@ no pseudo labels at all:
   student_ema  (default): an EMA copy of the student (alpha = 0.999) is the consistency target
                 p_target = EMA(weak) and the network validated first and exported (Mean Teacher's
                 reading: theta -> phi with phi shaped like theta). Pseudo labels: the trained head.
+                The EMA covers the weights, not BN's moving statistics: the EMA student's forward
+                on the weak view runs BN on batch statistics and keeps its own moving statistics
+                (Mean Teacher's teacher_bn=batch, for the reason measured there).
   teacher_head : the EMA lands in the teacher, as the seed writes, but from a trained copy of its
                 own head ("teacher_head_fast"): the pseudo-labelling head is the EMA of that copy;
                 p_target = student(weak) (stop-gradient); the student is exported.
@@ -60,6 +63,7 @@ import augment
 import evaluation
 from models_transformer import (SegmentationHead, build_hybrid_student, build_mim_teacher,
                                 mc_dropout_stats, mim_l1_loss, patchify, random_patch_mask)
+from methods.mean_teacher import ema_weights
 from train_ssl_tf2 import Trainer, _augment_fn, _save_model_atomic, ema_update, register_method, sigmoid_rampup
 
 TEACHER_FILE = "teacher_mim.keras"
@@ -185,8 +189,9 @@ class MiraU(Trainer):
         prob = tf.sigmoid(logits)
         if own_weak:            # the seed's Student(x^_j), as trained (batch BN), stop-gradient
             weak_logits = all_logits[2]
-        else:                   # the EMA student in inference mode
-            weak_logits = self.models["student_ema"](weak, training=False)
+        else:                   # the EMA student; BN on this batch's statistics, updating its own
+            # moving statistics (as Mean Teacher's teacher_bn=batch: EMA'd statistics do not fit EMA'd weights)
+            weak_logits = self.models["student_ema"](weak, training=True)
         p_weak = tf.stop_gradient(tf.sigmoid(tf.cast(weak_logits, tf.float32)))
 
         # Masked means divide by the *global* kept count, so summing replica shares gives the
@@ -214,7 +219,8 @@ class MiraU(Trainer):
     def on_step_end(self, step):
         decay = self.ema_decay(step)
         if "student_ema" in self.models:
-            ema_update(float_weights(self.models["student_ema"]), float_weights(self.models["student"]), decay)
+            ema_update(ema_weights(self.models["student_ema"], "batch"), ema_weights(self.models["student"], "batch"),
+                       decay)
         else:
             ema_update(float_weights(self.models["teacher"].seg_head),
                        float_weights(self.models["teacher_head_fast"]), decay)

@@ -56,7 +56,8 @@ def _trainer(*overrides):
 
 @pytest.mark.parametrize("warmup, decay", [(True, 0.5), (False, 0.9)])
 def test_one_step_moves_student_and_teacher_by_the_ema_rule(warmup, decay):
-    trainer = _trainer(f"mean_teacher.ema_warmup={warmup}", "mean_teacher.ema_decay=0.9")
+    # teacher_bn=moving: every weight, BN moving statistics included, follows the EMA rule.
+    trainer = _trainer(f"mean_teacher.ema_warmup={warmup}", "mean_teacher.ema_decay=0.9", "mean_teacher.teacher_bn=moving")
     student, teacher = (mean_teacher.ema_weights(trainer.models[k]) for k in ("student", "teacher"))
     s0 = [v.numpy().copy() for v in student]
     t0 = [v.numpy().copy() for v in teacher]
@@ -70,6 +71,27 @@ def test_one_step_moves_student_and_teacher_by_the_ema_rule(warmup, decay):
     assert all(changed)
     for before, s, t in zip(t0, student, teacher):
         np.testing.assert_allclose(t.numpy(), decay * before + (1 - decay) * s.numpy(), rtol=1e-5, atol=1e-7)
+
+
+def test_batch_statistics_teacher_keeps_its_own_bn_statistics():
+    """teacher_bn=batch (the paper's code): weights by the EMA rule, BN moving statistics from the
+    teacher's own forward pass on its batch, not averaged from the student's."""
+    trainer = _trainer("mean_teacher.teacher_bn=batch", "mean_teacher.ema_decay=0.9", "mean_teacher.ema_warmup=false")
+    teacher, student = trainer.models["teacher"], trainer.models["student"]
+    averaged = mean_teacher.ema_weights(teacher, "batch")
+    stats = [v for v in teacher.weights if v.path.endswith(("moving_mean", "moving_variance"))]
+    assert stats and not {v.path for v in stats} & {v.path for v in averaged}
+    s0 = [v.numpy().copy() for v in mean_teacher.ema_weights(student, "batch")]
+    t0 = [v.numpy().copy() for v in averaged]
+    stats0 = [v.numpy().copy() for v in stats]
+    student_stats = [v for v in student.weights if v.path.endswith(("moving_mean", "moving_variance"))]
+    trainer._make_loop(*trainer._iterators(0))(tf.constant(1))
+    for before, s, t in zip(t0, mean_teacher.ema_weights(student, "batch"), averaged):
+        np.testing.assert_allclose(t.numpy(), 0.9 * before + 0.1 * s.numpy(), rtol=1e-5, atol=1e-7)
+    moved = [not np.allclose(a, v.numpy()) for a, v in zip(stats0, stats)]
+    assert all(moved)                                   # updated by the teacher's own forward
+    for before, t, s in zip(stats0, stats, student_stats):  # ... and not the EMA of the student's
+        assert not np.allclose(t.numpy(), 0.9 * before + 0.1 * s.numpy(), rtol=1e-5, atol=1e-7)
 
 
 def test_smoke_training_end_to_end(tmp_path):

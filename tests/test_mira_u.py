@@ -151,7 +151,9 @@ def _assert_half_way(ema_vars, before, source_vars):
 
 
 def test_one_stage2_step_student_ema_reading(trainer):
-    ema, student = (mira_u.float_weights(trainer.models[k]) for k in ("student_ema", "student"))
+    # The EMA covers the weights; BN moving statistics are the EMA student's own (batch mode).
+    from methods.mean_teacher import ema_weights
+    ema, student = (ema_weights(trainer.models[k], "batch") for k in ("student_ema", "student"))
     np.testing.assert_array_equal(ema[0].numpy(), student[0].numpy())    # starts as a copy
     initial = _values(ema)
     logs, _ = _stage2_step(trainer)
