@@ -87,8 +87,10 @@ def summarize(out: Path, runs: list[Path]) -> str:
     groups: dict = {}
     for run in loaded:
         probe = np.nan
-        if run.history is not None and "pseudo_target_dice" in run.history:
-            probe = float(run.history["pseudo_target_dice"].iloc[-1])
+        column = next((c for c in ("pseudo_target_dice", "pseudo_dice")     # MIRA-U's name
+                       if run.history is not None and c in run.history), None)
+        if column:
+            probe = float(run.history[column].iloc[-1])
         groups.setdefault((run.method, run.labeled_fraction), []).append((run.metrics["dice"], probe, run.seed))
     lines = ["| Method | Labeled | Seeds | Test Dice (mean ± std) | Pseudo-target Dice, last epoch |",
              "|---|---|---|---|---|"]
