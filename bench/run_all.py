@@ -98,6 +98,19 @@ def summary_lines(results: dict) -> list[str]:
             for x in r["rows"]:
                 row(name, f"{x['what']} {x['policy']}", f"{x['achieved_gflops']} of {x['peak_gflops']} GFLOP/s "
                     f"({x['fraction_of_peak']:.0%})", "as close as possible", "")
+        elif name == "mc_dropout":
+            by = {x["variant"]: x for x in r["results"]}
+            eager = by.get("loop_eager", {}).get("seconds")
+            for v, x in by.items():
+                row(name, f"M=20 {v}", f"{x['seconds']} s/call, x{x['speedup_vs_loop_eager']} vs eager loop",
+                    ">= x2 vs a Python loop" if v == "batched_graph" else "",
+                    ("yes" if x["speedup_vs_loop_eager"] >= 2 else "no") if v == "batched_graph" and eager else "")
+        elif name == "preprocess_memory":
+            for x in r["rows"]:
+                row(name, f"{x['volumes']} volumes, {x['workers']} worker(s)",
+                    f"{x['volumes_per_s_build']} vol/s; peak RSS main {x['peak_rss_main_mib']} / worker "
+                    f"{x['peak_rss_worker_mib']} MiB", "near-linear; memory within 10%", "")
+            row(name, "marginal volumes/s (start-up excluded)", json.dumps(r.get("marginal_volumes_per_s")), "", "")
         else:
             row(name, "see results.json", json.dumps(r)[:200], "", "")
     return lines
