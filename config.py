@@ -74,6 +74,8 @@ class TrainConfig:
     lr_scaling: str = "none"           # none | linear (lr * num_replicas)
     schedule: str = "constant"         # constant | cosine | poly
     warmup_epochs: float = 0.0
+    optimizer: str = "adam"            # adam (AdamW when weight_decay > 0) | sgd (momentum, e.g. nnU-Net's)
+    momentum: float = 0.9              # sgd only
     weight_decay: float = 0.0
     clip_norm: float = 5.0             # global-norm gradient clipping; 0 = off
     lambda_dice: float = 0.5           # L_sup = lambda_dice * Dice + lambda_bce * BCE
@@ -378,6 +380,9 @@ def validate(cfg: Config) -> None:
     check(0.0 <= cfg.mean_teacher.ema_decay < 1.0, "mean_teacher.ema_decay", "must be in [0, 1)")
     check(cfg.mean_teacher.student_view in ("noise", "strong"), "mean_teacher.student_view",
           f"must be noise or strong, got {cfg.mean_teacher.student_view!r}")
+    check(cfg.train.optimizer in ("adam", "sgd"), "train.optimizer",
+          f"must be adam or sgd, got {cfg.train.optimizer!r}")
+    check(0.0 <= cfg.train.momentum < 1.0, "train.momentum", f"must be in [0, 1), got {cfg.train.momentum}")
     check(cfg.mean_teacher.teacher_bn in ("moving", "batch"), "mean_teacher.teacher_bn",
           f"must be moving or batch, got {cfg.mean_teacher.teacher_bn!r}")
     check(0.0 <= cfg.mira_u.ema_decay < 1.0, "mira_u.ema_decay", "must be in [0, 1)")

@@ -213,8 +213,12 @@ class Trainer:
         self._keras_clips = t.precision == "mixed_float16"
         if t.clip_norm > 0 and self._keras_clips:
             kwargs["global_clipnorm"] = t.clip_norm / self.n_replicas
-        opt = (keras.optimizers.AdamW(weight_decay=t.weight_decay, **kwargs) if t.weight_decay > 0
-               else keras.optimizers.Adam(**kwargs))
+        if t.optimizer == "sgd":
+            opt = keras.optimizers.SGD(momentum=t.momentum, weight_decay=t.weight_decay or None, **kwargs)
+        elif t.weight_decay > 0:
+            opt = keras.optimizers.AdamW(weight_decay=t.weight_decay, **kwargs)
+        else:
+            opt = keras.optimizers.Adam(**kwargs)
         if t.precision == "mixed_float16":
             # float16 gradients underflow without loss scaling; bfloat16 has float32's range.
             opt = keras.optimizers.LossScaleOptimizer(opt)

@@ -13,7 +13,8 @@ process (runpy of plain_step.py) so that candidates run in interleaved rounds; t
 median(semiseg) / median(yardstick) in wall time and in this process's CPU time per step (the
 latter is less inflated by other processes on a shared machine). Outside --quick the yardstick also
 runs as a subprocess once per case and its own JSON is recorded next to them.
-Ablations (clip_norm=0, Mean Teacher without EMA) say where a gap above 5% comes from.
+Ablations (steps_per_loop 1, clip_norm=0, SGD instead of Adam, Mean Teacher without EMA) say where
+a gap above 5% comes from.
 Known differences, kept on purpose: semiseg uses Adam (yardstick SGD+momentum), no conv bias before
 BN, the teacher in inference mode (yardstick: batch-statistics mode), independent noise per view.
 """
@@ -96,6 +97,8 @@ def run(quick: bool, policies=("float32", "mixed_bfloat16"), size: int = 0, abla
                 cands[f"{method}_spl1_memory"] = semiseg(method, policy, 1, "memory", size, calls=5)
                 cands[f"{method}_spl10_memory_noclip"] = semiseg(method, policy, 10, "memory", size,
                                                                  ["train.clip_norm=0"])
+                cands[f"{method}_spl10_memory_sgd"] = semiseg(method, policy, 10, "memory", size,
+                                                              ["train.optimizer=sgd", "train.lr=0.01"])
                 if method == "mean_teacher":
                     cands[f"{method}_spl10_memory_noema"] = semiseg(method, policy, 10, "memory", size,
                                                                     no_ema=True)
@@ -140,10 +143,11 @@ def diagnose(timed: dict, methods: list[str]) -> list[str]:
         for key, what in (("spl10_cache", "tf.data input pipeline (cache read + augmentation on the same cores)"),
                           ("spl1_memory", "one tf.function call per step instead of 10 (Python/dispatch)"),
                           ("spl10_memory_noclip", "global-norm gradient clipping (saved by clip_norm=0)"),
+                          ("spl10_memory_sgd", "Adam instead of the yardstick's SGD+momentum (saved by train.optimizer=sgd)"),
                           ("spl10_memory_noema", "EMA teacher update (saved without it)")):
             if f"{m}_{key}" in timed:
                 d = timed[f"{m}_{key}"]["median"] - base
-                if key in ("spl10_memory_noclip", "spl10_memory_noema"):
+                if key in ("spl10_memory_noclip", "spl10_memory_noema", "spl10_memory_sgd"):
                     d = -d
                 out.append(f"{m}: {what}: {d:+.1f} ms/step")
     return out

@@ -59,3 +59,17 @@ def test_cli_prints_yaml(capsys):
     assert config.main(["--preset", "smoke", "--set", "seed=5"]) == 0
     assert yaml.safe_load(capsys.readouterr().out)["seed"] == 5
     assert config.main(["--set", "bogus.key=1"]) == 2
+
+
+def test_optimizer_choice_is_checked_and_builds_sgd_with_momentum():
+    with pytest.raises(config.ConfigError, match="train.optimizer"):
+        config.resolve(overrides=["train.optimizer=rmsprop"])
+    import keras
+    import train_ssl_tf2
+    trainer = train_ssl_tf2.Trainer.__new__(train_ssl_tf2.Trainer)
+    trainer.cfg = config.resolve(overrides=["train.optimizer=sgd", "train.momentum=0.95", "train.lr=0.01"])
+    trainer.n_replicas, trainer.steps_per_epoch, trainer.total_steps = 1, 10, 100
+    opt = trainer._build_optimizer()
+    assert isinstance(opt, keras.optimizers.SGD) and opt.momentum == pytest.approx(0.95)
+    trainer.cfg = config.resolve()
+    assert type(trainer._build_optimizer()) is keras.optimizers.Adam
