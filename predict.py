@@ -206,7 +206,7 @@ class Predictor:
     """A run's exported network, ready to segment arrays, picture files and NIfTI volumes."""
 
     def __init__(self, run_dir, tta: bool = False, checkpoint: str = "best", threshold: float = 0.5,
-                 batch_size: int = 0):
+                 batch_size: int = 0, uncertainty: bool = False):
         import evaluation
         self.run_dir = Path(run_dir)
         self.cfg, self.model, self.network = load_run_model(self.run_dir, checkpoint)
@@ -215,7 +215,8 @@ class Predictor:
         self.tta, self.threshold = tta, float(threshold)
         self.batch_size = int(batch_size or self.cfg.train.eval_batch_size)
         self._predict = evaluation.make_predict_fn(self.model, tta)      # traced once, reused
-        self._uncertainty = None
+        # uncertainty=True loads the MIRA-U teacher now, so a run without one fails before any output
+        self._uncertainty = _teacher_uncertainty_fn(self.run_dir, self.cfg) if uncertainty else None
 
     def _map_slices(self, fn, images: np.ndarray, progress=None) -> np.ndarray:
         """fn([b, size, size, C]) -> [b, size, size] maps, batched over [S,H,W,C] and resized back."""
@@ -260,18 +261,19 @@ class Predictor:
         """Uncertainty [H,W] of a picture file (see uncertainty_slices)."""
         return self.uncertainty_slices(read_picture(path, self.channels)[None])[0]
 
-    def volume_uncertainty(self, path) -> np.ndarray:
-        """Uncertainty [S,H,W] of a volume's slices, in the order volume_probabilities returns."""
+    def read_volume(self, path):
+        """(slices [S,H,W,C] normalised as training normalised them, meta of volumes.load_volume)."""
         import volumes
-        return self.uncertainty_slices(volumes.load_volume(path, self.cfg.data)[0])
-
-    def volume_probabilities(self, path, progress: bool = False):
-        """(probabilities [S,H,W] in slice order at the original in-plane size, meta of volumes.load_volume)."""
-        import volumes
-        from tqdm import tqdm
         image, _spacing, meta = volumes.load_volume(path, self.cfg.data)
         if image.shape[-1] != self.channels:
             raise DataError(f"{path}: {image.shape[-1]} channel(s), but the model of {self.run_dir} takes {self.channels}")
+        return image, meta
+
+    def volume_probabilities(self, path, progress: bool = False, volume=None):
+        """(probabilities [S,H,W] in slice order at the original in-plane size, meta of volumes.load_volume);
+        `volume`: read_volume's result when the caller has read the file already."""
+        from tqdm import tqdm
+        image, meta = volume or self.read_volume(path)
         with tqdm(total=len(image), desc=Path(path).name, unit="slice", disable=not progress, leave=False) as bar:
             prob = self.predict_slices(image, bar)
         return prob, meta
@@ -402,31 +404,31 @@ def run_prediction(run_dir, input_path, output_path, tta: bool = False, threshol
     source, output = Path(input_path), Path(output_path)
     inputs = list_inputs(source)
     plan = plan_outputs(inputs, output, source.is_file(), save_probabilities, save_uncertainty)
-    predictor = Predictor(run_dir, tta=tta, checkpoint=checkpoint, threshold=threshold)
-    if save_uncertainty:        # fail on a run without a MIRA-U teacher before writing anything
-        predictor.uncertainty_slices(np.zeros((1, 8, 8, predictor.channels), np.float32))
+    predictor = Predictor(run_dir, tta=tta, checkpoint=checkpoint, threshold=threshold, uncertainty=save_uncertainty)
     (output if not source.is_file() else output.parent).mkdir(parents=True, exist_ok=True)
     written = []
     bar = tqdm(plan, desc="predict", unit="file", disable=not (progress and len(plan) > 1))
     for src, mask_path, prob_path, sigma_path in bar:
         if is_nifti(src):
             import volumes
-            prob, meta = predictor.volume_probabilities(src, progress=progress)
+            volume = predictor.read_volume(src)          # read once for probabilities and uncertainty
+            prob, meta = predictor.volume_probabilities(src, progress, volume)
             mask_img = volumes.mask_to_nifti((prob >= threshold).astype(np.uint8), meta)
             _atomic(mask_path, lambda tmp: nib.save(mask_img, str(tmp)))
             if prob_path is not None:
                 prob_img = _probability_nifti(prob, meta)
                 _atomic(prob_path, lambda tmp: nib.save(prob_img, str(tmp)))
             if sigma_path is not None:
-                sigma_img = _probability_nifti(predictor.volume_uncertainty(src), meta)
+                sigma_img = _probability_nifti(predictor.uncertainty_slices(volume[0]), meta)
                 _atomic(sigma_path, lambda tmp: nib.save(sigma_img, str(tmp)))
         else:
-            prob = predictor.predict_file(src)
+            images = read_picture(src, predictor.channels)[None]
+            prob = predictor.predict_slices(images)[0]
             write_mask_picture(prob >= threshold, mask_path)
             if prob_path is not None:
                 _atomic(prob_path, lambda tmp: _save_npy(tmp, prob))
             if sigma_path is not None:
-                sigma = predictor.uncertainty_file(src)
+                sigma = predictor.uncertainty_slices(images)[0]
                 _atomic(sigma_path, lambda tmp: _save_npy(tmp, sigma))
         written += [p for p in (mask_path, prob_path, sigma_path) if p is not None]
     log(f"predict: {len(plan)} input(s) -> {output} ({predictor.network} network, "

@@ -48,9 +48,9 @@ STUDENT_NOISE_STREAM, TEACHER_NOISE_STREAM, STUDENT_STRONG_STREAM = 11, 12, 13
 def ema_weights(model, teacher_bn: str = "moving") -> list:
     """The weights the teacher averages: all of them (BN moving stats too) except RNG counters;
     with teacher_bn="batch" only the trainable ones (the teacher keeps its own BN statistics)."""
-    own_stats = ("moving_mean", "moving_variance") if teacher_bn == "batch" else ()
+    averaged_stats = teacher_bn != "batch"
     return [v for v in model.weights if "seed_generator_state" not in v.path
-            and not v.path.endswith(own_stats or ("\0",))]
+            and (averaged_stats or not v.path.endswith(("moving_mean", "moving_variance")))]
 
 
 def ema_decay_at(n_updates, ema_decay: float, warmup: bool):
