@@ -43,6 +43,9 @@ def free_ports(count):
             s.close()
 
 
+CRED_EXPIRE_S = 10
+
+
 def write_config(root, host):
     """slurm.conf + gres.conf for one node named `host`, all paths under `root`."""
     conf = os.path.join(root, "slurm.conf")
@@ -57,7 +60,11 @@ def write_config(root, host):
         "AuthType=auth/munge",
         "CredType=cred/munge",
         # Our own munged, not the system one (which may not run, or have another key).
-        f"AuthInfo=socket={root}/run/munge.socket",
+        # cred_expire: a requeued job's old credential stays revoked this long and the job may
+        # not start before (slurmctld gives it BeginTime = requeue + cred_expire + 1). Forcing an
+        # earlier start ("StartTime=now") got "Job credential revoked" and a killed job; the
+        # default of 120 s would make every requeue test wait two minutes.
+        f"AuthInfo=socket={root}/run/munge.socket,cred_expire={CRED_EXPIRE_S}",
         f"StateSaveLocation={root}/state",
         f"SlurmdSpoolDir={root}/spool",
         f"SlurmctldPidFile={root}/run/slurmctld.pid",
@@ -68,6 +75,9 @@ def write_config(root, host):
         "ProctrackType=proctrack/linuxproc",
         "TaskPlugin=task/none",
         "SelectType=select/cons_tres",
+        # Pending jobs (a requeued one once its BeginTime passes) are looked at every second,
+        # not every 30-60 s: the requeue tests wait for that.
+        "SchedulerParameters=bf_interval=1,sched_interval=1",
         "SelectTypeParameters=CR_CPU",
         "JobAcctGatherType=jobacct_gather/none",
         "AccountingStorageType=accounting_storage/none",
@@ -181,6 +191,16 @@ class SlurmCluster:
                         env=dict(self.env, **(env or {})))
         return proc.stdout.strip().split(";")[0]
 
+    def wait_requeued_start(self, job_id, timeout=120):
+        """Wait until a requeued job runs again. slurmctld holds it until its revoked credential
+        expires (CRED_EXPIRE_S); it is never forced to start earlier, which fails it."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.job(job_id).get("JobState") not in ("PENDING", "REQUEUED", "REQUEUE_HOLD", None):
+                return
+            time.sleep(0.5)
+        raise TimeoutError(f"requeued job {job_id} did not start within {timeout}s: {self.job(job_id)}")
+
     def job(self, job_id):
         """The fields of `scontrol show job -o JOB` (the first record for an array)."""
         proc = self.run("scontrol", "show", "job", "-o", str(job_id), check=False, timeout=10)
@@ -200,7 +220,10 @@ class SlurmCluster:
                            f"{self.job(job_id).get('JobState')}\n{self.logs()}")
 
     def stop(self):
-        self.run("scancel", "--full", "--user", str(os.getuid()), check=False, timeout=10)
+        # Only our own cluster: before start() set self.env, `run` would use the caller's
+        # environment, whose SLURM_CONF may point at a real site cluster.
+        if self.env is not None and self.processes:
+            self.run("scancel", "--full", "--user", str(os.getuid()), check=False, timeout=10)
         for name, proc in reversed(self.processes):
             if proc.poll() is None:
                 proc.terminate()

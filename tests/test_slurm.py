@@ -163,8 +163,7 @@ def test_usr1_checkpoints_requeues_and_resumes(slurm_cluster, workdir):
     while slurm_cluster.job(job).get("Restarts") != "1" and time.monotonic() < deadline:
         time.sleep(0.5)
     assert slurm_cluster.job(job).get("Restarts") == "1", slurm_cluster.job(job)
-    # A requeued job waits ~2 minutes (BeginTime) unless told otherwise.
-    slurm_cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now")
+    slurm_cluster.wait_requeued_start(job)
     (record,) = slurm_cluster.wait(job, timeout=300)
     log = read_log(workdir, f"semiseg-1gpu-{job}.out")
     assert record["JobState"] == "COMPLETED" and record["ExitCode"] == "0:0", log[-3000:]
@@ -311,7 +310,7 @@ def test_real_trainer_usr1_requeues_and_resumes(slurm_cluster, tmp_path):
     while slurm_cluster.job(job).get("Restarts") != "1" and time.monotonic() < deadline:
         time.sleep(0.5)
     assert slurm_cluster.job(job).get("Restarts") == "1", read_log(tmp_path, "*.out")[-4000:]
-    slurm_cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now")
+    slurm_cluster.wait_requeued_start(job)
     (record,) = slurm_cluster.wait(job, timeout=600)
     log = read_log(tmp_path, f"semiseg-1gpu-{job}.out")
     assert record["JobState"] == "COMPLETED" and record["ExitCode"] == "0:0", log[-4000:]
