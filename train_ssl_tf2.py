@@ -151,7 +151,7 @@ class Trainer:
         """What RUN/export.json records: the network `export_model` picks, the checkpoint attribute
         it is restored from, and why; built from the same calls training uses, so they agree."""
         name, model = self.export_model()
-        key = next(k for k, m in self.models.items() if m is model)
+        key = next((k for k, m in self.models.items() if m is model), name)
         validated = list(self.eval_models())
         choice = self.cfg.train.export
         reason = (f"train.export=auto: the first network {self.method_name} validates ({', '.join(validated)}), "
