@@ -33,10 +33,13 @@ class WriteError(OSError):
 
     def __init__(self, path, reason: str, errno: int | None = None):
         super().__init__(errno, f"cannot write {path}: {reason}")
-        self.path = Path(path)
+        self.path, self.reason = Path(path), reason
 
     def __str__(self) -> str:
         return self.strerror
+
+    def __reduce__(self):       # crosses process pools intact (OSError would pickle only its args)
+        return type(self), (self.path, self.reason, self.errno)
 
 
 def temporary_path(path) -> Path:
