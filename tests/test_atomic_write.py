@@ -131,3 +131,11 @@ def test_mira_u_mim_history_is_written_through_the_atomic_append(tmp_path):
     mira_u._append_csv(path, {"epoch": 2, "step": 6, "loss_mim": 0.1, "time_s": 1.25})
     # the old in-place append kept the first header, leaving time_s without a column
     assert path.read_text().splitlines() == ["epoch,step,loss_mim,time_s", "1,3,0.123457,", "2,6,0.1,1.25"]
+
+
+def test_write_error_is_an_os_error_that_survives_a_process_pool():
+    import pickle
+    err = pickle.loads(pickle.dumps(atomic_write.WriteError("/data/run/x.json", "No space left on device",
+                                                            errno.ENOSPC)))
+    assert isinstance(err, OSError) and err.errno == errno.ENOSPC
+    assert str(err) == "cannot write /data/run/x.json: No space left on device"
