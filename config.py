@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import sys
 import typing
 from dataclasses import dataclass, field
@@ -313,10 +312,8 @@ def to_dict(cfg) -> dict:
 
 def save_yaml(cfg: Config, path) -> None:
     """Write atomically: a crash never leaves a half-written config.yaml."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as fh:
-        yaml.safe_dump(to_dict(cfg), fh, sort_keys=False)
-    os.replace(tmp, path)
+    import atomic_write
+    atomic_write.write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 def load_yaml(path) -> dict:

@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+import atomic_write
 import slice_cache
 from data_sources import Case, DataError, detect_format, get_source, synthetic_root
 
@@ -84,10 +84,7 @@ def make_splits(cases: list[Case], data_cfg, seed: int) -> dict:
 
 
 def save_splits(splits: dict, path) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as fh:
-        json.dump(splits, fh, indent=1)
-    os.replace(tmp, path)
+    atomic_write.write_text(path, json.dumps(splits, indent=1))
 
 
 @dataclass

@@ -10,7 +10,9 @@
     python main.py preprocess --data data/Task07_Pancreas --format msd
 
 Thin on purpose: it parses, builds and calls. Exit codes: 0 done, 2 bad input (config, data, run
-folder), 75 preempted (checkpoint written; the sbatch scripts requeue on it).
+folder), 74 a file could not be written (disk full, quota, permissions: "error: cannot write PATH:
+REASON"; the previous version of that file or checkpoint is kept, so `--resume` works once there
+is room; not requeued), 75 preempted (checkpoint written; the sbatch scripts requeue on it).
 """
 from __future__ import annotations
 
@@ -23,11 +25,13 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")   # keep CUDA-probe noise out of run logs
 
 import config  # noqa: E402
+from atomic_write import WriteError  # noqa: E402
 from config import ConfigError  # noqa: E402
 from data_sources import DataError  # noqa: E402
 from run_dir import RunDirError  # noqa: E402
 
 EXIT_BAD_INPUT = 2
+EXIT_WRITE_FAILED = 74      # EX_IOERR (sysexits.h)
 
 
 def _log(msg: str) -> None:
@@ -103,6 +107,8 @@ def cmd_train(args) -> int:
     _log(f"run folder: {run}  (labeled {len(bundle.splits['labeled'])}, unlabeled {len(bundle.splits['unlabeled'])}, "
          f"val {len(bundle.splits['val'])}, test {len(bundle.splits['test'])} cases)")
     trainer = method_cls(cfg, bundle, strategy, info, log=_log if chief else (lambda m: None))
+    if chief:       # now, not at export: evaluate/predict of an unfinished run read it too
+        rundir.write_export_record(run, trainer.export_record())
     _log(f"strategy: {json.dumps(info)}; per-replica batch {trainer.per_replica_batch}")
     ckpt_dir = Path(distribute.worker_checkpoint_dir(str(run), info))
     reason = trainer.fit(run, is_chief=chief, ckpt_dir=ckpt_dir, progress=not args.no_progress)
@@ -294,6 +300,9 @@ def main(argv=None) -> int:
     except (ConfigError, DataError, RunDirError) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except WriteError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_WRITE_FAILED
 
 
 if __name__ == "__main__":

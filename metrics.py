@@ -32,14 +32,15 @@ Definitions (see docs/evaluation.md):
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
+
+import atomic_write
 
 METRIC_KEYS = ("dice", "iou", "accuracy", "precision", "recall", "sensitivity", "specificity",
                "hd95", "asd")
@@ -191,15 +192,9 @@ def _write_atomically(path, write) -> Path:
     # A crash or a killed job never leaves a half-written file that a later step would trust.
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", newline="") as stream:
-            write(stream)
-        os.replace(tmp_name, path)
-    except BaseException:
-        os.unlink(tmp_name)
-        raise
-    return path
+    stream = io.StringIO(newline="")
+    write(stream)
+    return atomic_write.write_text(path, stream.getvalue())
 
 
 def write_per_case_csv(path, rows: list[dict]) -> Path:

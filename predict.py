@@ -22,15 +22,15 @@ set as the split 'external') serve `main.py evaluate` as well.
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 
 import numpy as np
 
+import atomic_write
 import config
 from data_sources import IMAGE_SUFFIXES, DataError, read_picture
-from run_dir import RunDirError
+from run_dir import EXPORT_FILE, RunDirError, read_export_record
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 MASK_SUFFIXES = (".png", ".bmp", ".tif", ".tiff")    # lossless: a JPEG would smear 0/255 masks
@@ -59,9 +59,23 @@ def load_run_config(run_dir) -> config.Config:
     return config.from_dict(config.load_yaml(run / "config.yaml"))
 
 
+def exported_network(run: Path, cfg, names) -> tuple[str, str]:
+    """(network name, checkpoint attribute) of the network the run exports: RUN/export.json, which
+    training writes when it starts; runs made before that record existed fall back to
+    `exported_network_name`."""
+    record = read_export_record(run)
+    if record is None:
+        name = exported_network_name(run, cfg, names)
+        return name, name
+    if record["checkpoint_key"] not in names:
+        raise RunDirError(f"{run / EXPORT_FILE}: checkpoint_key {record['checkpoint_key']!r} is not a network of "
+                          f"{cfg.method} ({', '.join(names)})")
+    return record["network"], record["checkpoint_key"]
+
+
 def exported_network_name(run: Path, cfg, names) -> str:
-    """The network the run exports: metrics.json's 'model' when written, else train.export, else
-    'student' (the network the optimizer trains; the default export of the supervised baseline)."""
+    """The rule for runs without RUN/export.json: metrics.json's 'model' when written, else
+    train.export, else 'student' (the network the optimizer trains)."""
     metrics_path = run / "metrics.json"
     if metrics_path.exists():
         try:
@@ -98,7 +112,8 @@ def load_run_model(run_dir, checkpoint: str = "best"):
             raise RunDirError(f"{run} has no best_model.keras yet (training has not finished an epoch); "
                               f"try --checkpoint latest")
         model = keras.saving.load_model(path, compile=False)
-        return cfg, model, exported_network_name(run, cfg, ["student", "teacher"])
+        record = read_export_record(run)
+        return cfg, model, record["network"] if record else exported_network_name(run, cfg, ["student", "teacher"])
     if checkpoint != "latest":
         raise RunDirError(f"--checkpoint must be best or latest, got {checkpoint!r}")
     import tensorflow as tf
@@ -115,8 +130,8 @@ def load_run_model(run_dir, checkpoint: str = "best"):
         keras.mixed_precision.set_global_policy(previous)
     # expect_partial: the optimizer, counters and RNG states in the checkpoint are not needed here.
     tf.train.Checkpoint(**networks).restore(latest).expect_partial()
-    name = exported_network_name(run, cfg, list(networks))
-    return cfg, networks[name], name
+    name, key = exported_network(run, cfg, list(networks))
+    return cfg, networks[key], name
 
 
 def model_channels(model) -> int:
@@ -357,20 +372,11 @@ def plan_outputs(inputs: list[Path], output: Path, single: bool, save_probabilit
     return plan
 
 
-def _atomic(path: Path, write) -> None:
-    """write(tmp) then rename: a killed run never leaves a half-written mask under the final name."""
-    tmp = path.with_name(f".tmp{os.getpid()}-{path.name}")      # keeps .nii.gz so nibabel compresses
-    try:
-        write(tmp)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def write_mask_picture(mask: np.ndarray, path: Path) -> None:
     from PIL import Image
     fmt = {".png": "PNG", ".bmp": "BMP", ".tif": "TIFF", ".tiff": "TIFF"}[path.suffix.lower()]
-    _atomic(path, lambda tmp: Image.fromarray((mask > 0).astype(np.uint8) * 255, mode="L").save(tmp, format=fmt))
+    picture = Image.fromarray((mask > 0).astype(np.uint8) * 255, mode="L")
+    atomic_write.write_with(path, lambda tmp: picture.save(tmp, format=fmt))
 
 
 def _save_npy(path: Path, prob: np.ndarray) -> None:
@@ -414,22 +420,22 @@ def run_prediction(run_dir, input_path, output_path, tta: bool = False, threshol
             volume = predictor.read_volume(src)          # read once for probabilities and uncertainty
             prob, meta = predictor.volume_probabilities(src, progress, volume)
             mask_img = volumes.mask_to_nifti((prob >= threshold).astype(np.uint8), meta)
-            _atomic(mask_path, lambda tmp: nib.save(mask_img, str(tmp)))
+            atomic_write.write_with(mask_path, lambda tmp: nib.save(mask_img, str(tmp)))
             if prob_path is not None:
                 prob_img = _probability_nifti(prob, meta)
-                _atomic(prob_path, lambda tmp: nib.save(prob_img, str(tmp)))
+                atomic_write.write_with(prob_path, lambda tmp: nib.save(prob_img, str(tmp)))
             if sigma_path is not None:
                 sigma_img = _probability_nifti(predictor.uncertainty_slices(volume[0]), meta)
-                _atomic(sigma_path, lambda tmp: nib.save(sigma_img, str(tmp)))
+                atomic_write.write_with(sigma_path, lambda tmp: nib.save(sigma_img, str(tmp)))
         else:
             images = read_picture(src, predictor.channels)[None]
             prob = predictor.predict_slices(images)[0]
             write_mask_picture(prob >= threshold, mask_path)
             if prob_path is not None:
-                _atomic(prob_path, lambda tmp: _save_npy(tmp, prob))
+                atomic_write.write_with(prob_path, lambda tmp: _save_npy(tmp, prob))
             if sigma_path is not None:
                 sigma = predictor.uncertainty_slices(images)[0]
-                _atomic(sigma_path, lambda tmp: _save_npy(tmp, sigma))
+                atomic_write.write_with(sigma_path, lambda tmp: _save_npy(tmp, sigma))
         written += [p for p in (mask_path, prob_path, sigma_path) if p is not None]
     log(f"predict: {len(plan)} input(s) -> {output} ({predictor.network} network, "
         f"{'TTA, ' if tta else ''}threshold {threshold})")

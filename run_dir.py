@@ -2,14 +2,17 @@
 
     python -c "import run_dir; print(run_dir.default_run_name('supervised', 'cpu'))"
 
-A run folder holds config.yaml, splits.json, history.csv, checkpoints/, metrics.json, per_case.csv,
-run_info.json and best_model.keras. A new run never reuses an existing folder; `--resume` continues
-one. Every file is written to a temporary name and renamed, so a run killed mid-write keeps the
-previous complete version of each file.
+A run folder holds config.yaml, splits.json, export.json, history.csv, checkpoints/, metrics.json,
+per_case.csv, run_info.json and best_model.keras. A new run never reuses an existing folder;
+`--resume` continues one. Every file goes through `atomic_write`, so a run killed mid-write (or out
+of disk) keeps the previous complete version of each file.
+
+export.json, written when training (re)starts, says which network the run selects and exports and
+why, so that `evaluate`/`predict` (also `--checkpoint latest` of an unfinished run) use the same
+one: {"network": "teacher", "checkpoint_key": "teacher", "validated": [...], "reason": "..."}.
 """
 from __future__ import annotations
 
-import csv
 import datetime as dt
 import json
 import math
@@ -19,6 +22,8 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+
+import atomic_write
 
 REPO = Path(__file__).resolve().parent
 
@@ -53,13 +58,8 @@ def create_run_dir(out: str | None, method: str, preset: str, runs_root: str = "
 
 
 def atomic_write_text(path, text: str) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    """Kept for callers of this name: atomic_write.write_text."""
+    atomic_write.write_text(path, text)
 
 
 def _json_safe(value):
@@ -75,7 +75,30 @@ def _json_safe(value):
 
 
 def write_json(path, payload) -> None:
-    atomic_write_text(path, json.dumps(_json_safe(payload), indent=1) + "\n")
+    """JSON with NaN/inf as null and NumPy scalars as plain numbers, written atomically."""
+    atomic_write.write_text(path, json.dumps(_json_safe(payload), indent=1) + "\n")
+
+
+EXPORT_FILE = "export.json"
+
+
+def write_export_record(run: Path, record: dict) -> None:
+    write_json(Path(run) / EXPORT_FILE, record)
+
+
+def read_export_record(run: Path) -> dict | None:
+    """RUN/export.json, or None for runs made before it existed; a broken one is a RunDirError."""
+    path = Path(run) / EXPORT_FILE
+    if not path.exists():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise RunDirError(f"{path} is unreadable ({err}); delete it to fall back to train.export") from None
+    if not isinstance(record, dict) or not all(isinstance(record.get(k), str) for k in ("network", "checkpoint_key")):
+        raise RunDirError(f"{path} lacks the strings 'network' and 'checkpoint_key'; delete it to fall back "
+                          f"to train.export")
+    return record
 
 
 def git_state() -> dict:
@@ -143,13 +166,7 @@ def append_history(run: Path, row: dict) -> None:
     columns: list[str] = []
     for r in rows:
         columns += [k for k in r if k not in columns]
-    tmp = path.with_name(f".history.csv.tmp{os.getpid()}")
-    with open(tmp, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=columns)
-        writer.writeheader()
-        for r in rows:
-            writer.writerow({k: _fmt(r.get(k, "")) for k in columns})
-    os.replace(tmp, path)
+    atomic_write.write_text(path, atomic_write.csv_text([{k: _fmt(v) for k, v in r.items()} for r in rows], columns))
 
 
 def _fmt(value):
@@ -159,8 +176,4 @@ def _fmt(value):
 
 
 def read_history(run: Path) -> list[dict]:
-    path = Path(run) / "history.csv"
-    if not path.exists():
-        return []
-    with open(path, newline="") as fh:
-        return list(csv.DictReader(fh))
+    return atomic_write.read_csv_rows(Path(run) / "history.csv")

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+import atomic_write
 from data_sources import Case, DataError, LoadedCase, cache_root, get_source
 
 CACHE_VERSION = 2
@@ -166,9 +167,7 @@ def build_cache(fmt: str, cases: list[Case], data_cfg, progress: bool = True, lo
         shutil.rmtree(partial, ignore_errors=True)
         raise
     manifest["build_seconds"] = round(time.time() - t0, 2)
-    tmp = partial / "manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=1))
-    os.replace(tmp, partial / "manifest.json")
+    atomic_write.write_text(partial / "manifest.json", json.dumps(manifest, indent=1))
     try:
         os.rename(partial, final)
     except OSError:             # another job finished the same cache first: use theirs

@@ -15,6 +15,8 @@ global batch. Per-example terms use `global_mean`; batch-level Dice all-reduces 
 from __future__ import annotations
 
 import math
+import re
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -23,6 +25,7 @@ import numpy as np
 import tensorflow as tf
 import keras
 
+import atomic_write
 import distribute
 import evaluation
 import run_dir as rundir
@@ -143,6 +146,19 @@ class Trainer:
         if choice == "auto":
             return next(iter(self.eval_models().items()))
         return choice, self.models[choice]
+
+    def export_record(self) -> dict:
+        """What RUN/export.json records: the network `export_model` picks, the checkpoint attribute
+        it is restored from, and why; built from the same calls training uses, so they agree."""
+        name, model = self.export_model()
+        key = next((k for k, m in self.models.items() if m is model), name)
+        validated = list(self.eval_models())
+        choice = self.cfg.train.export
+        reason = (f"train.export=auto: the first network {self.method_name} validates ({', '.join(validated)}), "
+                  f"which also selects the best epoch" if choice == "auto"
+                  else f"train.export={choice}; the best epoch is selected by {validated[0]}")
+        return {"network": name, "checkpoint_key": key, "method": self.method_name, "validated": validated,
+                "selected_by": validated[0], "reason": reason}
 
     def save_best(self, run: Path) -> None:
         """RUN/best_model.keras = the exported network; a method may write companions beside it."""
@@ -352,14 +368,14 @@ class Trainer:
                         if self.strategy_info.get("num_workers", 1) > 1 else preempt.signal is not None)
                 if stop:
                     bar.close()
-                    manager.save(checkpoint_number=step)
+                    _save_checkpoint(manager, step)
                     if is_chief:
                         rundir.write_json(run / "checkpoints" / "partial_epoch.json",
                                           {"step": step, "sums": sums, "n_done": n_done})
                     self.log(f"{preempt.signal or 'a peer worker'} received: checkpoint saved at step {step}; exiting for requeue")
                     return "preempted"
                 if step - last_ckpt_step >= ckpt_every and step < epoch_end:
-                    manager.save(checkpoint_number=step)
+                    _save_checkpoint(manager, step)
                     last_ckpt_step = step
             bar.close()
             scores = {name: evaluation.mean_case_dice(predict, self.data, "val", t.eval_batch_size)
@@ -380,7 +396,7 @@ class Trainer:
             else:
                 self.bad_epochs.assign_add(1)
             self.epoch.assign(epoch + 1)
-            manager.save(checkpoint_number=step)
+            _save_checkpoint(manager, step)
             last_ckpt_step = step
             if is_chief:
                 rundir.append_history(run, row)
@@ -395,6 +411,28 @@ class Trainer:
                 self.log(f"early stopping: no validation improvement for {t.patience} epochs")
                 return "early_stopped"
         return "completed"
+
+
+def _save_checkpoint(manager: tf.train.CheckpointManager, step: int) -> None:
+    """manager.save, its errors named by the checkpoint's path. A failed save leaves the previous
+    checkpoint as `latest`: TF writes the shards under a temporary name and updates the
+    `checkpoint` index file (atomically) only after they are complete."""
+    path = Path(manager.directory) / f"ckpt-{step}"
+    try:
+        manager.save(checkpoint_number=step)
+    except (OSError, tf.errors.OpError) as err:
+        # The shards' temporary folder: give its space back (a full disk is the likely cause).
+        shutil.rmtree(f"{path}_temp", ignore_errors=True)
+        reason = err.strerror if isinstance(err, OSError) else _op_error_reason(err)
+        raise atomic_write.WriteError(path, f"{reason} (the previous checkpoint, "
+                                      f"{manager.latest_checkpoint or 'none'}, is kept)",
+                                      getattr(err, "errno", None)) from err
+
+
+def _op_error_reason(err: tf.errors.OpError) -> str:
+    """The message of a TF op error without its '{{function_node ...}}' prefix and '[Op:SaveV2]' tail."""
+    text = re.sub(r"\{\{function_node [^}]*\}\}\s*", "", err.message.strip())
+    return re.sub(r"\s*\[Op:\w+\]$", "", text).splitlines()[0] if text else type(err).__name__
 
 
 def _load_partial(run: Path, step: int) -> dict | None:
@@ -413,9 +451,7 @@ def _augment_fn(kind: str):
 
 
 def _save_model_atomic(model, path: Path) -> None:
-    tmp = path.with_name(f".tmp-{path.name}")
-    model.save(tmp)
-    tmp.replace(path)
+    atomic_write.write_with(path, model.save)      # the temporary name keeps `.keras` for Keras
 
 
 @register_method("supervised")

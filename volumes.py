@@ -196,7 +196,10 @@ def mask_to_nifti(mask_slices: np.ndarray, meta: dict):
 
 def save_mask_nifti(mask_slices: np.ndarray, meta: dict, out_path) -> None:
     import nibabel as nib
-    nib.save(mask_to_nifti(mask_slices, meta), str(out_path))
+
+    import atomic_write
+    img = mask_to_nifti(mask_slices, meta)
+    atomic_write.write_with(out_path, lambda tmp: nib.save(img, str(tmp)))
 
 
 def main(argv=None) -> int:

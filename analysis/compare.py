@@ -25,6 +25,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from scipy import stats  # noqa: E402
 
+import atomic_write  # noqa: E402
 from analysis import figures  # noqa: E402
 from analysis.runs import Run, find_runs, percent  # noqa: E402
 
@@ -196,10 +197,10 @@ def write_tables(runs: list[Run], out_dir) -> dict:
     table = summary_table(runs)
     paths = {"md": out_dir / "comparison.md", "csv": out_dir / "comparison.csv",
              "tex": out_dir / "comparison.tex", "wilcoxon": out_dir / "wilcoxon.csv"}
-    paths["md"].write_text(to_markdown(table))
-    table.to_csv(paths["csv"], index=False)
-    paths["tex"].write_text(to_latex(table))
-    wilcoxon_table(runs).to_csv(paths["wilcoxon"], index=False)
+    atomic_write.write_text(paths["md"], to_markdown(table))
+    atomic_write.write_text(paths["csv"], table.to_csv(index=False))
+    atomic_write.write_text(paths["tex"], to_latex(table))
+    atomic_write.write_text(paths["wilcoxon"], wilcoxon_table(runs).to_csv(index=False))
     return paths
 
 

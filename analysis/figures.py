@@ -16,6 +16,8 @@ import matplotlib
 matplotlib.use("Agg")  # headless: cluster nodes and CI have no display
 import matplotlib.pyplot as plt  # noqa: E402
 
+import atomic_write  # noqa: E402  (the scripts put the repository root on sys.path)
+
 SUPPORTED_FORMATS = ("png", "pdf", "svg")
 DPI = 150
 
@@ -49,7 +51,7 @@ def save_figure(figure, out_dir, stem: str, formats=("png",)) -> list[Path]:
         path = out_dir / f"{stem}.{name}"
         # No bbox_inches="tight": the figures use constrained layout, and a tight box would
         # draw every figure twice (seconds per figure on a busy 2-core node).
-        figure.savefig(path, dpi=DPI)
+        atomic_write.write_with(path, lambda tmp: figure.savefig(tmp, dpi=DPI, format=name))
         paths.append(path)
     return paths
 

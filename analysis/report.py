@@ -18,6 +18,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as `python analysis/report.py`: make `analysis` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import atomic_write  # noqa: E402
 from analysis import compare, curves, figures, label_efficiency, overlays  # noqa: E402
 from analysis.runs import Run, find_runs, percent, unique_names  # noqa: E402
 
@@ -142,7 +143,7 @@ def build_report(runs: list[Run], out_dir, formats=("png",), split: str = "test"
     report.section("Qualitative results", qualitative)
     report.section("Runs", run_list)
     path = out_dir / "report.html"
-    path.write_text(report.html("semiseg sweep report"))
+    atomic_write.write_text(path, report.html("semiseg sweep report"))
     return path
 
 

@@ -50,7 +50,6 @@ pixels as background) against the hidden truth of up to `mira_u.probe_cases` unl
 """
 from __future__ import annotations
 
-import csv
 import dataclasses
 import time
 from pathlib import Path
@@ -59,6 +58,7 @@ import numpy as np
 import tensorflow as tf
 import keras
 
+import atomic_write
 import augment
 import evaluation
 from models_transformer import (SegmentationHead, build_hybrid_student, build_mim_teacher,
@@ -331,9 +331,4 @@ class MiraU(Trainer):
 
 
 def _append_csv(path: Path, row: dict) -> None:
-    new = not path.exists()
-    with open(path, "a", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(row))
-        if new:
-            writer.writeheader()
-        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+    atomic_write.append_csv_row(path, {k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})

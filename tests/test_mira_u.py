@@ -162,9 +162,17 @@ def test_one_stage2_step_student_ema_reading(trainer):
     assert logs["kept_fraction"] == 1.0 and logs["mean_confidence"] >= math.exp(-1)
 
 
+def test_export_record_names_the_ema_student(trainer):
+    # RUN/export.json: evaluate/predict restore this network (the old guess was 'student')
+    record = trainer.export_record()
+    assert (record["network"], record["checkpoint_key"]) == ("student_ema", "student_ema")
+    assert record["validated"] == ["student_ema", "student", "teacher"] and record["method"] == "mira_u"
+
+
 def test_one_stage2_step_teacher_head_reading():
     trainer = _trainer("mira_u.ema_target=teacher_head")
     assert "student_ema" not in trainer.models and "student_ema" not in trainer.eval_models()
+    assert trainer.export_record()["network"] == "student"
     pseudo_head = mira_u.float_weights(trainer.models["teacher"].seg_head)
     fast_head = mira_u.float_weights(trainer.models["teacher_head_fast"])
     initial = _values(pseudo_head)

@@ -11,8 +11,8 @@ import main
 import run_dir
 import train_ssl_tf2
 
-RUN_FILES = ["config.yaml", "splits.json", "history.csv", "checkpoints", "metrics.json", "per_case.csv",
-             "run_info.json", "best_model.keras"]
+RUN_FILES = ["config.yaml", "splits.json", "export.json", "history.csv", "checkpoints", "metrics.json",
+             "per_case.csv", "run_info.json", "best_model.keras"]
 
 
 def _train(out, *extra, method="supervised"):
@@ -38,6 +38,8 @@ def test_smoke_run_writes_every_file(smoke_run):
     assert info["status"] == "completed" and info["tensorflow"] and "train" in info["argv"]
     cfg = yaml.safe_load((smoke_run / "config.yaml").read_text())
     assert cfg["method"] == "supervised" and cfg["preset"] == "smoke"
+    export = json.loads((smoke_run / "export.json").read_text())
+    assert (export["network"], export["checkpoint_key"], metrics["model"]) == ("student", "student", "student")
 
 
 def test_existing_out_is_refused_and_untouched(smoke_run, capsys):
