@@ -2,14 +2,17 @@
 
     python -m pytest tests/test_resume_contract.py -q
 
-One finished supervised smoke run (2 epochs) is trained once per module and copied per test.
+One finished supervised smoke run (2 epochs of 2 steps) and one preempted after its first step are
+trained once per module and copied per test.
 Every refusal exits 2 naming both values (or the key) and leaves the run byte-identical; a finished
 run resumed as it is exits 0 before TensorFlow loads and touches nothing; raising train.epochs
 trains the extra epoch and evaluates again.
 """
 import hashlib
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
@@ -19,6 +22,7 @@ import yaml
 
 import main
 import run_dir
+import train_ssl_tf2
 from test_equivalence import SUBPROCESS_TIMEOUT_S, python_env
 
 
@@ -30,10 +34,40 @@ def finished_run(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def preempted_run(tmp_path_factory):
+    """A real unfinished run: SIGUSR1 to this process after its first step (exit 75, as under SLURM)."""
+    out = tmp_path_factory.mktemp("resume") / "preempted"
+    real_make_loop = train_ssl_tf2.Trainer._make_loop
+
+    def interrupting_make_loop(self, *iterators):
+        loop = real_make_loop(self, *iterators)
+
+        def first_call_then_signal(n):
+            result = loop(n)
+            os.kill(os.getpid(), signal.SIGUSR1)
+            return result
+        return first_call_then_signal
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train_ssl_tf2.Trainer, "_make_loop", interrupting_make_loop)
+        assert main.main(["train", "--method", "supervised", "--preset", "smoke", "--out", str(out), "--no-progress",
+                          "--set", "train.epochs=2", "train.steps_per_epoch=2", "train.steps_per_loop=1"]) == 75
+    assert json.loads((out / "run_info.json").read_text())["status"] == "preempted"
+    return out
+
+
 @pytest.fixture
 def run(finished_run, tmp_path):
     copy = tmp_path / "run"
     shutil.copytree(finished_run, copy)
+    return copy
+
+
+@pytest.fixture
+def unfinished(preempted_run, tmp_path):
+    copy = tmp_path / "unfinished"
+    shutil.copytree(preempted_run, copy)
     return copy
 
 
@@ -134,3 +168,29 @@ def test_more_epochs_train_one_more_epoch_and_evaluate_again(run, capsys):
     assert info["sessions"][-1]["changed"] == {"train.epochs": [2, 3], "train.patience": [0, 4]}
     after = json.loads((run / "metrics.json").read_text())
     assert after["n_cases"] == before["n_cases"] and 0.0 <= after["dice"] <= 1.0
+
+
+@pytest.mark.parametrize("key_value", ["train.batch_size=2", "train.steps_per_epoch=3", "data.shuffle_buffer=8",
+                                       "train.lr=0.01", "train.epochs=1"])
+def test_unfinished_run_refuses_changes_to_what_was_trained(unfinished, capsys, key_value):
+    """Mid-run, a new batch size or steps per epoch would move the data-stream position and the
+    epoch boundaries under the saved step; the run folder stays byte-identical."""
+    before = snapshot(unfinished)
+    assert resume(unfinished, "--set", key_value) == 2
+    key = key_value.split("=")[0]
+    assert key in capsys.readouterr().err
+    assert snapshot(unfinished) == before
+
+
+def test_unfinished_run_resumed_with_allowed_changes_equals_the_uninterrupted_run(unfinished, finished_run):
+    """Preempted after step 1 with steps_per_loop=1, resumed with steps_per_loop=2 and another
+    eval_batch_size: the same losses and validation Dice as the run never interrupted (which ran
+    steps_per_loop=2 throughout), so both keys really leave the training as it was."""
+    assert resume(unfinished, "--set", "train.steps_per_loop=2", "train.eval_batch_size=4") == 0
+    cut, straight = run_dir.read_history(unfinished), run_dir.read_history(finished_run)
+    assert [r["step"] for r in cut] == [r["step"] for r in straight] == ["2", "4"]
+    for key in ("loss", "loss_dice", "loss_bce", "val_dice"):
+        assert [float(r[key]) for r in cut] == pytest.approx([float(r[key]) for r in straight], rel=1e-5, abs=1e-6)
+    info = json.loads((unfinished / "run_info.json").read_text())
+    assert info["status"] == "completed"
+    assert info["sessions"][-1]["changed"] == {"train.steps_per_loop": [1, 2], "train.eval_batch_size": [8, 4]}
