@@ -384,7 +384,7 @@ RANGES: dict[str, tuple] = {
     "data.labeled_fraction": (lambda v: 0 < v <= 1, "in (0, 1]"),
     "data.val_fraction": _DECAY, "data.test_fraction": _DECAY,
     "data.shuffle_buffer": _AT_LEAST_1, "data.synthetic_cases": _AT_LEAST_1,
-    "data.synthetic_size": (lambda v: v >= 8, ">= 8"), "data.synthetic_difficulty": _AT_LEAST_0,
+    "data.synthetic_size": (lambda v: v >= 16, ">= 16 (the generator's minimum)"), "data.synthetic_difficulty": _AT_LEAST_0,
     "data.synthetic_seed": _AT_LEAST_0, "data.slice_axis": (lambda v: v in (0, 1, 2), "0, 1 or 2"),
     "data.background_ratio": _FRACTION,
     "model.base_filters": _AT_LEAST_1, "model.depth": _AT_LEAST_1, "model.dropout": _DECAY,
