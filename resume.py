@@ -26,7 +26,7 @@ import config
 from config import ConfigError
 from run_dir import RunDirError, read_history
 
-# key -> why changing it on resume is safe (the last word is what the refusal message lists)
+# key -> what it governs, i.e. why changing it on resume leaves the trained steps and the stream as they were
 RESUMABLE_KEYS = {
     "train.epochs": "more epochs (upwards only; constant schedule only)",
     "train.patience": "early stopping of the epochs to come",
