@@ -352,41 +352,159 @@ def from_dict(mapping: dict) -> Config:
     return cfg
 
 
+# What config resolution must know of each method without importing TensorFlow: the networks its
+# Trainer builds that `train.export` may name, and whether its step draws unlabelled images (then
+# train.unlabeled_ratio must be >= 1). tests/test_config_rules.py keeps this equal to the registered
+# Trainer classes (train_ssl_tf2.METHODS), so a new method cannot be added to one and not the other.
+@dataclass(frozen=True)
+class MethodInfo:
+    networks: typing.Tuple[str, ...]
+    uses_unlabeled: bool
+
+
+METHODS: dict[str, MethodInfo] = {
+    "supervised": MethodInfo(("student",), False),
+    "mean_teacher": MethodInfo(("student", "teacher"), True),
+    "mixmatch": MethodInfo(("student",), True),
+    "mira_u": MethodInfo(("student", "teacher"), True),
+}
+MODEL_NAMES = ("unet", "hybrid")                  # models_tf2.MODELS (test-checked)
+DATA_FORMATS = ("synthetic", "isic", "ph2", "msd", "folders", "auto")   # data_sources.SOURCES + auto
+
+# Valid range of every int/float field, checked at resolution: (test, wording). A test asserts
+# that each numeric field of every section has an entry, so a new field cannot skip its check.
+_AT_LEAST_0, _AT_LEAST_1, _POSITIVE = (lambda v: v >= 0, ">= 0"), (lambda v: v >= 1, ">= 1"), (lambda v: v > 0, "> 0")
+_FRACTION, _DECAY = (lambda v: 0 <= v <= 1, "in [0, 1]"), (lambda v: 0 <= v < 1, "in [0, 1)")
+RANGES: dict[str, tuple] = {
+    "seed": _AT_LEAST_0,
+    "data.image_size": _AT_LEAST_1, "data.channels": _AT_LEAST_0,
+    "data.labeled_fraction": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "data.val_fraction": _DECAY, "data.test_fraction": _DECAY,
+    "data.shuffle_buffer": _AT_LEAST_1, "data.synthetic_cases": _AT_LEAST_1,
+    "data.synthetic_size": (lambda v: v >= 16, ">= 16 (the generator's minimum)"), "data.synthetic_difficulty": _AT_LEAST_0,
+    "data.synthetic_seed": _AT_LEAST_0, "data.slice_axis": (lambda v: v in (0, 1, 2), "0, 1 or 2"),
+    "data.background_ratio": _FRACTION,
+    "model.base_filters": _AT_LEAST_1, "model.depth": _AT_LEAST_1, "model.dropout": _DECAY,
+    "model.bn_momentum": _DECAY,
+    "train.epochs": _AT_LEAST_1, "train.steps_per_epoch": (lambda v: v >= 0, ">= 0 (0 = one pass over the data)"),
+    "train.batch_size": _AT_LEAST_1, "train.unlabeled_ratio": _AT_LEAST_0, "train.lr": _POSITIVE,
+    "train.warmup_epochs": _AT_LEAST_0, "train.momentum": _DECAY, "train.weight_decay": _AT_LEAST_0,
+    "train.clip_norm": (lambda v: v >= 0, ">= 0 (0 = off)"), "train.lambda_dice": _AT_LEAST_0,
+    "train.lambda_bce": _AT_LEAST_0, "train.patience": (lambda v: v >= 0, ">= 0 (0 = off)"),
+    "train.min_delta": _AT_LEAST_0, "train.steps_per_loop": _AT_LEAST_1,
+    "train.checkpoint_every": (lambda v: v >= 0, ">= 0 (0 = every epoch)"), "train.keep_checkpoints": _AT_LEAST_1,
+    "train.eval_batch_size": _AT_LEAST_1,
+    "mean_teacher.ema_decay": _DECAY, "mean_teacher.consistency": _AT_LEAST_0,
+    "mean_teacher.rampup_epochs": _AT_LEAST_0, "mean_teacher.noise_std": _AT_LEAST_0,
+    "mean_teacher.probe_cases": _AT_LEAST_0,
+    "mixmatch.temperature": _POSITIVE, "mixmatch.alpha": _POSITIVE, "mixmatch.k": _AT_LEAST_1,
+    "mixmatch.lambda_u": _AT_LEAST_0, "mixmatch.rampup_epochs": _AT_LEAST_0, "mixmatch.probe_cases": _AT_LEAST_0,
+    "mira_u.mim_epochs": _AT_LEAST_0, "mira_u.mim_lr": _POSITIVE, "mira_u.mim_batch_size": _AT_LEAST_1,
+    "mira_u.mask_ratio": (lambda v: 0 < v < 1, "in (0, 1)"),
+    "mira_u.patch_size": (lambda v: v >= 1 and not v & (v - 1), "a power of two"),
+    "mira_u.embed_dim": _AT_LEAST_1, "mira_u.depth": _AT_LEAST_1, "mira_u.num_heads": _AT_LEAST_1,
+    "mira_u.teacher_dropout": _DECAY, "mira_u.student_base_channels": _AT_LEAST_1,
+    "mira_u.student_swin_depth": _AT_LEAST_1,
+    # One MC pass has no spread: sigma = 0 and every pixel counts as certain.
+    "mira_u.mc_samples": (lambda v: v >= 2, ">= 2"), "mira_u.mc_chunk": (lambda v: v >= 0, ">= 0 (0 = all at once)"),
+    "mira_u.kappa": _POSITIVE, "mira_u.tau_u": _FRACTION, "mira_u.lambda_u": _AT_LEAST_0,
+    "mira_u.lambda_c": _AT_LEAST_0, "mira_u.gamma": _AT_LEAST_0, "mira_u.rampup_epochs": _AT_LEAST_0,
+    "mira_u.ema_decay": _DECAY, "mira_u.probe_cases": _AT_LEAST_0,
+}
+CHOICES: dict[str, tuple] = {
+    "method": tuple(METHODS), "model.name": MODEL_NAMES, "data.format": DATA_FORMATS,
+    "data.modality": ("auto", "ct", "mri"), "model.activation": ("relu", "leaky_relu"),
+    "train.lr_scaling": ("none", "linear"), "train.schedule": ("constant", "cosine", "poly"),
+    "train.optimizer": ("adam", "sgd"), "train.precision": ("float32", "mixed_float16", "mixed_bfloat16"),
+    "train.distribution": ("auto", "none", "mirrored", "multi_worker"), "train.export": ("auto", "student", "teacher"),
+    "mean_teacher.student_view": ("noise", "strong"), "mean_teacher.teacher_bn": ("batch", "moving"),
+    "mira_u.ema_target": ("student_ema", "teacher_head"),
+}
+# model.* settings the hybrid network cannot honour, with the values it accepts (the default, and
+# the value that says what the network really does) and why.
+_HYBRID_FIXED = {
+    "dropout": ((ModelConfig.dropout, 0.0), "it has no dropout layer (as MIRA-U's student)"),
+    "batchnorm": ((True,), "its convolution blocks always use BatchNorm (as MIRA-U's student)"),
+    "activation": (("relu",), "its convolution blocks use ReLU (as MIRA-U's student)"),
+}
+
+
+def get(cfg, dotted: str):
+    """The value of a dotted key ('train.lr', 'seed')."""
+    node = cfg
+    for part in dotted.split("."):
+        node = getattr(node, part)
+    return node
+
+
 def validate(cfg: Config) -> None:
-    """Cross-field checks that a single field's type cannot express."""
-    def check(ok, key, msg):
-        if not ok:
-            raise ConfigError(f"{key}: {msg}")
-    d, t, m = cfg.data, cfg.train, cfg.model
-    check(0.0 < d.labeled_fraction <= 1.0, "data.labeled_fraction", f"must be in (0, 1], got {d.labeled_fraction}")
-    check(0.0 <= d.val_fraction < 1 and 0.0 <= d.test_fraction < 1 and d.val_fraction + d.test_fraction < 1,
-          "data.val_fraction/test_fraction", "must be >= 0 and sum to less than 1")
-    check(d.image_size % (2 ** m.depth) == 0, "data.image_size",
-          f"{d.image_size} must be divisible by 2**model.depth = {2 ** m.depth}")
-    check(t.batch_size >= 1, "train.batch_size", "must be >= 1")
-    check(t.epochs >= 1, "train.epochs", "must be >= 1")
-    check(t.steps_per_loop >= 1, "train.steps_per_loop", "must be >= 1")
-    check(t.precision in ("float32", "mixed_float16", "mixed_bfloat16"), "train.precision",
-          f"must be float32, mixed_float16 or mixed_bfloat16, got {t.precision!r}")
-    check(t.distribution in ("auto", "none", "mirrored", "multi_worker"), "train.distribution",
-          f"must be auto, none, mirrored or multi_worker, got {t.distribution!r}")
-    check(t.schedule in ("constant", "cosine", "poly"), "train.schedule", f"unknown schedule {t.schedule!r}")
-    check(t.lr_scaling in ("none", "linear"), "train.lr_scaling", f"must be none or linear, got {t.lr_scaling!r}")
-    check(t.export in ("auto", "student", "teacher"), "train.export", f"must be auto, student or teacher")
-    check(m.activation in ("relu", "leaky_relu"), "model.activation", f"unknown activation {m.activation!r}")
-    check(0.0 <= cfg.mean_teacher.ema_decay < 1.0, "mean_teacher.ema_decay", "must be in [0, 1)")
-    check(cfg.mean_teacher.student_view in ("noise", "strong"), "mean_teacher.student_view",
-          f"must be noise or strong, got {cfg.mean_teacher.student_view!r}")
-    check(cfg.train.optimizer in ("adam", "sgd"), "train.optimizer",
-          f"must be adam or sgd, got {cfg.train.optimizer!r}")
-    check(0.0 <= cfg.train.momentum < 1.0, "train.momentum", f"must be in [0, 1), got {cfg.train.momentum}")
-    check(cfg.mean_teacher.teacher_bn in ("moving", "batch"), "mean_teacher.teacher_bn",
-          f"must be moving or batch, got {cfg.mean_teacher.teacher_bn!r}")
-    check(0.0 <= cfg.mira_u.ema_decay < 1.0, "mira_u.ema_decay", "must be in [0, 1)")
-    check(cfg.mixmatch.k >= 1, "mixmatch.k", "must be >= 1")
-    check(0.0 < cfg.mira_u.mask_ratio < 1.0, "mira_u.mask_ratio", "must be in (0, 1)")
-    check(cfg.mira_u.ema_target in ("student_ema", "teacher_head"), "mira_u.ema_target",
-          "must be student_ema or teacher_head")
+    """Every rule a resolved configuration must meet: each field's range or choices, then the
+    rules between fields. A violation is a ConfigError naming the key and what is allowed."""
+    for key, (ok, wording) in RANGES.items():
+        value = get(cfg, key)
+        if not ok(value):
+            raise ConfigError(f"{key}: must be {wording}, got {value!r}")
+    for key, allowed in CHOICES.items():
+        value = get(cfg, key)
+        if value not in allowed:
+            raise ConfigError(f"{key}: must be one of {', '.join(allowed)}, got {value!r}")
+    _validate_data(cfg)
+    _validate_train(cfg)
+    _validate_networks(cfg)
+
+
+def _check(ok: bool, key: str, msg: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {msg}")
+
+
+def _validate_data(cfg: Config) -> None:
+    d = cfg.data
+    _check(d.val_fraction + d.test_fraction < 1, "data.val_fraction/test_fraction",
+           f"must sum to less than 1, got {d.val_fraction} + {d.test_fraction}")
+    _check(len(d.ct_window) == 2 and d.ct_window[0] < d.ct_window[1], "data.ct_window",
+           f"must be [low, high] with low < high (HU), got {d.ct_window}")
+    _check(len(d.label_set) >= 1 and all(v >= 1 for v in d.label_set), "data.label_set",
+           f"must list one or more foreground labels >= 1 (0 is background), got {d.label_set}")
+
+
+def _validate_train(cfg: Config) -> None:
+    t, info = cfg.train, METHODS[cfg.method]
+    if info.uses_unlabeled:
+        _check(t.unlabeled_ratio >= 1, "train.unlabeled_ratio",
+               f"method {cfg.method} trains on unlabelled images: must be >= 1, got {t.unlabeled_ratio}")
+    exportable = ("auto",) + info.networks
+    _check(t.export in exportable, "train.export",
+           f"method {cfg.method} has no '{t.export}' network: must be one of {', '.join(exportable)}")
+    _check(t.lambda_dice + t.lambda_bce > 0, "train.lambda_dice/lambda_bce",
+           "at least one supervised loss weight must be > 0")
+    # Only the cosine schedule has a warm-up phase (train_ssl_tf2.Trainer._lr_schedule).
+    _check(t.warmup_epochs == 0 or t.schedule == "cosine", "train.warmup_epochs",
+           f"only train.schedule=cosine warms up; got warmup_epochs={t.warmup_epochs} with schedule={t.schedule}")
+    _check(t.warmup_epochs < t.epochs or t.warmup_epochs == 0, "train.warmup_epochs",
+           f"must be less than train.epochs={t.epochs}, got {t.warmup_epochs}")
+
+
+def _validate_networks(cfg: Config) -> None:
+    """Image size vs each network's down-sampling, and model.* settings a network would ignore."""
+    size, m, mu = cfg.data.image_size, cfg.model, cfg.mira_u
+    if cfg.method == "mira_u":
+        # MIRA-U builds its own networks from mira_u.* (hybrid student, ViT teacher), not from model.*.
+        _check(size % 16 == 0, "data.image_size", f"{size} must be a multiple of 16 (MIRA-U's hybrid student)")
+        _check(size % mu.patch_size == 0, "data.image_size",
+               f"{size} must be a multiple of mira_u.patch_size = {mu.patch_size} (MIRA-U's ViT teacher)")
+        _check(mu.embed_dim % mu.num_heads == 0, "mira_u.embed_dim",
+               f"{mu.embed_dim} must be a multiple of mira_u.num_heads = {mu.num_heads}")
+        return
+    if m.name == "hybrid":
+        _check(size % 16 == 0, "data.image_size", f"{size} must be a multiple of 16 (model.name=hybrid)")
+        for key, (accepted, why) in _HYBRID_FIXED.items():
+            value = getattr(m, key)
+            _check(value in accepted, f"model.{key}", f"model.name=hybrid cannot honour {value!r}: {why}; "
+                   f"allowed: {' or '.join(repr(a) for a in accepted)}")
+        return
+    _check(size % (2 ** m.depth) == 0, "data.image_size",
+           f"{size} must be divisible by 2**model.depth = {2 ** m.depth}")
 
 
 def main(argv=None) -> int:

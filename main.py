@@ -45,31 +45,41 @@ def _apply_data_args(cfg, args) -> None:
             cfg.data.format = "auto"
     if getattr(args, "format", None):
         cfg.data.format = args.format
+    config.validate(cfg)        # --format is a choice like data.format
 
 
 def _resolve_train_config(args):
+    """(config, run folder or None, resume plan or None). A resume takes everything from the run
+    (resume.py: what may change, what is refused, when nothing is left to train)."""
     if args.resume:
-        if not args.out:
-            raise RunDirError("--resume needs --out RUN_DIR (the run to continue)")
-        run = Path(args.out)
-        if not (run / "config.yaml").exists():
-            raise RunDirError(f"cannot resume: {run / 'config.yaml'} not found")
-        cfg = config.from_dict(config.load_yaml(run / "config.yaml"))
-        if args.set:      # e.g. more epochs for a finished run; recorded in the saved config
-            config.apply_mapping(cfg, config.parse_set(args.set))
-            config.validate(cfg)
-        return cfg, run
+        import resume
+        plan = resume.plan_resume(args)
+        return plan.cfg, plan.run, plan
     cfg = config.resolve(args.preset or "", args.config or "", args.set, args.method)
     _apply_data_args(cfg, args)
-    return cfg, None
+    if cfg.method == "mira_u" and cfg.mira_u.teacher_checkpoint and not Path(cfg.mira_u.teacher_checkpoint).exists():
+        raise ConfigError(f"mira_u.teacher_checkpoint: {cfg.mira_u.teacher_checkpoint} does not exist")
+    return cfg, None, None
+
+
+def _check_replicas(cfg, strategy) -> None:
+    """The global batch splits evenly over the replicas; known only once the strategy exists."""
+    replicas = strategy.num_replicas_in_sync
+    if cfg.train.batch_size % replicas:
+        raise ConfigError(f"train.batch_size: {cfg.train.batch_size} (global, all replicas together) is not "
+                          f"divisible by the {replicas} replicas of this strategy; choose a multiple of {replicas}")
 
 
 def cmd_train(args) -> int:
-    cfg, run = _resolve_train_config(args)
+    cfg, run, plan = _resolve_train_config(args)
+    if plan is not None and plan.nothing_to_train:
+        _log(plan.nothing_to_train)     # before TensorFlow loads; no file of the run is touched
+        return 0
     import distribute
     distribute.catch_preemption_signals_early()     # SIGUSR1 during start-up: save, not die
     # The strategy comes before any other TF op (multi-worker collectives are configured at init).
     strategy, info = distribute.make_strategy(cfg.train.distribution)
+    _check_replicas(cfg, strategy)
     chief = info.get("is_chief", True)
     if run is None and args.out and Path(args.out).exists() and chief:
         raise RunDirError(f"run folder {args.out} already exists: pass --resume to continue it, "
@@ -103,7 +113,8 @@ def cmd_train(args) -> int:
         devices = [d.name for d in tf.config.list_logical_devices()]
         rundir.start_run_info(run, {**rundir.provenance(args.argv, devices, info), "method": cfg.method,
                                     "data": {"format": bundle.fmt, "cache": str(bundle.cache_dir),
-                                             **{f"n_{s}": len(bundle.splits[s]) for s in data_loader_tf2.SPLITS}}})
+                                             **{f"n_{s}": len(bundle.splits[s]) for s in data_loader_tf2.SPLITS}}},
+                              changed=plan.changes if plan is not None else None)
     _log(f"run folder: {run}  (labeled {len(bundle.splits['labeled'])}, unlabeled {len(bundle.splits['unlabeled'])}, "
          f"val {len(bundle.splits['val'])}, test {len(bundle.splits['test'])} cases)")
     trainer = method_cls(cfg, bundle, strategy, info, log=_log if chief else (lambda m: None))
@@ -174,7 +185,7 @@ def cmd_predict(args) -> int:
 
 
 def cmd_describe(args) -> int:
-    cfg = config.resolve(args.preset or "", "", args.set, args.method)
+    cfg = config.resolve(args.preset or "", args.config or "", args.set, args.method)
     import keras  # noqa: F401
     from train_ssl_tf2 import get_method
     channels = cfg.data.channels or (1 if cfg.data.format in ("synthetic", "msd") else 3)

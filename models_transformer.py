@@ -550,33 +550,36 @@ class WindowCrossAttention(layers.Layer):
                 "window_size": self.window_size}
 
 
-def _conv_block(x, width, name):
-    """Two (3x3 conv, BN, ReLU): the U-Net unit."""
+def _conv_block(x, width, name, bn):
+    """Two (3x3 conv, BN, ReLU): the U-Net unit; `bn` holds BatchNormalization's keyword arguments."""
     for i in (1, 2):
         x = layers.Conv2D(width, 3, padding="same", use_bias=False, name=f"{name}_conv{i}")(x)
-        x = layers.BatchNormalization(momentum=BN_MOMENTUM, name=f"{name}_bn{i}")(x)
+        x = layers.BatchNormalization(**bn, name=f"{name}_bn{i}")(x)
         x = layers.ReLU(name=f"{name}_relu{i}")(x)
     return x
 
 
 def build_hybrid_student(image_size=256, channels=3, base_channels=32, window_size=8,
                          num_heads=(4, 8, 16), swin_depth=2, mlp_ratio=4.0, dropout=0.0,
-                         relative_position_bias=True, name="hybrid_student"):
+                         relative_position_bias=True, bn_momentum=BN_MOMENTUM, sync_batchnorm=False,
+                         name="hybrid_student"):
     """The MIRA-U student: a U-Net whose encoder runs a CNN branch and a Swin branch side by side
     at 1/4, 1/8 and 1/16 resolution, joined at each of those stages by bidirectional windowed
     cross-attention; a conv decoder with skip connections; float32 logits [B, H, W, 1].
 
     image_size must be a multiple of 16.  Each Swin stage uses the largest window <= window_size
     that tiles its grid (image_size/4, /8, /16), and shifts windows only when the grid is larger
-    than the window, so 32x32 or 64x64 builds are valid for tests."""
+    than the window, so 32x32 or 64x64 builds are valid for tests.  `sync_batchnorm` synchronises
+    BatchNorm statistics across replicas (as the U-Net's model.sync_batchnorm)."""
     if image_size % 16:
         raise ValueError(f"build_hybrid_student: image_size {image_size} must be a multiple of 16")
     if len(num_heads) != 3:
         raise ValueError(f"build_hybrid_student: num_heads needs 3 entries, got {num_heads}")
     b = base_channels
+    bn = {"momentum": bn_momentum, "synchronized": sync_batchnorm}
     inputs = keras.Input((image_size, image_size, channels), name="image")
-    skips = [_conv_block(inputs, b, "enc1")]
-    skips.append(_conv_block(layers.MaxPooling2D(name="pool1")(skips[0]), 2 * b, "enc2"))
+    skips = [_conv_block(inputs, b, "enc1", bn)]
+    skips.append(_conv_block(layers.MaxPooling2D(name="pool1")(skips[0]), 2 * b, "enc2", bn))
     cnn = layers.MaxPooling2D(name="pool2")(skips[1])
     # Swin patch embedding: 4x4 patches of the image to 4b channels.
     vit = layers.Conv2D(4 * b, 4, strides=4, name="swin_embed")(inputs)
@@ -586,7 +589,7 @@ def build_hybrid_student(image_size=256, channels=3, base_channels=32, window_si
         if level:
             cnn = layers.MaxPooling2D(name=f"pool{level + 2}")(cnn)
             vit = PatchMerging(width, name=f"{stage}_merge")(vit)
-        cnn = _conv_block(cnn, width, f"{stage}_cnn")
+        cnn = _conv_block(cnn, width, f"{stage}_cnn", bn)
         grid = image_size // (4 * 2 ** level)
         ws = fit_window(grid, window_size)
         for i in range(swin_depth):
@@ -596,7 +599,7 @@ def build_hybrid_student(image_size=256, channels=3, base_channels=32, window_si
         cnn, vit = WindowCrossAttention(width, heads, ws, name=f"{stage}_cross")([cnn, vit])
         fused = layers.Concatenate(name=f"{stage}_concat")([cnn, vit])
         fused = layers.Conv2D(width, 1, use_bias=False, name=f"{stage}_fuse")(fused)
-        fused = layers.BatchNormalization(momentum=BN_MOMENTUM, name=f"{stage}_fuse_bn")(fused)
+        fused = layers.BatchNormalization(**bn, name=f"{stage}_fuse_bn")(fused)
         skips.append(layers.ReLU(name=f"{stage}_fuse_relu")(fused))
     x = skips.pop()
     for level in range(len(skips), 0, -1):
@@ -604,7 +607,7 @@ def build_hybrid_student(image_size=256, channels=3, base_channels=32, window_si
         width = skip.shape[-1]
         x = layers.Conv2DTranspose(width, 2, strides=2, name=f"dec{level}_up")(x)
         x = layers.Concatenate(name=f"dec{level}_concat")([x, skip])
-        x = _conv_block(x, width, f"dec{level}")
+        x = _conv_block(x, width, f"dec{level}", bn)
     logits = layers.Conv2D(1, 1, dtype="float32", name="logits")(x)
     return keras.Model(inputs, logits, name=name)
 
@@ -623,5 +626,8 @@ from models_tf2 import register_model  # noqa: E402  (models_tf2 imports this mo
 def build_hybrid(cfg, image_size: int, channels: int, name: str = "hybrid") -> keras.Model:
     """The MIRA-U student as an ordinary network: `--set model.name=hybrid` trains it with any method
     (the supervised baseline that tells MIRA-U's architecture from its semi-supervision apart).
-    Base channels = model.base_filters; two Swin blocks per stage and no dropout, as in MIRA-U."""
-    return build_hybrid_student(image_size, channels, cfg.base_filters, name=name)
+    Base channels = model.base_filters; two Swin blocks per stage and no dropout, as in MIRA-U;
+    model.bn_momentum and model.sync_batchnorm as for the U-Net. config.validate refuses the model.*
+    settings it cannot honour (dropout, batchnorm=false, activation) and sizes not a multiple of 16."""
+    return build_hybrid_student(image_size, channels, cfg.base_filters, bn_momentum=cfg.bn_momentum,
+                                sync_batchnorm=cfg.sync_batchnorm, name=name)

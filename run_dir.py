@@ -133,12 +133,16 @@ def provenance(argv: list[str], devices: list[str], strategy_info: dict | None =
     }
 
 
-def start_run_info(run: Path, info: dict) -> dict:
-    """Record a (re)start: a resumed run appends to `sessions`, keeping the first start."""
+def start_run_info(run: Path, info: dict, changed: dict | None = None) -> dict:
+    """Record a (re)start: a resumed run appends to `sessions`, keeping the first start; `changed`
+    (dotted key -> [old, new]) records the settings a resumed session changed."""
     path = run / "run_info.json"
     previous = json.loads(path.read_text()) if path.exists() else {}
     now = dt.datetime.now().isoformat(timespec="seconds")
-    sessions = previous.get("sessions", []) + [{"start": now, "command": info["command"], "host": info["host"]}]
+    session = {"start": now, "command": info["command"], "host": info["host"]}
+    if changed:
+        session["changed"] = changed
+    sessions = previous.get("sessions", []) + [session]
     merged = {**previous, **info, "start_time": previous.get("start_time", now), "sessions": sessions,
               "status": "running", "end_time": None}
     write_json(path, merged)

@@ -47,7 +47,8 @@ def register_method(name: str):
 def get_method(name: str) -> type:
     import methods  # noqa: F401  (registers the semi-supervised methods)
     if name not in METHODS:
-        raise ValueError(f"--method: unknown method '{name}' (known: {', '.join(sorted(METHODS))})")
+        from config import ConfigError      # exit 2 in main.py; config.validate catches it earlier
+        raise ConfigError(f"--method: unknown method '{name}' (known: {', '.join(sorted(METHODS))})")
     return METHODS[name]
 
 
