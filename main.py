@@ -222,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--method", default="", help="supervised, mean_teacher, mixmatch, mira_u, ...")
         p.add_argument("--preset", default="", help=f"one of: {', '.join(sorted(config.PRESETS))}")
         p.add_argument("--config", default="", help="YAML file of overrides")
-        p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="e.g. train.lr=3e-4 data.labeled_fraction=0.3")
+        config.add_set_argument(p)
 
     def data_args(p):
         p.add_argument("--data", default=None, help="data-set folder (default: the embedded synthetic set)")
