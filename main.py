@@ -7,7 +7,7 @@
     python main.py predict runs/mt scan.nii.gz scan_mask.nii.gz [--tta] [--save-probabilities]
     python main.py describe --method supervised --preset cpu
     python main.py check-data --data data/Task07_Pancreas            # format inferred and printed
-    python main.py preprocess --data data/Task07_Pancreas --format msd
+    python main.py preprocess --data data/Task07_Pancreas --preset pancreas_mean_teacher   # train's preset
 
 Thin on purpose: it parses, builds and calls. Exit codes: 0 done, 2 bad input (config, data, run
 folder), 75 preempted (checkpoint written; the sbatch scripts requeue on it).
@@ -195,8 +195,9 @@ def cmd_preprocess(args) -> int:
     report.raise_if_unusable()
     path = slice_cache.build_cache(fmt, cases, cfg.data, progress=not args.no_progress, log=_log, workers=args.workers)
     manifest = slice_cache.load_manifest(path)
-    _log(f"slice cache ready: {path} ({manifest['n_slices']} slices of {len(manifest['cases'])} cases, "
-         f"{manifest['n_train_slices']} kept for training)")
+    _log(f"slice cache ready: key {slice_cache.key_of(path)} at {path} ({manifest['n_slices']} slices of "
+         f"{len(manifest['cases'])} cases, {manifest['n_train_slices']} kept for training); train with the "
+         f"same data settings (--preset/--config/--set data.*) to reuse it")
     return 0
 
 

@@ -227,8 +227,9 @@ def test_sweep_array_after_preprocess(slurm_cluster, workdir):
         cwd=workdir, capture_output=True, text=True, check=True)
     (workdir / "sweep.tsv").write_text(index.stdout)
     assert "--array=0-1" in index.stderr
+    # As the docs chain them: preprocess with the sweep's preset, so that training finds its cache.
     pre = slurm_cluster.submit("slurm/preprocess.sbatch", "/data/Task07", "msd", cwd=workdir,
-                               env=job_env())
+                               env=job_env(PRESET="smoke"))
     sweep = slurm_cluster.submit("slurm/sweep.sbatch", "sweep.tsv", cwd=workdir,
                                  options=["--array=0-1", f"--dependency=afterok:{pre}"],
                                  env=job_env(PRESET="smoke"))
@@ -238,7 +239,7 @@ def test_sweep_array_after_preprocess(slurm_cluster, workdir):
     assert [r["JobState"] for r in records] == ["COMPLETED", "COMPLETED"], \
         read_log(workdir, "semiseg-sweep-*.out")
     preprocessed = json.loads((workdir / "preprocessed.json").read_text())
-    assert preprocessed["argv"] == ["preprocess", "--data", "/data/Task07", "--format", "msd"]
+    assert preprocessed["argv"] == ["preprocess", "--data", "/data/Task07", "--format", "msd", "--preset", "smoke"]
     for method, preset in (("supervised", "smoke"), ("mean_teacher", "pancreas_mean_teacher")):
         done = json.loads((workdir / f"runs/sweep/{method}-lf0.1-seed3/done.json").read_text())
         assert done["argv"] == ["train", "--method", method, "--preset", preset,
