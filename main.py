@@ -138,20 +138,21 @@ def cmd_evaluate(args) -> int:
         if args.split:
             raise ConfigError("--split names the run's own splits; with --data every labelled case of that "
                               "data set forms the split 'external'")
-        bundle = predict.external_bundle(cfg, args.data, args.format, predict.model_channels(model), log=_log)
+        bundle = predict.external_bundle(cfg, args.data, args.format, predict.model_channels(model), log=_log,
+                                         progress=not args.no_progress)
         split, name = "external", predict.external_name(args.data)
     else:
         if args.format:
             raise ConfigError("--format needs --data PATH (the external data set to evaluate on)")
         split = args.split or "test"
-        bundle = data_loader_tf2.prepare_data(cfg, run_dir=run, log=_log)
+        bundle = data_loader_tf2.prepare_data(cfg, run_dir=run, log=_log, progress=not args.no_progress)
         name = split
     default = split == "test" and not args.tta and args.checkpoint == "best"
     suffix = ("_latest" if args.checkpoint == "latest" else "") + ("_tta" if args.tta else "")
     out = run if default else run / "eval" / f"{name}{suffix}"
     out.mkdir(parents=True, exist_ok=True)
     payload = evaluation.evaluate(model, bundle, split, cfg.train.eval_batch_size, tta=args.tta, out_dir=out,
-                                  model_name=network, progress=True)
+                                  model_name=network, progress=not args.no_progress)
     keys = ("dice", "iou", "precision", "recall", "specificity", "hd95", "asd")
     _log(" ".join(f"{k}={payload[k]:.4f}" if payload[k] is not None else f"{k}=nan" for k in keys)
          + f"  n_cases={payload['n_cases']}  ({network} network, {args.checkpoint} checkpoint)")
@@ -245,6 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="best_model.keras, or the newest checkpoint in RUN_DIR/checkpoints")
     p.add_argument("--data", default=None, help="an external labelled data set (all its cases: split 'external')")
     p.add_argument("--format", default=None, help="format of --data: msd|isic|ph2|folders|auto")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only; batch jobs)")
     p.set_defaults(fn=cmd_evaluate)
 
     p = sub.add_parser("predict", help="masks for an image, a folder of images, or a NIfTI volume")
