@@ -158,3 +158,14 @@ def test_train_reuses_the_cache_preprocess_built_with_the_same_preset(tmp_path, 
     assert any(m.startswith("no slice cache with key") and m.endswith(
         f"the nearest existing cache for this data is {built.name}, which differs in (here vs there): "
         "data.image_size 16 vs 32; building it") for m in messages), messages
+
+
+def test_documented_preprocess_commands_name_a_preset():
+    # A preprocess without the training command's preset builds a cache training never reads.
+    from pathlib import Path
+    repo = Path(__file__).resolve().parents[1]
+    files = [repo / "README.md", *repo.glob("*.py"), *repo.glob("docs/*.md"), *repo.glob("slurm/*")]
+    commands = [(path.name, line) for path in files if path.is_file() for line in path.read_text().splitlines()
+                if "main.py preprocess --" in line or "preprocess.sbatch /" in line]
+    assert len(commands) >= 8
+    assert [c for c in commands if "--preset" not in c[1]] == []
