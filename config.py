@@ -306,6 +306,14 @@ def parse_set(assignments: typing.Iterable[str]) -> dict:
     return nested
 
 
+def add_set_argument(parser: argparse.ArgumentParser, help: str = "section.key=value overrides, e.g. "
+                     "train.lr=3e-4 data.labeled_fraction=0.3; repeatable, later wins per key") -> None:
+    """The one `--set` option of every semiseg command line. `extend`, not plain nargs: a repeated
+    `--set a=1 --set b=2` (as sbatch scripts build it) keeps both, where argparse's default would
+    silently keep only the last occurrence; `--set a=1 b=2` still works."""
+    parser.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE", help=help)
+
+
 def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
@@ -512,7 +520,7 @@ def main(argv=None) -> int:
     parser.add_argument("--preset", default="")
     parser.add_argument("--config", default="")
     parser.add_argument("--method", default="")
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
+    add_set_argument(parser)
     parser.add_argument("--list-presets", action="store_true")
     args = parser.parse_args(argv)
     if args.list_presets:

@@ -1,7 +1,7 @@
 """Data: sources -> cases -> per-case splits -> slice cache -> tf.data streams.
 
     python main.py check-data --data PATH          # list and validate a data set
-    python main.py preprocess --data PATH          # build the slice cache once
+    python main.py preprocess --data PATH --preset NAME   # build the slice cache once (train's preset)
 
 `prepare_data(cfg)` returns a `DataBundle` whose methods build the streams the trainer consumes:
   labeled / unlabeled : infinite, shuffled per pass with a seed, augmented in the graph with
@@ -244,6 +244,8 @@ def prepare_data(cfg, run_dir=None, log=print, progress: bool = True) -> DataBun
         if report.warnings:
             log(f"check-data: {len(report.warnings)} warnings\n" + report.table(report.warnings, limit=10))
         report.raise_if_unusable()
+    if cached is not None:
+        log(slice_cache.reuse_message(cached))
     cache_dir = cached or slice_cache.build_cache(fmt, cases, cfg.data, progress=progress, log=log)
     manifest = slice_cache.load_manifest(cache_dir)
     splits_path = Path(run_dir) / "splits.json" if run_dir else None

@@ -7,7 +7,7 @@
     python main.py predict runs/mt scan.nii.gz scan_mask.nii.gz [--tta] [--save-probabilities]
     python main.py describe --method supervised --preset cpu
     python main.py check-data --data data/Task07_Pancreas            # format inferred and printed
-    python main.py preprocess --data data/Task07_Pancreas --format msd
+    python main.py preprocess --data data/Task07_Pancreas --preset pancreas_mean_teacher   # train's preset
 
 Thin on purpose: it parses, builds and calls. Exit codes: 0 done, 2 bad input (config, data, run
 folder), 74 a file could not be written (disk full, quota, permissions: "error: cannot write PATH:
@@ -155,20 +155,21 @@ def cmd_evaluate(args) -> int:
         if args.split:
             raise ConfigError("--split names the run's own splits; with --data every labelled case of that "
                               "data set forms the split 'external'")
-        bundle = predict.external_bundle(cfg, args.data, args.format, predict.model_channels(model), log=_log)
+        bundle = predict.external_bundle(cfg, args.data, args.format, predict.model_channels(model), log=_log,
+                                         progress=not args.no_progress)
         split, name = "external", predict.external_name(args.data)
     else:
         if args.format:
             raise ConfigError("--format needs --data PATH (the external data set to evaluate on)")
         split = args.split or "test"
-        bundle = data_loader_tf2.prepare_data(cfg, run_dir=run, log=_log)
+        bundle = data_loader_tf2.prepare_data(cfg, run_dir=run, log=_log, progress=not args.no_progress)
         name = split
     default = split == "test" and not args.tta and args.checkpoint == "best"
     suffix = ("_latest" if args.checkpoint == "latest" else "") + ("_tta" if args.tta else "")
     out = run if default else run / "eval" / f"{name}{suffix}"
     out.mkdir(parents=True, exist_ok=True)
     payload = evaluation.evaluate(model, bundle, split, cfg.train.eval_batch_size, tta=args.tta, out_dir=out,
-                                  model_name=network, progress=True)
+                                  model_name=network, progress=not args.no_progress)
     keys = ("dice", "iou", "precision", "recall", "specificity", "hd95", "asd")
     _log(" ".join(f"{k}={payload[k]:.4f}" if payload[k] is not None else f"{k}=nan" for k in keys)
          + f"  n_cases={payload['n_cases']}  ({network} network, {args.checkpoint} checkpoint)")
@@ -212,8 +213,9 @@ def cmd_preprocess(args) -> int:
     report.raise_if_unusable()
     path = slice_cache.build_cache(fmt, cases, cfg.data, progress=not args.no_progress, log=_log, workers=args.workers)
     manifest = slice_cache.load_manifest(path)
-    _log(f"slice cache ready: {path} ({manifest['n_slices']} slices of {len(manifest['cases'])} cases, "
-         f"{manifest['n_train_slices']} kept for training)")
+    _log(f"slice cache ready: key {slice_cache.key_of(path)} at {path} ({manifest['n_slices']} slices of "
+         f"{len(manifest['cases'])} cases, {manifest['n_train_slices']} kept for training); train with the "
+         f"same data settings (--preset/--config/--set data.*) to reuse it")
     return 0
 
 
@@ -239,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--method", default="", help="supervised, mean_teacher, mixmatch, mira_u, ...")
         p.add_argument("--preset", default="", help=f"one of: {', '.join(sorted(config.PRESETS))}")
         p.add_argument("--config", default="", help="YAML file of overrides")
-        p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="e.g. train.lr=3e-4 data.labeled_fraction=0.3")
+        config.add_set_argument(p)
 
     def data_args(p):
         p.add_argument("--data", default=None, help="data-set folder (default: the embedded synthetic set)")
@@ -261,6 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="best_model.keras, or the newest checkpoint in RUN_DIR/checkpoints")
     p.add_argument("--data", default=None, help="an external labelled data set (all its cases: split 'external')")
     p.add_argument("--format", default=None, help="format of --data: msd|isic|ph2|folders|auto")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only; batch jobs)")
     p.set_defaults(fn=cmd_evaluate)
 
     p = sub.add_parser("predict", help="masks for an image, a folder of images, or a NIfTI volume")

@@ -138,7 +138,7 @@ def model_channels(model) -> int:
     return int(model.inputs[0].shape[-1])
 
 
-def external_bundle(cfg, data_path: str, fmt: str | None, channels: int, log=print):
+def external_bundle(cfg, data_path: str, fmt: str | None, channels: int, log=print, progress: bool = True):
     """A DataBundle of another data set (e.g. PH2 for an ISIC model): every labelled case forms
     the split 'external', sliced and resized with the run's settings and the model's channels."""
     import copy
@@ -153,7 +153,7 @@ def external_bundle(cfg, data_path: str, fmt: str | None, channels: int, log=pri
         raise DataError(f"{root}: no case with a label, nothing to evaluate")
     if len(labelled) < len(cases):
         log(f"{root}: {len(cases) - len(labelled)} cases without labels are left out")
-    cache_dir = slice_cache.build_cache(found, cases, ext.data, log=log)
+    cache_dir = slice_cache.build_cache(found, cases, ext.data, log=log, progress=progress)
     manifest = slice_cache.load_manifest(cache_dir)
     splits = {"seed": cfg.seed, "external": labelled, **{s: [] for s in data_loader_tf2.SPLITS}}
     return data_loader_tf2.DataBundle(cache_dir, manifest, splits, ext.data, cfg.seed, found)

@@ -1,6 +1,7 @@
 """The slice cache: every case of a data set, normalised, sliced and resized once, in TFRecord shards.
 
-    python main.py preprocess --data PATH --format msd [--workers N]    # builds (or reuses) the cache
+    python main.py preprocess --data PATH --preset NAME [--workers N]   # builds (or reuses) the cache
+                                                  # NAME, --set data.*: those of the training command
 
 Layout: CACHE_ROOT/<format>-<key>/ with shard-XXXXX.tfrecord files and manifest.json. The key hashes
 what the cache was made from (each file's size and mtime, the preprocessing settings, the cache
@@ -12,7 +13,9 @@ same cache both end up reading one complete copy.
 One record per slice, every slice of every case: image (float16 [H, W, C]), mask (uint8 [H, W]),
 has_label, case id, slice index, and train_keep (1 if the slice is used for training: with
 data.foreground_only only foreground slices plus a share of empty ones; evaluation reads all).
-The manifest lists per case n_slices, n_train_slices, train_slices, spacing, original_shape, meta.
+The manifest lists per case n_slices, n_train_slices, train_slices, spacing, original_shape, meta,
+and the key with the settings and file digest it was made from: when no cache matches, the log
+names the nearest cache and the settings it differs in (`explain_miss`).
 Workers (spawned processes, all cores by default) each write whole chunks of cases to their own shards.
 """
 from __future__ import annotations
@@ -39,22 +42,45 @@ _NOT_IN_KEY = {"labeled_fraction", "val_fraction", "test_fraction", "hide_labels
                "unlabeled_test_images"}
 
 
-def cache_key(fmt: str, cases: list[Case], data_cfg) -> str:
-    """Hash of everything the cached slices depend on."""
-    h = hashlib.sha256()
-    settings = {k: v for k, v in dataclasses.asdict(data_cfg).items() if k not in _NOT_IN_KEY}
-    h.update(json.dumps({"version": CACHE_VERSION, "format": fmt, "settings": settings}, sort_keys=True).encode())
+def key_settings(data_cfg) -> dict:
+    """The data.* settings a cache key hashes (recorded in the manifest to explain a miss)."""
+    return {k: v for k, v in dataclasses.asdict(data_cfg).items() if k not in _NOT_IN_KEY}
+
+
+def _file_stamps(cases: list[Case]) -> list[bytes]:
+    """Per file: case id, absolute path, size and mtime ('-' for a missing label)."""
+    stamps = []
     for case in sorted(cases, key=lambda c: c.case_id):
         for path in (case.image, case.label):
             if path is None:
-                h.update(b"-")
+                stamps.append(b"-")
                 continue
             try:
                 st = os.stat(path)
             except OSError as err:
                 raise DataError(f"{path}: cannot read ({err.strerror}); case {case.case_id}") from None
-            h.update(f"{case.case_id}|{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}".encode())
+            stamps.append(f"{case.case_id}|{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}".encode())
+    return stamps
+
+
+def files_digest(cases: list[Case]) -> str:
+    """Hash of the files alone: tells 'other settings' from 'other files' when a key misses."""
+    return hashlib.sha256(b"".join(_file_stamps(cases))).hexdigest()[:16]
+
+
+def cache_key(fmt: str, cases: list[Case], data_cfg) -> str:
+    """Hash of everything the cached slices depend on."""
+    h = hashlib.sha256()
+    h.update(json.dumps({"version": CACHE_VERSION, "format": fmt, "settings": key_settings(data_cfg)},
+                        sort_keys=True).encode())
+    for stamp in _file_stamps(cases):
+        h.update(stamp)
     return h.hexdigest()[:16]
+
+
+def key_of(path: Path) -> str:
+    """The key of a cache folder named <format>-<key>."""
+    return Path(path).name.rsplit("-", 1)[-1]
 
 
 def resize_slices(image: np.ndarray, label, size: int):
@@ -145,6 +171,48 @@ def find_cache(fmt: str, cases: list[Case], data_cfg) -> Path | None:
     return final if load_manifest(final) is not None else None
 
 
+def reuse_message(path: Path) -> str:
+    return f"slice cache: reusing {key_of(path)} at {path}"
+
+
+def _differences(ours: dict, theirs: dict) -> list[str]:
+    return [f"data.{k} {ours.get(k, '(unset)')} vs {theirs.get(k, '(unset)')}"
+            for k in sorted(set(ours) | set(theirs)) if ours.get(k) != theirs.get(k)]
+
+
+def explain_miss(fmt: str, cases: list[Case], data_cfg) -> str:
+    """Why no cache matches: the key, the root searched, and how the closest complete cache of this
+    format differs (settings here vs there, or other files), so a preprocess run with other
+    settings than training is visible in the log instead of a silent rebuild."""
+    root = cache_root(data_cfg)
+    key = cache_key(fmt, cases, data_cfg)
+    message = f"no slice cache with key {key} under {root}"
+    ours, digest = key_settings(data_cfg), files_digest(cases)
+    nearest, unexplained = None, 0
+    for path in sorted(root.glob(f"{fmt}-*")) if root.is_dir() else []:
+        manifest = None if ".partial-" in path.name or key_of(path) == key else load_manifest(path)
+        if manifest is None:
+            continue
+        if "settings" not in manifest:           # built before manifests recorded their settings
+            unexplained += 1
+            continue
+        same_files = manifest.get("files_digest") == digest
+        diffs = _differences(ours, manifest["settings"])
+        rank = (not same_files, len(diffs))
+        if nearest is None or rank < nearest[0]:
+            nearest = (rank, path, same_files, diffs)
+    if nearest is not None:
+        _, path, same_files, diffs = nearest
+        what = "for this data" if same_files else "(made from other files or file versions)"
+        message += (f"; the nearest existing cache {what} is {path.name}, which differs in "
+                    f"(here vs there): {', '.join(diffs) or 'no data.* setting'}")
+    elif unexplained:
+        message += f"; {unexplained} older {fmt} cache(s) there record no settings to compare"
+    else:
+        message += f"; no {fmt} cache exists there yet"
+    return message
+
+
 def build_cache(fmt: str, cases: list[Case], data_cfg, progress: bool = True, log=print, workers: int = 0) -> Path:
     """Return the folder of a complete cache for `cases`, building it if needed (on `workers`
     processes; 0 = every available core)."""
@@ -152,10 +220,13 @@ def build_cache(fmt: str, cases: list[Case], data_cfg, progress: bool = True, lo
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{fmt}-{cache_key(fmt, cases, data_cfg)}"
     if load_manifest(final) is not None:
+        log(reuse_message(final))
         return final
     if final.exists():          # a folder without a valid manifest is not a cache: never read it
         log(f"slice cache {final} is incomplete or stale: rebuilding it")
         shutil.rmtree(final, ignore_errors=True)
+    else:
+        log(explain_miss(fmt, cases, data_cfg) + "; building it")
     _remove_dead_partials(root)
     partial = root / f"{final.name}.partial-{socket.gethostname()}-{os.getpid()}"
     shutil.rmtree(partial, ignore_errors=True)
@@ -167,6 +238,8 @@ def build_cache(fmt: str, cases: list[Case], data_cfg, progress: bool = True, lo
         shutil.rmtree(partial, ignore_errors=True)
         raise
     manifest["build_seconds"] = round(time.time() - t0, 2)
+    # What the key was made from, so that a later miss can say which setting differs.
+    manifest.update(key=key_of(final), settings=key_settings(data_cfg), files_digest=files_digest(cases))
     atomic_write.write_text(partial / "manifest.json", json.dumps(manifest, indent=1))
     try:
         os.rename(partial, final)

@@ -1,6 +1,6 @@
 """Run a function over tasks in a pool of worker processes, with one progress bar over items.
 
-    python main.py preprocess --data PATH --workers 4     # the slice cache is built through this
+    python main.py preprocess --data PATH --preset NAME --workers 4     # the slice cache is built through this
 
 Workers are *spawned* (never forked): a forked copy of a process that already runs TensorFlow
 threads can deadlock, and spawn behaves the same on Linux, macOS and clusters. A task may report

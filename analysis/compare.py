@@ -27,7 +27,7 @@ from scipy import stats  # noqa: E402
 
 import atomic_write  # noqa: E402
 from analysis import figures  # noqa: E402
-from analysis.runs import Run, find_runs, percent  # noqa: E402
+from analysis.runs import Run, find_runs, percent, run_cli  # noqa: E402
 
 BASELINE = "supervised"
 TABLE_METRICS = ("dice", "iou", "precision", "recall", "hd95", "asd")
@@ -214,4 +214,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

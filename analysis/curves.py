@@ -20,7 +20,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from analysis import figures  # noqa: E402
-from analysis.runs import Run, find_runs  # noqa: E402
+from analysis.runs import Run, find_runs, run_cli  # noqa: E402
 
 # Panel title and y-axis label of the columns the trainer writes; other numeric columns get a
 # panel titled by their name.
@@ -123,4 +123,4 @@ def main(argv=None) -> list[Path]:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

@@ -21,7 +21,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from analysis import figures  # noqa: E402
-from analysis.runs import Run, find_runs  # noqa: E402
+from analysis.runs import Run, find_runs, run_cli  # noqa: E402
 
 AXIS_LABELS = {"dice": "Test Dice", "iou": "Test IoU", "precision": "Test precision",
                "recall": "Test recall", "specificity": "Test specificity",
@@ -91,4 +91,4 @@ def main(argv=None) -> list[Path]:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

@@ -21,7 +21,7 @@ import numpy as np  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
 from analysis import figures  # noqa: E402
-from analysis.runs import Run, find_runs, unique_names  # noqa: E402
+from analysis.runs import Run, find_runs, run_cli, unique_names  # noqa: E402
 
 TRUTH_COLOR = (0.1, 0.85, 0.2)
 PREDICTION_COLOR = (0.95, 0.2, 0.15)
@@ -135,9 +135,9 @@ def main(argv=None) -> list[Path]:
             continue
         paths += figures.write_figure(figure, args.out, f"overlays_{name}", args.formats)
     if not paths:
-        raise SystemExit(f"overlays: no run under {', '.join(map(str, args.run_dirs))} has previews")
+        raise FileNotFoundError(f"no run under {', '.join(map(str, args.run_dirs))} has previews")
     return paths
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

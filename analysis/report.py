@@ -20,7 +20,7 @@ if __package__ in (None, ""):  # run as `python analysis/report.py`: make `analy
 
 import atomic_write  # noqa: E402
 from analysis import compare, curves, figures, label_efficiency, overlays  # noqa: E402
-from analysis.runs import Run, find_runs, percent, unique_names  # noqa: E402
+from analysis.runs import Run, find_runs, percent, run_cli, unique_names  # noqa: E402
 
 STYLE = """
 body { font-family: sans-serif; max-width: 1200px; margin: 2em auto; color: #222; }
@@ -158,4 +158,4 @@ def main(argv=None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -153,6 +154,23 @@ def find_runs(paths) -> list[Run]:
     return runs
 
 
+EXIT_BAD_INPUT = 2   # as main.py: a missing or unreadable run folder
+
+
+def run_cli(main, argv=None) -> int:
+    """Run a script's `main(argv)` for the command line: 0 when done; a missing run folder or an
+    unreadable file in one (every error raised here names its path) prints `error: ...` and gives
+    exit code 2 instead of a traceback."""
+    try:
+        main(argv)
+    except (OSError, ValueError, KeyError) as err:
+        # str(KeyError) is the repr of its message; print the message itself.
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"error: {message}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return 0
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
@@ -164,4 +182,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

@@ -31,6 +31,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+import config  # noqa: E402  (the shared --set option)
+
 # Reduced size: 48x48 images, an 8-64 U-Net of depth 3; the same optimizer steps for every method.
 BENCH = ["data.image_size=48", "model.base_filters=8", "model.depth=3", "train.batch_size=8",
          "train.epochs=10", "train.steps_per_epoch=40", "train.lr=2e-3", "train.schedule=cosine",
@@ -122,7 +124,7 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="1 seed (unless --seeds) and shorter runs")
     parser.add_argument("--methods", nargs="*", default=list(PLAN), choices=list(PLAN))
     parser.add_argument("--fractions", nargs="*", type=float, default=None, help="subset of 0.1 0.3 1.0")
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra overrides for every run")
+    config.add_set_argument(parser, help="extra overrides for every run")
     args = parser.parse_args(argv)
     seeds = 1 if args.quick and "--seeds" not in (argv or sys.argv) else args.seeds
     overrides = BENCH + (QUICK if args.quick else []) + args.set

@@ -4,6 +4,7 @@
 """
 import argparse
 import json
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +17,8 @@ from scipy import stats
 
 import metrics
 from analysis import compare, curves, figures, label_efficiency, overlays, report
-from analysis.runs import find_runs, load_run, unique_names
+from analysis.runs import find_runs, load_run, run_cli, unique_names
+from analysis.runs import main as runs_main
 
 REPO = Path(__file__).resolve().parent.parent
 CASE_IDS = [f"case_{index:03d}" for index in range(8)]
@@ -233,14 +235,39 @@ def test_scripts_run_as_files_without_tensorflow(sweep, tmp_path):
     # One interpreter (imports are slow on a busy node): run compare.py as __main__ from its
     # file, then import every analysis module and check that none pulled in TensorFlow.
     script = REPO / "analysis" / "compare.py"
-    probe = ("import runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], "
-             "run_name='__main__'); import analysis.report, analysis.runs; "
+    probe = ("import runpy, sys; sys.argv = sys.argv[1:]\ntry: runpy.run_path(sys.argv[0], run_name='__main__')\n"
+             "except SystemExit as done: print('exit code', done.code)\n"
+             "import analysis.report, analysis.runs; "
              "print('tensorflow imported:', 'tensorflow' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", probe, str(script), str(sweep), "--out",
                              str(tmp_path)], capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "| supervised | 10% | 2 |" in result.stdout and (tmp_path / "comparison.tex").is_file()
-    assert "tensorflow imported: False" in result.stdout
+    assert "tensorflow imported: False" in result.stdout and "exit code 0" in result.stdout
+
+
+@pytest.mark.parametrize("script", ["compare", "curves", "label_efficiency", "overlays", "report", "runs"])
+def test_a_missing_run_folder_is_an_error_without_traceback(script, tmp_path, monkeypatch, capsys):
+    # Each script as `python analysis/SCRIPT.py` (its __main__ block), in this interpreter.
+    missing, out = tmp_path / "no_such_sweep", tmp_path / "out"
+    monkeypatch.setattr(sys, "argv", [f"{script}.py", str(missing)] + ([] if script == "runs" else ["--out", str(out)]))
+    with pytest.raises(SystemExit) as stopped:
+        runpy.run_path(str(REPO / "analysis" / f"{script}.py"), run_name="__main__")
+    assert stopped.value.code == 2
+    assert capsys.readouterr().err == f"error: {missing}: no such folder\n"
+    assert not out.exists()
+
+
+def test_cli_errors_name_the_file_and_exit_2(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert run_cli(compare.main, [str(tmp_path), "--out", str(out)]) == 2
+    assert capsys.readouterr().err == f"error: {tmp_path}: no run folder (a folder with config.yaml) inside\n"
+    (tmp_path / "config.yaml").write_text("seed: 0\n")
+    assert run_cli(runs_main, [str(tmp_path)]) == 2
+    assert capsys.readouterr().err == (f"error: {tmp_path / 'config.yaml'}: missing key 'method'\n")
+    assert run_cli(overlays.main, [str(tmp_path), "--out", str(out)]) == 2      # a run without previews
+    assert capsys.readouterr().err.endswith(f"\nerror: no run under {tmp_path} has previews\n")
+    assert not out.exists()
 
 
 def test_formats_option_rejects_unknown_formats():

@@ -73,3 +73,25 @@ def test_optimizer_choice_is_checked_and_builds_sgd_with_momentum():
     assert isinstance(opt, keras.optimizers.SGD) and opt.momentum == pytest.approx(0.95)
     trainer.cfg = config.resolve()
     assert type(trainer._build_optimizer()) is keras.optimizers.Adam
+
+
+REPEATED_SET = ["--preset", "smoke", "--set", "data.labeled_fraction=0.1", "train.epochs=3",
+                "--set", "seed=2", "--set", "train.epochs=5"]
+
+
+@pytest.mark.parametrize("command", ["train", "describe", "preprocess", "check-data"])
+def test_repeated_set_accumulates_in_every_main_command(command):
+    # The sbatch scripts build `--set a=1 --set b=2`; argparse's plain nargs="*" kept only the last
+    # occurrence, so sweeps trained at the preset's labeled fraction.
+    import main
+    args = main.build_parser().parse_args([command, *REPEATED_SET])
+    assert args.set == ["data.labeled_fraction=0.1", "train.epochs=3", "seed=2", "train.epochs=5"]
+    cfg = config.resolve(args.preset, args.config, args.set)
+    assert (cfg.data.labeled_fraction, cfg.seed, cfg.train.epochs) == (0.1, 2, 5)   # later wins per key
+    assert main.build_parser().parse_args([command]).set == []       # no default shared between parses
+
+
+def test_repeated_set_accumulates_in_config_cli(capsys):
+    assert config.main(REPEATED_SET) == 0
+    resolved = yaml.safe_load(capsys.readouterr().out)
+    assert (resolved["data"]["labeled_fraction"], resolved["seed"], resolved["train"]["epochs"]) == (0.1, 2, 5)

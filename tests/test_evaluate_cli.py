@@ -37,6 +37,16 @@ def test_val_split_goes_to_eval_folder_and_keeps_run_metrics(run):
     assert (run / "metrics.json").read_bytes() == before
 
 
+def test_no_progress_drops_the_progress_bar_only(run, capsys):
+    assert main.main(["evaluate", str(run), "--split", "val"]) == 0
+    shown = capsys.readouterr()
+    assert main.main(["evaluate", str(run), "--split", "val", "--no-progress"]) == 0
+    quiet = capsys.readouterr()
+    assert "evaluate val" in shown.err and "evaluate val" not in quiet.err      # tqdm's bar, on stderr
+    metrics_line = [line for line in quiet.out.splitlines() if line.startswith("dice=")]
+    assert metrics_line and metrics_line == [line for line in shown.out.splitlines() if line.startswith("dice=")]
+
+
 def test_latest_checkpoint_restores_the_trained_weights(run):
     _, best, _ = predict.load_run_model(run, "best")
     _, latest, name = predict.load_run_model(run, "latest")

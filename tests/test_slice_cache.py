@@ -90,3 +90,82 @@ def test_chunks_do_not_depend_on_the_worker_count(tmp_path):
     pictures = [data_sources.Case(f"p{i}", f"/x/p{i}.png") for i in range(130)]
     assert [len(c) for c in slice_cache.plan_chunks(pictures)] == [64, 64, 2]
     assert np.concatenate([[c.case_id for c in ch] for ch in chunks]).tolist() == [c.case_id for c in cases]
+
+
+def test_a_miss_names_the_nearest_cache_and_how_it_differs(tmp_path):
+    root, data_cfg, cases = _setup(tmp_path)
+    messages = []
+    first = _build(cases, data_cfg, messages.append)
+    key = slice_cache.key_of(first)
+    assert messages[0] == f"no slice cache with key {key} under {tmp_path / 'cache'}; no msd cache exists there yet; building it"
+    assert json.loads((first / "manifest.json").read_text())["settings"]["image_size"] == 16
+    messages.clear()
+    assert _build(cases, data_cfg, messages.append) == first and messages == [f"slice cache: reusing {key} at {first}"]
+    other = config.DataConfig(image_size=32, modality="ct", cache_dir=data_cfg.cache_dir)
+    miss = slice_cache.explain_miss("msd", cases, other)
+    assert miss.startswith(f"no slice cache with key {slice_cache.cache_key('msd', cases, other)} under ")
+    assert miss.endswith(f"the nearest existing cache for this data is {first.name}, which differs in "
+                         "(here vs there): data.image_size 32 vs 16, data.modality ct vs auto")
+    label = root / "labelsTr" / "pancreas_002.nii.gz"                       # the same settings, a newer file
+    os.utime(label, ns=(label.stat().st_atime_ns, label.stat().st_mtime_ns + 10 ** 9))
+    assert slice_cache.explain_miss("msd", cases, data_cfg).endswith(
+        f"cache (made from other files or file versions) is {first.name}, which differs in (here vs there): "
+        "no data.* setting")
+
+
+def test_a_manifest_without_recorded_settings_is_still_reused(tmp_path):
+    _, data_cfg, cases = _setup(tmp_path)
+    final = _build(cases, data_cfg)
+    manifest = json.loads((final / "manifest.json").read_text())
+    for recorded in ("key", "settings", "files_digest"):          # as written before they were recorded
+        del manifest[recorded]
+    (final / "manifest.json").write_text(json.dumps(manifest))
+    messages = []
+    assert _build(cases, data_cfg, messages.append) == final
+    assert messages == [f"slice cache: reusing {slice_cache.key_of(final)} at {final}"]
+    other = config.DataConfig(image_size=32, cache_dir=data_cfg.cache_dir)
+    assert slice_cache.explain_miss("msd", cases, other).endswith("; 1 older msd cache(s) there record no settings to compare")
+
+
+def test_pancreas_presets_share_one_slice_cache():
+    # The docs preprocess Task07 once with one pancreas_* preset for every pancreas_* training run.
+    settings = [slice_cache.key_settings(config.resolve(name).data) for name in config.PRESETS if name.startswith("pancreas_")]
+    assert len(settings) == 3 and all(s == settings[0] for s in settings)
+    assert (settings[0]["format"], settings[0]["image_size"], settings[0]["modality"]) == ("msd", 256, "ct")
+
+
+def test_train_reuses_the_cache_preprocess_built_with_the_same_preset(tmp_path, monkeypatch, capsys):
+    import main
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("SEMISEG_CACHE", str(cache))
+    assert main.main(["preprocess", "--preset", "smoke", "--no-progress"]) == 0
+    (built,) = [p for p in cache.iterdir() if p.name.startswith("synthetic-")]
+    key = slice_cache.key_of(built)
+    assert f"slice cache ready: key {key} at {built} (" in capsys.readouterr().out
+    folders = sorted(cache.iterdir())
+    run = tmp_path / "run"
+    assert main.main(["train", "--method", "supervised", "--preset", "smoke", "--out", str(run), "--no-progress",
+                      "--set", "train.epochs=1", "train.steps_per_epoch=1"]) == 0
+    out = capsys.readouterr().out
+    assert f"slice cache: reusing {key} at {built}\n" in out and "building it" not in out
+    assert sorted(cache.iterdir()) == folders                       # no second cache appeared
+    assert json.loads((run / "run_info.json").read_text())["data"]["cache"] == str(built)
+    # Another image size: train's data step says why it builds a new cache.
+    messages = []
+    cfg = config.resolve("smoke", overrides=["data.image_size=16"])
+    bundle = data_loader_tf2.prepare_data(cfg, log=messages.append, progress=False)
+    assert bundle.cache_dir != built and bundle.image_size == 16
+    assert any(m.startswith("no slice cache with key") and m.endswith(
+        f"the nearest existing cache for this data is {built.name}, which differs in (here vs there): "
+        "data.image_size 16 vs 32; building it") for m in messages), messages
+
+
+def test_documented_preprocess_commands_name_a_preset():
+    # A preprocess without the training command's preset builds a cache training never reads.
+    from pathlib import Path
+    repo = Path(__file__).resolve().parents[1]
+    files = [repo / "README.md", *repo.glob("*.py"), *repo.glob("docs/*.md"), *repo.glob("slurm/*")]
+    commands = [(path.name, line) for path in files if path.is_file() for line in path.read_text().splitlines()
+                if "main.py preprocess --" in line or "preprocess.sbatch /" in line]
+    assert len(commands) >= 8
+    assert [c for c in commands if "--preset" not in c[1]] == []

@@ -5,7 +5,10 @@
 The scripts are run from a copy of the repository in tmp_path whose main.py is STAND_IN_MAIN:
 a stand-in that honours the trainer's contract with the scripts (checkpoint every step under
 OUT/checkpoints, --resume continues from it, SIGUSR1/SIGTERM -> save and exit 75, only the
-chief writes OUT) without training anything, so these tests check the scripts' machinery.
+chief writes OUT) without training anything, so these tests check the scripts' machinery. It
+parses its arguments with the real main.py's parser and resolves the real config from them, so
+it cannot accept a command line the trainer would read differently. The tests at the end run
+the real trainer.
 """
 import json
 import os
@@ -17,6 +20,7 @@ import textwrap
 import time
 
 import pytest
+import yaml
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(TESTS)
@@ -28,16 +32,18 @@ import sweep_index  # noqa: E402
 
 STAND_IN_MAIN = textwrap.dedent('''
     """Stand-in for main.py: the trainer's side of the sbatch scripts' contract."""
-    import argparse, json, os, signal, sys, time
+    import importlib.util, json, os, signal, sys, time
 
-    parser = argparse.ArgumentParser()
-    parser.add_argument("command")
-    parser.add_argument("--method"); parser.add_argument("--preset"); parser.add_argument("--data")
-    parser.add_argument("--format"); parser.add_argument("--out")
-    parser.add_argument("--resume", action="store_true")
-    parser.add_argument("--set", action="append", default=[])
-    args = parser.parse_args()
+    # The real main.py's parser and config resolution: what the stand-in records is what the
+    # trainer would have run with.
+    spec = importlib.util.spec_from_file_location("real_main", os.environ["SEMISEG_REAL_MAIN"])
+    real_main = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(real_main)
+    args = real_main.build_parser().parse_args()
     record = {"argv": sys.argv[1:], "start": time.time()}
+    if args.command == "train" and not args.resume:      # a resumed run reads OUT/config.yaml
+        cfg = real_main.config.resolve(args.preset, args.config, args.set, args.method)
+        record["config"] = real_main.config.to_dict(cfg)
 
     if args.command == "preprocess":
         time.sleep(1)
@@ -100,7 +106,8 @@ def workdir(tmp_path):
 
 
 def job_env(**extra):
-    return dict(PYTHON=sys.executable, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=REPO, **extra)
+    return dict(PYTHON=sys.executable, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=REPO,
+                SEMISEG_REAL_MAIN=os.path.join(REPO, "main.py"), **extra)
 
 
 def read_log(workdir, pattern):
@@ -148,6 +155,7 @@ def test_multinode_script_runs_two_workers(slurm_cluster, workdir):
     assert f"port {20000 + (int(job) % 750) * 16}" in log and "tensorflow 2." in log
     done = json.loads((workdir / f"runs/semiseg-multinode-{job}/done.json").read_text())
     assert done["strategy"]["num_workers"] == 2 and done["strategy"]["task_index"] == 0
+    assert done["config"]["train"]["epochs"] == 1 and done["config"]["preset"] == "smoke"
     assert done["argv"] == ["train", "--method", "supervised", "--preset", "smoke",
                             "--out", f"runs/semiseg-multinode-{job}", "--set", "train.epochs=1"]
 
@@ -218,8 +226,9 @@ def test_sweep_array_after_preprocess(slurm_cluster, workdir):
         cwd=workdir, capture_output=True, text=True, check=True)
     (workdir / "sweep.tsv").write_text(index.stdout)
     assert "--array=0-1" in index.stderr
+    # As the docs chain them: preprocess with the sweep's preset, so that training finds its cache.
     pre = slurm_cluster.submit("slurm/preprocess.sbatch", "/data/Task07", "msd", cwd=workdir,
-                               env=job_env())
+                               env=job_env(PRESET="smoke"))
     sweep = slurm_cluster.submit("slurm/sweep.sbatch", "sweep.tsv", cwd=workdir,
                                  options=["--array=0-1", f"--dependency=afterok:{pre}"],
                                  env=job_env(PRESET="smoke"))
@@ -229,12 +238,15 @@ def test_sweep_array_after_preprocess(slurm_cluster, workdir):
     assert [r["JobState"] for r in records] == ["COMPLETED", "COMPLETED"], \
         read_log(workdir, "semiseg-sweep-*.out")
     preprocessed = json.loads((workdir / "preprocessed.json").read_text())
-    assert preprocessed["argv"] == ["preprocess", "--data", "/data/Task07", "--format", "msd"]
+    assert preprocessed["argv"] == ["preprocess", "--data", "/data/Task07", "--format", "msd", "--preset", "smoke"]
     for method, preset in (("supervised", "smoke"), ("mean_teacher", "pancreas_mean_teacher")):
         done = json.loads((workdir / f"runs/sweep/{method}-lf0.1-seed3/done.json").read_text())
         assert done["argv"] == ["train", "--method", method, "--preset", preset,
                                 "--out", f"runs/sweep/{method}-lf0.1-seed3",
                                 "--set", "data.labeled_fraction=0.1", "--set", "seed=3"]
+        # Both --set options reach the config (a parser keeping only the last one lost the fraction).
+        assert done["config"]["data"]["labeled_fraction"] == 0.1 and done["config"]["seed"] == 3
+        assert done["config"]["preset"] == preset and done["config"]["method"] == method
         assert done["start"] > preprocessed["end"]   # afterok held the sweep back
 
 
@@ -324,3 +336,26 @@ def test_real_trainer_usr1_requeues_and_resumes(slurm_cluster, tmp_path):
     history = [line.split(",") for line in open(out / "history.csv").read().splitlines()[1:]]
     assert [int(row[1]) for row in history] == [steps, 2 * steps]
     assert json.loads((out / "run_info.json").read_text())["status"] == "completed"
+
+
+def test_real_sweep_array_trains_each_rows_fraction_and_seed(slurm_cluster, tmp_path):
+    # Fractions and seeds unlike the smoke preset's (0.25, 0): each row's values must reach the run.
+    rows = [(0, "supervised", "0.5", "1", "-"), (1, "supervised", "0.75", "2", "-")]
+    index = tmp_path / "sweep.tsv"
+    index.write_text("".join("\t".join(map(str, row)) + "\n" for row in rows))
+    sweep_out = tmp_path / "sweep"
+    job = slurm_cluster.submit(
+        os.path.join(REPO, "slurm/sweep.sbatch"), str(index), options=["--array=0-1"], cwd=tmp_path,
+        env=real_job_env(tmp_path, PRESET="smoke", SWEEP_OUT=str(sweep_out), EXTRA=(
+            "--no-progress --set train.epochs=1 train.steps_per_epoch=2")))
+    records = slurm_cluster.wait(job, timeout=600)
+    log = read_log(tmp_path, "semiseg-sweep-*.out")
+    assert [r["JobState"] for r in records] == ["COMPLETED", "COMPLETED"], log[-4000:]
+    for _, method, fraction, seed, _ in rows:
+        run = sweep_out / f"{method}-lf{fraction}-seed{seed}"
+        saved = yaml.safe_load((run / "config.yaml").read_text())
+        assert saved["data"]["labeled_fraction"] == float(fraction) and saved["seed"] == int(seed)
+        # The EXTRA overrides before the sweep's own --set options were kept as well.
+        assert (saved["preset"], saved["train"]["epochs"], saved["train"]["steps_per_epoch"]) == ("smoke", 1, 2)
+        assert json.loads((run / "splits.json").read_text())["labeled_fraction"] == float(fraction)
+        assert json.loads((run / "run_info.json").read_text())["status"] == "completed"
