@@ -6,16 +6,16 @@ CNN-Transformer student (two stages; Algorithms 1 and 2 of the MIRA-U README; is
     python main.py train --preset isic2016_30 --data data/ISIC2016 \
         --set mira_u.teacher_checkpoint=runs/mira10/teacher_mim.keras     # skips stage 1
 
-Stage 1 (`fit` runs it before the shared loop, unless `mira_u.teacher_checkpoint` is given or the
-run folder already holds RUN/teacher_mim.keras from an interrupted run; the chief decides and
-broadcasts, so every worker runs the same collectives): masked image modelling on the training
-split's images only (labeled + unlabeled; never val/test), 80% of the 8x8 patches masked, loss =
-mean L1 over the masked patches; the teacher is saved to RUN/teacher_mim.keras and per-epoch L_MIM
-to RUN/mim_history.csv. Stage 1 checkpoints as stage 2 does (every `train.checkpoint_every` steps,
-every stage-1 epoch, and on SIGTERM/SIGUSR1, then exit 75) into RUN/checkpoints/mim: the teacher,
-its optimizer (whose step count seeds the patch masks), its dropout RNG and the epoch's running
-L_MIM sum; the data stream restarts at the saved step. A requeued run (`--resume`) continues
-stage 1 at that step and ends with the teacher an uninterrupted run would have.
+Stage 1 (`fit` runs it before the shared loop, unless `mira_u.teacher_checkpoint` is given):
+masked image modelling on the training split's images only (labeled + unlabeled; never val/test),
+80% of the 8x8 patches masked, loss = mean L1 over the masked patches; the teacher is saved to
+RUN/teacher_mim.keras and per-epoch L_MIM to RUN/mim_history.csv. Stage 1 checkpoints as stage 2
+does (every `train.checkpoint_every` steps, every stage-1 epoch, and on SIGTERM/SIGUSR1, then exit
+75) into RUN/checkpoints/mim: the teacher, its optimizer (whose step count seeds the patch masks),
+its dropout RNG and the epoch's running L_MIM sum; the data stream restarts at the saved step. A
+requeued run (`--resume`) continues stage 1 at the chief's newest stage-1 checkpoint (broadcast,
+so every worker runs the same collectives), or skips stage 1 if that checkpoint is its last step,
+and ends with the teacher an uninterrupted run would have.
 
 Stage 2 (`compute_loss`, run by the base loop), per step:
     L = L_sup + beta(t) * (lambda_U * L_ce + lambda_C * L_cons) + gamma * L_ent  (+ L_head)
@@ -65,7 +65,6 @@ import tensorflow as tf
 import keras
 
 import augment
-import distribute
 import evaluation
 import run_dir as rundir
 from models_transformer import (SegmentationHead, build_hybrid_student, build_mim_teacher,
@@ -117,19 +116,19 @@ def float_weights(model):
     return [v for v in model.weights if tf.as_dtype(v.dtype).is_floating]
 
 
-def load_teacher_into(teacher, path, source="mira_u.teacher_checkpoint"):
-    """Copy a saved stage-1 teacher's weights into `teacher` (built in the strategy scope);
-    `source` names where the path came from in errors."""
+def load_teacher_into(teacher, path):
+    """Copy a saved stage-1 teacher's weights into `teacher` (built in the strategy scope)."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"{source}: {path} does not exist")
+        raise FileNotFoundError(f"mira_u.teacher_checkpoint: {path} does not exist")
     loaded = keras.saving.load_model(path, compile=False)
     want, got = teacher.config_values, getattr(loaded, "config_values", None)
     if got is None:
-        raise ValueError(f"{source}: {path} is not a MIM teacher")
+        raise ValueError(f"mira_u.teacher_checkpoint: {path} is not a MIM teacher")
     diff = {k: (got.get(k), v) for k, v in want.items() if got.get(k) != v}
     if diff:
-        raise ValueError(f"{source}: {path} was built with other settings (saved, wanted): {diff}")
+        raise ValueError(f"mira_u.teacher_checkpoint: {path} was built with other settings "
+                         f"(saved, wanted): {diff}")
     for dst, src in zip(teacher.weights, loaded.weights):
         dst.assign(src)
 
@@ -267,17 +266,13 @@ class MiraU(Trainer):
         if m.teacher_checkpoint:
             load_teacher_into(teacher, m.teacher_checkpoint)
             self.log(f"stage 1 skipped: teacher loaded from {m.teacher_checkpoint}")
-        # The chief's view decides: a worker that judged by its own file system could run stage 1's
-        # collectives while the others run stage 2's, and all would hang.
-        elif distribute.chief_int(self.strategy, saved.exists()):
-            load_teacher_into(teacher, saved, source="resumed run")
-            self.log(f"stage 1 skipped: {saved} exists (resumed run)")
         else:
+            # A resumed run whose stage 1 is done restores its last checkpoint and runs no step.
             if self.pretrain_teacher(Path(run), is_chief, ckpt_dir) == "preempted":
                 return "preempted"
-            if is_chief:
+            if is_chief and not saved.exists():
                 _save_model_atomic(teacher, saved)
-            self.log(f"stage 1 done: teacher saved to {saved}")
+                self.log(f"stage 1 done: teacher saved to {saved}")
         return super().fit(run, is_chief, ckpt_dir, progress)
 
     def mim_dataset_bundle(self):
@@ -353,11 +348,17 @@ class MiraU(Trainer):
             sums.store()
             manager.save(checkpoint_number=at_step)
 
+        # Where stage 1 stands is the chief's newest checkpoint, broadcast: a worker that judged by
+        # its own view of the file system could run stage 1's collectives while the others run
+        # stage 2's, and all would hang.
         step = self.restore_latest(ckpt, folder)
+        loop, steps, _ = self.make_mim_loop(step, opt)
+        if step >= m.mim_epochs * steps:
+            self.log(f"stage 1 skipped: done in {folder / f'ckpt-{step}'} (resumed run)")
+            return "completed"
         if step:
             sums.load()
             self.log(f"stage 1 resumed from {folder / f'ckpt-{step}'} (step {step})")
-        loop, steps, _ = self.make_mim_loop(step, opt)
         if is_chief:    # rows of epochs not in the checkpoint (written before a kill) are redone
             _keep_csv_rows(Path(run) / MIM_HISTORY, step // steps)
         self.preemption()
