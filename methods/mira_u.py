@@ -71,7 +71,7 @@ from models_transformer import (SegmentationHead, build_hybrid_student, build_mi
                                 mc_dropout_stats, mim_l1_loss, patchify, random_patch_mask)
 from methods.mean_teacher import ema_weights
 from train_ssl_tf2 import (EpochLogSums, Trainer, _augment_fn, _save_model_atomic, ema_update, register_method,
-                           rng_states, sigmoid_rampup)
+                           model_variables, sigmoid_rampup)
 
 TEACHER_FILE = "teacher_mim.keras"
 # The teacher as it stood at the best epoch (MIM encoder + trained head): `predict --uncertainty`
@@ -337,8 +337,8 @@ class MiraU(Trainer):
         m, t, teacher = self.cfg.mira_u, self.cfg.train, self.models["teacher"]
         opt, sums = self.mim_optimizer(), EpochLogSums()
         # The optimizer's step count is the stage-1 step: it seeds the patch masks and says where
-        # the data stream resumes. The teacher's RNG states drive its dropout.
-        ckpt = tf.train.Checkpoint(teacher=teacher, optimizer=opt, rng_states=rng_states([teacher]),
+        # the data stream resumes; the teacher's variables include its dropout RNG states.
+        ckpt = tf.train.Checkpoint(teacher=teacher, optimizer=opt, model_variables=model_variables({"teacher": teacher}),
                                    epoch_log_sums=sums.variable)
         folder = Path(run) / "checkpoints" / MIM_CHECKPOINTS
         manager = tf.train.CheckpointManager(ckpt, str(Path(ckpt_dir or Path(run) / "checkpoints") / MIM_CHECKPOINTS),
