@@ -297,6 +297,25 @@ def any_worker_true(strategy, flag):
     return bool(_sum_over_replicas(strategy, tf.constant(1.0 if flag else 0.0)).numpy() > 0)
 
 
+@tf.function
+def _replica_zero_value(strategy, value):
+    def contribute():
+        first = tf.equal(tf.distribute.get_replica_context().replica_id_in_sync_group, 0)
+        return tf.where(first, value, tf.zeros_like(value))
+    return strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(contribute), axis=None)
+
+
+def chief_int(strategy, value):
+    """The chief's `value` (a non-negative integer), on every worker.
+
+    For decisions that must not rest on each worker's own view of the file system (does a file
+    exist, which checkpoint is newest): the chief decides, every worker follows, so all run the
+    same collectives. Every worker must call it at the same point. An all-reduce in which only
+    replica 0 counts: TF numbers the chief's replicas first. float64 holds integers exactly to 2**53.
+    """
+    return int(_replica_zero_value(strategy, tf.constant(float(value), tf.float64)).numpy())
+
+
 def check_all_reduce(strategy):
     """Sum replica_id+1 over all replicas; returns (sum, expected n(n+1)/2)."""
     @tf.function

@@ -117,7 +117,7 @@ def load_run_model(run_dir, checkpoint: str = "best"):
     if checkpoint != "latest":
         raise RunDirError(f"--checkpoint must be best or latest, got {checkpoint!r}")
     import tensorflow as tf
-    from train_ssl_tf2 import get_method
+    from train_ssl_tf2 import get_method, model_variables
     latest = tf.train.latest_checkpoint(str(run / "checkpoints"))
     if latest is None:
         raise RunDirError(f"{run / 'checkpoints'}: no checkpoint found")
@@ -128,8 +128,9 @@ def load_run_model(run_dir, checkpoint: str = "best"):
         networks = get_method(cfg.method).build_networks(cfg, cfg.data.image_size, channels)
     finally:
         keras.mixed_precision.set_global_policy(previous)
-    # expect_partial: the optimizer, counters and RNG states in the checkpoint are not needed here.
-    tf.train.Checkpoint(**networks).restore(latest).expect_partial()
+    # expect_partial: the optimizer and counters in the checkpoint are not needed here. Restored
+    # through model_variables: through the networks alone some variables would be missed.
+    tf.train.Checkpoint(model_variables=model_variables(networks)).restore(latest).expect_partial()
     name, key = exported_network(run, cfg, list(networks))
     return cfg, networks[key], name
 

@@ -14,6 +14,7 @@ global batch. Per-example terms use `global_mean`; batch-level Dice all-reduces 
 """
 from __future__ import annotations
 
+import json
 import math
 import re
 import shutil
@@ -84,6 +85,53 @@ class Preemption:
         self.signal = signal.Signals(signum).name
 
 
+class EpochLogSums:
+    """An epoch's running log sums (per key, weighted by steps) and its step count, mirrored into a
+    string variable that checkpoints carry: a run resumed mid-epoch, from a periodic checkpoint
+    after kill -9 or from a preemption one, then reports the whole epoch, not only its own steps.
+
+    JSON in one tf.string variable because the keys are whatever a method's `compute_loss` returns,
+    known only once its step has run, while a checkpoint's variables must exist before its restore.
+    """
+
+    def __init__(self):
+        with tf.device("/cpu:0"):       # a string variable cannot live on an accelerator
+            self.variable = tf.Variable("", dtype=tf.string, trainable=False, name="epoch_log_sums")
+        self.reset()
+
+    def reset(self):
+        self.sums, self.steps = {}, 0
+
+    def add(self, logs: dict, n: int):
+        """`logs` are means over `n` steps."""
+        for k, v in logs.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v * n
+        self.steps += n
+
+    def means(self) -> dict:
+        return {k: v / max(self.steps, 1) for k, v in self.sums.items()}
+
+    def store(self):
+        """Before every save. Python floats round-trip exactly through JSON."""
+        self.variable.assign(json.dumps({"sums": self.sums, "steps": self.steps}))
+
+    def load(self):
+        """After a restore."""
+        text = self.variable.numpy().decode()
+        saved = json.loads(text) if text else {"sums": {}, "steps": 0}
+        self.sums, self.steps = saved["sums"], saved["steps"]
+
+
+def model_variables(models: dict) -> dict:
+    """Every variable of each network by name, as lists a tf.train.Checkpoint saves and restores.
+
+    Through the model object alone, tf.train.Checkpoint misses Keras 3 layers held in Python lists
+    (the ViT teacher's blocks, the hybrid student's cross-attention: measured, 18 of the smoke
+    teacher's 47 variables and 48 of the student's 212) and Keras' SeedGenerator states (Dropout's
+    RNG). Missed, a resumed run silently continues from freshly initialised weights and RNG."""
+    return {name: [v.value for v in m.variables] for name, m in models.items()}
+
+
 class Trainer:
     """Base trainer: supervised loss on labelled batches. Subclasses add unlabelled terms."""
     method_name = "base"
@@ -112,7 +160,9 @@ class Trainer:
             self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
             self.best_score = tf.Variable(-1.0, dtype=tf.float64, trainable=False, name="best_score")
             self.bad_epochs = tf.Variable(0, dtype=tf.int64, trainable=False, name="bad_epochs")
+        self.epoch_log_sums = EpochLogSums()
         self._loop_fn = None
+        self._preemption = None
 
     # ------------------------------------------------------------------ hooks for methods
     @classmethod
@@ -307,12 +357,35 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def checkpoint(self) -> tf.train.Checkpoint:
-        # Keras' SeedGenerator states (Dropout's RNG) are not tracked by tf.train.Checkpoint: save
-        # them explicitly, or a resumed run draws different dropout masks than an uninterrupted one.
-        rng = [v.value for m in self.models.values() for v in m.non_trainable_variables
-               if "seed_generator_state" in v.path]
         return tf.train.Checkpoint(optimizer=self.optimizer, epoch=self.epoch, best_score=self.best_score,
-                                   bad_epochs=self.bad_epochs, rng_states=rng, **self.models)
+                                   bad_epochs=self.bad_epochs, model_variables=model_variables(self.models),
+                                   epoch_log_sums=self.epoch_log_sums.variable, **self.models)
+
+    def restore_latest(self, ckpt: tf.train.Checkpoint, folder: Path) -> int:
+        """Restore the chief's newest checkpoint in `folder` on every worker; returns its number (its
+        step; 0: none). The chief's choice is broadcast: workers that see the file system
+        differently (a lagging network file system) would otherwise resume at different steps and
+        run different collectives, a hang."""
+        latest = tf.train.latest_checkpoint(str(folder))
+        number = distribute.chief_int(self.strategy, int(latest.rsplit("-", 1)[1]) if latest else 0)
+        if number:
+            ckpt.restore(str(folder / f"ckpt-{number}")).assert_existing_objects_matched()
+        return number
+
+    def preemption(self) -> Preemption:
+        """One signal watcher per trainer, shared with a method's own stage before the loop (MIRA-U's
+        stage 1): a second one would take over the handlers and miss what the first had caught."""
+        if self._preemption is None:
+            self._preemption = Preemption()
+        return self._preemption
+
+    def stop_requested(self) -> bool:
+        """Whether to save and exit now. Call it at the same steps on every worker: a signal reaches
+        workers at different times, so they agree (all-reduce) and all save the same step together."""
+        caught = self.preemption().signal is not None
+        if self.strategy_info.get("num_workers", 1) > 1:
+            return distribute.any_worker_true(self.strategy, caught)
+        return caught
 
     def _summary_writer(self, run: Path):
         if getattr(self, "_writer", None) is None:
@@ -328,15 +401,21 @@ class Trainer:
         # Every worker saves (tf.distribute gathers variables collectively), the chief into the run
         # folder and the others into private folders; all restore from the chief's.
         manager = tf.train.CheckpointManager(ckpt, str(ckpt_dir or run / "checkpoints"), max_to_keep=t.keep_checkpoints)
-        latest = tf.train.latest_checkpoint(str(run / "checkpoints"))
-        if latest:
-            ckpt.restore(latest).assert_existing_objects_matched()
-            self.log(f"resumed from {latest} (epoch {int(self.epoch.numpy())}, "
+        sums = self.epoch_log_sums      # of the epoch in progress; every checkpoint carries them
+
+        def save(at_step):
+            sums.store()
+            save_checkpoint(manager, at_step)
+
+        restored = self.restore_latest(ckpt, run / "checkpoints")
+        if restored:
+            sums.load()
+            self.log(f"resumed from {run / 'checkpoints' / f'ckpt-{restored}'} (epoch {int(self.epoch.numpy())}, "
                      f"step {int(self.optimizer.iterations.numpy())})")
         step = int(self.optimizer.iterations.numpy())
         labeled_it, unlabeled_it = self._iterators(step)
         loop = self._make_loop(labeled_it, unlabeled_it)
-        preempt = Preemption()
+        self.preemption()
         ckpt_every = t.checkpoint_every or self.steps_per_epoch
         last_ckpt_step = step
         select_name = next(iter(self.eval_models()))
@@ -346,44 +425,34 @@ class Trainer:
         while int(self.epoch.numpy()) < t.epochs:
             epoch = int(self.epoch.numpy())
             epoch_end = (epoch + 1) * self.steps_per_epoch
-            t0, sums, n_done = time.time(), {}, 0
-            partial = _load_partial(run, step)      # loss sums of an epoch cut by preemption
-            if partial:
-                sums, n_done = partial["sums"], partial["n_done"]
+            t0 = time.time()
             bar = tqdm(total=self.steps_per_epoch, initial=step - epoch * self.steps_per_epoch, unit="step",
                        desc=f"epoch {epoch + 1}/{t.epochs}", disable=not (progress and is_chief), leave=False)
             while step < epoch_end:
                 n = min(t.steps_per_loop, epoch_end - step)
                 logs = {k: float(v) for k, v in loop(tf.constant(n)).items()}
-                for k, v in logs.items():
-                    sums[k] = sums.get(k, 0.0) + v * n
-                step, n_done = step + n, n_done + n
+                sums.add(logs, n)
+                step += n
                 bar.update(n)
                 bar.set_postfix(loss=f"{logs.get('loss', float('nan')):.4f}")
                 if not np.isfinite(logs.get("loss", 0.0)):
                     raise FloatingPointError(f"loss became {logs['loss']} at step {step}; lower train.lr "
                                              f"or check the data (run folder kept: {run})")
-                # A signal reaches workers at different times: agree (all-reduce) before stopping,
-                # so that all of them save the same step together.
-                stop = (distribute.any_worker_true(self.strategy, preempt.signal is not None)
-                        if self.strategy_info.get("num_workers", 1) > 1 else preempt.signal is not None)
-                if stop:
+                if self.stop_requested():
                     bar.close()
-                    _save_checkpoint(manager, step)
-                    if is_chief:
-                        rundir.write_json(run / "checkpoints" / "partial_epoch.json",
-                                          {"step": step, "sums": sums, "n_done": n_done})
-                    self.log(f"{preempt.signal or 'a peer worker'} received: checkpoint saved at step {step}; exiting for requeue")
+                    save(step)
+                    self.log(f"{self.preemption().signal or 'a peer worker'} received: checkpoint saved at "
+                             f"step {step}; exiting for requeue")
                     return "preempted"
                 if step - last_ckpt_step >= ckpt_every and step < epoch_end:
-                    _save_checkpoint(manager, step)
+                    save(step)
                     last_ckpt_step = step
             bar.close()
             scores = {name: evaluation.mean_case_dice(predict, self.data, "val", t.eval_batch_size)
                       for name, predict in predict_fns.items()}
             score = scores[select_name]
             row = {"epoch": epoch + 1, "step": step, "lr": self.current_lr(),
-                   **{k: v / max(n_done, 1) for k, v in sums.items()},
+                   **sums.means(),
                    **self.schedule_logs((epoch + 1)), **self.epoch_diagnostics(epoch + 1),
                    "val_dice": scores[select_name],
                    **{f"val_dice_{k}": v for k, v in scores.items() if k != select_name},
@@ -397,7 +466,8 @@ class Trainer:
             else:
                 self.bad_epochs.assign_add(1)
             self.epoch.assign(epoch + 1)
-            _save_checkpoint(manager, step)
+            sums.reset()
+            save(step)
             last_ckpt_step = step
             if is_chief:
                 rundir.append_history(run, row)
@@ -414,7 +484,7 @@ class Trainer:
         return "completed"
 
 
-def _save_checkpoint(manager: tf.train.CheckpointManager, step: int) -> None:
+def save_checkpoint(manager: tf.train.CheckpointManager, step: int) -> None:
     """manager.save, its errors named by the checkpoint's path. A failed save leaves the previous
     checkpoint as `latest`: TF writes the shards under a temporary name and updates the
     `checkpoint` index file (atomically) only after they are complete."""
@@ -434,16 +504,6 @@ def _op_error_reason(err: tf.errors.OpError) -> str:
     """The message of a TF op error without its '{{function_node ...}}' prefix and '[Op:SaveV2]' tail."""
     text = re.sub(r"\{\{function_node [^}]*\}\}\s*", "", err.message.strip())
     return re.sub(r"\s*\[Op:\w+\]$", "", text).splitlines()[0] if text else type(err).__name__
-
-
-def _load_partial(run: Path, step: int) -> dict | None:
-    """The epoch's running loss sums saved at preemption, if they belong to this exact step."""
-    import json
-    path = run / "checkpoints" / "partial_epoch.json"
-    if not path.exists():
-        return None
-    data = json.loads(path.read_text())
-    return data if data.get("step") == step else None
 
 
 def _augment_fn(kind: str):

@@ -6,11 +6,16 @@ CNN-Transformer student (two stages; Algorithms 1 and 2 of the MIRA-U README; is
     python main.py train --preset isic2016_30 --data data/ISIC2016 \
         --set mira_u.teacher_checkpoint=runs/mira10/teacher_mim.keras     # skips stage 1
 
-Stage 1 (`fit` runs it before the shared loop, unless `mira_u.teacher_checkpoint` is given or the
-run folder already holds RUN/teacher_mim.keras from an interrupted run): masked image modelling
-on the training split's images only (labeled + unlabeled; never val/test), 80% of the 8x8 patches
-masked, loss = mean L1 over the masked patches; the teacher is saved to RUN/teacher_mim.keras and
-per-epoch L_MIM to RUN/mim_history.csv. Stage 1 is not checkpointed mid-way: preempted, it reruns.
+Stage 1 (`fit` runs it before the shared loop, unless `mira_u.teacher_checkpoint` is given):
+masked image modelling on the training split's images only (labeled + unlabeled; never val/test),
+80% of the 8x8 patches masked, loss = mean L1 over the masked patches; the teacher is saved to
+RUN/teacher_mim.keras and per-epoch L_MIM to RUN/mim_history.csv. Stage 1 checkpoints as stage 2
+does (every `train.checkpoint_every` steps, every stage-1 epoch, and on SIGTERM/SIGUSR1, then exit
+75) into RUN/checkpoints/mim: the teacher, its optimizer (whose step count seeds the patch masks),
+its dropout RNG and the epoch's running L_MIM sum; the data stream restarts at the saved step. A
+requeued run (`--resume`) continues stage 1 at the chief's newest stage-1 checkpoint (broadcast,
+so every worker runs the same collectives), or skips stage 1 if that checkpoint is its last step,
+and ends with the teacher an uninterrupted run would have.
 
 Stage 2 (`compute_loss`, run by the base loop), per step:
     L = L_sup + beta(t) * (lambda_U * L_ce + lambda_C * L_cons) + gamma * L_ent  (+ L_head)
@@ -61,16 +66,19 @@ import keras
 import atomic_write
 import augment
 import evaluation
+import run_dir as rundir
 from models_transformer import (SegmentationHead, build_hybrid_student, build_mim_teacher,
                                 mc_dropout_stats, mim_l1_loss, patchify, random_patch_mask)
 from methods.mean_teacher import ema_weights
-from train_ssl_tf2 import Trainer, _augment_fn, _save_model_atomic, ema_update, register_method, sigmoid_rampup
+from train_ssl_tf2 import (EpochLogSums, Trainer, _augment_fn, _save_model_atomic, ema_update, register_method,
+                           model_variables, save_checkpoint, sigmoid_rampup)
 
 TEACHER_FILE = "teacher_mim.keras"
 # The teacher as it stood at the best epoch (MIM encoder + trained head): `predict --uncertainty`
 # reads its MC-dropout standard deviation from here.
 TEACHER_BEST_FILE = "teacher_best.keras"
 MIM_HISTORY = "mim_history.csv"
+MIM_CHECKPOINTS = "mim"         # RUN/checkpoints/mim: stage 1's own checkpoints
 # replica_seed streams (distinct purposes draw independent noise)
 _STREAM_STRONG, _STREAM_MC, _STREAM_MIM_MASK = 11, 12, 21
 
@@ -258,14 +266,13 @@ class MiraU(Trainer):
         if m.teacher_checkpoint:
             load_teacher_into(teacher, m.teacher_checkpoint)
             self.log(f"stage 1 skipped: teacher loaded from {m.teacher_checkpoint}")
-        elif saved.exists():
-            load_teacher_into(teacher, saved)
-            self.log(f"stage 1 skipped: {saved} exists (resumed run)")
         else:
-            self.pretrain_teacher(Path(run), is_chief)
-            if is_chief:
+            # A resumed run whose stage 1 is done restores its last checkpoint and runs no step.
+            if self.pretrain_teacher(Path(run), is_chief, ckpt_dir) == "preempted":
+                return "preempted"
+            if is_chief and not saved.exists():
                 _save_model_atomic(teacher, saved)
-            self.log(f"stage 1 done: teacher saved to {saved}")
+                self.log(f"stage 1 done: teacher saved to {saved}")
         return super().fit(run, is_chief, ckpt_dir, progress)
 
     def mim_dataset_bundle(self):
@@ -274,8 +281,23 @@ class MiraU(Trainer):
         splits = {**self.data.splits, "mim_train": sorted(self.data.splits["labeled"] + self.data.splits["unlabeled"])}
         return dataclasses.replace(self.data, splits=splits)
 
-    def make_mim_loop(self):
-        """(loop(n) -> mean L_MIM over n steps, steps per MIM epoch, optimizer)."""
+    def mim_variables(self) -> list:
+        """What stage 1 trains: the teacher's encoder and MIM decoder (not its segmentation head)."""
+        parts = self.models["teacher"].part_weights()
+        return [v for v in parts["encoder"] + parts["mim_decoder"] if v.trainable]
+
+    def mim_optimizer(self):
+        m = self.cfg.mira_u
+        with self.strategy.scope():
+            opt = keras.optimizers.Adam(m.mim_lr)
+            if self.cfg.train.precision == "mixed_float16":
+                opt = keras.optimizers.LossScaleOptimizer(opt)
+            opt.build(self.mim_variables())
+        return opt
+
+    def make_mim_loop(self, start_step: int = 0, opt=None):
+        """(loop(n) -> mean L_MIM over n steps, steps per MIM epoch, optimizer); the data stream
+        starts at stage-1 step `start_step` (a resumed stage 1 passes its restored optimizer)."""
         m, teacher, strategy = self.cfg.mira_u, self.models["teacher"], self.strategy
         if m.mim_batch_size % self.n_replicas:
             raise ValueError(f"mira_u.mim_batch_size={m.mim_batch_size} must be divisible by the "
@@ -283,14 +305,10 @@ class MiraU(Trainer):
         bundle, per_replica = self.mim_dataset_bundle(), m.mim_batch_size // self.n_replicas
         weak = _augment_fn("weak")
         it = iter(strategy.distribute_datasets_from_function(
-            lambda ctx: bundle.train_dataset("mim_train", per_replica, ctx, 0, weak, stream_id=3, with_mask=False)))
-        parts = teacher.part_weights()
-        variables = [v for v in parts["encoder"] + parts["mim_decoder"] if v.trainable]
-        with strategy.scope():
-            opt = keras.optimizers.Adam(m.mim_lr)
-            if self.cfg.train.precision == "mixed_float16":
-                opt = keras.optimizers.LossScaleOptimizer(opt)
-            opt.build(variables)
+            lambda ctx: bundle.train_dataset("mim_train", per_replica, ctx, start_step, weak, stream_id=3,
+                                             with_mask=False)))
+        variables = self.mim_variables()
+        opt = self.mim_optimizer() if opt is None else opt
 
         def replica_step(images):
             with tf.GradientTape() as tape:
@@ -312,22 +330,76 @@ class MiraU(Trainer):
         steps = max(1, -(-bundle.n_slices("mim_train") // m.mim_batch_size))
         return loop, steps, opt
 
-    def pretrain_teacher(self, run: Path, is_chief: bool = True) -> list[float]:
-        """Stage 1 (Algorithm 1): `mim_epochs` epochs of masked image modelling. Returns L_MIM per epoch."""
-        m = self.cfg.mira_u
-        loop, steps, _ = self.make_mim_loop()
-        losses = []
-        for epoch in range(m.mim_epochs):
-            t0 = time.time()
-            loss = float(loop(tf.constant(steps)))
-            if not np.isfinite(loss):
-                raise FloatingPointError(f"stage 1: L_MIM became {loss} in epoch {epoch + 1}; lower mira_u.mim_lr")
-            losses.append(loss)
-            if is_chief:
-                _append_csv(run / MIM_HISTORY, {"epoch": epoch + 1, "step": (epoch + 1) * steps,
-                                                 "loss_mim": loss, "time_s": round(time.time() - t0, 2)})
+    def pretrain_teacher(self, run: Path, is_chief: bool = True, ckpt_dir: Path | None = None) -> str:
+        """Stage 1 (Algorithm 1): `mim_epochs` epochs of masked image modelling, checkpointed as the
+        base loop checkpoints stage 2 (same cadence, same preemption). Returns "completed" or
+        "preempted"; the checkpoints go to CKPT_DIR/mim (CKPT_DIR: RUN/checkpoints on the chief)."""
+        m, t, teacher = self.cfg.mira_u, self.cfg.train, self.models["teacher"]
+        opt, sums = self.mim_optimizer(), EpochLogSums()
+        # The optimizer's step count is the stage-1 step: it seeds the patch masks and says where
+        # the data stream resumes; the teacher's variables include its dropout RNG states.
+        ckpt = tf.train.Checkpoint(teacher=teacher, optimizer=opt, model_variables=model_variables({"teacher": teacher}),
+                                   epoch_log_sums=sums.variable)
+        folder = Path(run) / "checkpoints" / MIM_CHECKPOINTS
+        manager = tf.train.CheckpointManager(ckpt, str(Path(ckpt_dir or Path(run) / "checkpoints") / MIM_CHECKPOINTS),
+                                             max_to_keep=t.keep_checkpoints)
+
+        def save(at_step):
+            sums.store()
+            save_checkpoint(manager, at_step)
+
+        # Where stage 1 stands is the chief's newest checkpoint, broadcast: a worker that judged by
+        # its own view of the file system could run stage 1's collectives while the others run
+        # stage 2's, and all would hang.
+        step = self.restore_latest(ckpt, folder)
+        loop, steps, _ = self.make_mim_loop(step, opt)
+        if step >= m.mim_epochs * steps:
+            self.log(f"stage 1 skipped: done in {folder / f'ckpt-{step}'} (resumed run)")
+            return "completed"
+        if step:
+            sums.load()
+            self.log(f"stage 1 resumed from {folder / f'ckpt-{step}'} (step {step})")
+        if is_chief:    # rows of epochs not in the checkpoint (written before a kill) are redone
+            _keep_csv_rows(Path(run) / MIM_HISTORY, step // steps)
+        self.preemption()
+        ckpt_every, last_ckpt_step = t.checkpoint_every or steps, step
+        while step < m.mim_epochs * steps:
+            epoch, t0 = step // steps, time.time()
+            epoch_end = (epoch + 1) * steps
+            while step < epoch_end:
+                n = min(t.steps_per_loop, epoch_end - step)
+                loss = float(loop(tf.constant(n)))
+                if not np.isfinite(loss):
+                    raise FloatingPointError(f"stage 1: L_MIM became {loss} in epoch {epoch + 1}; lower mira_u.mim_lr")
+                sums.add({"loss_mim": loss}, n)
+                step += n
+                if self.stop_requested():
+                    save(step)
+                    self.log(f"{self.preemption().signal or 'a peer worker'} received in stage 1: checkpoint "
+                             f"saved at step {step}; exiting for requeue")
+                    return "preempted"
+                if step - last_ckpt_step >= ckpt_every and step < epoch_end:
+                    save(step)
+                    last_ckpt_step = step
+            loss = sums.means()["loss_mim"]
+            if is_chief:    # before the save: a kill in between redoes this epoch and rewrites its row
+                _append_csv(Path(run) / MIM_HISTORY, {"epoch": epoch + 1, "step": step, "loss_mim": loss,
+                                                      "time_s": round(time.time() - t0, 2)})
+            sums.reset()
+            save(step)
+            last_ckpt_step = step
             self.log(f"stage 1 epoch {epoch + 1}/{m.mim_epochs} L_MIM={loss:.4f} ({time.time() - t0:.1f}s)")
-        return losses
+        return "completed"
+
+
+def _keep_csv_rows(path: Path, epochs: int) -> None:
+    """Drop the rows of epochs after `epochs` from a per-epoch CSV (atomic rewrite)."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = lines[:1] + [line for line in lines[1:] if int(line.split(",", 1)[0]) <= epochs]
+    if len(kept) < len(lines):
+        rundir.atomic_write_text(path, "".join(kept))
 
 
 def _append_csv(path: Path, row: dict) -> None:

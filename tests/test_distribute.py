@@ -71,7 +71,8 @@ MIRRORED_SCRIPT = textwrap.dedent("""
     vector = strategy.reduce("SUM", per_replica, axis=None).numpy().tolist()
     print(json.dumps({"info": info, "sum": total, "expected": expected, "vector": vector,
                       "stop_none": distribute.any_worker_true(strategy, False),
-                      "stop_one": distribute.any_worker_true(strategy, True)}))
+                      "stop_one": distribute.any_worker_true(strategy, True),
+                      "chief_int": distribute.chief_int(strategy, 12345678901)}))
 """)
 
 
@@ -85,6 +86,7 @@ def test_mirrored_over_two_logical_cpus_all_reduces():
     assert result["sum"] == result["expected"] == 3.0
     assert result["vector"] == [1.0, 10.0]
     assert result["stop_none"] is False and result["stop_one"] is True
+    assert result["chief_int"] == 12345678901       # not doubled by the two replicas
 
 
 WORKER_SCRIPT = textwrap.dedent("""
@@ -93,7 +95,9 @@ WORKER_SCRIPT = textwrap.dedent("""
     total, expected = distribute.check_all_reduce(strategy)
     # Only worker 1 "received a signal": both must agree to stop.
     stop = distribute.any_worker_true(strategy, info["task_index"] == 1)
-    print(json.dumps({"info": info, "sum": total, "expected": expected, "stop": stop}))
+    # Each worker offers its own value (as if each saw another newest checkpoint): all get the chief's.
+    chief = distribute.chief_int(strategy, 7 + 10 * info["task_index"])
+    print(json.dumps({"info": info, "sum": total, "expected": expected, "stop": stop, "chief": chief}))
 """)
 
 
@@ -125,6 +129,7 @@ def test_two_localhost_workers_with_tf_config_all_reduce():
         assert info["cluster"] == cluster
         assert result["sum"] == result["expected"] == 3.0
         assert result["stop"] is True
+        assert result["chief"] == 7
 
 
 def fake_slurm_step(monkeypatch, nodelist, tasks_per_node, procid, node, local_id,

@@ -182,6 +182,25 @@ def test_one_stage2_step_teacher_head_reading():
     _assert_half_way(pseudo_head, initial, fast_head)
 
 
+def test_checkpoints_restore_every_variable_of_every_network(trainer, tmp_path):
+    """The ViT teacher's blocks and the student's cross-attention sit in Python lists, which
+    tf.train.Checkpoint does not reach through a Keras 3 model: stage 2's checkpoint and stage 1's
+    must still restore them, and the dropout RNG states."""
+    teacher = trainer.models["teacher"]
+    every = [v for m in trainer.models.values() for v in m.variables]
+    assert any("block0" in v.path for v in teacher.variables)
+    assert any("seed_generator_state" in v.path for v in teacher.variables)
+    stage1 = tf.train.Checkpoint(model_variables=train_ssl_tf2.model_variables({"teacher": teacher}))
+    for name, ckpt, covered in (("stage2", trainer.checkpoint(), every), ("stage1", stage1, teacher.variables)):
+        saved = _values(covered)
+        path = ckpt.write(str(tmp_path / name))
+        for v in covered:
+            v.assign(v.numpy() + 3)
+        ckpt.restore(path)
+        for v, value in zip(covered, saved):
+            np.testing.assert_array_equal(v.numpy(), value, err_msg=f"{name}: {v.path}")
+
+
 def test_bad_teacher_checkpoint_is_named(trainer, tmp_path):
     with pytest.raises(FileNotFoundError, match="mira_u.teacher_checkpoint"):
         mira_u.load_teacher_into(trainer.models["teacher"], tmp_path / "missing.keras")
