@@ -103,10 +103,10 @@ def _random_unit_vector(rng):
 # on fair skin. Masks are the visible lesion: the image's lesion edge is the mask blurred by at
 # most about a pixel, so its half-intensity line is the mask border.
 FAMILY_SHARES = {
-    "shape": {"oval": 0.47, "lobed": 0.20, "elongated": 0.15, "satellite": 0.10, "giant": 0.08},
-    "pattern": {"uniform": 0.33, "reticular": 0.18, "globular": 0.14, "blue_veil": 0.10,
-                "ring": 0.10, "hypopigmented": 0.15},
-    "skin": {"fair": 0.50, "tanned": 0.20, "freckled": 0.10, "wrinkled": 0.10, "dark": 0.10},
+    "shape": {"oval": 0.50, "lobed": 0.20, "elongated": 0.14, "satellite": 0.08, "giant": 0.08},
+    "pattern": {"uniform": 0.48, "reticular": 0.16, "globular": 0.12, "blue_veil": 0.06,
+                "ring": 0.06, "hypopigmented": 0.06, "two_tone": 0.06},
+    "skin": {"fair": 0.55, "tanned": 0.20, "freckled": 0.08, "wrinkled": 0.09, "dark": 0.08},
 }
 ARTEFACT_RATES = {"hair": 0.25, "specular": 0.20, "dark_rim": 0.12, "gel_bubbles": 0.10,
                   "ruler": 0.08, "shadow": 0.08, "ink_mark": 0.07}
@@ -245,10 +245,11 @@ def _pattern_absorption(rng, kind, level, mask, size):
         patches = _smooth_noise(rng, level.shape, 3.0 * scale) > rng.uniform(1.0, 1.6)
         amount = rng.uniform(0.55, 0.8) * np.where(patches, 0.55, 1.0) * (1.0 + 0.08 * mottle)
         brown = np.array([1.1, 1.0, 0.8]) * rng.uniform(0.95, 1.05, 3)
-    elif kind == "ring":  # dark rim, paler but still pigmented centre
-        rim = np.clip((level - 0.45) / 0.35, 0.0, 1.0)
-        amount = rng.uniform(0.45, 0.65) * (0.4 + 0.6 * rim) * (1.0 + 0.08 * mottle)
-    elif kind == "hypopigmented":  # paler than the skin: lifted towards a pinkish white
+    elif kind == "ring":  # a closed dark rim around a centre almost as pale as the skin
+        rim = np.clip((level - 0.5) / 0.3, 0.0, 1.0)
+        amount = rng.uniform(0.45, 0.65) * (0.12 + 0.88 * rim) * (1.0 + 0.08 * mottle)
+    elif kind in ("hypopigmented", "two_tone"):  # paler than the skin: lifted towards pinkish white
+        # (two_tone: _lesion_case keeps this lift on one side and pigments the other side brown)
         return rng.uniform(0.55, 0.8) * (1.0 + 0.08 * mottle), np.array([0.99, 0.86, 0.84])
     else:
         raise ValueError(f"unknown pattern {kind!r}")
@@ -280,7 +281,7 @@ def _skin(rng, kind, grid, size):
     """Skin brightness map (H, W) and RGB tint for one background family."""
     scale, shape = size / 96, grid.shape[1:]
     low, high = {"fair": (0.68, 0.86), "tanned": (0.5, 0.66), "freckled": (0.66, 0.84),
-                 "wrinkled": (0.6, 0.8), "dark": (0.26, 0.4)}[kind]
+                 "wrinkled": (0.6, 0.8), "dark": (0.18, 0.3)}[kind]
     tint = np.array([1.0, rng.uniform(0.72, 0.86), rng.uniform(0.6, 0.78)])
     if kind == "dark":
         tint = np.array([1.0, rng.uniform(0.68, 0.76), rng.uniform(0.52, 0.62)])
@@ -290,6 +291,15 @@ def _skin(rng, kind, grid, size):
         creases = np.clip(1.0 - np.abs(_smooth_noise(rng, shape, 2.5 * scale)) / 0.18, 0.0, 1.0)
         skin = skin * (1.0 - rng.uniform(0.15, 0.25) * creases)
     return skin, tint
+
+
+def _half_plane(rng, grid, mask):
+    """1 on one side of a line through the lesion (near its centroid), softened over a pixel."""
+    direction = np.array(_random_unit_vector(rng))
+    ys, xs = np.nonzero(mask) if mask.any() else (np.zeros(1), np.zeros(1))
+    across = (grid[0] - ys.mean() - 0.5) * direction[0] + (grid[1] - xs.mean() - 0.5) * direction[1]
+    spread = np.sqrt(ys.var() + xs.var()) + 1.0
+    return np.clip(0.5 + (across - rng.uniform(-0.3, 0.3) * spread), 0.0, 1.0)
 
 
 def _disc(grid, center, radius):
@@ -406,10 +416,15 @@ def _lesion_case(rng, size, families):
     alpha = ndimage.gaussian_filter(mask.astype(np.float64), rng.uniform(0.4, 1.0) * size / 96)
     absorption = _freckles(rng, grid, size, mask) if families["skin"] == "freckled" else np.zeros(mask.shape)
     image = skin[..., None] * tint
-    if families["pattern"] == "hypopigmented":
+    if families["pattern"] in ("hypopigmented", "two_tone"):
         image = image * 0.8  # on the brightest skins a pale lesion would not show
-        lift = (alpha * amount)[..., None]
-        image = image * (1.0 - lift) + lift * colour
+        pale = alpha
+        if families["pattern"] == "two_tone":  # a collision-like lesion: one side pale, one brown
+            pale = alpha * _half_plane(rng, grid, mask)
+            absorption = np.maximum(absorption, (alpha - pale) * rng.uniform(0.35, 0.6))
+            colour = np.array([0.75, 1.0, 1.15])
+        lift = (pale * amount)[..., None]
+        image = image * (1.0 - lift) + lift * np.array([0.99, 0.86, 0.84])
     else:
         absorption = np.maximum(absorption, alpha * amount)
     image = image * np.clip(1.0 - absorption[..., None] * colour, 0.02, 1.0)
