@@ -103,13 +103,15 @@ def _random_unit_vector(rng):
 # on fair skin. Masks are the visible lesion: the image's lesion edge is the mask blurred by at
 # most about a pixel, so its half-intensity line is the mask border.
 FAMILY_SHARES = {
-    "shape": {"oval": 0.50, "lobed": 0.20, "elongated": 0.14, "satellite": 0.08, "giant": 0.08},
-    "pattern": {"uniform": 0.48, "reticular": 0.16, "globular": 0.12, "blue_veil": 0.06,
-                "ring": 0.06, "hypopigmented": 0.06, "two_tone": 0.06},
-    "skin": {"fair": 0.55, "tanned": 0.20, "freckled": 0.08, "wrinkled": 0.09, "dark": 0.08},
+    "shape": {"oval": 0.40, "lobed": 0.18, "elongated": 0.12, "satellite": 0.10, "giant": 0.10,
+              "small": 0.10},
+    "pattern": {"uniform": 0.28, "reticular": 0.18, "globular": 0.14, "blue_veil": 0.10,
+                "ring": 0.10, "hypopigmented": 0.10, "two_tone": 0.10},
+    "skin": {"fair": 0.42, "tanned": 0.18, "freckled": 0.10, "wrinkled": 0.08, "erythema": 0.10,
+             "dark": 0.12},
 }
-ARTEFACT_RATES = {"hair": 0.25, "specular": 0.20, "dark_rim": 0.12, "gel_bubbles": 0.10,
-                  "ruler": 0.08, "shadow": 0.08, "ink_mark": 0.07}
+ARTEFACT_RATES = {"hair": 0.35, "specular": 0.20, "dark_rim": 0.15, "gel_bubbles": 0.12,
+                  "ruler": 0.15, "shadow": 0.15, "ink_mark": 0.10}
 INDEX_FILE = "families.json"
 
 
@@ -195,6 +197,8 @@ def _lesion_shape(rng, kind, grid, size):
         radius *= 1.3
     if kind == "satellite":
         radius *= 0.85
+    if kind == "small":  # 1-3% of the frame
+        radius = size * rng.uniform(0.06, 0.1)
     if kind == "giant":  # fills most of the frame and leaves it on some side
         radius = size * rng.uniform(0.42, 0.58)
         center = center + rng.normal(0.0, 0.08 * size, 2)
@@ -278,9 +282,9 @@ def _hair_map(rng, size, n_hairs):
 
 
 def _skin(rng, kind, grid, size):
-    """Skin brightness map (H, W) and RGB tint for one background family."""
+    """Skin brightness (H, W, 1), or (H, W, 3) when blotched, and RGB tint for one background family."""
     scale, shape = size / 96, grid.shape[1:]
-    low, high = {"fair": (0.68, 0.86), "tanned": (0.5, 0.66), "freckled": (0.66, 0.84),
+    low, high = {"fair": (0.68, 0.86), "tanned": (0.5, 0.66), "freckled": (0.66, 0.84), "erythema": (0.66, 0.84),
                  "wrinkled": (0.6, 0.8), "dark": (0.18, 0.3)}[kind]
     tint = np.array([1.0, rng.uniform(0.72, 0.86), rng.uniform(0.6, 0.78)])
     if kind == "dark":
@@ -290,7 +294,11 @@ def _skin(rng, kind, grid, size):
     if kind == "wrinkled":  # a network of thin dark creases, like a pigment network on skin
         creases = np.clip(1.0 - np.abs(_smooth_noise(rng, shape, 2.5 * scale)) / 0.18, 0.0, 1.0)
         skin = skin * (1.0 - rng.uniform(0.15, 0.25) * creases)
-    return skin, tint
+    if kind == "erythema":  # large soft red blotches: darker in grey, not lesion
+        blotches = np.clip(_smooth_noise(rng, shape, size / 10) - rng.uniform(0.0, 0.6), 0.0, 1.0)
+        skin = skin[..., None] * (1.0 - rng.uniform(0.3, 0.5) * blotches[..., None] * np.array([0.1, 0.7, 0.6]))
+        return skin, tint
+    return skin[..., None], tint
 
 
 def _half_plane(rng, grid, mask):
@@ -415,7 +423,7 @@ def _lesion_case(rng, size, families):
     # The visible edge: the mask blurred by under a pixel or so, so its 0.5 line is the mask border.
     alpha = ndimage.gaussian_filter(mask.astype(np.float64), rng.uniform(0.4, 1.0) * size / 96)
     absorption = _freckles(rng, grid, size, mask) if families["skin"] == "freckled" else np.zeros(mask.shape)
-    image = skin[..., None] * tint
+    image = skin * tint
     if families["pattern"] in ("hypopigmented", "two_tone"):
         image = image * 0.8  # on the brightest skins a pale lesion would not show
         pale = alpha

@@ -1,5 +1,5 @@
 """Figure of the embedded 2D data set's appearance families: for every family value and artefact,
-the first cases that have it (RGB, the mask border drawn in green), and in grey as a model sees it.
+the cleanest case that has it (fewest other rare traits; RGB, the mask border drawn in green), and in grey as a model sees it.
 
     python analysis/synthetic_families.py --out docs/figures/synthetic_families.png
 
@@ -27,18 +27,30 @@ from scipy import ndimage  # noqa: E402
 import synthetic_data  # noqa: E402
 
 
-def family_rows(index, per_value=2):
-    """[(row title, [case names])]: per factor value (rare values after the common one) and per
-    artefact, the first ``per_value`` cases that have it."""
-    cases = index["cases"]
+def _other_traits(case, shown):
+    """How many rare values and artefacts a case has besides ``shown``: fewer = a cleaner example."""
+    rare = [case[factor] for factor, values in synthetic_data.FAMILY_SHARES.items()
+            if case[factor] != next(iter(values))]
+    return len([trait for trait in rare + case["artefacts"] if trait != shown])
+
+
+def family_rows(index, per_value=1):
+    """[(title, [case names])]: per factor value and per artefact, in the generator's order, the
+    ``per_value`` cleanest cases that have it (fewest other rare traits, then lowest index)."""
+    cases = sorted(index["cases"].items())
+
+    def pick(value, has):
+        found = [(name, case) for name, case in cases if has(case)]
+        return [name for name, case in sorted(found, key=lambda item: _other_traits(item[1], value))][:per_value]
+
     rows = []
-    for factor, shares in index["shares"].items():
-        for value in shares:
-            names = [name for name, case in sorted(cases.items()) if case[factor] == value][:per_value]
-            rows.append((f"{factor}: {value} ({shares[value]:.0%})", names))
-    for artefact, rate in index["artefact_rates"].items():
-        names = [name for name, case in sorted(cases.items()) if artefact in case["artefacts"]][:per_value]
-        rows.append((f"{artefact} ({rate:.0%})", names))
+    for factor, values in synthetic_data.FAMILY_SHARES.items():
+        for value in values:
+            names = pick(value, lambda case: case[factor] == value)
+            rows.append((f"{factor}: {value} {index['shares'][factor][value]:.0%}", names))
+    for artefact in synthetic_data.ARTEFACT_RATES:
+        names = pick(artefact, lambda case: artefact in case["artefacts"])
+        rows.append((f"{artefact} {index['artefact_rates'][artefact]:.0%}", names))
     return rows
 
 
@@ -60,25 +72,27 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         root = synthetic_data.generate_2d(Path(tmp), n_cases=args.n, size=args.size, seed=args.seed, channels=3)
         index = json.loads((root / synthetic_data.INDEX_FILE).read_text())
-        rows = family_rows(index)
-        columns = 4  # two cases, each in RGB with its mask border and in grey
-        fig, axes = plt.subplots(len(rows) // 2 + len(rows) % 2, 2 * columns, figsize=(2 * columns * 1.05, 0.55 * len(rows) * 1.1))
+        entries = family_rows(index)
+        per_row = 4  # entries per figure row; each entry is RGB with the mask border, then grey
+        n_rows = -(-len(entries) // per_row)
+        fig, axes = plt.subplots(n_rows, 2 * per_row, figsize=(2 * per_row * 0.9, n_rows * 1.05))
         for ax in axes.flat:
             ax.axis("off")
-        for row_index, (title, names) in enumerate(rows):
-            row, half = divmod(row_index, 2)
-            for slot, name in enumerate(names):
+        for position, (title, names) in enumerate(entries):
+            row, column = divmod(position, per_row)
+            for name in names[:1]:
                 image = np.array(Image.open(root / "images" / f"{name}.png"))
                 mask = np.array(Image.open(root / "masks" / f"{name}_segmentation.png")) > 0
                 grey = image.astype(np.float64) @ np.array([0.299, 0.587, 0.114])
-                left = axes[row, half * columns + 2 * slot]
-                left.imshow(outlined(image, mask))
-                axes[row, half * columns + 2 * slot + 1].imshow(grey, cmap="gray", vmin=0, vmax=255)
-                if slot == 0:
-                    left.set_title(title, fontsize=7, loc="left")
-        fig.tight_layout(pad=0.2, h_pad=0.6, w_pad=0.1)
+                axes[row, 2 * column].imshow(outlined(image, mask))
+                axes[row, 2 * column + 1].imshow(grey, cmap="gray", vmin=0, vmax=255)
+                axes[row, 2 * column].set_title(title, fontsize=6.5, loc="left")
+        fig.tight_layout(pad=0.2, h_pad=0.4, w_pad=0.05)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(args.out, dpi=55)
+        fig.savefig(args.out, dpi=80)
+        plt.close(fig)
+        # A 256-colour palette keeps the committed PNG small (the photos are smooth).
+        Image.open(args.out).convert("RGB").quantize(256).save(args.out, optimize=True)
     print(f"wrote {args.out}")
 
 

@@ -72,10 +72,10 @@ def test_2d_layout_pairs_and_binary_masks(set_2d):
         assert image.shape == (64, 64) and image.dtype == np.uint8
         assert mask.shape == (64, 64) and set(np.unique(mask)) <= {0, 255}
     fractions = np.array([(mask > 0).mean() for _, mask in pairs])
-    assert fractions.min() > 0.02  # every case has a lesion, none a speck
+    assert fractions.min() > 0.008  # every case has a lesion (the small family: 1-3%), none a speck
     assert fractions.max() > 5 * fractions.min()
     # Lesions are not all the same size: a real spread between the quartiles (areas drawn
-    # uniformly over 5-32% of the frame, plus elongated and giant shapes).
+    # uniformly over 5-32% of the frame, plus small, elongated and giant shapes).
     assert np.quantile(fractions, 0.75) > 1.5 * np.quantile(fractions, 0.25)
 
 
@@ -142,7 +142,8 @@ def test_2d_difficulty_and_share_overrides(tmp_path):
     assert all(case["shape"] == "oval" and case["pattern"] == "uniform" and case["skin"] == "fair"
                and case["artefacts"] == [] for case in plain["cases"].values())
     heavy = index_of(generate_2d(tmp_path / "heavy", n_cases=30, size=32, seed=1, difficulty=3.0))
-    assert heavy["shares"]["pattern"]["uniform"] == 0.0 and heavy["artefact_rates"]["hair"] == 0.75
+    assert heavy["shares"]["pattern"]["uniform"] == 0.0
+    assert heavy["artefact_rates"]["hair"] == pytest.approx(min(1.0, 3 * ARTEFACT_RATES["hair"]))
     assert sum(heavy["shares"]["pattern"].values()) == pytest.approx(1.0)
     assert not any(case["pattern"] == "uniform" for case in heavy["cases"].values())
     only_pale = index_of(generate_2d(tmp_path / "pale", n_cases=12, size=32, seed=1, family_shares_override={
