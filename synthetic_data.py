@@ -4,8 +4,11 @@ semiseg trains out of the box on data generated here, deterministically from a s
 folder on first use. The 2D set mimics the ISIC 2016 layout (``images/case_0000.png`` and
 ``masks/case_0000_segmentation.png``), the 3D set the Medical Segmentation Decathlon layout
 (``dataset.json``, ``imagesTr/``, ``labelsTr/``, ``imagesTs/`` with NIfTI volumes and real affines).
+The 2D set (generator v2) mixes appearance families (shapes, pigment patterns, skins, exposure,
+artefacts) with masks that match the visible lesion; ``families.json`` records each case's families
+(docs/data.md has the shares and why).
 
-    python synthetic_data.py /tmp/synth2d --kind 2d --n 400 --size 96 --seed 0
+    python synthetic_data.py /tmp/synth2d --kind 2d --n 400 --size 96 --seed 0 [--difficulty 1.0]
     python synthetic_data.py /tmp/synth3d --kind 3d --n 6 --seed 0
 
 In code, ``ensure_synthetic(root, kind="2d", n_cases=400)`` returns the folder, generating it only
@@ -731,12 +734,16 @@ def main(argv=None):
     parser.add_argument("--size", type=int, default=96, help="2D image side in pixels")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--channels", type=int, choices=(1, 3), default=1, help="2D: gray or RGB")
+    parser.add_argument("--difficulty", type=float, default=1.0, help="2D: scales the rare families' shares")
     args = parser.parse_args(argv)
-    if args.kind == "2d":
-        generate_2d(args.out_dir, n_cases=args.n or 400, size=args.size, seed=args.seed,
-                    channels=args.channels)
-    else:
-        generate_3d(args.out_dir, n_cases=args.n or 6, seed=args.seed)
+    try:  # the generators check their arguments before writing anything
+        if args.kind == "2d":
+            generate_2d(args.out_dir, n_cases=args.n or 400, size=args.size, seed=args.seed,
+                        channels=args.channels, difficulty=args.difficulty)
+        else:
+            generate_3d(args.out_dir, n_cases=args.n or 6, seed=args.seed)
+    except ValueError as error:
+        parser.error(str(error))  # exit code 2
 
 
 if __name__ == "__main__":

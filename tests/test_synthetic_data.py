@@ -286,6 +286,12 @@ def test_ensure_3d_and_bad_arguments(tmp_path):
 def test_command_line(tmp_path):
     synthetic_data.main([str(tmp_path / "cli"), "--n", "3", "--size", "32", "--seed", "4"])
     assert len(list((tmp_path / "cli" / "images").glob("*.png"))) == 3
+    synthetic_data.main([str(tmp_path / "plain"), "--n", "2", "--size", "32", "--difficulty", "0"])
+    plain = json.loads((tmp_path / "plain" / INDEX_FILE).read_text())
+    assert {case["pattern"] for case in plain["cases"].values()} == {"uniform"}
+    with pytest.raises(SystemExit) as stopped:
+        synthetic_data.main([str(tmp_path / "bad"), "--difficulty", "-1"])
+    assert stopped.value.code == 2 and not (tmp_path / "bad").exists()
     synthetic_data.main([str(tmp_path / "cli3d"), "--kind", "3d", "--n", "1"])
     assert json.loads((tmp_path / "cli3d" / "dataset.json").read_text())["numTraining"] == 1
     assert os.path.isfile(tmp_path / "cli3d" / "imagesTs" / "vol_001.nii.gz")
