@@ -19,8 +19,8 @@ from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import synthetic_data  # noqa: E402
-from synthetic_data import (ARTEFACT_RATES, FAMILY_SHARES, INDEX_FILE, ensure_synthetic,  # noqa: E402
-                            generate_2d, generate_3d)
+from synthetic_data import (ARTEFACT_RATES, DEFAULT_DIFFICULTY, FAMILY_SHARES, INDEX_FILE,  # noqa: E402
+                            ensure_synthetic, family_shares, generate_2d, generate_3d)
 
 
 def file_hashes(folder):
@@ -89,31 +89,36 @@ def test_2d_family_shares_match_the_documented_mix(set_400):
     index = json.loads((set_400 / INDEX_FILE).read_text())
     cases = index["cases"]
     assert len(cases) == 400 and index["generator_version"] == "v2"
-    for factor, shares in FAMILY_SHARES.items():
+    expected_shares, expected_rates = family_shares(DEFAULT_DIFFICULTY)
+    assert DEFAULT_DIFFICULTY == 1.5 and index["difficulty"] == 1.5
+    assert expected_shares["shape"]["giant"] == pytest.approx(1.5 * FAMILY_SHARES["shape"]["giant"])
+    for factor, shares in expected_shares.items():
         assert index["shares"][factor] == pytest.approx(shares)
         for value, share in shares.items():
             observed = np.mean([case[factor] == value for case in cases.values()])
-            assert abs(observed - share) < 0.045, (factor, value, observed, share)
-    for artefact, rate in ARTEFACT_RATES.items():
+            assert abs(observed - share) < 0.05, (factor, value, observed, share)
+    for artefact, rate in expected_rates.items():
         observed = np.mean([artefact in case["artefacts"] for case in cases.values()])
-        assert abs(observed - rate) < 0.045, (artefact, observed, rate)
-    # Rare families exist: at least three values drawn for 5-10% of cases.
-    rare = [value for shares in FAMILY_SHARES.values() for value, share in shares.items() if 0.05 <= share <= 0.1]
-    assert len(rare) >= 3
+        assert abs(observed - rate) < 0.05, (artefact, observed, rate)
+    # Many families, each in a minority of cases: a 28-image labelled subset misses some of them.
+    values = [share for shares in expected_shares.values() for share in shares.values()]
+    assert len(values) >= 20 and sum(0.05 <= share <= 0.2 for share in values) >= 15
 
 
 def test_2d_masks_are_the_visible_connected_lesion(set_400):
     """Per case: the grey levels just inside the mask border differ from the level just outside it
-    by at least 8% (median; the mask is where the lesion is seen, not a blurred guess), and the mask is one
+    by more than 6% in every case and 10% in 99% of cases (medians; the mask is where the lesion is
+    seen, not a blurred guess; the lowest cases are tiny lesions crossed by hairs), and the mask is one
     solid piece per recorded lesion (no holes, no specks)."""
     pairs = [(image.astype(np.float64), mask > 0) for image, mask in load_pairs(set_400)]
-    for index, (image, mask) in enumerate(pairs):
+    differences = []
+    for image, mask in pairs:
         inside = mask & ~ndimage.binary_erosion(mask, iterations=2, border_value=1)
         outside = ndimage.binary_dilation(mask, iterations=2) & ~mask
         # Per inner-band pixel against the outside's median: two-tone lesions differ both ways.
         outer = np.median(image[outside])
-        difference = np.median(np.abs(image[inside] - outer)) / outer
-        assert difference > 0.08, (index, difference)
+        differences.append(np.median(np.abs(image[inside] - outer)) / outer)
+    assert min(differences) > 0.06 and np.mean(np.array(differences) > 0.1) >= 0.99, sorted(differences)[:5]
     cases = json.loads((set_400 / INDEX_FILE).read_text())["cases"]
     for (image, mask), (name, case) in zip(pairs, sorted(cases.items())):
         pieces, count = ndimage.label(mask)
