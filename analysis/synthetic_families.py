@@ -1,5 +1,6 @@
-"""Figure of the embedded 2D data set's appearance families: for every family value and artefact,
-the cleanest case that has it (fewest other rare traits; RGB, the mask border drawn in green), and in grey as a model sees it.
+"""Figure of the embedded 2D data set's appearance families: for every family value and artefact
+(titled with its share at difficulty 1 / at the default difficulty), the cleanest case that has it
+(fewest other rare traits; RGB with the mask border in green), and in grey as a model sees it.
 
     python analysis/synthetic_families.py --out docs/figures/synthetic_families.png
 
@@ -34,6 +35,14 @@ def _other_traits(case, shown):
     return len([trait for trait in rare + case["artefacts"] if trait != shown])
 
 
+def _shares(factor, value):
+    """'share at difficulty 1 / at the default difficulty', e.g. '10% / 15%'."""
+    default_shares, default_rates = synthetic_data.family_shares(synthetic_data.DEFAULT_DIFFICULTY)
+    if factor == "artefacts":
+        return f"{synthetic_data.ARTEFACT_RATES[value]:.0%} / {default_rates[value]:.0%}"
+    return f"{synthetic_data.FAMILY_SHARES[factor][value]:.0%} / {default_shares[factor][value]:.0%}"
+
+
 def family_rows(index, per_value=1):
     """[(title, [case names])]: per factor value and per artefact, in the generator's order, the
     ``per_value`` cleanest cases that have it (fewest other rare traits, then lowest index)."""
@@ -47,10 +56,10 @@ def family_rows(index, per_value=1):
     for factor, values in synthetic_data.FAMILY_SHARES.items():
         for value in values:
             names = pick(value, lambda case: case[factor] == value)
-            rows.append((f"{factor}: {value} {index['shares'][factor][value]:.0%}", names))
+            rows.append((f"{factor}: {value} {_shares(factor, value)}", names))
     for artefact in synthetic_data.ARTEFACT_RATES:
         names = pick(artefact, lambda case: artefact in case["artefacts"])
-        rows.append((f"{artefact} {index['artefact_rates'][artefact]:.0%}", names))
+        rows.append((f"{artefact} {_shares('artefacts', artefact)}", names))
     return rows
 
 
@@ -68,9 +77,12 @@ def main(argv=None):
     parser.add_argument("--n", type=int, default=200, help="cases generated to pick examples from")
     parser.add_argument("--size", type=int, default=96)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--difficulty", type=float, default=1.0,
+                        help="of the cases shown (1: fewer rare traits per case, cleaner examples)")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
-        root = synthetic_data.generate_2d(Path(tmp), n_cases=args.n, size=args.size, seed=args.seed, channels=3)
+        root = synthetic_data.generate_2d(Path(tmp), n_cases=args.n, size=args.size, seed=args.seed, channels=3,
+                                            difficulty=args.difficulty)
         index = json.loads((root / synthetic_data.INDEX_FILE).read_text())
         entries = family_rows(index)
         per_row = 4  # entries per figure row; each entry is RGB with the mask border, then grey
