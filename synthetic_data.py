@@ -119,8 +119,8 @@ FAMILY_SHARES = {
 ARTEFACT_RATES = {"hair": 0.35, "specular": 0.20, "dark_rim": 0.15, "gel_bubbles": 0.12,
                   "ruler": 0.15, "shadow": 0.15, "ink_mark": 0.10}
 # The default mix: the table's shares at 1.5 (rare values ~14-18%, ~1.5 artefacts per image). At
-# 1.0 (rarer families) 10% labels came within 4-6 Dice points of all labels; at 1.5 within 15
-# (supervised, --preset cpu, docs/data.md), with all labels still near 0.9.
+# 1.0 (rarer families) 10% labels came within 4-6 Dice points of all labels; at 1.5 they lost 9-15
+# (mean 12 over 3 seeds; supervised, --preset cpu, docs/data.md), with all labels near 0.89.
 DEFAULT_DIFFICULTY = 1.5
 INDEX_FILE = "families.json"
 
