@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import run_dir
+from semiseg.runs import run_dir
 
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 600

@@ -3,9 +3,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import main
-import synthetic_data
-from predict import Predictor
+from semiseg import cli as main
+from semiseg.data import synthetic as synthetic_data
+from semiseg.evaluation.predict import Predictor
 
 
 @pytest.fixture(scope="module")

@@ -5,10 +5,10 @@ import socket
 
 import numpy as np
 
-import config
-import data_loader_tf2
-import data_sources
-import slice_cache
+from semiseg import config
+from semiseg.data import loader as data_loader_tf2
+from semiseg.data import sources as data_sources
+from semiseg.data import cache as slice_cache
 from data_layouts import make_msd
 
 
@@ -135,7 +135,7 @@ def test_pancreas_presets_share_one_slice_cache():
 
 
 def test_train_reuses_the_cache_preprocess_built_with_the_same_preset(tmp_path, monkeypatch, capsys):
-    import main
+    from semiseg import cli as main
     cache = tmp_path / "cache"
     monkeypatch.setenv("SEMISEG_CACHE", str(cache))
     assert main.main(["preprocess", "--preset", "smoke", "--no-progress"]) == 0

@@ -17,9 +17,8 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import synthetic_data  # noqa: E402
-from synthetic_data import ensure_synthetic, generate_2d, generate_3d  # noqa: E402
+from semiseg.data import synthetic as synthetic_data  # noqa: E402
+from semiseg.data.synthetic import ensure_synthetic, generate_2d, generate_3d  # noqa: E402
 
 
 def file_hashes(folder):

@@ -22,13 +22,12 @@ import os
 import sys
 from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")   # keep CUDA-probe noise out of run logs
-
-import config  # noqa: E402
-from atomic_write import WriteError  # noqa: E402
-from config import ConfigError  # noqa: E402
-from data_sources import DataError  # noqa: E402
-from run_dir import RunDirError  # noqa: E402
+from semiseg import __version__, config  # noqa: E402
+from semiseg.startup import quiet_tensorflow_import  # noqa: E402
+from semiseg.runs.atomic_write import WriteError  # noqa: E402
+from semiseg.config import ConfigError  # noqa: E402
+from semiseg.data.sources import DataError  # noqa: E402
+from semiseg.runs.run_dir import RunDirError  # noqa: E402
 
 EXIT_BAD_INPUT = 2
 EXIT_WRITE_FAILED = 74      # EX_IOERR (sysexits.h)
@@ -52,7 +51,7 @@ def _resolve_train_config(args):
     """(config, run folder or None, resume plan or None). A resume takes everything from the run
     (resume.py: what may change, what is refused, when nothing is left to train)."""
     if args.resume:
-        import resume
+        from semiseg import resume
         plan = resume.plan_resume(args)
         return plan.cfg, plan.run, plan
     cfg = config.resolve(args.preset or "", args.config or "", args.set, args.method)
@@ -75,7 +74,7 @@ def cmd_train(args) -> int:
     if plan is not None and plan.nothing_to_train:
         _log(plan.nothing_to_train)     # before TensorFlow loads; no file of the run is touched
         return 0
-    import distribute
+    from semiseg.training import distribute
     distribute.catch_preemption_signals_early()     # SIGUSR1 during start-up: save, not die
     # The strategy comes before any other TF op (multi-worker collectives are configured at init).
     strategy, info = distribute.make_strategy(cfg.train.distribution)
@@ -85,10 +84,11 @@ def cmd_train(args) -> int:
         raise RunDirError(f"run folder {args.out} already exists: pass --resume to continue it, "
                           f"or choose another --out (nothing in it was changed)")
     import keras
-    import data_loader_tf2
-    import run_dir as rundir
-    from train_ssl_tf2 import EXIT_PREEMPTED, get_method
-    import evaluation
+    from semiseg.data import loader as data_loader_tf2
+    from semiseg.runs import run_dir as rundir
+    from semiseg.methods import get_method
+    from semiseg.training.trainer import EXIT_PREEMPTED
+    from semiseg.evaluation import evaluate as evaluation
 
     keras.mixed_precision.set_global_policy(cfg.train.precision)
     keras.utils.set_random_seed(cfg.seed)
@@ -146,11 +146,11 @@ def cmd_evaluate(args) -> int:
     """The run's split (test/val) or an external labelled data set (--data), best or latest model.
     Only the default (test split, best model, no TTA) writes RUN_DIR/metrics.json; every other
     evaluation goes to RUN_DIR/eval/<split or external_NAME>[_latest][_tta]/."""
-    import predict
+    from semiseg.evaluation import predict
     run = Path(args.run_dir)
     cfg, model, network = predict.load_run_model(run, args.checkpoint)
-    import data_loader_tf2
-    import evaluation
+    from semiseg.data import loader as data_loader_tf2
+    from semiseg.evaluation import evaluate as evaluation
     if args.data:
         if args.split:
             raise ConfigError("--split names the run's own splits; with --data every labelled case of that "
@@ -178,7 +178,7 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    import predict
+    from semiseg.evaluation import predict
     predict.run_prediction(args.run_dir, args.input, args.output, tta=args.tta, threshold=args.threshold,
                            save_probabilities=args.save_probabilities, checkpoint=args.checkpoint,
                            progress=not args.no_progress, log=_log, save_uncertainty=args.uncertainty)
@@ -188,7 +188,7 @@ def cmd_predict(args) -> int:
 def cmd_describe(args) -> int:
     cfg = config.resolve(args.preset or "", args.config or "", args.set, args.method)
     import keras  # noqa: F401
-    from train_ssl_tf2 import get_method
+    from semiseg.methods import get_method
     channels = cfg.data.channels or (1 if cfg.data.format in ("synthetic", "msd") else 3)
     nets = get_method(cfg.method).build_networks(cfg, cfg.data.image_size, channels)
     print(json.dumps({"method": cfg.method, "preset": cfg.preset, "image_size": cfg.data.image_size,
@@ -202,9 +202,9 @@ def cmd_preprocess(args) -> int:
     _apply_data_args(cfg, args)
     if args.out:
         cfg.data.cache_dir = args.out
-    import data_checks
-    import data_loader_tf2
-    import slice_cache
+    from semiseg.data import checks as data_checks
+    from semiseg.data import loader as data_loader_tf2
+    from semiseg.data import cache as slice_cache
     fmt, root, cases = data_loader_tf2.resolve_source(cfg.data, _log)
     report = data_checks.check_data(fmt, root, cases, cfg.data, workers=args.workers, progress=not args.no_progress)
     _log(report.summary())
@@ -222,8 +222,8 @@ def cmd_preprocess(args) -> int:
 def cmd_check_data(args) -> int:
     cfg = config.resolve(args.preset or "", args.config or "", args.set)
     _apply_data_args(cfg, args)
-    import data_checks
-    import data_loader_tf2
+    from semiseg.data import checks as data_checks
+    from semiseg.data import loader as data_loader_tf2
     fmt, root, cases = data_loader_tf2.resolve_source(cfg.data, _log)
     report = data_checks.check_data(fmt, root, cases, cfg.data, workers=args.workers, progress=not args.no_progress)
     _log(report.summary())
@@ -234,6 +234,7 @@ def cmd_check_data(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="main.py", description="semiseg: semi-supervised medical image segmentation")
+    parser.add_argument("--version", action="version", version=f"semiseg {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def config_args(p, method=True):
@@ -306,6 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    quiet_tensorflow_import()       # keep TF's C++ start-up log out of run logs (the first line is ours)
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     args.argv = argv

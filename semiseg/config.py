@@ -160,8 +160,7 @@ class Config:
     mira_u: MiraUConfig = field(default_factory=MiraUConfig)
 
 
-class ConfigError(ValueError):
-    """A bad key or value in a preset, YAML file or --set override."""
+from semiseg.errors import ConfigError  # noqa: E402  (defined with the other errors)
 
 
 # Presets are plain override mappings, so they read like the YAML a user would write.
@@ -320,7 +319,7 @@ def to_dict(cfg) -> dict:
 
 def save_yaml(cfg: Config, path) -> None:
     """Write atomically: a crash never leaves a half-written config.yaml."""
-    import atomic_write
+    from semiseg.runs import atomic_write
     atomic_write.write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 

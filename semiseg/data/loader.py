@@ -21,9 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-import atomic_write
-import slice_cache
-from data_sources import Case, DataError, detect_format, get_source, synthetic_root
+from semiseg.runs import atomic_write
+from semiseg.data import cache as slice_cache
+from semiseg.data.sources import Case, DataError, detect_format, get_source, synthetic_root
 
 SPLITS = ("labeled", "unlabeled", "val", "test")
 # Splits whose training stream keeps only the cache's train_keep slices. Not 'unlabeled': choosing
@@ -239,7 +239,7 @@ def prepare_data(cfg, run_dir=None, log=print, progress: bool = True) -> DataBun
     if cached is None:
         # A matching cache was checked when it was built from these very files (sizes, mtimes);
         # otherwise check now, before anything is written: an unusable data set stops here.
-        import data_checks
+        from semiseg.data import checks as data_checks
         report = data_checks.check_data(fmt, root, cases, cfg.data, progress=progress)
         if report.warnings:
             log(f"check-data: {len(report.warnings)} warnings\n" + report.table(report.warnings, limit=10))

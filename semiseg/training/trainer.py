@@ -26,31 +26,16 @@ import numpy as np
 import tensorflow as tf
 import keras
 
-import atomic_write
-import distribute
-import evaluation
-import run_dir as rundir
-from data_loader_tf2 import steps_per_epoch
-from models_tf2 import build_model
+from semiseg.runs import atomic_write
+from semiseg.training import distribute
+from semiseg.evaluation import evaluate as evaluation
+from semiseg.runs import run_dir as rundir
+from semiseg.data.loader import steps_per_epoch
+from semiseg.models.unet import build_model
 
-METHODS: dict[str, type] = {}
+from semiseg.training.registry import METHODS, register_method  # noqa: F401  (re-exported; a leaf)
+
 EXIT_PREEMPTED = distribute.PREEMPTED_EXIT_CODE   # 75, EX_TEMPFAIL: the sbatch scripts requeue on it
-
-
-def register_method(name: str):
-    def wrap(cls):
-        cls.method_name = name
-        METHODS[name] = cls
-        return cls
-    return wrap
-
-
-def get_method(name: str) -> type:
-    import methods  # noqa: F401  (registers the semi-supervised methods)
-    if name not in METHODS:
-        from config import ConfigError      # exit 2 in main.py; config.validate catches it earlier
-        raise ConfigError(f"--method: unknown method '{name}' (known: {', '.join(sorted(METHODS))})")
-    return METHODS[name]
 
 
 def sigmoid_rampup(epoch, rampup_epochs):
@@ -507,14 +492,9 @@ def _op_error_reason(err: tf.errors.OpError) -> str:
 
 
 def _augment_fn(kind: str):
-    import augment
+    from semiseg.data import augment
     return {"weak": augment.weak_augment, "strong": augment.strong_augment, "none": None}[kind]
 
 
 def _save_model_atomic(model, path: Path) -> None:
     atomic_write.write_with(path, model.save)      # the temporary name keeps `.keras` for Keras
-
-
-@register_method("supervised")
-class Supervised(Trainer):
-    """The supervised U-Net baseline: L_sup on labelled slices only."""

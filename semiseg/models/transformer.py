@@ -619,7 +619,7 @@ if __name__ == "__main__":
 
 
 # ----------------------------------------------------------------------------- as a plain network
-from models_tf2 import register_model  # noqa: E402  (models_tf2 imports this module lazily)
+from semiseg.models.registry import register_model  # noqa: E402  (the registry is a leaf: no circle)
 
 
 @register_model("hybrid")

@@ -8,26 +8,18 @@ stay float32 while the body runs in float16/bfloat16.
 """
 from __future__ import annotations
 
-from typing import Callable
 
 import keras
 from keras import layers
 
-MODELS: dict[str, Callable[..., keras.Model]] = {}
-
-
-def register_model(name: str):
-    def wrap(fn):
-        MODELS[name] = fn
-        return fn
-    return wrap
+from semiseg.models.registry import MODELS, register_model  # noqa: E402,F401  (re-exported; a leaf)
 
 
 def build_model(model_cfg, image_size: int, channels: int, name: str | None = None) -> keras.Model:
     """Build the network that `model_cfg.name` names, for square `image_size` inputs."""
     key = model_cfg.name
     if key not in MODELS:
-        import models_transformer  # noqa: F401  registers 'hybrid'; only loaded when asked for
+        from semiseg.models import transformer  # noqa: F401  registers 'hybrid'; only loaded when asked for
     if key not in MODELS:
         raise ValueError(f"model.name: unknown model '{key}' (known: {', '.join(sorted(MODELS))})")
     return MODELS[key](model_cfg, image_size, channels, name=name or key)

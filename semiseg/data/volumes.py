@@ -27,7 +27,7 @@ import sys
 
 import numpy as np
 
-from data_sources import DataError
+from semiseg.errors import DataError
 
 CT_NAMES = {"ct", "cect", "ncct"}
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -197,7 +197,7 @@ def mask_to_nifti(mask_slices: np.ndarray, meta: dict):
 def save_mask_nifti(mask_slices: np.ndarray, meta: dict, out_path) -> None:
     import nibabel as nib
 
-    import atomic_write
+    from semiseg.runs import atomic_write
     img = mask_to_nifti(mask_slices, meta)
     atomic_write.write_with(out_path, lambda tmp: nib.save(img, str(tmp)))
 
@@ -205,7 +205,7 @@ def save_mask_nifti(mask_slices: np.ndarray, meta: dict, out_path) -> None:
 def main(argv=None) -> int:
     import json
 
-    import config
+    from semiseg import config
     args = list(sys.argv[1:] if argv is None else argv)
     if len(args) != 1:
         print("usage: python volumes.py VOLUME.nii[.gz]", file=sys.stderr)
