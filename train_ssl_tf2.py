@@ -1,0 +1,8 @@
+"""Training from a checkout: re-exports semiseg.training.trainer (`Trainer`, `METHODS`,
+`register_method`, ...) and `get_method` (now in semiseg.methods), as this module offered them.
+
+    python main.py train --method supervised --preset cpu
+"""
+from semiseg.training.trainer import *  # noqa: F401,F403  (the public API, unchanged)
+from semiseg.methods import get_method  # noqa: F401
+from semiseg.methods.supervised import Supervised  # noqa: F401
