@@ -8,6 +8,7 @@ works without installing anything.
 """
 import sys
 
+from semiseg.cli import *  # noqa: F401,F403  (build_parser, cmd_*, exit codes: the API main.py had)
 from semiseg.cli import main
 
 if __name__ == "__main__":
