@@ -5,8 +5,8 @@ folder on first use. The 2D set mimics the ISIC 2016 layout (``images/case_0000.
 ``masks/case_0000_segmentation.png``), the 3D set the Medical Segmentation Decathlon layout
 (``dataset.json``, ``imagesTr/``, ``labelsTr/``, ``imagesTs/`` with NIfTI volumes and real affines).
 
-    python synthetic_data.py /tmp/synth2d --kind 2d --n 400 --size 96 --seed 0
-    python synthetic_data.py /tmp/synth3d --kind 3d --n 6 --seed 0
+    python -m semiseg.data.synthetic /tmp/synth2d --kind 2d --n 400 --size 96 --seed 0
+    python -m semiseg.data.synthetic /tmp/synth3d --kind 3d --n 6 --seed 0
 
 In code, ``ensure_synthetic(root, kind="2d", n_cases=400)`` returns the folder, generating it only
 when no complete copy exists. The same seed gives byte-identical files on any machine: every case

@@ -1,6 +1,6 @@
 """NIfTI volumes <-> normalised 2D slices, and predicted slices back to a NIfTI mask.
 
-    python volumes.py scan.nii.gz                 # print shape, spacing and orientation as read
+    python -m semiseg.data.volumes scan.nii.gz                 # print shape, spacing and orientation as read
 
 API (NumPy and nibabel only; runs in preprocessing worker processes):
   load_volume(path, data_cfg, modality="auto") -> (image [S, H, W, C] float32 in [0, 1],
@@ -208,7 +208,7 @@ def main(argv=None) -> int:
     from semiseg import config
     args = list(sys.argv[1:] if argv is None else argv)
     if len(args) != 1:
-        print("usage: python volumes.py VOLUME.nii[.gz]", file=sys.stderr)
+        print("usage: python -m semiseg.data.volumes VOLUME.nii[.gz]", file=sys.stderr)
         return 2
     try:
         image, spacing, meta = load_volume(args[0], config.DataConfig())
