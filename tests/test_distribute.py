@@ -89,7 +89,8 @@ def test_mirrored_over_two_logical_cpus_all_reduces():
 
 
 WORKER_SCRIPT = textwrap.dedent("""
-    import json, distribute
+    import json
+    from semiseg.training import distribute
     strategy, info = distribute.make_strategy("auto")
     total, expected = distribute.check_all_reduce(strategy)
     # Only worker 1 "received a signal": both must agree to stop.
