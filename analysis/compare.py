@@ -25,7 +25,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from scipy import stats  # noqa: E402
 
-import atomic_write  # noqa: E402
+from semiseg.runs import atomic_write  # noqa: E402
 from analysis import figures  # noqa: E402
 from analysis.runs import Run, find_runs, percent, run_cli  # noqa: E402
 

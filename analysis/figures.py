@@ -16,7 +16,7 @@ import matplotlib
 matplotlib.use("Agg")  # headless: cluster nodes and CI have no display
 import matplotlib.pyplot as plt  # noqa: E402
 
-import atomic_write  # noqa: E402  (the scripts put the repository root on sys.path)
+from semiseg.runs import atomic_write  # noqa: E402  (the scripts put the repository root on sys.path)
 
 SUPPORTED_FORMATS = ("png", "pdf", "svg")
 DPI = 150

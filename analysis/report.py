@@ -18,7 +18,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as `python analysis/report.py`: make `analysis` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import atomic_write  # noqa: E402
+from semiseg.runs import atomic_write  # noqa: E402
 from analysis import compare, curves, figures, label_efficiency, overlays  # noqa: E402
 from analysis.runs import Run, find_runs, percent, run_cli, unique_names  # noqa: E402
 

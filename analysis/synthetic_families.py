@@ -25,7 +25,7 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 from scipy import ndimage  # noqa: E402
 
-import synthetic_data  # noqa: E402
+from semiseg.data import synthetic as synthetic_data  # noqa: E402
 
 
 def _other_traits(case, shown):

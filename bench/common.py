@@ -1,4 +1,4 @@
-"""Shared pieces of the benchmarks: repo import path, machine description, interleaved timing,
+"""Shared pieces of the benchmarks: the checkout to benchmark, machine description, interleaved timing,
 a Trainer built as `main.py train` builds it, and JSON/table output.
 
     python bench/common.py          # prints the machine description the benchmarks record
@@ -26,9 +26,14 @@ if not YARDSTICKS.exists():
 
 
 def use_repo(path: str | None = None) -> Path:
-    """Put the semiseg checkout to benchmark first on sys.path (default: this one)."""
+    """The semiseg checkout to benchmark (default: this one, importable after `pip install -e .`).
+    Another checkout: this script runs again with that checkout first on PYTHONPATH, so its
+    `semiseg` package is the one imported (an installed copy comes later on the path)."""
     root = Path(path).resolve() if path else REPO
-    sys.path.insert(0, str(root))
+    if root != REPO and os.environ.get("SEMISEG_BENCH_REPO") != str(root):
+        paths = [str(root), *filter(None, [os.environ.get("PYTHONPATH")])]
+        env = {**os.environ, "SEMISEG_BENCH_REPO": str(root), "PYTHONPATH": os.pathsep.join(paths)}
+        os.execve(sys.executable, [sys.executable, *sys.argv], env)
     return root
 
 
@@ -81,13 +86,13 @@ def interleaved(candidates: dict, rounds: int) -> dict:
 def build_trainer(method: str, overrides: list[str], preset: str = ""):
     """A Trainer built the way `main.py train` builds it (strategy first, policy, seed, data),
     without a run folder. Raises ValueError if `method` is not registered."""
-    import config
-    import distribute
+    from semiseg import config
+    from semiseg.training import distribute
     cfg = config.resolve(preset, "", overrides, method)
     strategy, info = distribute.make_strategy(cfg.train.distribution)
     import keras
-    import data_loader_tf2
-    from train_ssl_tf2 import get_method
+    from semiseg.data import loader as data_loader_tf2
+    from semiseg.methods import get_method
     method_cls = get_method(method)
     keras.mixed_precision.set_global_policy(cfg.train.precision)
     keras.utils.set_random_seed(cfg.seed)

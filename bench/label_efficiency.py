@@ -28,10 +28,9 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-import config  # noqa: E402  (the shared --set option)
+from semiseg import config  # noqa: E402  (the shared --set option)
 
 # Reduced size: 48x48 images, an 8-64 U-Net of depth 3; the same optimizer steps for every method.
 BENCH = ["data.image_size=48", "model.base_filters=8", "model.depth=3", "train.batch_size=8",
@@ -54,7 +53,7 @@ GOAL_POINTS = 2.0
 
 
 def run_one(out: Path, method: str, fraction: float, seed: int, overrides: list[str], suffix: str = "") -> Path:
-    import main
+    from semiseg import cli as main
     run = out / f"{method}-{round(100 * fraction)}pct-seed{seed}{suffix}"
     if (run / "metrics.json").exists():
         print(f"[bench] reuse {run}", flush=True)

@@ -21,7 +21,6 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 SETS = ["data.synthetic_cases=48", "data.labeled_fraction=0.25",
@@ -45,7 +44,7 @@ def forward_timer(model, batch: int, size: int, calls: int = 3):
 
 def run(quick: bool) -> dict:
     os.environ.setdefault("SEMISEG_CACHE", str(Path(tempfile.gettempdir()) / "semiseg-bench-cache"))
-    import models_tf2
+    from semiseg.models import unet as models_tf2
     from method_throughput import forward_flops
     rounds = 2 if quick else 4
     batch, size = 8, (64 if quick else 128)

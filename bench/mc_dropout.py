@@ -22,11 +22,10 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import tensorflow as tf  # noqa: E402
 
-from models_transformer import build_mim_teacher, mc_dropout_stats, mc_dropout_stats_loop  # noqa: E402
+from semiseg.models.transformer import build_mim_teacher, mc_dropout_stats, mc_dropout_stats_loop  # noqa: E402
 
 
 def time_call(fn, warmup, repeats):

@@ -27,7 +27,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 METHODS = ("supervised", "mean_teacher", "mixmatch", "mira_u")

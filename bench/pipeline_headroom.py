@@ -20,12 +20,11 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 
 def pipeline_timer(bundle, split: str, kind: str, batch: int, n_batches: int):
-    import augment
+    from semiseg.data import augment
     fn = {"weak": augment.weak_augment, "strong": augment.strong_augment}[kind]
     it = iter(bundle.train_dataset(split, batch, None, 0, fn, stream_id=1, with_mask=(split == "labeled")))
     for _ in range(3):

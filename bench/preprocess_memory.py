@@ -23,10 +23,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def child(data: str, cache: str, workers: int, image_size: int) -> None:
-    sys.path.insert(0, str(REPO))
     os.environ["SEMISEG_CACHE"] = cache
-    import main
-    import slice_cache
+    from semiseg import cli as main
+    from semiseg.data import cache as slice_cache
     t0 = time.time()
     rc = main.main(["preprocess", "--data", data, "--format", "msd", "--workers", str(workers), "--no-progress",
                     "--set", f"data.image_size={image_size}"])
@@ -53,8 +52,7 @@ def main(argv=None) -> int:
     if args.child:
         child(args.child[0], args.child[1], int(args.child[2]), int(args.child[3]))
         return 0
-    sys.path.insert(0, str(REPO))
-    import synthetic_data
+    from semiseg.data import synthetic as synthetic_data
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for count in args.counts:

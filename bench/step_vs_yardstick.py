@@ -26,7 +26,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 UNET_SETS = ["data.synthetic_cases=48",
@@ -61,7 +60,7 @@ def semiseg(method: str, policy: str, spl: int, data: str, size: int, extra=(), 
 
 
 def registered(method: str) -> bool:
-    from train_ssl_tf2 import get_method
+    from semiseg.methods import get_method
     try:
         get_method(method)
         return True

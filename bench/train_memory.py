@@ -19,7 +19,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 
@@ -48,8 +47,7 @@ def run(quick: bool, repo: Path) -> dict:
     rows = []
     for n in sizes:
         if use_msd:
-            sys.path.insert(0, str(repo))
-            import synthetic_data
+            from semiseg.data import synthetic as synthetic_data
             data = work / f"msd{n}"
             synthetic_data.generate_3d(data, n_cases=n, shape=(64, 64, 24), n_test=2)
             data_args = ["--data", str(data), "--format", "msd"]

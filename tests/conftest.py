@@ -1,11 +1,9 @@
-"""Shared test setup: quiet TF, one synthetic-data cache per session, the repo on sys.path."""
+"""Shared test setup: quiet TF, one synthetic-data cache per session (pytest.ini puts the repo on the path)."""
 import os
-import sys
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 import pytest  # noqa: E402
 
@@ -24,7 +22,7 @@ def _session_cache(tmp_path_factory):
 def one_epoch_run(tmp_path_factory, _session_cache):
     """One supervised smoke run of a single epoch (best model == latest checkpoint), shared by the
     evaluate and predict tests, which only read it or write under its eval/ folder."""
-    import main
+    from semiseg import cli as main
     out = tmp_path_factory.mktemp("runs") / "smoke"
     assert main.main(["train", "--method", "supervised", "--preset", "smoke", "--out", str(out), "--no-progress",
                       "--set", "train.epochs=1"]) == 0

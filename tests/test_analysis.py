@@ -15,7 +15,7 @@ import pytest
 import yaml
 from scipy import stats
 
-import metrics
+from semiseg.evaluation import metrics
 from analysis import compare, curves, figures, label_efficiency, overlays, report
 from analysis.runs import find_runs, load_run, run_cli, unique_names
 from analysis.runs import main as runs_main

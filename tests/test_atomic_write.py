@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import atomic_write
+from semiseg.runs import atomic_write
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -24,8 +24,10 @@ REPO = Path(__file__).resolve().parents[1]
 _FULL_DISK_SCRIPT = textwrap.dedent("""
     import json, resource, signal, sys
     from pathlib import Path
-    sys.path.insert(0, sys.argv[2])
-    import atomic_write, config, data_loader_tf2, metrics, run_dir
+    from semiseg import config
+    from semiseg.data import loader as data_loader_tf2
+    from semiseg.evaluation import metrics
+    from semiseg.runs import atomic_write, run_dir
     folder = Path(sys.argv[1])
     big = "x" * 50_000
     writers = {
@@ -59,8 +61,8 @@ def test_every_writer_keeps_the_old_file_and_names_it_when_the_disk_is_full(tmp_
     script.write_text(_FULL_DISK_SCRIPT)
     folder = tmp_path / "run"
     folder.mkdir()
-    proc = subprocess.run([sys.executable, str(script), str(folder), str(REPO)], capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run([sys.executable, str(script), str(folder)], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert proc.returncode == 0, proc.stderr[-2000:]
     results = json.loads(proc.stdout.strip().splitlines()[-1])
     assert len(results) == 9
@@ -125,7 +127,7 @@ def test_append_csv_row_adds_rows_and_new_columns(tmp_path):
 
 
 def test_mira_u_mim_history_is_written_through_the_atomic_append(tmp_path):
-    from methods import mira_u
+    from semiseg.methods import mira_u
     path = tmp_path / mira_u.MIM_HISTORY
     mira_u._append_csv(path, {"epoch": 1, "step": 3, "loss_mim": 0.123456789})
     mira_u._append_csv(path, {"epoch": 2, "step": 6, "loss_mim": 0.1, "time_s": 1.25})

@@ -6,14 +6,13 @@ import os
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from scipy import ndimage  # noqa: E402
 
-import augment  # noqa: E402
+from semiseg.data import augment  # noqa: E402
 
 SIZE = 32
 N = 4
@@ -305,7 +304,7 @@ import numpy as np
 import tensorflow as tf
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-import augment
+from semiseg.data import augment
 strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
 images = tf.random.stateless_uniform([4, 16, 16, 1], [0, 0])
 masks = tf.cast(images > 0.5, tf.float32)

@@ -10,6 +10,7 @@ import json
 
 import pytest
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +23,8 @@ def test_step_vs_yardstick_tiny_writes_ratios(tmp_path):
     out = tmp_path / "svy.json"
     proc = subprocess.run([sys.executable, str(REPO / "bench" / "step_vs_yardstick.py"), "--quick", "--size", "16",
                            "--policies", "float32", "--feeds", "memory", "--out", str(out)],
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})     # semiseg without an install
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(out.read_text())
     machine = result["machine"]

@@ -1,8 +1,8 @@
 import pytest
 import yaml
 
-import config
-from config import ConfigError
+from semiseg import config
+from semiseg.config import ConfigError
 
 
 def test_yaml_round_trip(tmp_path):
@@ -65,7 +65,7 @@ def test_optimizer_choice_is_checked_and_builds_sgd_with_momentum():
     with pytest.raises(config.ConfigError, match="train.optimizer"):
         config.resolve(overrides=["train.optimizer=rmsprop"])
     import keras
-    import train_ssl_tf2
+    from semiseg.training import trainer as train_ssl_tf2
     trainer = train_ssl_tf2.Trainer.__new__(train_ssl_tf2.Trainer)
     trainer.cfg = config.resolve(overrides=["train.optimizer=sgd", "train.momentum=0.95", "train.lr=0.01"])
     trainer.n_replicas, trainer.steps_per_epoch, trainer.total_steps = 1, 10, 100
@@ -83,7 +83,7 @@ REPEATED_SET = ["--preset", "smoke", "--set", "data.labeled_fraction=0.1", "trai
 def test_repeated_set_accumulates_in_every_main_command(command):
     # The sbatch scripts build `--set a=1 --set b=2`; argparse's plain nargs="*" kept only the last
     # occurrence, so sweeps trained at the preset's labeled fraction.
-    import main
+    from semiseg import cli as main
     args = main.build_parser().parse_args([command, *REPEATED_SET])
     assert args.set == ["data.labeled_fraction=0.1", "train.epochs=3", "seed=2", "train.epochs=5"]
     cfg = config.resolve(args.preset, args.config, args.set)

@@ -11,16 +11,17 @@ import typing
 
 import pytest
 
-import config
-import main
-from config import ConfigError
+from semiseg import config
+from semiseg import cli as main
+from semiseg.config import ConfigError
 from test_equivalence import SUBPROCESS_TIMEOUT_S, python_env
 
 
 def test_method_table_agrees_with_registered_trainers():
     """config.METHODS (read without TensorFlow) must say what each Trainer class really builds."""
-    import train_ssl_tf2
-    train_ssl_tf2.get_method("supervised")              # imports methods/, which registers the rest
+    from semiseg.methods import get_method
+    from semiseg.training import registry as train_ssl_tf2
+    get_method("supervised")              # imports methods/, which registers the rest
     assert set(config.METHODS) == set(train_ssl_tf2.METHODS)
     exportable = {"student", "teacher"}                 # what train.export can name besides auto
     variants = {"mean_teacher": [[], ["mean_teacher.evaluate_teacher=false"]],
@@ -35,9 +36,9 @@ def test_method_table_agrees_with_registered_trainers():
 
 
 def test_model_and_format_choices_agree_with_registries():
-    import data_sources
-    import models_tf2
-    import models_transformer  # noqa: F401  (registers 'hybrid')
+    from semiseg.data import sources as data_sources
+    from semiseg.models import unet as models_tf2
+    from semiseg.models import transformer as models_transformer  # noqa: F401  (registers 'hybrid')
     assert set(config.MODEL_NAMES) == set(models_tf2.MODELS)
     assert set(config.DATA_FORMATS) == set(data_sources.SOURCES) | {"auto"}
 
@@ -121,7 +122,7 @@ def test_bad_value_exits_2_naming_the_key_without_a_run_folder(method, sets, key
 
 def test_hybrid_honours_bn_momentum_and_sync_batchnorm():
     import keras
-    import models_tf2
+    from semiseg.models import unet as models_tf2
     # dropout=0 says what the hybrid does (it has no dropout layer), so it is accepted.
     cfg = config.resolve("smoke", overrides=["model.name=hybrid", "model.bn_momentum=0.8", "model.sync_batchnorm=true",
                                               "model.dropout=0"])

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import run_dir
+from semiseg.runs import run_dir
 
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 600
@@ -36,8 +36,10 @@ METHODS = ["supervised", "mean_teacher", "mixmatch", pytest.param("mira_u", mark
 
 
 def env():
-    e = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k != "TF_CONFIG"}
-    e.update(TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
+    # TF_CPP_MIN_LOG_LEVEL unset, as in a user's shell: main.py keeps TF's C++ log out by itself.
+    e = {k: v for k, v in os.environ.items()
+         if not k.startswith("SLURM_") and k not in ("TF_CONFIG", "TF_CPP_MIN_LOG_LEVEL")}
+    e.update(CUDA_VISIBLE_DEVICES="")
     return e
 
 
@@ -136,6 +138,9 @@ def test_sigkill_at_a_random_step_then_resume_equals_uninterrupted(method, refer
     run.wait_until(lambda: latest_step(out / "checkpoints") >= target, f"checkpoint {target}")
     time.sleep(delay)
     assert run.finish(signal.SIGKILL) == -signal.SIGKILL
+    # Quiet start-up: the first line is semiseg's, no TensorFlow C++ INFO/WARNING line anywhere.
+    assert run.output().splitlines()[0].startswith(f"semiseg: method={method} "), run.output()[:500]
+    assert "oneDNN custom operations" not in run.output() and "absl::InitializeLog" not in run.output()
     saved = latest_step(out / "checkpoints")
     note = f"aimed after checkpoint {target} (+{delay:.3f} s), latest is {saved}"
     assert CKPT_EVERY <= saved < EPOCHS * STEPS and saved % STEPS, note    # killed mid-epoch

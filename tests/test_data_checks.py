@@ -3,10 +3,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import config
-import data_checks
-import data_sources
-import main
+from semiseg import config
+from semiseg.data import checks as data_checks
+from semiseg.data import sources as data_sources
+from semiseg import cli as main
 from data_layouts import make_folders_png, make_isic, make_msd, write_nifti
 
 
@@ -121,7 +121,7 @@ def test_workers_give_the_same_report(tmp_path):
     data_cfg = config.DataConfig()
     cases = data_sources.list_isic_cases(root, data_cfg)
     one = data_checks.check_data("isic", root, cases, data_cfg, workers=1)
-    import worker_pool
+    from semiseg.data import workers as worker_pool
     chunks = [[c] for c in cases]
     two = worker_pool.run_tasks(data_checks.check_chunk, [(c, data_cfg) for c in chunks], 2, len(cases), "t", False)
     assert [r for part in two for r in part] == [(cid, [p for p in one.problems if cid in p.path and

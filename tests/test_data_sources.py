@@ -5,10 +5,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import config
-import data_loader_tf2
-import data_sources
-import main
+from semiseg import config
+from semiseg.data import loader as data_loader_tf2
+from semiseg.data import sources as data_sources
+from semiseg import cli as main
 from data_layouts import make_folders_nifti, make_folders_png, make_isic, make_msd, make_ph2
 
 

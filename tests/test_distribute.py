@@ -15,9 +15,8 @@ import textwrap
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
 
-import distribute  # noqa: E402
+from semiseg.training import distribute  # noqa: E402
 
 SUBPROCESS_TIMEOUT_S = 240
 
@@ -62,7 +61,7 @@ MIRRORED_SCRIPT = textwrap.dedent("""
     import json, tensorflow as tf
     cpu = tf.config.list_physical_devices("CPU")[0]
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-    import distribute
+    from semiseg.training import distribute
     strategy, info = distribute.make_strategy("mirrored")
     total, expected = distribute.check_all_reduce(strategy)
     # A per-replica tensor: replica r holds [r, 10 r]; the SUM over replicas is [1, 10].
@@ -90,7 +89,8 @@ def test_mirrored_over_two_logical_cpus_all_reduces():
 
 
 WORKER_SCRIPT = textwrap.dedent("""
-    import json, distribute
+    import json
+    from semiseg.training import distribute
     strategy, info = distribute.make_strategy("auto")
     total, expected = distribute.check_all_reduce(strategy)
     # Only worker 1 "received a signal": both must agree to stop.

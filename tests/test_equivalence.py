@@ -30,7 +30,8 @@ LOSS_RTOL, WEIGHT_ATOL = 1e-5, 1e-5
 TRAIN_SCRIPT = textwrap.dedent("""
     import json, sys
     import numpy as np
-    import config, distribute
+    from semiseg import config
+    from semiseg.training import distribute
     cfg = config.resolve("smoke", "", ["model.batchnorm=false", "model.dropout=0", "%(fraction)s",
                                        "train.steps_per_epoch=%(steps)d", "train.epochs=1"],
                          "supervised")
@@ -38,10 +39,11 @@ TRAIN_SCRIPT = textwrap.dedent("""
     for distribution in sys.argv[2:]:
         strategy, info = distribute.make_strategy(distribution)
         import keras, tensorflow as tf
-        import data_loader_tf2, train_ssl_tf2
+        from semiseg.data import loader as data_loader_tf2
+        from semiseg.methods import get_method
         keras.utils.set_random_seed(cfg.seed)      # the same initial weights in every run
         bundle = data_loader_tf2.prepare_data(cfg, log=lambda m: None, progress=False)
-        trainer = train_ssl_tf2.get_method("supervised")(cfg, bundle, strategy, info, log=lambda m: None)
+        trainer = get_method("supervised")(cfg, bundle, strategy, info, log=lambda m: None)
         loop = trainer._make_loop(*trainer._iterators(0))
         losses = [float(loop(tf.constant(1))["loss"]) for _ in range(%(steps)d)]
         weights = [keras.ops.convert_to_numpy(w) for w in trainer.trainable_variables()]
@@ -161,9 +163,9 @@ def test_two_pipelines_split_the_global_batches():
     """Data only: each global step holds the same augmented images for one or two input
     pipelines, across pass boundaries and when starting mid-stream (resume)."""
     import tensorflow as tf
-    import augment
-    import config
-    import data_loader_tf2
+    from semiseg.data import augment
+    from semiseg import config
+    from semiseg.data import loader as data_loader_tf2
     cfg = config.resolve("smoke", "", ["data.labeled_fraction=0.27"])
     bundle = data_loader_tf2.prepare_data(cfg, log=lambda m: None, progress=False)
     total, steps = bundle.n_slices("labeled"), 6

@@ -4,8 +4,8 @@ import json
 import numpy as np
 import pytest
 
-import main
-import predict
+from semiseg import cli as main
+from semiseg.evaluation import predict
 
 KEYS = ("dice", "iou", "accuracy", "precision", "recall", "sensitivity", "specificity", "hd95", "asd", "n_cases")
 
@@ -71,7 +71,7 @@ def test_tta_payload(run):
 
 
 def test_external_data_set_is_split_external(run, tmp_path):
-    import synthetic_data
+    from semiseg.data import synthetic as synthetic_data
     # RGB pictures at another size: the run's channels (grey) and image_size must be applied.
     ext = synthetic_data.generate_2d(tmp_path / "other_set", n_cases=4, size=40, seed=7, channels=3)
     assert main.main(["evaluate", str(run), "--data", str(ext), "--format", "isic"]) == 0

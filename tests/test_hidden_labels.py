@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-import config
-import data_loader_tf2
-import run_dir
-import train_ssl_tf2
+from semiseg import config
+from semiseg.data import loader as data_loader_tf2
+from semiseg.runs import run_dir
+from semiseg.training import trainer as train_ssl_tf2
+from semiseg.methods import get_method
 
 
 class ZeroedHiddenTruth(data_loader_tf2.DataBundle):
@@ -31,7 +32,7 @@ class ZeroedHiddenTruth(data_loader_tf2.DataBundle):
 def _train(method, bundle, cfg, run):
     run.mkdir()
     keras.utils.set_random_seed(cfg.seed)
-    trainer = train_ssl_tf2.get_method(method)(cfg, bundle, tf.distribute.get_strategy(), log=lambda m: None)
+    trainer = get_method(method)(cfg, bundle, tf.distribute.get_strategy(), log=lambda m: None)
     assert trainer.fit(run, progress=False) == "completed"
     weights = [w.numpy() for name in sorted(trainer.models) for w in trainer.models[name].weights]
     return weights, run_dir.read_history(run)

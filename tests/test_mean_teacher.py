@@ -5,12 +5,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-import config
-import data_loader_tf2
-import main
-import run_dir
-import train_ssl_tf2
-from methods import mean_teacher
+from semiseg import config
+from semiseg.data import loader as data_loader_tf2
+from semiseg import cli as main
+from semiseg.runs import run_dir
+from semiseg.training import trainer as train_ssl_tf2
+from semiseg.methods import mean_teacher
 
 
 def test_ema_update_is_exact():

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from scipy import ndimage
 
-import metrics
+from semiseg.evaluation import metrics
 
 
 def square(shape=(32, 32), top=8, left=8, side=8):

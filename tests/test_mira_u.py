@@ -12,23 +12,24 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-import config
-import main
-import run_dir
-import synthetic_data
-import train_ssl_tf2
-from methods import mira_u
-from models_transformer import patchify
-from predict import Predictor
+from semiseg import config
+from semiseg import cli as main
+from semiseg.runs import run_dir
+from semiseg.data import synthetic as synthetic_data
+from semiseg.training import trainer as train_ssl_tf2
+from semiseg.methods import get_method
+from semiseg.methods import mira_u
+from semiseg.models.transformer import patchify
+from semiseg.evaluation.predict import Predictor
 
 FAST = ["mira_u.student_swin_depth=1", "mira_u.probe_cases=4"]
 
 
 def _trainer(*overrides):
-    import data_loader_tf2
+    from semiseg.data import loader as data_loader_tf2
     cfg = config.resolve("smoke", overrides=[*FAST, *overrides], method="mira_u")
     bundle = data_loader_tf2.prepare_data(cfg, log=lambda m: None, progress=False)
-    return train_ssl_tf2.get_method("mira_u")(cfg, bundle, tf.distribute.get_strategy(), log=lambda m: None)
+    return get_method("mira_u")(cfg, bundle, tf.distribute.get_strategy(), log=lambda m: None)
 
 
 def _values(variables):
@@ -95,7 +96,7 @@ def test_mim_batch_loss_is_l1_over_masked_patches(trainer):
     m = mask.numpy().astype(bool)
     assert float(loss) == pytest.approx(err[m].mean(), rel=1e-5)
     # Visible patches are left out: however wrong their reconstruction, the loss does not move.
-    from models_transformer import mim_l1_loss
+    from semiseg.models.transformer import mim_l1_loss
     target = patchify(images, 8).numpy()
     spoiled = np.where(m[..., None], target, target + 7.0)
     assert float(mim_l1_loss(recon, spoiled, mask)) == pytest.approx(float(loss), rel=1e-5)
@@ -152,7 +153,7 @@ def _assert_half_way(ema_vars, before, source_vars):
 
 def test_one_stage2_step_student_ema_reading(trainer):
     # The EMA covers the weights; BN moving statistics are the EMA student's own (batch mode).
-    from methods.mean_teacher import ema_weights
+    from semiseg.methods.mean_teacher import ema_weights
     ema, student = (ema_weights(trainer.models[k], "batch") for k in ("student_ema", "student"))
     np.testing.assert_array_equal(ema[0].numpy(), student[0].numpy())    # starts as a copy
     initial = _values(ema)

@@ -4,11 +4,11 @@ import pytest
 import tensorflow as tf
 import keras
 
-import config
-import data_loader_tf2
-import main
-import run_dir
-from methods import mixmatch
+from semiseg import config
+from semiseg.data import loader as data_loader_tf2
+from semiseg import cli as main
+from semiseg.runs import run_dir
+from semiseg.methods import mixmatch
 
 
 def test_sharpen_known_probabilities():

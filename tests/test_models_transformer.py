@@ -11,7 +11,7 @@ import pytest
 import tensorflow as tf
 import keras
 
-import models_transformer as mt
+from semiseg.models import transformer as mt
 
 
 def tiny_teacher(dropout=0.1, image_size=32):
@@ -197,8 +197,8 @@ def test_one_mim_step_changes_encoder_and_decoder_only():
 
 
 def test_hybrid_student_is_a_registered_model_for_any_method():
-    import config
-    import models_tf2
+    from semiseg import config
+    from semiseg.models import unet as models_tf2
     model = models_tf2.build_model(config.ModelConfig(name="hybrid", base_filters=4), 32, 3)
     twin = mt.build_hybrid_student(32, 3, 4)
     assert model.count_params() == twin.count_params() and model.name == "hybrid"

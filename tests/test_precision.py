@@ -10,8 +10,8 @@ import json
 import numpy as np
 import pytest
 
-import main
-import run_dir
+from semiseg import cli as main
+from semiseg.runs import run_dir
 
 
 @pytest.fixture

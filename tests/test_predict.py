@@ -3,9 +3,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import main
-import synthetic_data
-from predict import Predictor
+from semiseg import cli as main
+from semiseg.data import synthetic as synthetic_data
+from semiseg.evaluation.predict import Predictor
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +118,7 @@ def test_predictor_on_arrays_of_several_shapes(predictor):
 
 def test_predict_volume_keeps_affine_header_and_shape(run, predictor, volume_dir, tmp_path):
     nib = pytest.importorskip("nibabel")
-    pytest.importorskip("volumes")
+    pytest.importorskip("semiseg.data.volumes")
     src = volume_dir / "vol_001.nii.gz"
     out = tmp_path / "vol_001_mask.nii.gz"
     assert main.main(["predict", str(run), str(src), str(out), "--save-probabilities", "--no-progress"]) == 0
@@ -144,7 +144,7 @@ def test_volume_slices_return_to_their_voxels(predictor, tmp_path):
     to image_size (no resizing), the mask must be the thresholded CT window voxel for voxel in the
     file's own (flipped) order: any slip in reorientation or stacking would show."""
     nib = pytest.importorskip("nibabel")
-    volumes = pytest.importorskip("volumes")
+    volumes = pytest.importorskip("semiseg.data.volumes")
     vols = synthetic_data.generate_3d(tmp_path / "v", n_cases=3, shape=(32, 32, 9), n_test=0) / "imagesTr"
     identity = Predictor.__new__(Predictor)
     identity.__dict__.update(predictor.__dict__)
@@ -159,7 +159,7 @@ def test_volume_slices_return_to_their_voxels(predictor, tmp_path):
 
 def test_predict_folder_of_volumes(run, volume_dir, tmp_path):
     nib = pytest.importorskip("nibabel")
-    pytest.importorskip("volumes")
+    pytest.importorskip("semiseg.data.volumes")
     out = tmp_path / "masks"
     assert main.main(["predict", str(run), str(volume_dir), str(out), "--tta", "--no-progress"]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["vol_000.nii.gz", "vol_001.nii.gz"]

@@ -20,9 +20,9 @@ import textwrap
 import pytest
 import yaml
 
-import main
-import run_dir
-import train_ssl_tf2
+from semiseg import cli as main
+from semiseg.runs import run_dir
+from semiseg.training import trainer as train_ssl_tf2
 from test_equivalence import SUBPROCESS_TIMEOUT_S, python_env
 
 

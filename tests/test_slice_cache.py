@@ -5,10 +5,10 @@ import socket
 
 import numpy as np
 
-import config
-import data_loader_tf2
-import data_sources
-import slice_cache
+from semiseg import config
+from semiseg.data import loader as data_loader_tf2
+from semiseg.data import sources as data_sources
+from semiseg.data import cache as slice_cache
 from data_layouts import make_msd
 
 
@@ -135,7 +135,7 @@ def test_pancreas_presets_share_one_slice_cache():
 
 
 def test_train_reuses_the_cache_preprocess_built_with_the_same_preset(tmp_path, monkeypatch, capsys):
-    import main
+    from semiseg import cli as main
     cache = tmp_path / "cache"
     monkeypatch.setenv("SEMISEG_CACHE", str(cache))
     assert main.main(["preprocess", "--preset", "smoke", "--no-progress"]) == 0
@@ -164,7 +164,8 @@ def test_documented_preprocess_commands_name_a_preset():
     # A preprocess without the training command's preset builds a cache training never reads.
     from pathlib import Path
     repo = Path(__file__).resolve().parents[1]
-    files = [repo / "README.md", *repo.glob("*.py"), *repo.glob("docs/*.md"), *repo.glob("slurm/*")]
+    files = [repo / "README.md", *repo.glob("*.py"), *repo.glob("semiseg/**/*.py"), *repo.glob("docs/*.md"),
+             *repo.glob("slurm/*")]
     commands = [(path.name, line) for path in files if path.is_file() for line in path.read_text().splitlines()
                 if "main.py preprocess --" in line or "preprocess.sbatch /" in line]
     assert len(commands) >= 8

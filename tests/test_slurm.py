@@ -10,6 +10,7 @@ parses its arguments with the real main.py's parser and resolves the real config
 it cannot accept a command line the trainer would read differently. The tests at the end run
 the real trainer.
 """
+import importlib.util
 import json
 import os
 import re
@@ -24,21 +25,27 @@ import yaml
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(TESTS)
-sys.path.insert(0, TESTS)
-sys.path.insert(0, os.path.join(REPO, "slurm"))
 
-from slurm_cluster import slurm_cluster  # noqa: E402,F401  (the fixture)
-import sweep_index  # noqa: E402
+from slurm_cluster import slurm_cluster  # noqa: E402,F401  (the fixture; pytest puts tests/ on the path)
+
+
+def _load_sweep_index():
+    """slurm/sweep_index.py is a script beside the sbatch files, not a package: load it from its file."""
+    spec = importlib.util.spec_from_file_location("sweep_index", os.path.join(REPO, "slurm", "sweep_index.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+sweep_index = _load_sweep_index()
 
 STAND_IN_MAIN = textwrap.dedent('''
     """Stand-in for main.py: the trainer's side of the sbatch scripts' contract."""
     import importlib.util, json, os, signal, sys, time
 
-    # The real main.py's parser and config resolution: what the stand-in records is what the
+    # The real command line's parser and config resolution: what the stand-in records is what the
     # trainer would have run with.
-    spec = importlib.util.spec_from_file_location("real_main", os.environ["SEMISEG_REAL_MAIN"])
-    real_main = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(real_main)
+    from semiseg import cli as real_main
     args = real_main.build_parser().parse_args()
     record = {"argv": sys.argv[1:], "start": time.time()}
     if args.command == "train" and not args.resume:      # a resumed run reads OUT/config.yaml
@@ -54,7 +61,7 @@ STAND_IN_MAIN = textwrap.dedent('''
 
     info = {"is_chief": True, "task_index": 0}
     if int(os.environ.get("SLURM_STEP_NUM_TASKS", "0")) > 1:
-        import distribute
+        from semiseg.training import distribute
         strategy, info = distribute.make_strategy("auto")
         total, expected = distribute.check_all_reduce(strategy)
         print(f"all-reduce task={info['task_index']} workers={info['num_workers']} "
@@ -97,9 +104,8 @@ STAND_IN_MAIN = textwrap.dedent('''
 
 @pytest.fixture
 def workdir(tmp_path):
-    """A submit folder: the scripts, distribute.py and the stand-in main.py; logs/ made."""
+    """A submit folder: the scripts and the stand-in main.py (semiseg comes from PYTHONPATH); logs/ made."""
     shutil.copytree(os.path.join(REPO, "slurm"), tmp_path / "slurm")
-    shutil.copy(os.path.join(REPO, "distribute.py"), tmp_path / "distribute.py")
     (tmp_path / "main.py").write_text(STAND_IN_MAIN)
     (tmp_path / "logs").mkdir()
     return tmp_path
@@ -107,7 +113,7 @@ def workdir(tmp_path):
 
 def job_env(**extra):
     return dict(PYTHON=sys.executable, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=REPO,
-                SEMISEG_REAL_MAIN=os.path.join(REPO, "main.py"), **extra)
+                **extra)
 
 
 def read_log(workdir, pattern):

@@ -1,6 +1,6 @@
-import config
-from data_loader_tf2 import make_splits
-from data_sources import Case
+from semiseg import config
+from semiseg.data.loader import make_splits
+from semiseg.data.sources import Case
 
 
 def _cases(n, unlabeled=0):

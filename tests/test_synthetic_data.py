@@ -17,10 +17,9 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import synthetic_data  # noqa: E402
-from synthetic_data import (ARTEFACT_RATES, DEFAULT_DIFFICULTY, FAMILY_SHARES, INDEX_FILE,  # noqa: E402
-                            ensure_synthetic, family_shares, generate_2d, generate_3d)
+from semiseg.data import synthetic as synthetic_data  # noqa: E402
+from semiseg.data.synthetic import (ARTEFACT_RATES, DEFAULT_DIFFICULTY, FAMILY_SHARES, INDEX_FILE,  # noqa: E402
+                                    ensure_synthetic, family_shares, generate_2d, generate_3d)
 
 
 def file_hashes(folder):

@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 import yaml
 
-import main
-import run_dir
-import train_ssl_tf2
+from semiseg import cli as main
+from semiseg.runs import run_dir
+from semiseg.training import trainer as train_ssl_tf2
+from semiseg.methods import get_method
 
 RUN_FILES = ["config.yaml", "splits.json", "export.json", "history.csv", "checkpoints", "metrics.json",
              "per_case.csv", "run_info.json", "best_model.keras"]
@@ -51,11 +52,11 @@ def test_existing_out_is_refused_and_untouched(smoke_run, capsys):
 
 def test_one_step_changes_weights_and_gives_finite_loss(tmp_path):
     import tensorflow as tf
-    import config
-    import data_loader_tf2
+    from semiseg import config
+    from semiseg.data import loader as data_loader_tf2
     cfg = config.resolve("smoke")
     bundle = data_loader_tf2.prepare_data(cfg, log=lambda m: None, progress=False)
-    trainer = train_ssl_tf2.get_method("supervised")(cfg, bundle, tf.distribute.get_strategy(), log=lambda m: None)
+    trainer = get_method("supervised")(cfg, bundle, tf.distribute.get_strategy(), log=lambda m: None)
     before = [w.numpy().copy() for w in trainer.trainable_variables()]
     loop = trainer._make_loop(*trainer._iterators(0))
     logs = loop(tf.constant(1))

@@ -19,17 +19,19 @@ from test_equivalence import SUBPROCESS_TIMEOUT_S, python_env
 SCRIPT = textwrap.dedent("""
     import json
     import numpy as np
-    import config, distribute
+    from semiseg import config
+    from semiseg.training import distribute
     strategy, info = distribute.make_strategy("mirrored")
     import keras, tensorflow as tf
-    import data_loader_tf2, train_ssl_tf2
-    from methods.mixmatch import sample_mixup_lambda
-    from methods.mean_teacher import ema_weights
+    from semiseg.data import loader as data_loader_tf2
+    from semiseg.methods import get_method
+    from semiseg.methods.mixmatch import sample_mixup_lambda
+    from semiseg.methods.mean_teacher import ema_weights
     out = {"replicas": strategy.num_replicas_in_sync}
     cfg = config.resolve("smoke", "", ["train.steps_per_epoch=2", "train.epochs=1",
                                               "model.sync_batchnorm=true"], "mean_teacher")
     bundle = data_loader_tf2.prepare_data(cfg, log=lambda m: None, progress=False)
-    mt = train_ssl_tf2.get_method("mean_teacher")(cfg, bundle, strategy, info, log=lambda m: None)
+    mt = get_method("mean_teacher")(cfg, bundle, strategy, info, log=lambda m: None)
     before = [keras.ops.convert_to_numpy(v) for v in ema_weights(mt.models["teacher"])]
     mt._make_loop(*mt._iterators(0))(tf.constant(2))
     teacher = ema_weights(mt.models["teacher"])      # weights and BN statistics
@@ -38,7 +40,7 @@ SCRIPT = textwrap.dedent("""
     out["teacher_replica_gap"] = max(float(np.abs(v.value.values[0].numpy() - v.value.values[1].numpy()).max())
                                      for v in teacher)
     mm_cfg = config.resolve("smoke", "", [], "mixmatch")
-    mm = train_ssl_tf2.get_method("mixmatch")(mm_cfg, bundle, strategy, info, log=lambda m: None)
+    mm = get_method("mixmatch")(mm_cfg, bundle, strategy, info, log=lambda m: None)
 
     @tf.function
     def draws():

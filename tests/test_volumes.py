@@ -3,9 +3,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-import config
-import volumes
-from data_sources import DataError
+from semiseg import config
+from semiseg.data import volumes
+from semiseg.data.sources import DataError
 from data_layouts import write_nifti
 
 PERMUTED = np.array([[0, 0, 2.5, -10], [0.8, 0, 0, 5], [0, -0.9, 0, 20], [0, 0, 0, 1.0]])   # axes permuted + flip

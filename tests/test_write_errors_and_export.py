@@ -8,6 +8,7 @@ so the teacher is scored and named (the old rule guessed 'student' for an unfini
 """
 import json
 import subprocess
+import os
 import sys
 import textwrap
 from pathlib import Path
@@ -19,8 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 _SCRIPT = textwrap.dedent("""
     import contextlib, io, json, resource, signal, sys
     from pathlib import Path
-    sys.path.insert(0, sys.argv[2])
-    import main
+    from semiseg import cli as main
     run = Path(sys.argv[1])
     out = {}
     fast = ["--no-progress", "--set", "model.base_filters=16", "train.steps_per_loop=1", "train.checkpoint_every=1"]
@@ -52,8 +52,9 @@ _SCRIPT = textwrap.dedent("""
     out["metrics"] = json.loads((run / "eval" / "test_latest" / "metrics.json").read_text())
 
     # What each network of the latest checkpoint scores on the test split
-    import data_loader_tf2, evaluation, predict
-    from train_ssl_tf2 import get_method
+    from semiseg.data import loader as data_loader_tf2
+    from semiseg.evaluation import evaluate as evaluation, predict
+    from semiseg.methods import get_method
     cfg = predict.load_run_config(run)
     nets = get_method("mean_teacher").build_networks(cfg, cfg.data.image_size, 1)
     tf.train.Checkpoint(**nets).restore(latest).expect_partial()
@@ -72,8 +73,8 @@ def outcome(tmp_path_factory):
     script = folder / "scenario.py"
     script.write_text(_SCRIPT)
     run = folder / "mt"
-    proc = subprocess.run([sys.executable, str(script), str(run), str(REPO)], capture_output=True, text=True,
-                          timeout=600)
+    proc = subprocess.run([sys.executable, str(script), str(run)], capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert proc.returncode == 0, proc.stderr[-3000:]
     return run, json.loads(proc.stdout.strip().splitlines()[-1])
 

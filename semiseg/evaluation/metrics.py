@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-import atomic_write
+from semiseg.runs import atomic_write
 
 METRIC_KEYS = ("dice", "iou", "accuracy", "precision", "recall", "sensitivity", "specificity",
                "hd95", "asd")

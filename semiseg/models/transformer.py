@@ -1,7 +1,7 @@
 """MIRA-U networks: a MIM-pretrained ViT teacher with forceable MC dropout, and a hybrid
 CNN / Swin-Transformer U-Net student with bidirectional cross-attention.
 
-    python models_transformer.py            # parameter counts of the seed's 256x256x3 configuration
+    python -m semiseg.models.transformer           # parameter counts of the seed's 256x256x3 configuration
 
 The teacher (`build_mim_teacher`) is a subclassed `keras.Model`: `reconstruct(images, mask)` is the
 stage-1 masked-image-modelling path, `segment(images)` the stage-2 logit map, and
@@ -619,7 +619,7 @@ if __name__ == "__main__":
 
 
 # ----------------------------------------------------------------------------- as a plain network
-from models_tf2 import register_model  # noqa: E402  (models_tf2 imports this module lazily)
+from semiseg.models.registry import register_model  # noqa: E402  (the registry is a leaf: no circle)
 
 
 @register_model("hybrid")

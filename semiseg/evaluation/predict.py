@@ -5,7 +5,7 @@
     python main.py predict runs/sup scan.nii.gz scan_mask.nii.gz --save-probabilities
     python main.py predict runs/mira lesion.png lesion_mask.png --uncertainty   # + lesion_mask_uncertainty.npy
 
-    from predict import Predictor                                       # in a notebook
+    from semiseg.evaluation.predict import Predictor                                       # in a notebook
     p = Predictor("runs/sup", tta=True)
     prob = p.predict(image)              # [H,W] / [H,W,C] (uint8 or float in [0,1]) or a batch [B,H,W,C]
     mask, affine = p.predict_volume("scan.nii.gz")
@@ -27,10 +27,10 @@ from pathlib import Path
 
 import numpy as np
 
-import atomic_write
-import config
-from data_sources import IMAGE_SUFFIXES, DataError, read_picture
-from run_dir import EXPORT_FILE, RunDirError, read_export_record
+from semiseg.runs import atomic_write
+from semiseg import config
+from semiseg.data.sources import IMAGE_SUFFIXES, DataError, read_picture
+from semiseg.runs.run_dir import EXPORT_FILE, RunDirError, read_export_record
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 MASK_SUFFIXES = (".png", ".bmp", ".tif", ".tiff")    # lossless: a JPEG would smear 0/255 masks
@@ -117,7 +117,8 @@ def load_run_model(run_dir, checkpoint: str = "best"):
     if checkpoint != "latest":
         raise RunDirError(f"--checkpoint must be best or latest, got {checkpoint!r}")
     import tensorflow as tf
-    from train_ssl_tf2 import get_method, model_variables
+    from semiseg.methods import get_method
+    from semiseg.training.trainer import model_variables
     latest = tf.train.latest_checkpoint(str(run / "checkpoints"))
     if latest is None:
         raise RunDirError(f"{run / 'checkpoints'}: no checkpoint found")
@@ -144,8 +145,8 @@ def external_bundle(cfg, data_path: str, fmt: str | None, channels: int, log=pri
     the split 'external', sliced and resized with the run's settings and the model's channels."""
     import copy
 
-    import data_loader_tf2
-    import slice_cache
+    from semiseg.data import loader as data_loader_tf2
+    from semiseg.data import cache as slice_cache
     ext = copy.deepcopy(cfg)
     ext.data.path, ext.data.format, ext.data.channels = str(data_path), fmt or "auto", int(channels)
     found, root, cases = data_loader_tf2.resolve_source(ext.data, log)
@@ -223,7 +224,7 @@ class Predictor:
 
     def __init__(self, run_dir, tta: bool = False, checkpoint: str = "best", threshold: float = 0.5,
                  batch_size: int = 0, uncertainty: bool = False):
-        import evaluation
+        from semiseg.evaluation import evaluate as evaluation
         self.run_dir = Path(run_dir)
         self.cfg, self.model, self.network = load_run_model(self.run_dir, checkpoint)
         self.image_size = int(self.cfg.data.image_size)
@@ -237,7 +238,7 @@ class Predictor:
     def _map_slices(self, fn, images: np.ndarray, progress=None) -> np.ndarray:
         """fn([b, size, size, C]) -> [b, size, size] maps, batched over [S,H,W,C] and resized back."""
         import tensorflow as tf
-        from slice_cache import resize_slices
+        from semiseg.data.cache import resize_slices
         s, h, w, _ = images.shape
         out = np.empty((s, h, w), np.float32)
         for start in range(0, s, self.batch_size):
@@ -279,7 +280,7 @@ class Predictor:
 
     def read_volume(self, path):
         """(slices [S,H,W,C] normalised as training normalised them, meta of volumes.load_volume)."""
-        import volumes
+        from semiseg.data import volumes
         image, _spacing, meta = volumes.load_volume(path, self.cfg.data)
         if image.shape[-1] != self.channels:
             raise DataError(f"{path}: {image.shape[-1]} channel(s), but the model of {self.run_dir} takes {self.channels}")
@@ -296,7 +297,7 @@ class Predictor:
 
     def predict_volume(self, path, progress: bool = False):
         """(uint8 mask in the file's voxel order and shape, the file's affine [4,4])."""
-        import volumes
+        from semiseg.data import volumes
         prob, meta = self.volume_probabilities(path, progress)
         mask = volumes.restore_orientation((prob >= self.threshold).astype(np.uint8), meta)
         return mask, np.asarray(meta["affine"], dtype=float)
@@ -306,8 +307,8 @@ def _teacher_uncertainty_fn(run: Path, cfg):
     """A traced images -> sigma [b, size, size] function of a MIRA-U run's best-epoch teacher."""
     import keras
     import tensorflow as tf
-    from methods.mira_u import TEACHER_BEST_FILE
-    from models_transformer import mc_dropout_stats
+    from semiseg.methods.mira_u import TEACHER_BEST_FILE
+    from semiseg.models.transformer import mc_dropout_stats
     path = run / TEACHER_BEST_FILE
     if not path.exists():
         why = ("only MIRA-U runs have an MC-dropout teacher" if cfg.method != "mira_u"
@@ -388,7 +389,7 @@ def _save_npy(path: Path, prob: np.ndarray) -> None:
 def _probability_nifti(prob_slices: np.ndarray, meta: dict):
     """float32 maps (probabilities, uncertainty) in the file's voxel order, with the input's affine and header."""
     import nibabel as nib
-    import volumes
+    from semiseg.data import volumes
     data = volumes.restore_orientation(prob_slices.astype(np.float32), meta)
     affine = np.asarray(meta["affine"], dtype=float)
     header = nib.load(meta["path"]).header.copy()
@@ -417,7 +418,7 @@ def run_prediction(run_dir, input_path, output_path, tta: bool = False, threshol
     bar = tqdm(plan, desc="predict", unit="file", disable=not (progress and len(plan) > 1))
     for src, mask_path, prob_path, sigma_path in bar:
         if is_nifti(src):
-            import volumes
+            from semiseg.data import volumes
             volume = predictor.read_volume(src)          # read once for probabilities and uncertainty
             prob, meta = predictor.volume_probabilities(src, progress, volume)
             mask_img = volumes.mask_to_nifti((prob >= threshold).astype(np.uint8), meta)

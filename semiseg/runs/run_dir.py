@@ -23,13 +23,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import atomic_write
+from semiseg.runs import atomic_write
 
-REPO = Path(__file__).resolve().parent
+REPO = Path(__file__).resolve().parents[2]     # the checkout (git_state); an installed copy has no .git
 
 
-class RunDirError(RuntimeError):
-    """The run folder cannot be used as asked (exists, or missing for --resume)."""
+from semiseg.errors import RunDirError  # noqa: E402  (defined with the other errors)
 
 
 def default_run_name(method: str, preset: str) -> str:

@@ -23,8 +23,7 @@ from typing import Callable, Optional
 import numpy as np
 
 
-class DataError(ValueError):
-    """A problem with the input data; the message names the file and what is wrong."""
+from semiseg.errors import DataError  # noqa: E402  (defined with the other errors: volumes raises it too)
 
 
 @dataclass(frozen=True)
@@ -180,7 +179,7 @@ def cache_root(data_cfg) -> Path:
 
 def synthetic_root(data_cfg) -> Path:
     """Generate the embedded data set on first use (deterministic from the seed) and reuse it."""
-    import synthetic_data
+    from semiseg.data import synthetic as synthetic_data
     return synthetic_data.ensure_synthetic(cache_root(data_cfg) / "synthetic", kind="2d", n_cases=data_cfg.synthetic_cases,
                                            size=data_cfg.synthetic_size, seed=data_cfg.synthetic_seed,
                                            difficulty=data_cfg.synthetic_difficulty)
@@ -196,7 +195,7 @@ register_source("synthetic", list_synthetic_cases, load_picture_case)
 # ---------------------------------------------------------------- NIfTI volumes
 def load_any_case(case: Case, data_cfg) -> LoadedCase:
     """A NIfTI volume (sliced, see volumes.py) or a 2D picture, by the image file's suffix."""
-    import volumes
+    from semiseg.data import volumes
     if not volumes.is_nifti(case.image):
         return load_picture_case(case, data_cfg)
     image, spacing, meta = volumes.load_volume(case.image, data_cfg, case.modality or "auto")
@@ -246,7 +245,7 @@ def _msd_path(root: Path, entry, key: str, index: int) -> Path:
 def list_msd_cases(root, data_cfg) -> list[Case]:
     """dataset.json's `training` pairs (imagesTr/labelsTr) and, when data.unlabeled_test_images,
     its `test` images (imagesTs) as unlabelled training cases."""
-    import volumes
+    from semiseg.data import volumes
     root = Path(root)
     description = _read_dataset_json(root)
     modality = msd_modality(description)
@@ -350,7 +349,7 @@ _LABEL_SUFFIX = re.compile(r"_(segmentation|seg|mask|label)$", re.IGNORECASE)
 
 def _folder_files(folder: Path) -> dict[str, Path]:
     """stem (lower case, label suffixes such as _mask dropped) -> path, for pictures and NIfTI."""
-    import volumes
+    from semiseg.data import volumes
     if not folder.is_dir():
         return {}
     files = [p for p in folder.iterdir() if not p.name.startswith(".")
@@ -367,7 +366,7 @@ def list_folder_cases(root, data_cfg) -> list[Case]:
     """images/{train,val,test}/NAME with labels/{train,val,test}/NAME (same stem; NIfTI or pictures).
     Case.subset is the folder; train cases are left to the random split when val/ or test/ is
     missing, so the missing split is cut from them."""
-    import volumes
+    from semiseg.data import volumes
     root = Path(root)
     if not (root / "images").is_dir():
         raise DataError(f"{root}: no images/ folder (folders layout: images/{{train,val,test}} and labels/...)")

@@ -1,6 +1,6 @@
 """NIfTI volumes <-> normalised 2D slices, and predicted slices back to a NIfTI mask.
 
-    python volumes.py scan.nii.gz                 # print shape, spacing and orientation as read
+    python -m semiseg.data.volumes scan.nii.gz                 # print shape, spacing and orientation as read
 
 API (NumPy and nibabel only; runs in preprocessing worker processes):
   load_volume(path, data_cfg, modality="auto") -> (image [S, H, W, C] float32 in [0, 1],
@@ -27,7 +27,7 @@ import sys
 
 import numpy as np
 
-from data_sources import DataError
+from semiseg.errors import DataError
 
 CT_NAMES = {"ct", "cect", "ncct"}
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -197,7 +197,7 @@ def mask_to_nifti(mask_slices: np.ndarray, meta: dict):
 def save_mask_nifti(mask_slices: np.ndarray, meta: dict, out_path) -> None:
     import nibabel as nib
 
-    import atomic_write
+    from semiseg.runs import atomic_write
     img = mask_to_nifti(mask_slices, meta)
     atomic_write.write_with(out_path, lambda tmp: nib.save(img, str(tmp)))
 
@@ -205,10 +205,10 @@ def save_mask_nifti(mask_slices: np.ndarray, meta: dict, out_path) -> None:
 def main(argv=None) -> int:
     import json
 
-    import config
+    from semiseg import config
     args = list(sys.argv[1:] if argv is None else argv)
     if len(args) != 1:
-        print("usage: python volumes.py VOLUME.nii[.gz]", file=sys.stderr)
+        print("usage: python -m semiseg.data.volumes VOLUME.nii[.gz]", file=sys.stderr)
         return 2
     try:
         image, spacing, meta = load_volume(args[0], config.DataConfig())

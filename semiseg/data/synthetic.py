@@ -8,8 +8,8 @@ The 2D set (generator v2) mixes appearance families (shapes, pigment patterns, s
 artefacts) with masks that match the visible lesion; ``families.json`` records each case's families
 (docs/data.md has the shares and why).
 
-    python synthetic_data.py /tmp/synth2d --kind 2d --n 400 --size 96 --seed 0 [--difficulty 1.5]
-    python synthetic_data.py /tmp/synth3d --kind 3d --n 6 --seed 0
+    python -m semiseg.data.synthetic /tmp/synth2d --kind 2d --n 400 --size 96 --seed 0 [--difficulty 1.5]
+    python -m semiseg.data.synthetic /tmp/synth3d --kind 3d --n 6 --seed 0
 
 In code, ``ensure_synthetic(root, kind="2d", n_cases=400)`` returns the folder, generating it only
 when no complete copy exists. The same seed gives byte-identical files on any machine: every case

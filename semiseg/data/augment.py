@@ -6,7 +6,7 @@ Every random draw is a `tf.random.stateless_*` op driven by an explicit seed ten
 replica id into the seed with `seed_for`). No Keras layers, no hidden RNG state, no Python
 randomness.
 
-    python augment.py preview.png            # writes a grid of weak/strong views to look at
+    python -m semiseg.data.augment preview.png            # writes a grid of weak/strong views to look at
     python -m pytest tests/test_augment.py   # the tests (eager and tf.data, alignment, seeds)
 
 Per example (image [H,W,C] float32 in [0,1], mask [H,W,1] float32 0/1, or mask=None):

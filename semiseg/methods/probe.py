@@ -14,7 +14,7 @@ stream is built with `with_mask=False`, so no hidden label can reach a loss
 """
 from __future__ import annotations
 
-import evaluation
+from semiseg.evaluation import evaluate as evaluation
 
 
 def hidden_truth_available(cfg, bundle) -> bool:

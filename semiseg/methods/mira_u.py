@@ -63,14 +63,14 @@ import numpy as np
 import tensorflow as tf
 import keras
 
-import atomic_write
-import augment
-import evaluation
-import run_dir as rundir
-from models_transformer import (SegmentationHead, build_hybrid_student, build_mim_teacher,
+from semiseg.runs import atomic_write
+from semiseg.data import augment
+from semiseg.evaluation import evaluate as evaluation
+from semiseg.runs import run_dir as rundir
+from semiseg.models.transformer import (SegmentationHead, build_hybrid_student, build_mim_teacher,
                                 mc_dropout_stats, mim_l1_loss, patchify, random_patch_mask)
-from methods.mean_teacher import ema_weights
-from train_ssl_tf2 import (EpochLogSums, Trainer, _augment_fn, _save_model_atomic, ema_update, register_method,
+from semiseg.methods.mean_teacher import ema_weights
+from semiseg.training.trainer import (EpochLogSums, Trainer, _augment_fn, _save_model_atomic, ema_update, register_method,
                            model_variables, save_checkpoint, sigmoid_rampup)
 
 TEACHER_FILE = "teacher_mim.keras"

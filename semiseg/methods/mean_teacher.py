@@ -37,10 +37,11 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-import augment
-from methods import probe
-from models_tf2 import build_model
-from train_ssl_tf2 import Trainer, ema_update, register_method, sigmoid_rampup
+from semiseg.data import augment
+from semiseg.methods import probe
+from semiseg.models.unet import build_model
+from semiseg.training.registry import register_method
+from semiseg.training.trainer import Trainer, ema_update, sigmoid_rampup
 
 STUDENT_NOISE_STREAM, TEACHER_NOISE_STREAM, STUDENT_STRONG_STREAM = 11, 12, 13
 

@@ -31,8 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
-import atomic_write
-from data_sources import Case, DataError, LoadedCase, cache_root, get_source
+from semiseg.runs import atomic_write
+from semiseg.data.sources import Case, DataError, LoadedCase, cache_root, get_source
 
 CACHE_VERSION = 2
 SHARD_BYTES = 128 * 2 ** 20          # a shard holds whole cases, up to about this much
@@ -273,7 +273,7 @@ def useful_workers(cases: list[Case], chunks: list, workers: int = 0) -> int:
     """Processes worth starting, at most one per chunk: the request, or for 0 (auto) every
     available core but at most one per WORKER_BYTES of input files, since a spawned worker pays for
     its own imports (TensorFlow: seconds) and small data sets are faster in this process."""
-    import worker_pool
+    from semiseg.data import workers as worker_pool
     if workers > 0:
         return max(1, min(workers, len(chunks)))
     total = sum(os.path.getsize(p) for c in cases for p in (c.image, c.label) if p and os.path.exists(p))
@@ -281,7 +281,7 @@ def useful_workers(cases: list[Case], chunks: list, workers: int = 0) -> int:
 
 
 def write_shards(fmt: str, cases: list[Case], data_cfg, out: Path, progress: bool, workers: int = 0) -> dict:
-    import worker_pool
+    from semiseg.data import workers as worker_pool
     chunks = plan_chunks(cases)
     workers = useful_workers(cases, chunks, workers)
     tasks = [(fmt, chunk, data_cfg, str(out), k) for k, chunk in enumerate(chunks)]

@@ -4,8 +4,8 @@ The trainer calls `make_strategy(config.train.distribution)` before any other TF
 MultiWorkerMirroredStrategy must configure collectives before the TF runtime starts), then
 saves the returned info dict in the run folder. Check a cluster by hand with:
 
-    python distribute.py --distribution auto --check             # one process
-    srun -N 2 --ntasks-per-node=1 python distribute.py --check   # one worker per SLURM task
+    python -m semiseg.training.distribute --distribution auto --check             # one process
+    srun -N 2 --ntasks-per-node=1 python -m semiseg.training.distribute --check   # one worker per SLURM task
 
 `auto` picks, in order: a SLURM step with more than one task -> MultiWorkerMirroredStrategy
 over the SLURM tasks; TF_CONFIG with more than one task -> MultiWorkerMirroredStrategy; more

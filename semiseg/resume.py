@@ -22,9 +22,9 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import config
-from config import ConfigError
-from run_dir import RunDirError, read_history
+from semiseg import config
+from semiseg.config import ConfigError
+from semiseg.runs.run_dir import RunDirError, read_history
 
 # key -> what it governs, i.e. why changing it on resume leaves the trained steps and the stream as they were
 RESUMABLE_KEYS = {

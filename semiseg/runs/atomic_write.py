@@ -1,6 +1,6 @@
 """Atomic file writes: a reader finds the previous complete file or the new complete one, never half.
 
-    import atomic_write
+    from semiseg.runs import atomic_write
     atomic_write.write_text("runs/mt/config.yaml", text)
     atomic_write.write_with("runs/mt/best_model.keras", model.save)    # the writer gets a temporary path
     atomic_write.append_csv_row("runs/mt/mim_history.csv", {"epoch": 3, "loss_mim": 0.41})
@@ -28,18 +28,7 @@ from pathlib import Path
 from typing import Callable
 
 
-class WriteError(OSError):
-    """A file could not be written; the previous version (if any) is untouched."""
-
-    def __init__(self, path, reason: str, errno: int | None = None):
-        super().__init__(errno, f"cannot write {path}: {reason}")
-        self.path, self.reason = Path(path), reason
-
-    def __str__(self) -> str:
-        return self.strerror
-
-    def __reduce__(self):       # crosses process pools intact (OSError would pickle only its args)
-        return type(self), (self.path, self.reason, self.errno)
+from semiseg.errors import WriteError  # noqa: F401  (raised here; defined with the other errors)
 
 
 def temporary_path(path) -> Path:

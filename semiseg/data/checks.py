@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_sources import Case, DataError, get_source
+from semiseg.data.sources import Case, DataError, get_source
 
 SPACING_FACTOR = 3.0          # a spacing this many times off the median is "wildly different"
 AFFINE_TOLERANCE_MM = 1e-3    # label and image affines may differ by float noise, not by a voxel
@@ -83,7 +83,7 @@ class CheckReport:
 
 # ---------------------------------------------------------------- one case (worker side)
 def _check_volume(case: Case, data_cfg) -> tuple[list, dict]:
-    import volumes
+    from semiseg.data import volumes
     problems, info = [], {}
     try:
         img = volumes.open_nifti(case.image)
@@ -157,7 +157,7 @@ def _open_picture(path: str):
 
 
 def _check_picture(case: Case, data_cfg) -> tuple[list, dict]:
-    import volumes
+    from semiseg.data import volumes
     problems = []
     img, error = _open_picture(case.image)
     if error:
@@ -191,7 +191,7 @@ def _check_picture(case: Case, data_cfg) -> tuple[list, dict]:
 
 
 def check_case(case: Case, data_cfg) -> tuple[list, dict]:
-    import volumes
+    from semiseg.data import volumes
     if volumes.is_nifti(case.image):
         return _check_volume(case, data_cfg)
     return _check_picture(case, data_cfg)
@@ -253,8 +253,8 @@ def _channel_mismatch(infos: dict, cases_by_id: dict, data_cfg) -> list:
 
 def check_data(fmt: str, root, cases: list, data_cfg, workers: int = 0, progress: bool = False) -> CheckReport:
     """Run every check over a listed data set; returns the report (raise_if_unusable() to stop)."""
-    import slice_cache
-    import worker_pool
+    from semiseg.data import cache as slice_cache
+    from semiseg.data import workers as worker_pool
     source = get_source(fmt)
     report = CheckReport(fmt, str(root), list(cases))
     if source.find_orphans is not None and fmt != "synthetic":

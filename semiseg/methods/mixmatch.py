@@ -25,9 +25,10 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-import augment
-from methods import probe
-from train_ssl_tf2 import Trainer, register_method, sigmoid_rampup
+from semiseg.data import augment
+from semiseg.methods import probe
+from semiseg.training.registry import register_method
+from semiseg.training.trainer import Trainer, sigmoid_rampup
 
 VIEW_STREAM, SHUFFLE_STREAM, BETA_STREAM = 20, 40, 41
 PROBE_SEED = (12345, 0)     # the probe's K views: fixed, so epochs are scored on the same views

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-import atomic_write
-import metrics
+from semiseg.runs import atomic_write
+from semiseg.evaluation import metrics
 
 FLIPS = ((False, False), (True, False), (False, True), (True, True))   # (horizontal, vertical)
 

@@ -1,0 +1,6 @@
+"""`python -m semiseg train ...` == `semiseg train ...` == `python main.py train ...`."""
+import sys
+
+from semiseg.cli import main
+
+sys.exit(main())

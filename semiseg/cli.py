@@ -1,0 +1,325 @@
+"""semiseg command line: train, evaluate, predict, preprocess, check-data, describe.
+
+    python main.py train --method supervised --preset cpu
+    python main.py train --method mean_teacher --preset smoke --set train.epochs=3 --out runs/mt
+    python main.py train --out runs/mt --resume
+    python main.py evaluate runs/mt [--split val] [--tta] [--checkpoint latest] [--data PH2 --format ph2]
+    python main.py predict runs/mt scan.nii.gz scan_mask.nii.gz [--tta] [--save-probabilities]
+    python main.py describe --method supervised --preset cpu
+    python main.py check-data --data data/Task07_Pancreas            # format inferred and printed
+    python main.py preprocess --data data/Task07_Pancreas --preset pancreas_mean_teacher   # train's preset
+
+Thin on purpose: it parses, builds and calls. Exit codes: 0 done, 2 bad input (config, data, run
+folder), 74 a file could not be written (disk full, quota, permissions: "error: cannot write PATH:
+REASON"; the previous version of that file or checkpoint is kept, so `--resume` works once there
+is room; not requeued), 75 preempted (checkpoint written; the sbatch scripts requeue on it).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from semiseg import __version__, config  # noqa: E402
+from semiseg.startup import quiet_tensorflow_import  # noqa: E402
+from semiseg.runs.atomic_write import WriteError  # noqa: E402
+from semiseg.config import ConfigError  # noqa: E402
+from semiseg.data.sources import DataError  # noqa: E402
+from semiseg.runs.run_dir import RunDirError  # noqa: E402
+
+EXIT_BAD_INPUT = 2
+EXIT_WRITE_FAILED = 74      # EX_IOERR (sysexits.h)
+
+
+def _log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def _apply_data_args(cfg, args) -> None:
+    if getattr(args, "data", None):
+        cfg.data.path = args.data
+        if cfg.data.format == "synthetic":
+            cfg.data.format = "auto"
+    if getattr(args, "format", None):
+        cfg.data.format = args.format
+    config.validate(cfg)        # --format is a choice like data.format
+
+
+def _resolve_train_config(args):
+    """(config, run folder or None, resume plan or None). A resume takes everything from the run
+    (resume.py: what may change, what is refused, when nothing is left to train)."""
+    if args.resume:
+        from semiseg import resume
+        plan = resume.plan_resume(args)
+        return plan.cfg, plan.run, plan
+    cfg = config.resolve(args.preset or "", args.config or "", args.set, args.method)
+    _apply_data_args(cfg, args)
+    if cfg.method == "mira_u" and cfg.mira_u.teacher_checkpoint and not Path(cfg.mira_u.teacher_checkpoint).exists():
+        raise ConfigError(f"mira_u.teacher_checkpoint: {cfg.mira_u.teacher_checkpoint} does not exist")
+    return cfg, None, None
+
+
+def _check_replicas(cfg, strategy) -> None:
+    """The global batch splits evenly over the replicas; known only once the strategy exists."""
+    replicas = strategy.num_replicas_in_sync
+    if cfg.train.batch_size % replicas:
+        raise ConfigError(f"train.batch_size: {cfg.train.batch_size} (global, all replicas together) is not "
+                          f"divisible by the {replicas} replicas of this strategy; choose a multiple of {replicas}")
+
+
+def cmd_train(args) -> int:
+    cfg, run, plan = _resolve_train_config(args)
+    if plan is not None and plan.nothing_to_train:
+        _log(plan.nothing_to_train)     # before TensorFlow loads; no file of the run is touched
+        return 0
+    from semiseg.training import distribute
+    distribute.catch_preemption_signals_early()     # SIGUSR1 during start-up: save, not die
+    # The strategy comes before any other TF op (multi-worker collectives are configured at init).
+    strategy, info = distribute.make_strategy(cfg.train.distribution)
+    _check_replicas(cfg, strategy)
+    chief = info.get("is_chief", True)
+    if run is None and args.out and Path(args.out).exists() and chief:
+        raise RunDirError(f"run folder {args.out} already exists: pass --resume to continue it, "
+                          f"or choose another --out (nothing in it was changed)")
+    import keras
+    from semiseg.data import loader as data_loader_tf2
+    from semiseg.runs import run_dir as rundir
+    from semiseg.methods import get_method
+    from semiseg.training.trainer import EXIT_PREEMPTED
+    from semiseg.evaluation import evaluate as evaluation
+
+    keras.mixed_precision.set_global_policy(cfg.train.precision)
+    keras.utils.set_random_seed(cfg.seed)
+    method_cls = get_method(cfg.method)
+    _log(f"semiseg: method={cfg.method} preset={cfg.preset or '-'} strategy={info.get('strategy')} "
+         f"replicas={strategy.num_replicas_in_sync} global_batch={cfg.train.batch_size} precision={cfg.train.precision}")
+    # Data first: an unusable data set stops here, before a run folder exists.
+    bundle = data_loader_tf2.prepare_data(cfg, run_dir=run, log=_log if chief else (lambda m: None),
+                                          progress=chief and not args.no_progress)
+    if run is None:
+        out = args.out
+        if out is None and info.get("num_workers", 1) > 1:
+            # Every worker must name the same folder; a timestamped default would differ per worker.
+            if not os.environ.get("SLURM_JOB_ID"):
+                raise RunDirError("multi-worker training needs --out RUN_DIR on a file system all workers see")
+            out = f"runs/{cfg.method}-{cfg.preset or 'custom'}-job{os.environ['SLURM_JOB_ID']}"
+        run = rundir.create_run_dir(out, cfg.method, cfg.preset) if chief else Path(out)
+    if chief:
+        config.save_yaml(cfg, run / "config.yaml")
+        data_loader_tf2.save_splits(bundle.splits, run / "splits.json")
+        import tensorflow as tf
+        devices = [d.name for d in tf.config.list_logical_devices()]
+        rundir.start_run_info(run, {**rundir.provenance(args.argv, devices, info), "method": cfg.method,
+                                    "data": {"format": bundle.fmt, "cache": str(bundle.cache_dir),
+                                             **{f"n_{s}": len(bundle.splits[s]) for s in data_loader_tf2.SPLITS}}},
+                              changed=plan.changes if plan is not None else None)
+    _log(f"run folder: {run}  (labeled {len(bundle.splits['labeled'])}, unlabeled {len(bundle.splits['unlabeled'])}, "
+         f"val {len(bundle.splits['val'])}, test {len(bundle.splits['test'])} cases)")
+    trainer = method_cls(cfg, bundle, strategy, info, log=_log if chief else (lambda m: None))
+    if chief:       # now, not at export: evaluate/predict of an unfinished run read it too
+        rundir.write_export_record(run, trainer.export_record())
+    _log(f"strategy: {json.dumps(info)}; per-replica batch {trainer.per_replica_batch}")
+    ckpt_dir = Path(distribute.worker_checkpoint_dir(str(run), info))
+    reason = trainer.fit(run, is_chief=chief, ckpt_dir=ckpt_dir, progress=not args.no_progress)
+    distribute.remove_worker_checkpoint_dir(str(ckpt_dir), info)
+    if reason == "preempted":
+        if chief:
+            rundir.finish_run_info(run, "preempted")
+        return EXIT_PREEMPTED
+    if not chief:
+        return 0
+    name = trainer.export_model()[0]
+    best = keras.saving.load_model(run / "best_model.keras", compile=False)
+    payload = evaluation.evaluate(best, bundle, "test", cfg.train.eval_batch_size, out_dir=run, model_name=name)
+    rundir.finish_run_info(run, reason, best_val_dice=float(trainer.best_score.numpy()), test_dice=payload["dice"])
+    _log(f"\n{reason}: test Dice {payload['dice']:.4f}  IoU {payload['iou']:.4f}  ({payload['n_cases']} cases, "
+         f"{name} network, best validation Dice {float(trainer.best_score.numpy()):.4f})")
+    _log(f"run folder: {run}")
+    _log(f"evaluate:   python main.py evaluate {run} [--split val] [--tta]")
+    _log(f"predict:    python main.py predict {run} INPUT OUTPUT")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    """The run's split (test/val) or an external labelled data set (--data), best or latest model.
+    Only the default (test split, best model, no TTA) writes RUN_DIR/metrics.json; every other
+    evaluation goes to RUN_DIR/eval/<split or external_NAME>[_latest][_tta]/."""
+    from semiseg.evaluation import predict
+    run = Path(args.run_dir)
+    cfg, model, network = predict.load_run_model(run, args.checkpoint)
+    from semiseg.data import loader as data_loader_tf2
+    from semiseg.evaluation import evaluate as evaluation
+    if args.data:
+        if args.split:
+            raise ConfigError("--split names the run's own splits; with --data every labelled case of that "
+                              "data set forms the split 'external'")
+        bundle = predict.external_bundle(cfg, args.data, args.format, predict.model_channels(model), log=_log,
+                                         progress=not args.no_progress)
+        split, name = "external", predict.external_name(args.data)
+    else:
+        if args.format:
+            raise ConfigError("--format needs --data PATH (the external data set to evaluate on)")
+        split = args.split or "test"
+        bundle = data_loader_tf2.prepare_data(cfg, run_dir=run, log=_log, progress=not args.no_progress)
+        name = split
+    default = split == "test" and not args.tta and args.checkpoint == "best"
+    suffix = ("_latest" if args.checkpoint == "latest" else "") + ("_tta" if args.tta else "")
+    out = run if default else run / "eval" / f"{name}{suffix}"
+    out.mkdir(parents=True, exist_ok=True)
+    payload = evaluation.evaluate(model, bundle, split, cfg.train.eval_batch_size, tta=args.tta, out_dir=out,
+                                  model_name=network, progress=not args.no_progress)
+    keys = ("dice", "iou", "precision", "recall", "specificity", "hd95", "asd")
+    _log(" ".join(f"{k}={payload[k]:.4f}" if payload[k] is not None else f"{k}=nan" for k in keys)
+         + f"  n_cases={payload['n_cases']}  ({network} network, {args.checkpoint} checkpoint)")
+    _log(f"written: {out / 'metrics.json'}, {out / 'per_case.csv'}")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from semiseg.evaluation import predict
+    predict.run_prediction(args.run_dir, args.input, args.output, tta=args.tta, threshold=args.threshold,
+                           save_probabilities=args.save_probabilities, checkpoint=args.checkpoint,
+                           progress=not args.no_progress, log=_log, save_uncertainty=args.uncertainty)
+    return 0
+
+
+def cmd_describe(args) -> int:
+    cfg = config.resolve(args.preset or "", args.config or "", args.set, args.method)
+    import keras  # noqa: F401
+    from semiseg.methods import get_method
+    channels = cfg.data.channels or (1 if cfg.data.format in ("synthetic", "msd") else 3)
+    nets = get_method(cfg.method).build_networks(cfg, cfg.data.image_size, channels)
+    print(json.dumps({"method": cfg.method, "preset": cfg.preset, "image_size": cfg.data.image_size,
+                      "channels": channels, "parameters": {k: int(m.count_params()) for k, m in nets.items()}},
+                     indent=1))
+    return 0
+
+
+def cmd_preprocess(args) -> int:
+    cfg = config.resolve(args.preset or "", args.config or "", args.set)
+    _apply_data_args(cfg, args)
+    if args.out:
+        cfg.data.cache_dir = args.out
+    from semiseg.data import checks as data_checks
+    from semiseg.data import loader as data_loader_tf2
+    from semiseg.data import cache as slice_cache
+    fmt, root, cases = data_loader_tf2.resolve_source(cfg.data, _log)
+    report = data_checks.check_data(fmt, root, cases, cfg.data, workers=args.workers, progress=not args.no_progress)
+    _log(report.summary())
+    if report.warnings:
+        _log(report.table(report.warnings, limit=20))
+    report.raise_if_unusable()
+    path = slice_cache.build_cache(fmt, cases, cfg.data, progress=not args.no_progress, log=_log, workers=args.workers)
+    manifest = slice_cache.load_manifest(path)
+    _log(f"slice cache ready: key {slice_cache.key_of(path)} at {path} ({manifest['n_slices']} slices of "
+         f"{len(manifest['cases'])} cases, {manifest['n_train_slices']} kept for training); train with the "
+         f"same data settings (--preset/--config/--set data.*) to reuse it")
+    return 0
+
+
+def cmd_check_data(args) -> int:
+    cfg = config.resolve(args.preset or "", args.config or "", args.set)
+    _apply_data_args(cfg, args)
+    from semiseg.data import checks as data_checks
+    from semiseg.data import loader as data_loader_tf2
+    fmt, root, cases = data_loader_tf2.resolve_source(cfg.data, _log)
+    report = data_checks.check_data(fmt, root, cases, cfg.data, workers=args.workers, progress=not args.no_progress)
+    _log(report.summary())
+    _log(report.table(limit=args.limit))
+    report.raise_if_unusable()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="main.py", description="semiseg: semi-supervised medical image segmentation")
+    parser.add_argument("--version", action="version", version=f"semiseg {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def config_args(p, method=True):
+        if method:
+            p.add_argument("--method", default="", help="supervised, mean_teacher, mixmatch, mira_u, ...")
+        p.add_argument("--preset", default="", help=f"one of: {', '.join(sorted(config.PRESETS))}")
+        p.add_argument("--config", default="", help="YAML file of overrides")
+        config.add_set_argument(p)
+
+    def data_args(p):
+        p.add_argument("--data", default=None, help="data-set folder (default: the embedded synthetic set)")
+        p.add_argument("--format", default=None, help="synthetic|msd|isic|ph2|folders|auto")
+
+    p = sub.add_parser("train", help="train a model (a new run folder, or --resume one)")
+    config_args(p)
+    data_args(p)
+    p.add_argument("--out", default=None, help="run folder (default runs/METHOD-PRESET-TIME); must not exist")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only; batch jobs)")
+    p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser("evaluate", help="metrics of a run's model on a split or an external data set")
+    p.add_argument("run_dir")
+    p.add_argument("--split", default=None, choices=["test", "val"], help="the run's split (default test)")
+    p.add_argument("--tta", action="store_true", help="average over flips (test-time augmentation)")
+    p.add_argument("--checkpoint", default="best", choices=["best", "latest"],
+                   help="best_model.keras, or the newest checkpoint in RUN_DIR/checkpoints")
+    p.add_argument("--data", default=None, help="an external labelled data set (all its cases: split 'external')")
+    p.add_argument("--format", default=None, help="format of --data: msd|isic|ph2|folders|auto")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only; batch jobs)")
+    p.set_defaults(fn=cmd_evaluate)
+
+    p = sub.add_parser("predict", help="masks for an image, a folder of images, or a NIfTI volume")
+    p.add_argument("run_dir")
+    p.add_argument("input", help="a picture, a NIfTI volume (.nii/.nii.gz), or a folder of them")
+    p.add_argument("output", help="a mask file for one input, else a folder (never overwritten)")
+    p.add_argument("--tta", action="store_true", help="average over flips (test-time augmentation)")
+    p.add_argument("--threshold", type=float, default=0.5, help="foreground where probability >= this")
+    p.add_argument("--save-probabilities", action="store_true",
+                   help="also write NAME_prob.npy (pictures) / NAME_prob.nii.gz (volumes), float32")
+    p.add_argument("--uncertainty", action="store_true",
+                   help="MIRA-U runs: also write NAME_uncertainty.npy / .nii.gz, the per-pixel std of the "
+                        "teacher's probability over mira_u.mc_samples MC-dropout passes")
+    p.add_argument("--checkpoint", default="best", choices=["best", "latest"])
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(fn=cmd_predict)
+
+    p = sub.add_parser("describe", help="JSON: parameter count of each network of a method")
+    config_args(p)
+    p.set_defaults(fn=cmd_describe)
+
+    def worker_args(p):
+        p.add_argument("--workers", type=int, default=0, help="processes (default 0: every available core)")
+        p.add_argument("--no-progress", action="store_true", help="no progress bar (batch jobs)")
+
+    p = sub.add_parser("preprocess", help="check a data set and build its slice cache (reused when it matches)")
+    config_args(p, method=False)
+    data_args(p)
+    worker_args(p)
+    p.add_argument("--out", default=None, help="slice-cache root (default data.cache_dir, $SEMISEG_CACHE or ~/.cache/semiseg)")
+    p.set_defaults(fn=cmd_preprocess)
+
+    p = sub.add_parser("check-data", help="validate a data set and print a table of its problems (exit 2 if unusable)")
+    config_args(p, method=False)
+    data_args(p)
+    worker_args(p)
+    p.add_argument("--limit", type=int, default=200, help="rows of the problem table to print")
+    p.set_defaults(fn=cmd_check_data)
+    return parser
+
+
+def main(argv=None) -> int:
+    quiet_tensorflow_import()       # keep TF's C++ start-up log out of run logs (the first line is ours)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    args.argv = argv
+    try:
+        return args.fn(args)
+    except (ConfigError, DataError, RunDirError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except WriteError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_WRITE_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

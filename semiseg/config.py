@@ -1,0 +1,539 @@
+"""Configuration: nested dataclasses, named presets, YAML load/save and strict `--set` overrides.
+
+A run's configuration is resolved in this order, later wins:
+    defaults  ->  --preset NAME  ->  --config FILE.yaml  ->  --set section.key=value ...
+and the resolved result is written to RUN_DIR/config.yaml, which `--resume` and `evaluate` read back.
+
+    python config.py --preset cpu --set train.lr=3e-4     # print the resolved YAML
+    python config.py --list-presets
+
+Unknown keys and values that do not fit a field's type are errors that name the key; nothing is
+silently ignored (nanoGPT's strict overrides, without its exec).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import typing
+from dataclasses import dataclass, field
+
+import yaml
+
+
+@dataclass
+class DataConfig:
+    format: str = "synthetic"          # synthetic | isic | ph2 | msd | folders | auto
+    path: str = ""                     # data root; empty with format=synthetic = the embedded set
+    cache_dir: str = ""                # slice-cache root; empty = $SEMISEG_CACHE or ~/.cache/semiseg
+    image_size: int = 64               # slices/images are resized to image_size x image_size
+    channels: int = 0                  # 0 = as the data come (1 for grey/CT, 3 for RGB)
+    labeled_fraction: float = 0.1      # fraction of the *training* cases whose labels are used
+    val_fraction: float = 0.15         # of the labelled cases, per case (never per slice)
+    test_fraction: float = 0.15
+    hide_labels: bool = False          # real data: keep held-back labels only to score pseudo targets
+    shuffle_buffer: int = 1024         # records; the labelled set of a small study fits entirely
+    synthetic_cases: int = 400         # embedded data set: number of 2D images
+    synthetic_size: int = 96           # embedded data set: native image size before resizing
+    synthetic_difficulty: float = 1.5  # embedded data set: scales the shares of its rare appearance families
+                                       # and artefacts (0 = plain lesions only, 1 = the table in docs/data.md).
+                                       # At 1.5 the mix, not blur, is what 10% labels cover poorly: supervised
+                                       # scored 12 Dice points below all labels there (3 seeds), 5 at 1.0.
+    synthetic_seed: int = 0            # the data set's identity; run seeds vary splits and init, not the data
+    # Volumes (NIfTI): how 3D scans become 2D training slices.
+    slice_axis: int = 2                # after reorientation to RAS+ : 2 = axial
+    modality: str = "auto"             # auto (from dataset.json) | ct | mri
+    ct_window: typing.List[float] = field(default_factory=lambda: [-125.0, 275.0])  # HU, abdomen
+    label_set: typing.List[int] = field(default_factory=lambda: [1, 2])  # labels merged into foreground
+    foreground_only: bool = False      # keep slices with foreground plus background_ratio of the rest
+    background_ratio: float = 0.1
+    unlabeled_test_images: bool = True  # MSD imagesTs serve as unlabelled training data
+
+
+@dataclass
+class ModelConfig:
+    name: str = "unet"                 # registered builder in models_tf2.py
+    base_filters: int = 16             # 16/32/64 in the seed project
+    depth: int = 4                     # down-sampling blocks
+    dropout: float = 0.1
+    batchnorm: bool = True
+    sync_batchnorm: bool = False       # synchronise BN statistics across replicas
+    bn_momentum: float = 0.9           # moving-statistics momentum; Keras' 0.99 lags for hundreds of
+                                       # steps, so short runs (and EMA teachers in inference mode)
+                                       # evaluate with stale statistics. 0.9 = PyTorch's default.
+    activation: str = "relu"           # relu | leaky_relu
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 20
+    steps_per_epoch: int = 0           # 0 = ceil(training slices / batch_size), same for every method
+    batch_size: int = 8                # GLOBAL labelled images per step (all replicas together)
+    unlabeled_ratio: int = 1           # unlabelled images per labelled image in a step (SSL methods)
+    lr: float = 1e-3
+    lr_scaling: str = "none"           # none | linear (lr * num_replicas)
+    schedule: str = "constant"         # constant | cosine | poly
+    warmup_epochs: float = 0.0
+    optimizer: str = "adam"            # adam (AdamW when weight_decay > 0) | sgd (momentum, e.g. nnU-Net's)
+    momentum: float = 0.9              # sgd only
+    weight_decay: float = 0.0
+    clip_norm: float = 5.0             # global-norm gradient clipping; 0 = off
+    lambda_dice: float = 0.5           # L_sup = lambda_dice * Dice + lambda_bce * BCE
+    lambda_bce: float = 0.5
+    patience: int = 0                  # early stopping on validation Dice; 0 = off
+    min_delta: float = 0.0
+    steps_per_loop: int = 10           # optimizer steps per tf.function call (Orbit-style)
+    checkpoint_every: int = 0          # steps between 'latest' checkpoints; 0 = every epoch
+    keep_checkpoints: int = 2
+    precision: str = "float32"         # float32 | mixed_float16 | mixed_bfloat16
+    distribution: str = "auto"         # auto | none | mirrored | multi_worker
+    jit_compile: bool = False          # XLA; slower on CPU here (DESIGN.md), so off by default
+    eval_batch_size: int = 16
+    export: str = "auto"               # which network is exported as best_model.keras: auto | student | teacher
+
+
+@dataclass
+class MeanTeacherConfig:
+    ema_decay: float = 0.99            # seed project; the MIRA-U seed uses 0.999
+    consistency: float = 1.0           # maximum consistency weight
+    rampup_epochs: float = 10.0        # sigmoid ramp exp(-5(1-t/T)^2)
+    noise_std: float = 0.1             # Gaussian input noise, drawn independently for student and teacher
+    evaluate_teacher: bool = True      # score (and select/export) the teacher; false = the student only
+    ema_warmup: bool = True            # decay min(1 - 1/(n+1), ema_decay) after n updates (the paper's code)
+    consistency_on_labeled: bool = True  # consistency on labelled images too (the paper: on all images)
+    probe_cases: int = 32              # hidden-truth cases scoring the teacher's targets per epoch; 0 = off
+    student_view: str = "noise"        # noise | strong: the student's view gets photometric strong
+                                       # augmentation (jitter, blur, noise, cutout) on top of its noise
+    teacher_bn: str = "batch"          # batch (the paper's code): teacher BN on batch statistics during
+                                       # training, its own moving statistics (for evaluation) from them;
+                                       # moving: inference mode on the EMA of the student's statistics
+                                       # (the teacher then trailed the student: label-efficiency bench)
+
+
+@dataclass
+class MixMatchConfig:
+    temperature: float = 0.5
+    alpha: float = 0.75
+    k: int = 2
+    lambda_u: float = 1.0              # maximum weight of the unlabelled L2 loss
+    rampup_epochs: float = 10.0
+    photometric_views: bool = True     # the K guess views: flips + photometric jitter (false: flips only)
+    probe_cases: int = 32              # hidden-truth cases scoring the sharpened guesses per epoch; 0 = off
+
+
+@dataclass
+class MiraUConfig:
+    teacher_checkpoint: str = ""       # a stage-1 teacher (.keras) to start stage 2 from
+    mim_epochs: int = 50
+    mim_lr: float = 1e-3
+    mim_batch_size: int = 16
+    mask_ratio: float = 0.8
+    patch_size: int = 8
+    embed_dim: int = 256
+    depth: int = 4
+    num_heads: int = 4
+    teacher_dropout: float = 0.1
+    student_base_channels: int = 32
+    student_swin_depth: int = 2        # Swin blocks per student stage (1 makes tests trace faster)
+    mc_samples: int = 20               # M
+    mc_chunk: int = 0                  # 0 = all M passes in one batched forward
+    kappa: float = 0.5
+    tau_u: float = 0.15
+    lambda_u: float = 1.0
+    lambda_c: float = 0.1
+    gamma: float = 0.01
+    rampup_epochs: float = 80.0
+    ema_decay: float = 0.999
+    ema_target: str = "student_ema"    # student_ema | teacher_head  (see docs/mira_u.md)
+    probe_cases: int = 32              # hidden-truth unlabeled cases scored for pseudo-label Dice per epoch; 0 = off
+
+
+@dataclass
+class Config:
+    method: str = "supervised"
+    preset: str = ""
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    mean_teacher: MeanTeacherConfig = field(default_factory=MeanTeacherConfig)
+    mixmatch: MixMatchConfig = field(default_factory=MixMatchConfig)
+    mira_u: MiraUConfig = field(default_factory=MiraUConfig)
+
+
+from semiseg.errors import ConfigError  # noqa: E402  (defined with the other errors)
+
+
+# Presets are plain override mappings, so they read like the YAML a user would write.
+PRESETS: dict[str, dict] = {
+    # Seconds: tiny images and a handful of steps; used by the tests and for wiring checks.
+    "smoke": {
+        "data": {"image_size": 32, "synthetic_cases": 48, "synthetic_size": 48, "labeled_fraction": 0.25,
+                 "shuffle_buffer": 64},
+        "model": {"base_filters": 4, "depth": 2},
+        "train": {"epochs": 2, "steps_per_epoch": 3, "batch_size": 4, "steps_per_loop": 3, "eval_batch_size": 8},
+        "mean_teacher": {"rampup_epochs": 1.0},
+        "mixmatch": {"rampup_epochs": 1.0},
+        "mira_u": {"mim_epochs": 1, "mim_batch_size": 4, "embed_dim": 32, "depth": 1, "num_heads": 2,
+                   "student_base_channels": 4, "student_swin_depth": 1, "mc_samples": 3, "rampup_epochs": 1.0, "patch_size": 8},
+    },
+    # The README's main job: a few minutes on a 2-core laptop CPU.
+    "cpu": {
+        "data": {"image_size": 64, "labeled_fraction": 0.1},
+        "model": {"base_filters": 16, "depth": 4},
+        "train": {"epochs": 12, "batch_size": 8, "steps_per_epoch": 40, "lr": 2e-3, "schedule": "cosine"},
+        "mean_teacher": {"rampup_epochs": 5.0},
+        "mixmatch": {"rampup_epochs": 5.0},
+    },
+    # The seed project's pancreas runs (MSD Task07, 281 labelled CT volumes; pass --data PATH).
+    # The seed trained on 225 and validated on 56 volumes with no held-out test set; here 56 (20%)
+    # validate, 28 (10%) are held out for test, so 197 train: "all labels" is 197 volumes and the
+    # seed's 30 labelled volumes are labeled_fraction 30/197.
+    "pancreas_supervised": {
+        "data": {"format": "msd", "image_size": 256, "labeled_fraction": 1.0, "val_fraction": 0.2,
+                 "test_fraction": 0.1, "modality": "ct"},
+        "model": {"base_filters": 32, "depth": 4},
+        "train": {"epochs": 100, "batch_size": 8, "patience": 15},
+    },
+    "pancreas_mean_teacher": {
+        "data": {"format": "msd", "image_size": 256, "labeled_fraction": 30 / 197, "val_fraction": 0.2,
+                 "test_fraction": 0.1, "modality": "ct"},
+        "model": {"base_filters": 16, "depth": 4},
+        "train": {"epochs": 100, "batch_size": 4},
+        "mean_teacher": {"ema_decay": 0.99, "consistency": 50.0},
+    },
+    "pancreas_mixmatch": {
+        "data": {"format": "msd", "image_size": 256, "labeled_fraction": 30 / 197, "val_fraction": 0.2,
+                 "test_fraction": 0.1, "modality": "ct"},
+        "model": {"base_filters": 16, "depth": 4},
+        "train": {"epochs": 150, "batch_size": 4},
+        "mixmatch": {"temperature": 0.5, "alpha": 0.75, "k": 2},
+    },
+}
+
+# MIRA-U on ISIC-2016 with the seed's hyperparameters (docs/mira_u.md). The seed splits 80% train /
+# 20% test; validation (model selection) is carved out of that 80% (10% of all images, so 70%
+# train), and the labeled fraction is of the remaining training images. Pass --data ISIC_ROOT.
+for _fraction in (10, 20, 30, 50):
+    PRESETS[f"isic2016_{_fraction}"] = {
+        "method": "mira_u",
+        "data": {"format": "isic", "image_size": 256, "channels": 3, "labeled_fraction": _fraction / 100,
+                 "test_fraction": 0.2, "val_fraction": 0.1},
+        "train": {"epochs": 150, "batch_size": 4, "lr": 1e-3, "lambda_dice": 0.5, "lambda_bce": 0.5,
+                  "unlabeled_ratio": 1},
+        "mira_u": {"mim_epochs": 50, "mim_lr": 1e-3, "mim_batch_size": 16, "mask_ratio": 0.8, "patch_size": 8,
+                   "mc_samples": 20, "kappa": 0.5, "tau_u": 0.15, "ema_decay": 0.999, "rampup_epochs": 80.0,
+                   "lambda_u": 1.0, "lambda_c": 0.1, "gamma": 0.01},
+    }
+
+
+def _field_types(cls) -> dict[str, typing.Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(value, typ, key: str):
+    """Coerce a YAML/--set value to the dataclass field's type, or raise ConfigError naming key."""
+    origin = typing.get_origin(typ)
+    if origin in (list, typing.List):
+        (item_type,) = typing.get_args(typ) or (str,)
+        if isinstance(value, str):
+            value = yaml.safe_load(value) if value.strip().startswith("[") else [v for v in value.split(",") if v]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, item_type, key) for v in value]
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in ("1", "true", "yes", "on"):
+            return True
+        if text in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if typ in (int, float):
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected {typ.__name__}, got {value!r}")
+        try:
+            number = float(value) if isinstance(value, str) else value
+            if typ is int:
+                if float(number) != int(float(number)):
+                    raise ValueError
+                return int(float(number))
+            return float(number)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected {typ.__name__}, got {value!r}") from None
+    if typ is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return "" if value is None else str(value)
+    raise ConfigError(f"{key}: unsupported field type {typ}")
+
+
+def apply_mapping(cfg, mapping: dict, prefix: str = ""):
+    """Apply a nested mapping of overrides to dataclass `cfg` in place; unknown keys are errors."""
+    if not isinstance(mapping, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {mapping!r}")
+    types = _field_types(type(cfg))
+    for key, value in mapping.items():
+        dotted = f"{prefix}{key}"
+        if key not in types:
+            known = ", ".join(sorted(types))
+            raise ConfigError(f"unknown config key '{dotted}' (known here: {known})")
+        current = getattr(cfg, key)
+        if dataclasses.is_dataclass(current):
+            apply_mapping(current, value, dotted + ".")
+        else:
+            setattr(cfg, key, _coerce(value, types[key], dotted))
+    return cfg
+
+
+def parse_set(assignments: typing.Iterable[str]) -> dict:
+    """Turn ['train.lr=3e-4', 'seed=1'] into a nested mapping (values still strings)."""
+    nested: dict = {}
+    for item in assignments:
+        if "=" not in item:
+            raise ConfigError(f"--set expects section.key=value, got {item!r}")
+        dotted, value = item.split("=", 1)
+        parts = [p for p in dotted.strip().split(".") if p]
+        if not parts:
+            raise ConfigError(f"--set expects section.key=value, got {item!r}")
+        node = nested
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {dotted}: '{part}' is not a section")
+        node[parts[-1]] = value
+    return nested
+
+
+def add_set_argument(parser: argparse.ArgumentParser, help: str = "section.key=value overrides, e.g. "
+                     "train.lr=3e-4 data.labeled_fraction=0.3; repeatable, later wins per key") -> None:
+    """The one `--set` option of every semiseg command line. `extend`, not plain nargs: a repeated
+    `--set a=1 --set b=2` (as sbatch scripts build it) keeps both, where argparse's default would
+    silently keep only the last occurrence; `--set a=1 b=2` still works."""
+    parser.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE", help=help)
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_yaml(cfg: Config, path) -> None:
+    """Write atomically: a crash never leaves a half-written config.yaml."""
+    from semiseg.runs import atomic_write
+    atomic_write.write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def load_yaml(path) -> dict:
+    try:
+        with open(path) as fh:
+            data = yaml.safe_load(fh) or {}
+    except OSError as err:
+        raise ConfigError(f"cannot read config file {path}: {err.strerror}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: expected a mapping at the top level")
+    return data
+
+
+def resolve(preset: str = "", config_file: str = "", overrides: typing.Iterable[str] = (), method: str = "") -> Config:
+    """defaults -> preset -> YAML file -> --set overrides (later wins)."""
+    cfg = Config()
+    if preset:
+        if preset not in PRESETS:
+            raise ConfigError(f"unknown preset '{preset}' (known: {', '.join(sorted(PRESETS))})")
+        apply_mapping(cfg, PRESETS[preset])
+        cfg.preset = preset
+    if config_file:
+        apply_mapping(cfg, load_yaml(config_file))
+    if method:
+        cfg.method = method
+    apply_mapping(cfg, parse_set(overrides))
+    validate(cfg)
+    return cfg
+
+
+def from_dict(mapping: dict) -> Config:
+    cfg = apply_mapping(Config(), mapping)
+    validate(cfg)
+    return cfg
+
+
+# What config resolution must know of each method without importing TensorFlow: the networks its
+# Trainer builds that `train.export` may name, and whether its step draws unlabelled images (then
+# train.unlabeled_ratio must be >= 1). tests/test_config_rules.py keeps this equal to the registered
+# Trainer classes (train_ssl_tf2.METHODS), so a new method cannot be added to one and not the other.
+@dataclass(frozen=True)
+class MethodInfo:
+    networks: typing.Tuple[str, ...]
+    uses_unlabeled: bool
+
+
+METHODS: dict[str, MethodInfo] = {
+    "supervised": MethodInfo(("student",), False),
+    "mean_teacher": MethodInfo(("student", "teacher"), True),
+    "mixmatch": MethodInfo(("student",), True),
+    "mira_u": MethodInfo(("student", "teacher"), True),
+}
+MODEL_NAMES = ("unet", "hybrid")                  # models_tf2.MODELS (test-checked)
+DATA_FORMATS = ("synthetic", "isic", "ph2", "msd", "folders", "auto")   # data_sources.SOURCES + auto
+
+# Valid range of every int/float field, checked at resolution: (test, wording). A test asserts
+# that each numeric field of every section has an entry, so a new field cannot skip its check.
+_AT_LEAST_0, _AT_LEAST_1, _POSITIVE = (lambda v: v >= 0, ">= 0"), (lambda v: v >= 1, ">= 1"), (lambda v: v > 0, "> 0")
+_FRACTION, _DECAY = (lambda v: 0 <= v <= 1, "in [0, 1]"), (lambda v: 0 <= v < 1, "in [0, 1)")
+RANGES: dict[str, tuple] = {
+    "seed": _AT_LEAST_0,
+    "data.image_size": _AT_LEAST_1, "data.channels": _AT_LEAST_0,
+    "data.labeled_fraction": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "data.val_fraction": _DECAY, "data.test_fraction": _DECAY,
+    "data.shuffle_buffer": _AT_LEAST_1, "data.synthetic_cases": _AT_LEAST_1,
+    "data.synthetic_size": (lambda v: v >= 16, ">= 16 (the generator's minimum)"), "data.synthetic_difficulty": _AT_LEAST_0,
+    "data.synthetic_seed": _AT_LEAST_0, "data.slice_axis": (lambda v: v in (0, 1, 2), "0, 1 or 2"),
+    "data.background_ratio": _FRACTION,
+    "model.base_filters": _AT_LEAST_1, "model.depth": _AT_LEAST_1, "model.dropout": _DECAY,
+    "model.bn_momentum": _DECAY,
+    "train.epochs": _AT_LEAST_1, "train.steps_per_epoch": (lambda v: v >= 0, ">= 0 (0 = one pass over the data)"),
+    "train.batch_size": _AT_LEAST_1, "train.unlabeled_ratio": _AT_LEAST_0, "train.lr": _POSITIVE,
+    "train.warmup_epochs": _AT_LEAST_0, "train.momentum": _DECAY, "train.weight_decay": _AT_LEAST_0,
+    "train.clip_norm": (lambda v: v >= 0, ">= 0 (0 = off)"), "train.lambda_dice": _AT_LEAST_0,
+    "train.lambda_bce": _AT_LEAST_0, "train.patience": (lambda v: v >= 0, ">= 0 (0 = off)"),
+    "train.min_delta": _AT_LEAST_0, "train.steps_per_loop": _AT_LEAST_1,
+    "train.checkpoint_every": (lambda v: v >= 0, ">= 0 (0 = every epoch)"), "train.keep_checkpoints": _AT_LEAST_1,
+    "train.eval_batch_size": _AT_LEAST_1,
+    "mean_teacher.ema_decay": _DECAY, "mean_teacher.consistency": _AT_LEAST_0,
+    "mean_teacher.rampup_epochs": _AT_LEAST_0, "mean_teacher.noise_std": _AT_LEAST_0,
+    "mean_teacher.probe_cases": _AT_LEAST_0,
+    "mixmatch.temperature": _POSITIVE, "mixmatch.alpha": _POSITIVE, "mixmatch.k": _AT_LEAST_1,
+    "mixmatch.lambda_u": _AT_LEAST_0, "mixmatch.rampup_epochs": _AT_LEAST_0, "mixmatch.probe_cases": _AT_LEAST_0,
+    "mira_u.mim_epochs": _AT_LEAST_0, "mira_u.mim_lr": _POSITIVE, "mira_u.mim_batch_size": _AT_LEAST_1,
+    "mira_u.mask_ratio": (lambda v: 0 < v < 1, "in (0, 1)"),
+    "mira_u.patch_size": (lambda v: v >= 1 and not v & (v - 1), "a power of two"),
+    "mira_u.embed_dim": _AT_LEAST_1, "mira_u.depth": _AT_LEAST_1, "mira_u.num_heads": _AT_LEAST_1,
+    "mira_u.teacher_dropout": _DECAY, "mira_u.student_base_channels": _AT_LEAST_1,
+    "mira_u.student_swin_depth": _AT_LEAST_1,
+    # One MC pass has no spread: sigma = 0 and every pixel counts as certain.
+    "mira_u.mc_samples": (lambda v: v >= 2, ">= 2"), "mira_u.mc_chunk": (lambda v: v >= 0, ">= 0 (0 = all at once)"),
+    "mira_u.kappa": _POSITIVE, "mira_u.tau_u": _FRACTION, "mira_u.lambda_u": _AT_LEAST_0,
+    "mira_u.lambda_c": _AT_LEAST_0, "mira_u.gamma": _AT_LEAST_0, "mira_u.rampup_epochs": _AT_LEAST_0,
+    "mira_u.ema_decay": _DECAY, "mira_u.probe_cases": _AT_LEAST_0,
+}
+CHOICES: dict[str, tuple] = {
+    "method": tuple(METHODS), "model.name": MODEL_NAMES, "data.format": DATA_FORMATS,
+    "data.modality": ("auto", "ct", "mri"), "model.activation": ("relu", "leaky_relu"),
+    "train.lr_scaling": ("none", "linear"), "train.schedule": ("constant", "cosine", "poly"),
+    "train.optimizer": ("adam", "sgd"), "train.precision": ("float32", "mixed_float16", "mixed_bfloat16"),
+    "train.distribution": ("auto", "none", "mirrored", "multi_worker"), "train.export": ("auto", "student", "teacher"),
+    "mean_teacher.student_view": ("noise", "strong"), "mean_teacher.teacher_bn": ("batch", "moving"),
+    "mira_u.ema_target": ("student_ema", "teacher_head"),
+}
+# model.* settings the hybrid network cannot honour, with the values it accepts (the default, and
+# the value that says what the network really does) and why.
+_HYBRID_FIXED = {
+    "dropout": ((ModelConfig.dropout, 0.0), "it has no dropout layer (as MIRA-U's student)"),
+    "batchnorm": ((True,), "its convolution blocks always use BatchNorm (as MIRA-U's student)"),
+    "activation": (("relu",), "its convolution blocks use ReLU (as MIRA-U's student)"),
+}
+
+
+def get(cfg, dotted: str):
+    """The value of a dotted key ('train.lr', 'seed')."""
+    node = cfg
+    for part in dotted.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def validate(cfg: Config) -> None:
+    """Every rule a resolved configuration must meet: each field's range or choices, then the
+    rules between fields. A violation is a ConfigError naming the key and what is allowed."""
+    for key, (ok, wording) in RANGES.items():
+        value = get(cfg, key)
+        if not ok(value):
+            raise ConfigError(f"{key}: must be {wording}, got {value!r}")
+    for key, allowed in CHOICES.items():
+        value = get(cfg, key)
+        if value not in allowed:
+            raise ConfigError(f"{key}: must be one of {', '.join(allowed)}, got {value!r}")
+    _validate_data(cfg)
+    _validate_train(cfg)
+    _validate_networks(cfg)
+
+
+def _check(ok: bool, key: str, msg: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {msg}")
+
+
+def _validate_data(cfg: Config) -> None:
+    d = cfg.data
+    _check(d.val_fraction + d.test_fraction < 1, "data.val_fraction/test_fraction",
+           f"must sum to less than 1, got {d.val_fraction} + {d.test_fraction}")
+    _check(len(d.ct_window) == 2 and d.ct_window[0] < d.ct_window[1], "data.ct_window",
+           f"must be [low, high] with low < high (HU), got {d.ct_window}")
+    _check(len(d.label_set) >= 1 and all(v >= 1 for v in d.label_set), "data.label_set",
+           f"must list one or more foreground labels >= 1 (0 is background), got {d.label_set}")
+
+
+def _validate_train(cfg: Config) -> None:
+    t, info = cfg.train, METHODS[cfg.method]
+    if info.uses_unlabeled:
+        _check(t.unlabeled_ratio >= 1, "train.unlabeled_ratio",
+               f"method {cfg.method} trains on unlabelled images: must be >= 1, got {t.unlabeled_ratio}")
+    exportable = ("auto",) + info.networks
+    _check(t.export in exportable, "train.export",
+           f"method {cfg.method} has no '{t.export}' network: must be one of {', '.join(exportable)}")
+    _check(t.lambda_dice + t.lambda_bce > 0, "train.lambda_dice/lambda_bce",
+           "at least one supervised loss weight must be > 0")
+    # Only the cosine schedule has a warm-up phase (train_ssl_tf2.Trainer._lr_schedule).
+    _check(t.warmup_epochs == 0 or t.schedule == "cosine", "train.warmup_epochs",
+           f"only train.schedule=cosine warms up; got warmup_epochs={t.warmup_epochs} with schedule={t.schedule}")
+    _check(t.warmup_epochs < t.epochs or t.warmup_epochs == 0, "train.warmup_epochs",
+           f"must be less than train.epochs={t.epochs}, got {t.warmup_epochs}")
+
+
+def _validate_networks(cfg: Config) -> None:
+    """Image size vs each network's down-sampling, and model.* settings a network would ignore."""
+    size, m, mu = cfg.data.image_size, cfg.model, cfg.mira_u
+    if cfg.method == "mira_u":
+        # MIRA-U builds its own networks from mira_u.* (hybrid student, ViT teacher), not from model.*.
+        _check(size % 16 == 0, "data.image_size", f"{size} must be a multiple of 16 (MIRA-U's hybrid student)")
+        _check(size % mu.patch_size == 0, "data.image_size",
+               f"{size} must be a multiple of mira_u.patch_size = {mu.patch_size} (MIRA-U's ViT teacher)")
+        _check(mu.embed_dim % mu.num_heads == 0, "mira_u.embed_dim",
+               f"{mu.embed_dim} must be a multiple of mira_u.num_heads = {mu.num_heads}")
+        return
+    if m.name == "hybrid":
+        _check(size % 16 == 0, "data.image_size", f"{size} must be a multiple of 16 (model.name=hybrid)")
+        for key, (accepted, why) in _HYBRID_FIXED.items():
+            value = getattr(m, key)
+            _check(value in accepted, f"model.{key}", f"model.name=hybrid cannot honour {value!r}: {why}; "
+                   f"allowed: {' or '.join(repr(a) for a in accepted)}")
+        return
+    _check(size % (2 ** m.depth) == 0, "data.image_size",
+           f"{size} must be divisible by 2**model.depth = {2 ** m.depth}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="Print a resolved semiseg configuration as YAML.")
+    parser.add_argument("--preset", default="")
+    parser.add_argument("--config", default="")
+    parser.add_argument("--method", default="")
+    add_set_argument(parser)
+    parser.add_argument("--list-presets", action="store_true")
+    args = parser.parse_args(argv)
+    if args.list_presets:
+        print("\n".join(sorted(PRESETS)))
+        return 0
+    try:
+        cfg = resolve(args.preset, args.config, args.set, args.method)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    yaml.safe_dump(to_dict(cfg), sys.stdout, sort_keys=False)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

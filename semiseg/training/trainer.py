@@ -1,0 +1,500 @@
+"""Training: the `Trainer` base (one distributed loop for every method) and the method registry.
+
+    python main.py train --method supervised --preset cpu
+
+The Trainer owns the strategy scope, the networks, optimizer and LR schedule, the distributed step
+(`strategy.run` inside a `tf.function` that runs `steps_per_loop` steps per call, as in Orbit),
+checkpoints, early stopping, preemption and logging. A method is a registered subclass that
+overrides `compute_loss` (and maybe `build_models`, `on_step_end`, `epoch_diagnostics`); the base
+never asks which method it is running.
+
+Loss scaling under tf.distribute: every loss a method returns is this replica's share of the
+global-batch mean, so the all-reduced (summed) gradient equals one replica's gradient on the whole
+global batch. Per-example terms use `global_mean`; batch-level Dice all-reduces its sums first.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+import keras
+
+from semiseg.runs import atomic_write
+from semiseg.training import distribute
+from semiseg.evaluation import evaluate as evaluation
+from semiseg.runs import run_dir as rundir
+from semiseg.data.loader import steps_per_epoch
+from semiseg.models.unet import build_model
+
+from semiseg.training.registry import METHODS, register_method  # noqa: F401  (re-exported; a leaf)
+
+EXIT_PREEMPTED = distribute.PREEMPTED_EXIT_CODE   # 75, EX_TEMPFAIL: the sbatch scripts requeue on it
+
+
+def sigmoid_rampup(epoch, rampup_epochs):
+    """exp(-5 (1 - t/T)^2) for t < T, then 1 (Laine & Aila; Tarvainen & Valpola; MIRA-U's beta)."""
+    if rampup_epochs <= 0:
+        return tf.constant(1.0) if tf.is_tensor(epoch) else 1.0
+    if tf.is_tensor(epoch):
+        t = tf.clip_by_value(tf.cast(epoch, tf.float32) / rampup_epochs, 0.0, 1.0)
+        return tf.exp(-5.0 * tf.square(1.0 - t))
+    t = min(max(float(epoch) / rampup_epochs, 0.0), 1.0)
+    return math.exp(-5.0 * (1.0 - t) ** 2)
+
+
+def ema_update(teacher_vars, student_vars, decay):
+    """teacher <- decay * teacher + (1 - decay) * student, for every weight (BN statistics too)."""
+    for t, s in zip(teacher_vars, student_vars):
+        t.assign(decay * t + (1.0 - decay) * tf.cast(s, t.dtype))
+
+
+class Preemption:
+    """SIGTERM / SIGUSR1 set a flag; the loop checkpoints at the next loop boundary and exits 75."""
+
+    def __init__(self):
+        self.signal = distribute.early_signal()      # one that arrived during start-up
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            try:
+                signal.signal(sig, self._handle)
+            except ValueError:          # not the main thread (e.g. inside some test runners)
+                pass
+
+    def _handle(self, signum, _frame):
+        self.signal = signal.Signals(signum).name
+
+
+class EpochLogSums:
+    """An epoch's running log sums (per key, weighted by steps) and its step count, mirrored into a
+    string variable that checkpoints carry: a run resumed mid-epoch, from a periodic checkpoint
+    after kill -9 or from a preemption one, then reports the whole epoch, not only its own steps.
+
+    JSON in one tf.string variable because the keys are whatever a method's `compute_loss` returns,
+    known only once its step has run, while a checkpoint's variables must exist before its restore.
+    """
+
+    def __init__(self):
+        with tf.device("/cpu:0"):       # a string variable cannot live on an accelerator
+            self.variable = tf.Variable("", dtype=tf.string, trainable=False, name="epoch_log_sums")
+        self.reset()
+
+    def reset(self):
+        self.sums, self.steps = {}, 0
+
+    def add(self, logs: dict, n: int):
+        """`logs` are means over `n` steps."""
+        for k, v in logs.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v * n
+        self.steps += n
+
+    def means(self) -> dict:
+        return {k: v / max(self.steps, 1) for k, v in self.sums.items()}
+
+    def store(self):
+        """Before every save. Python floats round-trip exactly through JSON."""
+        self.variable.assign(json.dumps({"sums": self.sums, "steps": self.steps}))
+
+    def load(self):
+        """After a restore."""
+        text = self.variable.numpy().decode()
+        saved = json.loads(text) if text else {"sums": {}, "steps": 0}
+        self.sums, self.steps = saved["sums"], saved["steps"]
+
+
+def model_variables(models: dict) -> dict:
+    """Every variable of each network by name, as lists a tf.train.Checkpoint saves and restores.
+
+    Through the model object alone, tf.train.Checkpoint misses Keras 3 layers held in Python lists
+    (the ViT teacher's blocks, the hybrid student's cross-attention: measured, 18 of the smoke
+    teacher's 47 variables and 48 of the student's 212) and Keras' SeedGenerator states (Dropout's
+    RNG). Missed, a resumed run silently continues from freshly initialised weights and RNG."""
+    return {name: [v.value for v in m.variables] for name, m in models.items()}
+
+
+class Trainer:
+    """Base trainer: supervised loss on labelled batches. Subclasses add unlabelled terms."""
+    method_name = "base"
+    uses_unlabeled = False
+    labeled_augment = "weak"        # weak | strong | none, applied in tf.data per element
+    unlabeled_augment = "weak"
+
+    def __init__(self, cfg, data, strategy, strategy_info: dict | None = None, log=print):
+        self.cfg, self.data, self.strategy, self.log = cfg, data, strategy, log
+        self.strategy_info = strategy_info or {}
+        self.n_replicas = strategy.num_replicas_in_sync
+        t = cfg.train
+        if t.batch_size % self.n_replicas:
+            raise ValueError(f"train.batch_size={t.batch_size} (global) must be divisible by the "
+                             f"{self.n_replicas} replicas")
+        self.global_batch = t.batch_size
+        self.per_replica_batch = t.batch_size // self.n_replicas
+        self.global_unlabeled_batch = t.batch_size * t.unlabeled_ratio
+        self.steps_per_epoch = steps_per_epoch(cfg, data)
+        self.total_steps = self.steps_per_epoch * t.epochs
+        with strategy.scope():
+            self.models = self.build_models()
+            self.optimizer = self._build_optimizer()
+            # Built explicitly: a lazily built Adam fails in a custom loop (keras-team/keras#23085).
+            self.optimizer.build(self.trainable_variables())
+            self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
+            self.best_score = tf.Variable(-1.0, dtype=tf.float64, trainable=False, name="best_score")
+            self.bad_epochs = tf.Variable(0, dtype=tf.int64, trainable=False, name="bad_epochs")
+        self.epoch_log_sums = EpochLogSums()
+        self._loop_fn = None
+        self._preemption = None
+
+    # ------------------------------------------------------------------ hooks for methods
+    @classmethod
+    def build_networks(cls, cfg, image_size: int, channels: int) -> dict:
+        """Networks by role; 'student' is the one the optimizer trains. A classmethod so that
+        `describe` can count parameters without data."""
+        return {"student": build_model(cfg.model, image_size, channels, "student")}
+
+    def build_models(self) -> dict:
+        return self.build_networks(self.cfg, self.data.image_size, self.data.channels)
+
+    def trainable_variables(self):
+        return self.models["student"].trainable_variables
+
+    def compute_loss(self, labeled, unlabeled, step):
+        """(loss, logs): loss is this replica's share; each log value sums over replicas to its global value."""
+        images, masks = labeled
+        logits = self.models["student"](images, training=True)
+        loss, dice, bce = self.supervised_loss(logits, masks)
+        return loss, {"loss": loss, "loss_sup": loss, "loss_dice": dice, "loss_bce": bce}
+
+    def on_step_end(self, step):
+        """Called in the replica context after the optimizer update (EMA teachers go here)."""
+        return None
+
+    def eval_models(self) -> dict:
+        """Networks scored on validation each epoch; the first one drives model selection."""
+        return {"student": self.models["student"]}
+
+    def export_model(self):
+        choice = self.cfg.train.export
+        if choice == "auto":
+            return next(iter(self.eval_models().items()))
+        return choice, self.models[choice]
+
+    def export_record(self) -> dict:
+        """What RUN/export.json records: the network `export_model` picks, the checkpoint attribute
+        it is restored from, and why; built from the same calls training uses, so they agree."""
+        name, model = self.export_model()
+        key = next((k for k, m in self.models.items() if m is model), name)
+        validated = list(self.eval_models())
+        choice = self.cfg.train.export
+        reason = (f"train.export=auto: the first network {self.method_name} validates ({', '.join(validated)}), "
+                  f"which also selects the best epoch" if choice == "auto"
+                  else f"train.export={choice}; the best epoch is selected by {validated[0]}")
+        return {"network": name, "checkpoint_key": key, "method": self.method_name, "validated": validated,
+                "selected_by": validated[0], "reason": reason}
+
+    def save_best(self, run: Path) -> None:
+        """RUN/best_model.keras = the exported network; a method may write companions beside it."""
+        _save_model_atomic(self.export_model()[1], run / "best_model.keras")
+
+    def epoch_diagnostics(self, epoch: int) -> dict:
+        """Extra history.csv columns per epoch (e.g. Dice of pseudo targets vs hidden truth)."""
+        return {}
+
+    def schedule_logs(self, epoch_float: float) -> dict:
+        """Replica-independent values to log (ramp weights), computed in Python per epoch."""
+        return {}
+
+    # ------------------------------------------------------------------ loss helpers
+    def global_mean(self, per_example):
+        """Mean over the global batch of per-example values (this replica's share)."""
+        return tf.nn.compute_average_loss(per_example, global_batch_size=tf.shape(per_example)[0] * self.n_replicas)
+
+    def all_reduce_sum(self, value):
+        ctx = tf.distribute.get_replica_context()
+        return ctx.all_reduce(tf.distribute.ReduceOp.SUM, value) if ctx is not None else value
+
+    def soft_dice_loss(self, probs, targets, eps=1e-5):
+        """1 - 2|P.T| / (|P| + |T|) over the whole global batch (sums all-reduced), divided by the
+        replica count so the summed gradients equal the single-replica gradient."""
+        sums = tf.stack([tf.reduce_sum(probs * targets), tf.reduce_sum(probs), tf.reduce_sum(targets)])
+        inter, p, t = tf.unstack(self.all_reduce_sum(sums))
+        return (1.0 - (2.0 * inter + eps) / (p + t + eps)) / self.n_replicas
+
+    def supervised_loss(self, logits, masks):
+        """L_sup = lambda_dice * Dice + lambda_bce * BCE on float32 logits (the seed's 0.5 / 0.5)."""
+        logits = tf.cast(logits, tf.float32)
+        bce_map = tf.nn.sigmoid_cross_entropy_with_logits(labels=masks, logits=logits)
+        bce = self.global_mean(tf.reduce_mean(bce_map, axis=[1, 2, 3]))
+        dice = self.soft_dice_loss(tf.sigmoid(logits), masks)
+        t = self.cfg.train
+        return t.lambda_dice * dice + t.lambda_bce * bce, dice, bce
+
+    def replica_seed(self, step, stream: int):
+        """A stateless seed that differs per step, per replica and per purpose (`stream`)."""
+        ctx = tf.distribute.get_replica_context()
+        replica = ctx.replica_id_in_sync_group if ctx is not None else 0
+        return tf.stack([tf.cast(self.cfg.seed * 1000 + stream, tf.int64),
+                         tf.cast(step, tf.int64) * 1024 + tf.cast(replica, tf.int64)])
+
+    def epoch_float(self, step):
+        return tf.cast(step, tf.float32) / float(self.steps_per_epoch)
+
+    # ------------------------------------------------------------------ optimizer
+    def _lr_schedule(self):
+        t = self.cfg.train
+        lr = t.lr * (self.n_replicas if t.lr_scaling == "linear" else 1)
+        warmup = int(t.warmup_epochs * self.steps_per_epoch)
+        decay_steps = max(1, self.total_steps - warmup)
+        if t.schedule == "cosine":
+            return keras.optimizers.schedules.CosineDecay(
+                lr if not warmup else 0.0, decay_steps, alpha=0.01,
+                warmup_target=lr if warmup else None, warmup_steps=warmup)
+        if t.schedule == "poly":
+            return keras.optimizers.schedules.PolynomialDecay(lr, self.total_steps, lr * 0.01, power=0.9)
+        return lr
+
+    def _build_optimizer(self):
+        t = self.cfg.train
+        kwargs = {"learning_rate": self._lr_schedule()}
+        # With float16 loss scaling the gradients must be unscaled before clipping, which only the
+        # LossScaleOptimizer does: there Keras clips (each replica's share, at clip_norm / R).
+        self._keras_clips = t.precision == "mixed_float16"
+        if t.clip_norm > 0 and self._keras_clips:
+            kwargs["global_clipnorm"] = t.clip_norm / self.n_replicas
+        if t.optimizer == "sgd":
+            opt = keras.optimizers.SGD(momentum=t.momentum, weight_decay=t.weight_decay or None, **kwargs)
+        elif t.weight_decay > 0:
+            opt = keras.optimizers.AdamW(weight_decay=t.weight_decay, **kwargs)
+        else:
+            opt = keras.optimizers.Adam(**kwargs)
+        if t.precision == "mixed_float16":
+            # float16 gradients underflow without loss scaling; bfloat16 has float32's range.
+            opt = keras.optimizers.LossScaleOptimizer(opt)
+        return opt
+
+    def current_lr(self) -> float:
+        opt = getattr(self.optimizer, "inner_optimizer", self.optimizer)
+        lr = opt.learning_rate
+        # Under a tf.distribute strategy a constant rate is a MirroredVariable, which float()
+        # rejects; convert_to_numpy reads its value.
+        return float(keras.ops.convert_to_numpy(lr(opt.iterations) if callable(lr) else lr))
+
+    # ------------------------------------------------------------------ the distributed step
+    def _replica_step(self, labeled, unlabeled):
+        step = self.optimizer.iterations
+        with tf.GradientTape() as tape:
+            loss, logs = self.compute_loss(labeled, unlabeled, step)
+            scaled = self.optimizer.scale_loss(loss) if hasattr(self.optimizer, "scale_loss") else loss
+        variables = self.trainable_variables()
+        # Gathered tables (e.g. Swin relative-position biases) give IndexedSlices: densify them so
+        # the all-reduce and clipping below treat every gradient alike.
+        grads = [tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices) else g
+                 for g in tape.gradient(scaled, variables)]
+        clip = self.cfg.train.clip_norm
+        if clip > 0 and not self._keras_clips:
+            # Keras clips each replica's share before its all-reduce; clipping must see the global
+            # gradient. So: all-reduce here, clip, and hand the optimizer 1/R of it (it sums again).
+            grads = self.all_reduce_sum(grads)
+            grads, _ = tf.clip_by_global_norm(grads, clip)
+            grads = [g / self.n_replicas for g in grads]
+        self.optimizer.apply_gradients(zip(grads, variables))
+        self.on_step_end(step)
+        return logs
+
+    def _make_loop(self, labeled_it, unlabeled_it):
+        strategy = self.strategy
+
+        # A tf.function of its own, called twice below but traced once: inlined as two calls of
+        # one graph, the step (the costly part of tracing a hybrid student) is not traced twice.
+        @tf.function
+        def one_step():
+            unlabeled = next(unlabeled_it) if unlabeled_it is not None else None
+            per_replica = strategy.run(self._replica_step, args=(next(labeled_it), unlabeled))
+            return {k: strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None) for k, v in per_replica.items()}
+
+        def loop(n_steps):
+            # Orbit-style: n optimizer steps per call cut Python overhead per step. The first
+            # step sits outside tf.range so `totals` has the logs' structure to carry.
+            totals = one_step()
+            for _ in tf.range(n_steps - 1):
+                logs = one_step()
+                totals = {k: totals[k] + logs[k] for k in totals}
+            return {k: v / tf.cast(n_steps, v.dtype) for k, v in totals.items()}
+
+        return tf.function(loop, jit_compile=self.cfg.train.jit_compile or None)
+
+    def _iterators(self, start_step: int):
+        augment = _augment_fn(self.labeled_augment)
+        b, ub = self.per_replica_batch, self.per_replica_batch * self.cfg.train.unlabeled_ratio
+        lab = self.strategy.distribute_datasets_from_function(
+            lambda ctx: self.data.train_dataset("labeled", b, ctx, start_step, augment, stream_id=1))
+        unl = None
+        if self.uses_unlabeled:
+            uaug = _augment_fn(self.unlabeled_augment)
+            unl = iter(self.strategy.distribute_datasets_from_function(
+                lambda ctx: self.data.train_dataset("unlabeled", ub, ctx, start_step, uaug, stream_id=2,
+                                                    with_mask=False)))
+        return iter(lab), unl
+
+    # ------------------------------------------------------------------ checkpoints
+    def checkpoint(self) -> tf.train.Checkpoint:
+        return tf.train.Checkpoint(optimizer=self.optimizer, epoch=self.epoch, best_score=self.best_score,
+                                   bad_epochs=self.bad_epochs, model_variables=model_variables(self.models),
+                                   epoch_log_sums=self.epoch_log_sums.variable, **self.models)
+
+    def restore_latest(self, ckpt: tf.train.Checkpoint, folder: Path) -> int:
+        """Restore the chief's newest checkpoint in `folder` on every worker; returns its number (its
+        step; 0: none). The chief's choice is broadcast: workers that see the file system
+        differently (a lagging network file system) would otherwise resume at different steps and
+        run different collectives, a hang."""
+        latest = tf.train.latest_checkpoint(str(folder))
+        number = distribute.chief_int(self.strategy, int(latest.rsplit("-", 1)[1]) if latest else 0)
+        if number:
+            ckpt.restore(str(folder / f"ckpt-{number}")).assert_existing_objects_matched()
+        return number
+
+    def preemption(self) -> Preemption:
+        """One signal watcher per trainer, shared with a method's own stage before the loop (MIRA-U's
+        stage 1): a second one would take over the handlers and miss what the first had caught."""
+        if self._preemption is None:
+            self._preemption = Preemption()
+        return self._preemption
+
+    def stop_requested(self) -> bool:
+        """Whether to save and exit now. Call it at the same steps on every worker: a signal reaches
+        workers at different times, so they agree (all-reduce) and all save the same step together."""
+        caught = self.preemption().signal is not None
+        if self.strategy_info.get("num_workers", 1) > 1:
+            return distribute.any_worker_true(self.strategy, caught)
+        return caught
+
+    def _summary_writer(self, run: Path):
+        if getattr(self, "_writer", None) is None:
+            self._writer = tf.summary.create_file_writer(str(run / "tensorboard"))
+        return self._writer
+
+    # ------------------------------------------------------------------ the outer loop
+    def fit(self, run: Path, is_chief: bool = True, ckpt_dir: Path | None = None, progress: bool = True) -> str:
+        """Train until epochs are done, early stopping, or preemption. Returns the stop reason."""
+        from tqdm import tqdm
+        t = self.cfg.train
+        ckpt = self.checkpoint()
+        # Every worker saves (tf.distribute gathers variables collectively), the chief into the run
+        # folder and the others into private folders; all restore from the chief's.
+        manager = tf.train.CheckpointManager(ckpt, str(ckpt_dir or run / "checkpoints"), max_to_keep=t.keep_checkpoints)
+        sums = self.epoch_log_sums      # of the epoch in progress; every checkpoint carries them
+
+        def save(at_step):
+            sums.store()
+            save_checkpoint(manager, at_step)
+
+        restored = self.restore_latest(ckpt, run / "checkpoints")
+        if restored:
+            sums.load()
+            self.log(f"resumed from {run / 'checkpoints' / f'ckpt-{restored}'} (epoch {int(self.epoch.numpy())}, "
+                     f"step {int(self.optimizer.iterations.numpy())})")
+        step = int(self.optimizer.iterations.numpy())
+        labeled_it, unlabeled_it = self._iterators(step)
+        loop = self._make_loop(labeled_it, unlabeled_it)
+        self.preemption()
+        ckpt_every = t.checkpoint_every or self.steps_per_epoch
+        last_ckpt_step = step
+        select_name = next(iter(self.eval_models()))
+        predict_fns = {name: evaluation.make_predict_fn(m) for name, m in self.eval_models().items()}
+        if t.patience and int(self.bad_epochs.numpy()) >= t.patience:
+            return "early_stopped"      # a resumed run that had already stopped early
+        while int(self.epoch.numpy()) < t.epochs:
+            epoch = int(self.epoch.numpy())
+            epoch_end = (epoch + 1) * self.steps_per_epoch
+            t0 = time.time()
+            bar = tqdm(total=self.steps_per_epoch, initial=step - epoch * self.steps_per_epoch, unit="step",
+                       desc=f"epoch {epoch + 1}/{t.epochs}", disable=not (progress and is_chief), leave=False)
+            while step < epoch_end:
+                n = min(t.steps_per_loop, epoch_end - step)
+                logs = {k: float(v) for k, v in loop(tf.constant(n)).items()}
+                sums.add(logs, n)
+                step += n
+                bar.update(n)
+                bar.set_postfix(loss=f"{logs.get('loss', float('nan')):.4f}")
+                if not np.isfinite(logs.get("loss", 0.0)):
+                    raise FloatingPointError(f"loss became {logs['loss']} at step {step}; lower train.lr "
+                                             f"or check the data (run folder kept: {run})")
+                if self.stop_requested():
+                    bar.close()
+                    save(step)
+                    self.log(f"{self.preemption().signal or 'a peer worker'} received: checkpoint saved at "
+                             f"step {step}; exiting for requeue")
+                    return "preempted"
+                if step - last_ckpt_step >= ckpt_every and step < epoch_end:
+                    save(step)
+                    last_ckpt_step = step
+            bar.close()
+            scores = {name: evaluation.mean_case_dice(predict, self.data, "val", t.eval_batch_size)
+                      for name, predict in predict_fns.items()}
+            score = scores[select_name]
+            row = {"epoch": epoch + 1, "step": step, "lr": self.current_lr(),
+                   **sums.means(),
+                   **self.schedule_logs((epoch + 1)), **self.epoch_diagnostics(epoch + 1),
+                   "val_dice": scores[select_name],
+                   **{f"val_dice_{k}": v for k, v in scores.items() if k != select_name},
+                   "time_s": round(time.time() - t0, 2)}
+            improved = score > float(self.best_score.numpy()) + t.min_delta
+            if improved:
+                self.best_score.assign(score)
+                self.bad_epochs.assign(0)
+                if is_chief:
+                    self.save_best(run)
+            else:
+                self.bad_epochs.assign_add(1)
+            self.epoch.assign(epoch + 1)
+            sums.reset()
+            save(step)
+            last_ckpt_step = step
+            if is_chief:
+                rundir.append_history(run, row)
+                with self._summary_writer(run).as_default(step=step):
+                    for key, value in row.items():
+                        if key not in ("epoch", "step") and isinstance(value, (int, float)) and np.isfinite(value):
+                            tf.summary.scalar(key, value)
+            terms = " ".join(f"{k}={v:.4f}" for k, v in row.items() if k.startswith("loss"))
+            self.log(f"epoch {epoch + 1}/{t.epochs} {terms} val_dice={score:.4f}"
+                     f"{' *' if improved else ''} ({row['time_s']:.1f}s)")
+            if t.patience and int(self.bad_epochs.numpy()) >= t.patience:
+                self.log(f"early stopping: no validation improvement for {t.patience} epochs")
+                return "early_stopped"
+        return "completed"
+
+
+def save_checkpoint(manager: tf.train.CheckpointManager, step: int) -> None:
+    """manager.save, its errors named by the checkpoint's path. A failed save leaves the previous
+    checkpoint as `latest`: TF writes the shards under a temporary name and updates the
+    `checkpoint` index file (atomically) only after they are complete."""
+    path = Path(manager.directory) / f"ckpt-{step}"
+    try:
+        manager.save(checkpoint_number=step)
+    except (OSError, tf.errors.OpError) as err:
+        # The shards' temporary folder: give its space back (a full disk is the likely cause).
+        shutil.rmtree(f"{path}_temp", ignore_errors=True)
+        reason = err.strerror if isinstance(err, OSError) else _op_error_reason(err)
+        raise atomic_write.WriteError(path, f"{reason} (the previous checkpoint, "
+                                      f"{manager.latest_checkpoint or 'none'}, is kept)",
+                                      getattr(err, "errno", None)) from err
+
+
+def _op_error_reason(err: tf.errors.OpError) -> str:
+    """The message of a TF op error without its '{{function_node ...}}' prefix and '[Op:SaveV2]' tail."""
+    text = re.sub(r"\{\{function_node [^}]*\}\}\s*", "", err.message.strip())
+    return re.sub(r"\s*\[Op:\w+\]$", "", text).splitlines()[0] if text else type(err).__name__
+
+
+def _augment_fn(kind: str):
+    from semiseg.data import augment
+    return {"weak": augment.weak_augment, "strong": augment.strong_augment, "none": None}[kind]
+
+
+def _save_model_atomic(model, path: Path) -> None:
+    atomic_write.write_with(path, model.save)      # the temporary name keeps `.keras` for Keras
