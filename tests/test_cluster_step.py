@@ -18,12 +18,13 @@ import numpy as np
 from test_equivalence import free_ports, last_json_line, python_env, run_processes
 
 # Trains 3 steps under mixed_float16 on two mirrored replicas; replica 1's loss is multiplied by
-# 1e30 at step 1 (index), which overflows float16 only there.
+# 1e30 at step 1 (index), which overflows float16 only there. BCE only: the batch Dice all-reduces
+# its sums, whose gradient would carry replica 1's overflow to replica 0 (all would then agree).
 OVERFLOW_SCRIPT = textwrap.dedent("""
     import json
     import numpy as np
     import config, distribute
-    cfg = config.resolve("smoke", "", ["model.batchnorm=false", "model.dropout=0", "train.precision=mixed_float16",
+    cfg = config.resolve("smoke", "", ["model.batchnorm=false", "model.dropout=0", "train.precision=mixed_float16", "train.lambda_dice=0",
                                        "train.steps_per_epoch=3", "train.epochs=1"], "supervised")
     strategy, info = distribute.make_strategy("mirrored")
     import keras, tensorflow as tf
@@ -69,3 +70,58 @@ def test_mixed_float16_overflow_on_one_replica_skips_on_all():
     assert result["scales"] == [result["scales"][0]] * 2 + [result["scales"][0] / 2] * 2
     # The skipped step is a step taken (the stream moved on) but no optimizer update.
     assert (result["steps_taken"], result["iterations"]) == (3, 2)
+
+
+# Two workers fit with patience 1 while seeing different validation scores: the chief's fall
+# (0.5, 0.4, ...), the other's rise. The real validation runs; only its returned score is replaced,
+# per worker, to make the workers disagree for certain (unsynchronised BatchNorm does it by chance).
+EARLY_STOP_SCRIPT = textwrap.dedent("""
+    import json, sys
+    from pathlib import Path
+    import config, distribute
+    cfg = config.resolve("smoke", "", ["train.steps_per_epoch=2", "train.epochs=4", "train.patience=1",
+                                       "train.min_delta=0"], "supervised")
+    strategy, info = distribute.make_strategy("multi_worker")
+    import keras
+    import data_loader_tf2, evaluation, train_ssl_tf2
+    keras.utils.set_random_seed(cfg.seed)
+    bundle = data_loader_tf2.prepare_data(cfg, log=lambda m: None, progress=False)
+    scripted = {0: [0.5, 0.4, 0.3, 0.2], 1: [0.1, 0.2, 0.3, 0.4]}[info["task_index"]]
+    real_mean_case_dice = evaluation.mean_case_dice
+    seen = []
+
+    def scripted_score(*args, **kwargs):
+        real_mean_case_dice(*args, **kwargs)
+        seen.append(scripted[len(seen)])
+        return seen[-1]
+
+    evaluation.mean_case_dice = scripted_score
+    run = Path(sys.argv[1])
+    run.mkdir(parents=True, exist_ok=True)
+    trainer = train_ssl_tf2.get_method("supervised")(cfg, bundle, strategy, info, log=lambda m: None)
+    ckpt_dir = Path(distribute.worker_checkpoint_dir(str(run), info))
+    reason = trainer.fit(run, is_chief=info["is_chief"], ckpt_dir=ckpt_dir, progress=False)
+    distribute.remove_worker_checkpoint_dir(str(ckpt_dir), info)
+    print(json.dumps({"task": info["task_index"], "reason": reason, "epochs": int(trainer.epoch.numpy()),
+                      "own_scores": seen, "best_score": float(trainer.best_score.numpy()),
+                      "bad_epochs": int(trainer.bad_epochs.numpy())}))
+""")
+EARLY_STOP_TIMEOUT_S = 240      # both workers finish in about a minute here; more is a hang
+
+
+def test_workers_with_different_validation_scores_stop_together(tmp_path):
+    cluster = {"worker": [f"localhost:{port}" for port in free_ports(2)]}
+    workers = run_processes([(
+        [sys.executable, "-c", EARLY_STOP_SCRIPT, str(tmp_path / "run")],
+        python_env(TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}})))
+        for i in range(2)], timeout_s=EARLY_STOP_TIMEOUT_S)
+    for rc, _, stderr in workers:
+        assert rc == 0, stderr[-3000:]
+    chief, other = (last_json_line(stdout) for _, stdout, _ in workers)
+    print(f"\n{chief}\n{other}")
+    assert other["own_scores"][:2] == [0.1, 0.2]        # the workers did see different scores
+    # The chief's 0.5 then 0.4: an improvement, then one bad epoch, which is patience 1.
+    for worker in (chief, other):
+        assert (worker["reason"], worker["epochs"], worker["bad_epochs"]) == ("early_stopped", 2, 1)
+        assert worker["best_score"] == 0.5
+    assert (tmp_path / "run" / "best_model.keras").exists()
