@@ -343,13 +343,17 @@ class Trainer:
 
     def _make_loop(self, labeled_it, unlabeled_it):
         strategy = self.strategy
+        # XLA compiles the replica step only: the iterator's next() and strategy.run's dispatch are
+        # not XLA ops, so a compiled loop around them could not be built.
+        replica_step = (tf.function(self._replica_step, jit_compile=True) if self.cfg.train.jit_compile
+                        else self._replica_step)
 
         # A tf.function of its own, called twice below but traced once: inlined as two calls of
         # one graph, the step (the costly part of tracing a hybrid student) is not traced twice.
         @tf.function
         def one_step():
             unlabeled = next(unlabeled_it) if unlabeled_it is not None else None
-            per_replica = strategy.run(self._replica_step, args=(next(labeled_it), unlabeled))
+            per_replica = strategy.run(replica_step, args=(next(labeled_it), unlabeled))
             self.steps_taken.assign_add(1)      # taken even when a loss-scale overflow skipped the update
             return {k: strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None) for k, v in per_replica.items()}
 
@@ -362,7 +366,7 @@ class Trainer:
                 totals = {k: totals[k] + logs[k] for k in totals}
             return {k: v / tf.cast(n_steps, v.dtype) for k, v in totals.items()}
 
-        return tf.function(loop, jit_compile=self.cfg.train.jit_compile or None)
+        return tf.function(loop)
 
     def _iterators(self, start_step: int):
         augment = _augment_fn(self.labeled_augment)
