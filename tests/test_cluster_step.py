@@ -24,8 +24,9 @@ OVERFLOW_SCRIPT = textwrap.dedent("""
     import json
     import numpy as np
     import config, distribute
-    cfg = config.resolve("smoke", "", ["model.batchnorm=false", "model.dropout=0", "train.precision=mixed_float16", "train.lambda_dice=0",
-                                       "train.steps_per_epoch=3", "train.epochs=1"], "supervised")
+    cfg = config.resolve("smoke", "", ["model.batchnorm=false", "model.dropout=0", "train.precision=mixed_float16",
+                                       "train.lambda_dice=0", "train.schedule=cosine", "train.steps_per_epoch=3",
+                                       "train.epochs=1"], "supervised")
     strategy, info = distribute.make_strategy("mirrored")
     import keras, tensorflow as tf
     import data_loader_tf2, train_ssl_tf2
@@ -51,6 +52,7 @@ OVERFLOW_SCRIPT = textwrap.dedent("""
     print(json.dumps({"replicas": info["num_replicas"], "scales": scales,
                       "steps_taken": int(getattr(trainer, "steps_taken", trainer.optimizer.iterations).numpy()),
                       "iterations": int(trainer.optimizer.iterations.numpy()),
+                      "lr": trainer.current_lr(), "schedule_lr": [float(trainer._lr_schedule()(n)) for n in (2, 3)],
                       "all_finite": bool(all(np.isfinite(r).all() for w in per_replica for r in w)),
                       "max_replica_difference": max(float(np.max(np.abs(w[0].astype(np.float64) - w[1])))
                                                     for w in per_replica)}))
@@ -70,6 +72,9 @@ def test_mixed_float16_overflow_on_one_replica_skips_on_all():
     assert result["scales"] == [result["scales"][0]] * 2 + [result["scales"][0] / 2] * 2
     # The skipped step is a step taken (the stream moved on) but no optimizer update.
     assert (result["steps_taken"], result["iterations"]) == (3, 2)
+    # The LR schedule follows the steps taken (its value at step 3), not the optimizer's updates.
+    assert result["schedule_lr"][0] != result["schedule_lr"][1]
+    assert result["lr"] == result["schedule_lr"][1]
 
 
 # Two workers fit with patience 1 while seeing different validation scores: the chief's fall
