@@ -67,6 +67,11 @@ def _check_replicas(cfg, strategy) -> None:
     if cfg.train.batch_size % replicas:
         raise ConfigError(f"train.batch_size: {cfg.train.batch_size} (global, all replicas together) is not "
                           f"divisible by the {replicas} replicas of this strategy; choose a multiple of {replicas}")
+    if cfg.train.jit_compile and replicas > 1 and any("CPU" in d for d in strategy.extended.worker_devices):
+        # Measured (TF 2.21): "Collectives are not yet implemented for CPU devices when compiling
+        # with XLA" across workers, and a device error across logical CPUs of one process.
+        raise ConfigError(f"train.jit_compile: XLA cannot compile the all-reduce of {replicas} CPU replicas; "
+                          f"set train.jit_compile=false or train on one replica")
 
 
 def cmd_train(args) -> int:

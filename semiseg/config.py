@@ -87,7 +87,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     precision: str = "float32"         # float32 | mixed_float16 | mixed_bfloat16
     distribution: str = "auto"         # auto | none | mirrored | multi_worker
-    jit_compile: bool = False          # XLA; slower on CPU here (DESIGN.md), so off by default
+    jit_compile: bool = False          # XLA on the replica step; CPU: one replica only, and slower, so off
     eval_batch_size: int = 16
     export: str = "auto"               # which network is exported as best_model.keras: auto | student | teacher
 

@@ -79,14 +79,14 @@ def last_json_line(stdout):
     return json.loads(lines[-1])
 
 
-def run_processes(commands_envs):
+def run_processes(commands_envs, timeout_s=SUBPROCESS_TIMEOUT_S):
     """Start all, wait for all (timeout), kill leftovers; returns [(rc, stdout, stderr)]."""
     procs = [subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True) for cmd, env in commands_envs]
     outputs = []
     try:
         for proc in procs:
-            stdout, stderr = proc.communicate(timeout=SUBPROCESS_TIMEOUT_S)
+            stdout, stderr = proc.communicate(timeout=timeout_s)
             outputs.append((proc.returncode, stdout, stderr))
     finally:
         for proc in procs:

@@ -114,7 +114,7 @@ class MeanTeacher(Trainer):
 
     def on_step_end(self, step):
         mt = self.cfg.mean_teacher
-        decay = ema_decay_at(self.optimizer.iterations, mt.ema_decay, mt.ema_warmup)
+        decay = ema_decay_at(step, mt.ema_decay, mt.ema_warmup)
         ema_update(ema_weights(self.models["teacher"], mt.teacher_bn), ema_weights(self.models["student"], mt.teacher_bn),
                    decay)
 

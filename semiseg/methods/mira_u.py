@@ -221,7 +221,7 @@ class MiraU(Trainer):
                       "mean_confidence": tf.reduce_sum(w) / n_pixels}
 
     def ema_decay(self, step):
-        # on_step_end runs after apply_gradients: `step` (optimizer.iterations) is already t.
+        # on_step_end gets the steps taken including this one: t.
         return tf.minimum(self.cfg.mira_u.ema_decay, 1.0 - 1.0 / (tf.cast(step, tf.float32) + 1.0))
 
     def on_step_end(self, step):

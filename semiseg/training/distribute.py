@@ -316,6 +316,13 @@ def chief_int(strategy, value):
     return int(_replica_zero_value(strategy, tf.constant(float(value), tf.float64)).numpy())
 
 
+def chief_float(strategy, value):
+    """The chief's `value` (a float), on every worker; as `chief_int`, every worker must call it at
+    the same point. For decisions each worker would otherwise take from its own view (its own
+    validation score): all take the chief's, so all stop, and save, at the same step."""
+    return float(_replica_zero_value(strategy, tf.constant(float(value), tf.float64)).numpy())
+
+
 def check_all_reduce(strategy):
     """Sum replica_id+1 over all replicas; returns (sum, expected n(n+1)/2)."""
     @tf.function

@@ -139,6 +139,10 @@ class Trainer:
         self.total_steps = self.steps_per_epoch * t.epochs
         with strategy.scope():
             self.models = self.build_models()
+            # Steps taken, in the checkpoint: the stream position, resume point, epoch and LR schedule
+            # derive from it. Not optimizer.iterations: a float16 loss-scale step skipped for
+            # overflowing gradients does not advance that, and the stream would repeat batches.
+            self.steps_taken = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
             self.optimizer = self._build_optimizer()
             # Built explicitly: a lazily built Adam fails in a custom loop (keras-team/keras#23085).
             self.optimizer.build(self.trainable_variables())
@@ -259,7 +263,9 @@ class Trainer:
 
     def _build_optimizer(self):
         t = self.cfg.train
-        kwargs = {"learning_rate": self._lr_schedule()}
+        schedule = self._lr_schedule()
+        # A schedule reads the steps taken, not optimizer.iterations (which skipped steps leave behind).
+        kwargs = {"learning_rate": (lambda: schedule(self.steps_taken)) if callable(schedule) else schedule}
         # With float16 loss scaling the gradients must be unscaled before clipping, which only the
         # LossScaleOptimizer does: there Keras clips (each replica's share, at clip_norm / R).
         self._keras_clips = t.precision == "mixed_float16"
@@ -278,14 +284,14 @@ class Trainer:
 
     def current_lr(self) -> float:
         opt = getattr(self.optimizer, "inner_optimizer", self.optimizer)
-        lr = opt.learning_rate
-        # Under a tf.distribute strategy a constant rate is a MirroredVariable, which float()
-        # rejects; convert_to_numpy reads its value.
-        return float(keras.ops.convert_to_numpy(lr(opt.iterations) if callable(lr) else lr))
+        # The rate at the current step (the optimizer evaluates its schedule callable). Under a
+        # tf.distribute strategy a constant rate is a MirroredVariable, which float() rejects;
+        # convert_to_numpy reads its value.
+        return float(keras.ops.convert_to_numpy(opt.learning_rate))
 
     # ------------------------------------------------------------------ the distributed step
     def _replica_step(self, labeled, unlabeled):
-        step = self.optimizer.iterations
+        step = tf.identity(self.steps_taken)     # 0-based index of this step (one_step increments it after)
         with tf.GradientTape() as tape:
             loss, logs = self.compute_loss(labeled, unlabeled, step)
             scaled = self.optimizer.scale_loss(loss) if hasattr(self.optimizer, "scale_loss") else loss
@@ -301,19 +307,39 @@ class Trainer:
             grads = self.all_reduce_sum(grads)
             grads, _ = tf.clip_by_global_norm(grads, clip)
             grads = [g / self.n_replicas for g in grads]
+        if self._keras_clips:       # mixed_float16: a LossScaleOptimizer, which may skip the step
+            grads = self._skip_together(grads)
         self.optimizer.apply_gradients(zip(grads, variables))
-        self.on_step_end(step)
+        self.on_step_end(step + 1)      # the steps taken once this one is applied
         return logs
+
+    def _skip_together(self, grads):
+        """Make every replica's gradients non-finite when any replica's are.
+
+        The LossScaleOptimizer skips a step whose gradients overflow, but it checks this replica's
+        un-reduced share (on one replica for merge-call strategies, on each for collective ones):
+        replicas could then disagree, one applying NaN-summed gradients, or some entering the
+        gradient all-reduce while others skip it (a hang). One all-reduced count decides for all."""
+        bad = tf.add_n([tf.reduce_sum(tf.cast(~tf.math.is_finite(g), tf.float32)) for g in grads if g is not None])
+        any_bad = self.all_reduce_sum(tf.minimum(bad, 1.0)) > 0
+        first = next(i for i, g in enumerate(grads) if g is not None)
+        poison = tf.where(any_bad, tf.constant(float("nan"), grads[first].dtype), tf.zeros([], grads[first].dtype))
+        return grads[:first] + [grads[first] + poison] + grads[first + 1:]
 
     def _make_loop(self, labeled_it, unlabeled_it):
         strategy = self.strategy
+        # XLA compiles the replica step only: the iterator's next() and strategy.run's dispatch are
+        # not XLA ops, so a compiled loop around them could not be built.
+        replica_step = (tf.function(self._replica_step, jit_compile=True) if self.cfg.train.jit_compile
+                        else self._replica_step)
 
         # A tf.function of its own, called twice below but traced once: inlined as two calls of
         # one graph, the step (the costly part of tracing a hybrid student) is not traced twice.
         @tf.function
         def one_step():
             unlabeled = next(unlabeled_it) if unlabeled_it is not None else None
-            per_replica = strategy.run(self._replica_step, args=(next(labeled_it), unlabeled))
+            per_replica = strategy.run(replica_step, args=(next(labeled_it), unlabeled))
+            self.steps_taken.assign_add(1)      # taken even when a loss-scale overflow skipped the update
             return {k: strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None) for k, v in per_replica.items()}
 
         def loop(n_steps):
@@ -325,7 +351,7 @@ class Trainer:
                 totals = {k: totals[k] + logs[k] for k in totals}
             return {k: v / tf.cast(n_steps, v.dtype) for k, v in totals.items()}
 
-        return tf.function(loop, jit_compile=self.cfg.train.jit_compile or None)
+        return tf.function(loop)
 
     def _iterators(self, start_step: int):
         augment = _augment_fn(self.labeled_augment)
@@ -342,7 +368,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def checkpoint(self) -> tf.train.Checkpoint:
-        return tf.train.Checkpoint(optimizer=self.optimizer, epoch=self.epoch, best_score=self.best_score,
+        return tf.train.Checkpoint(optimizer=self.optimizer, step=self.steps_taken, epoch=self.epoch,
+                                   best_score=self.best_score,
                                    bad_epochs=self.bad_epochs, model_variables=model_variables(self.models),
                                    epoch_log_sums=self.epoch_log_sums.variable, **self.models)
 
@@ -355,6 +382,8 @@ class Trainer:
         number = distribute.chief_int(self.strategy, int(latest.rsplit("-", 1)[1]) if latest else 0)
         if number:
             ckpt.restore(str(folder / f"ckpt-{number}")).assert_existing_objects_matched()
+            if int(self.steps_taken.numpy()) == 0:     # saved before the step counter existed
+                self.steps_taken.assign(number)        # a checkpoint's number is its step
         return number
 
     def preemption(self) -> Preemption:
@@ -396,8 +425,8 @@ class Trainer:
         if restored:
             sums.load()
             self.log(f"resumed from {run / 'checkpoints' / f'ckpt-{restored}'} (epoch {int(self.epoch.numpy())}, "
-                     f"step {int(self.optimizer.iterations.numpy())})")
-        step = int(self.optimizer.iterations.numpy())
+                     f"step {int(self.steps_taken.numpy())})")
+        step = int(self.steps_taken.numpy())
         labeled_it, unlabeled_it = self._iterators(step)
         loop = self._make_loop(labeled_it, unlabeled_it)
         self.preemption()
@@ -436,6 +465,13 @@ class Trainer:
             scores = {name: evaluation.mean_case_dice(predict, self.data, "val", t.eval_batch_size)
                       for name, predict in predict_fns.items()}
             score = scores[select_name]
+            if self.strategy_info.get("num_workers", 1) > 1:
+                # Each worker scored its own copy of the networks; unsynchronised BatchNorm statistics
+                # make those differ, and so would each worker's improve/stop decision: one worker
+                # stopping while the others enter the next step's all-reduce hangs the job. The
+                # chief's score decides for all (not a mean over workers: it is the score of the
+                # network the chief exports as best_model.keras).
+                score = distribute.chief_float(self.strategy, score)
             row = {"epoch": epoch + 1, "step": step, "lr": self.current_lr(),
                    **sums.means(),
                    **self.schedule_logs((epoch + 1)), **self.epoch_diagnostics(epoch + 1),
