@@ -1,4 +1,4 @@
-"""The sbatch scripts and distribute.py on a real single-node SLURM (tests/slurm_cluster.py).
+"""The sbatch scripts and semiseg.training.distribute on a real single-node SLURM (tests/slurm_cluster.py).
 
     python -m pytest tests/test_slurm.py -q     # skipped, saying why, where SLURM cannot run
 
@@ -133,7 +133,7 @@ def wait_for_file(path, timeout=120):
 
 def test_srun_two_tasks_all_reduce_with_auto_strategy(slurm_cluster, tmp_path):
     script = tmp_path / "allreduce.sh"
-    script.write_text(f"#!/bin/bash\nsrun --label {sys.executable} {REPO}/distribute.py --check\n")
+    script.write_text(f"#!/bin/bash\ncd {REPO}\nsrun --label {sys.executable} -m semiseg.training.distribute --check\n")
     proc = slurm_cluster.run("sbatch", "--wait", "-n", "2", "-o", str(tmp_path / "out.log"),
                              str(script), check=False, timeout=300, cwd=tmp_path,
                              env=dict(slurm_cluster.env, TF_CPP_MIN_LOG_LEVEL="3"))
