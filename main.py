@@ -78,7 +78,7 @@ def cmd_train(args) -> int:
     import distribute
     distribute.catch_preemption_signals_early()     # SIGUSR1 during start-up: save, not die
     # The strategy comes before any other TF op (multi-worker collectives are configured at init).
-    strategy, info = distribute.make_strategy(cfg.train.distribution)
+    strategy, info = distribute.make_strategy(cfg.train.distribution, collective=cfg.train.collective)
     _check_replicas(cfg, strategy)
     chief = info.get("is_chief", True)
     if run is None and args.out and Path(args.out).exists() and chief:
