@@ -387,6 +387,18 @@ def any_worker_true(strategy, flag):
     return bool(_sum_over_replicas(strategy, tf.constant(1.0 if flag else 0.0)).numpy() > 0)
 
 
+def wait_for_all_workers(strategy, info):
+    """Return on every worker only once all of them have called it (an all-reduce); no-op alone.
+
+    A preempted worker exits 75 right after its own share of the checkpoint; `srun
+    --kill-on-bad-exit` then kills the whole step, the chief too, maybe while it still writes
+    the checkpoint and run_info.json to the shared file system. The chief calls this after its
+    last write, the others before exiting: no one exits before the chief's files are complete.
+    """
+    if info.get("num_workers", 1) > 1:
+        any_worker_true(strategy, True)
+
+
 @tf.function
 def _replica_zero_value(strategy, value):
     def contribute():

@@ -127,6 +127,7 @@ def cmd_train(args) -> int:
     if reason == "preempted":
         if chief:
             rundir.finish_run_info(run, "preempted")
+        distribute.wait_for_all_workers(strategy, info)     # no exit before the chief's writes end
         return EXIT_PREEMPTED
     if not chief:
         return 0
