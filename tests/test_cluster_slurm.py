@@ -27,11 +27,16 @@ STAND_IN_WITH_CACHE = STAND_IN_MAIN.replace(
     'record = {"argv": sys.argv[1:], "start": time.time(), "cache": os.environ.get("SEMISEG_CACHE")}')
 
 
+def stand_in_env(**extra):
+    """test_slurm's job_env with any of its values replaced."""
+    return {**job_env(), **extra}
+
+
 def test_python_may_be_a_command(slurm_cluster, workdir):
     # `env FAKE_STEPS=5 python` stands for `apptainer exec --nv img.sif python`: a command of
     # several words whose own settings reach the process (5 steps instead of the default 3).
     job = slurm_cluster.submit("slurm/train_1gpu.sbatch", "supervised", "smoke", cwd=workdir,
-                               env=job_env(PYTHON=f"env FAKE_STEPS=5 {sys.executable}"))
+                               env=stand_in_env(PYTHON=f"env FAKE_STEPS=5 {sys.executable}"))
     (record,) = slurm_cluster.wait(job, timeout=120)
     log = read_log(workdir, f"semiseg-1gpu-{job}.out")
     assert record["ExitCode"] == "0:0", log[-3000:]
@@ -111,7 +116,7 @@ def test_recipe_command_runs_on_one_node(slurm_cluster, workdir):
     assert argv[0] == "sbatch" and "--nodes=4" in argv
     argv = [a if a != "--nodes=4" else "--nodes=1" for a in argv]
     proc = slurm_cluster.run(*argv[:1], "--parsable", *argv[1:], cwd=workdir,
-                             env=dict(slurm_cluster.env, **job_env(**env, TMPDIR=str(workdir / "scratch"))))
+                             env=dict(slurm_cluster.env, **stand_in_env(**env, TMPDIR=str(workdir / "scratch"))))
     job = proc.stdout.strip()
     (record,) = slurm_cluster.wait(job, timeout=180)
     log = read_log(workdir, f"semiseg-4x4-{job}.out")
