@@ -155,7 +155,11 @@ def test_real_trainer_two_workers_usr1_requeues_and_resumes(slurm_cluster, tmp_p
     assert record["JobState"] == "COMPLETED" and record["ExitCode"] == "0:0", log[-4000:]
     saved = int(re.search(r"^\s*0: SIGUSR1 received: checkpoint saved at step (\d+)", first, re.MULTILINE).group(1))
     assert 0 < saved < 2 * steps
-    assert "command exited with code 75" in first and f"requeueing job {job}" in first
+    # Every task exits 75 after the barrier; srun reports 75, or 143 when --kill-on-bad-exit
+    # terminated a task that was still shutting down once the first had exited (after the barrier:
+    # nothing of the run is lost). Either way the batch shell requeues.
+    assert re.search(r"^command exited with code (75|143)$", first, re.MULTILINE), first[-3000:]
+    assert f"requeueing job {job}" in first
     resumed = re.search(r"^\s*0: resumed from (\S+) \(epoch (\d+), step (\d+)\)", log, re.MULTILINE)
     assert resumed and int(resumed.group(3)) == saved, log[-4000:]
     assert resumed.group(1).endswith(f"ckpt-{saved}")
