@@ -78,7 +78,10 @@ def cmd_train(args) -> int:
     import distribute
     distribute.catch_preemption_signals_early()     # SIGUSR1 during start-up: save, not die
     # The strategy comes before any other TF op (multi-worker collectives are configured at init).
-    strategy, info = distribute.make_strategy(cfg.train.distribution, collective=cfg.train.collective)
+    try:
+        strategy, info = distribute.make_strategy(cfg.train.distribution, collective=cfg.train.collective)
+    except ValueError as err:       # nccl without GPUs, GPUs that do not split between a node's tasks
+        raise ConfigError(str(err)) from err
     _check_replicas(cfg, strategy)
     chief = info.get("is_chief", True)
     if run is None and args.out and Path(args.out).exists() and chief:

@@ -96,3 +96,15 @@ def test_worker_host_suffix(monkeypatch):
     monkeypatch.delenv("SEMISEG_WORKER_HOST_SUFFIX")
     assert distribute.slurm_cluster_resolver(0).cluster_spec().as_dict() == {
         "worker": ["node9:21000", "node10:21000"]}
+
+
+def test_train_with_nccl_on_a_cpu_machine_exits_2_and_writes_nothing(tmp_path):
+    out = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k != "TF_CONFIG"}
+    env.update(CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="3")
+    proc = subprocess.run([sys.executable, "main.py", "train", "--method", "supervised", "--preset", "smoke",
+                           "--no-progress", "--out", str(out), "--set", "train.distribution=multi_worker",
+                           "train.collective=nccl"], env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "error: train.collective=nccl needs GPUs" in proc.stderr
+    assert not out.exists()
