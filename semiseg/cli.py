@@ -82,7 +82,10 @@ def cmd_train(args) -> int:
     from semiseg.training import distribute
     distribute.catch_preemption_signals_early()     # SIGUSR1 during start-up: save, not die
     # The strategy comes before any other TF op (multi-worker collectives are configured at init).
-    strategy, info = distribute.make_strategy(cfg.train.distribution)
+    try:
+        strategy, info = distribute.make_strategy(cfg.train.distribution, collective=cfg.train.collective)
+    except ValueError as err:       # nccl without GPUs, GPUs that do not split between a node's tasks
+        raise ConfigError(str(err)) from err
     _check_replicas(cfg, strategy)
     chief = info.get("is_chief", True)
     if run is None and args.out and Path(args.out).exists() and chief:
@@ -132,6 +135,7 @@ def cmd_train(args) -> int:
     if reason == "preempted":
         if chief:
             rundir.finish_run_info(run, "preempted")
+        distribute.wait_for_all_workers(strategy, info)     # no exit before the chief's writes end
         return EXIT_PREEMPTED
     if not chief:
         return 0

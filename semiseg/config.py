@@ -87,6 +87,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     precision: str = "float32"         # float32 | mixed_float16 | mixed_bfloat16
     distribution: str = "auto"         # auto | none | mirrored | multi_worker
+    collective: str = "auto"           # multi-worker all-reduce: auto (NCCL with GPUs, else ring) | nccl | ring
     jit_compile: bool = False          # XLA on the replica step; CPU: one replica only, and slower, so off
     eval_batch_size: int = 16
     export: str = "auto"               # which network is exported as best_model.keras: auto | student | teacher
@@ -425,6 +426,7 @@ CHOICES: dict[str, tuple] = {
     "train.lr_scaling": ("none", "linear"), "train.schedule": ("constant", "cosine", "poly"),
     "train.optimizer": ("adam", "sgd"), "train.precision": ("float32", "mixed_float16", "mixed_bfloat16"),
     "train.distribution": ("auto", "none", "mirrored", "multi_worker"), "train.export": ("auto", "student", "teacher"),
+    "train.collective": ("auto", "nccl", "ring"),
     "mean_teacher.student_view": ("noise", "strong"), "mean_teacher.teacher_bn": ("batch", "moving"),
     "mira_u.ema_target": ("student_ema", "teacher_head"),
 }

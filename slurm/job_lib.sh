@@ -5,7 +5,9 @@
 #   semiseg_run_requeueable srun python main.py train "${SEMISEG_TRAIN_ARGS[@]}"
 # Inputs (environment, e.g. `sbatch --export=ALL,METHOD=...`, or positional METHOD PRESET DATA
 # followed by extra main.py arguments): METHOD, PRESET, DATA, FORMAT, OUT, EXTRA, PYTHON,
-# DISTRIBUTION, SEMISEG_PORT, SEMISEG_MAX_RESTARTS. See slurm/README.md.
+# DISTRIBUTION, SEMISEG_PORT, SEMISEG_MAX_RESTARTS, CACHE_ON_SCRATCH. See slurm/README.md.
+# PYTHON may be a command of several words (`apptainer exec --nv semiseg.sif python`): the
+# scripts run "${SEMISEG_PYTHON[@]}", its words (split at spaces; no quoting inside PYTHON).
 
 # Exit code of a trainer that caught the signal, saved a checkpoint and stopped early
 # (distribute.PREEMPTED_EXIT_CODE).
@@ -18,6 +20,8 @@ semiseg_environment() {
     cd "$SEMISEG_ROOT" || semiseg_die "cannot cd to SEMISEG_ROOT=$SEMISEG_ROOT"
     [ -f main.py ] || semiseg_die "$SEMISEG_ROOT has no main.py: submit from the semiseg folder or set SEMISEG_ROOT"
     PYTHON=${PYTHON:-python}
+    read -r -a SEMISEG_PYTHON <<< "$PYTHON"
+    [ ${#SEMISEG_PYTHON[@]} -gt 0 ] || semiseg_die "PYTHON is empty: name the interpreter or the command that runs it"
     # Slurm 22.05+ no longer passes the batch allocation's --cpus-per-task on to srun.
     [ -n "${SLURM_CPUS_PER_TASK:-}" ] && export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK
     # Workers listen on this port (and the next ones when tasks share a node); derived from
@@ -35,7 +39,7 @@ semiseg_environment() {
         echo "nvidia-smi: not found (no NVIDIA GPU driver on this node)"
     fi
     # Versions from package metadata: importing TensorFlow here would cost seconds.
-    "$PYTHON" - <<'PY' || semiseg_die "'$PYTHON' cannot run: set PYTHON or activate the environment before sbatch"
+    "${SEMISEG_PYTHON[@]}" - <<'PY' || semiseg_die "'$PYTHON' cannot run: set PYTHON or activate the environment before sbatch"
 import importlib.metadata as metadata, sys
 def version(name):
     try:
@@ -77,6 +81,28 @@ semiseg_job_start() {
     SEMISEG_TRAIN_ARGS+=("${extra_words[@]}")
     SEMISEG_TRAIN_ARGS+=("$@")
     echo "method $METHOD preset ${PRESET:-<none>} data ${DATA:-<default>} out $OUT"
+    [ "${CACHE_ON_SCRATCH:-0}" = 1 ] && semiseg_cache_on_scratch
+    return 0
+}
+
+# CACHE_ON_SCRATCH=1: the slice cache is read from node-local scratch instead of the shared file
+# system. One task per node copies the shared cache root ($SEMISEG_CACHE, else ~/.cache/semiseg;
+# build it there first with preprocess.sbatch) into $SLURM_TMPDIR (else $TMPDIR, else /tmp), files
+# already there are kept (a requeued job on the same node copies nothing); then SEMISEG_CACHE
+# points every task there. A cache missing from the shared root is built by the trainer on each node.
+semiseg_cache_on_scratch() {
+    local shared=${SEMISEG_CACHE:-$HOME/.cache/semiseg}
+    local scratch=${SLURM_TMPDIR:-${TMPDIR:-/tmp}}/semiseg-cache-${SLURM_JOB_ID:-local}
+    local nodes=${SLURM_JOB_NUM_NODES:-1}
+    local copy="mkdir -p '$scratch' && if [ -d '$shared' ]; then cp -Rn '$shared/.' '$scratch/'; fi"
+    echo "slice cache on node-local scratch: $shared -> $scratch (one copy per node, $nodes node(s))"
+    if [ -n "${SLURM_JOB_ID:-}" ]; then
+        srun --nodes="$nodes" --ntasks="$nodes" --ntasks-per-node=1 bash -c "$copy" \
+            || semiseg_die "copying the slice cache $shared to $scratch failed"
+    else
+        bash -c "$copy" || semiseg_die "copying the slice cache $shared to $scratch failed"
+    fi
+    export SEMISEG_CACHE=$scratch
 }
 
 # Runs the command in the background so that the batch shell can catch the signals:

@@ -11,6 +11,12 @@ saves the returned info dict in the run folder. Check a cluster by hand with:
 over the SLURM tasks; TF_CONFIG with more than one task -> MultiWorkerMirroredStrategy; more
 than one GPU visible -> MirroredStrategy; else TF's default (single-device) strategy.
 
+Multi-worker all-reduces use NCCL when the workers have GPUs and TF's gRPC ring on CPUs
+(`train.collective=auto|nccl|ring`). Several SLURM tasks on one node that each see every GPU of
+the node (`--gres=gpu:4 --ntasks-per-node=4` without `--gpus-per-task`) are pinned to one GPU
+each by SLURM_LOCALID. SEMISEG_WORKER_HOST_SUFFIX (environment, e.g. `-ib`) is appended to the
+SLURM node names in worker addresses, for clusters whose fast network has its own host names.
+
 SEMISEG_LOGICAL_CPUS=N (environment) splits the CPU into N logical devices before the strategy
 is built, so `mirrored` runs N replicas on a machine without GPUs (the equivalence tests do):
 
@@ -31,6 +37,7 @@ from tensorflow.python.distribute.cluster_resolver.slurm_cluster_resolver import
     expand_hostlist, expand_tasks_per_node)
 
 DISTRIBUTIONS = ("auto", "none", "mirrored", "multi_worker")
+COLLECTIVES = ("auto", "nccl", "ring")
 
 STRATEGY_NAMES = {"none": "default", "mirrored": "MirroredStrategy",
                   "multi_worker": "MultiWorkerMirroredStrategy"}
@@ -120,6 +127,77 @@ def visible_gpus(num_gpus_hint=None):
     return gpus
 
 
+def tasks_on_this_node(env=None):
+    """Tasks of the enclosing `srun` step on this node (0 outside a step), from the step's
+    nodelist and tasks-per-node, so `--ntasks-per-node` and uneven `-n` layouts both count."""
+    env = os.environ if env is None else env
+    if not env.get("SLURM_STEP_TASKS_PER_NODE"):
+        return 0
+    per_node = expand_tasks_per_node(env["SLURM_STEP_TASKS_PER_NODE"])
+    hosts = expand_hostlist(env["SLURM_STEP_NODELIST"]) if env.get("SLURM_STEP_NODELIST") else []
+    node = env.get("SLURMD_NODENAME")
+    if node in hosts and len(hosts) == len(per_node):
+        return per_node[hosts.index(node)]
+    return per_node[int(env.get("SLURM_NODEID", 0) or 0)] if per_node else 0
+
+
+def task_gpu_indices(env, n_visible):
+    """Which of the `n_visible` GPUs this SLURM task should use: None = all it sees.
+
+    `--gres=gpu:4 --ntasks-per-node=4` without `--gpus-per-task`/`--gpu-bind` gives every task
+    all 4 GPUs: each would build a MirroredStrategy over all of them, 4 processes on each GPU.
+    With several tasks on the node and more than one GPU each, task SLURM_LOCALID takes its
+    own equal share of the visible list (SLURM lists the same GPUs, in the same order, to every
+    task of a node). A count that does not split evenly is refused.
+    """
+    local_tasks = tasks_on_this_node(env)
+    if local_tasks <= 1 or n_visible <= 1:
+        return None
+    if n_visible % local_tasks:
+        raise ValueError(
+            f"{local_tasks} SLURM tasks on this node each see {n_visible} GPUs, which do not split "
+            f"evenly between them: submit with --gpus-per-task=1 (or --gpu-bind=single:1), or "
+            f"with --ntasks-per-node equal to the GPUs per node")
+    share = n_visible // local_tasks
+    first = int(env["SLURM_LOCALID"]) * share
+    return list(range(first, first + share))
+
+
+def pin_task_gpus(gpus, env=None):
+    """Make only this task's GPUs visible to TF (task_gpu_indices); returns the GPUs it keeps.
+    Must run before the TF runtime starts, as make_strategy does first."""
+    env = os.environ if env is None else env
+    indices = task_gpu_indices(env, len(gpus))
+    if indices is None:
+        return gpus
+    kept = [gpus[i] for i in indices]
+    tf.config.set_visible_devices(kept, "GPU")
+    print(f"distribute: SLURM task {env.get('SLURM_LOCALID')} of {tasks_on_this_node(env)} on this node "
+          f"sees {len(gpus)} GPUs; pinned to GPU(s) {indices}", flush=True)
+    return kept
+
+
+def collective_implementation(collective, n_gpus):
+    """The all-reduce of MultiWorkerMirroredStrategy: "NCCL" or "RING".
+
+    TF's default (AUTO) picks gRPC rings even between GPUs, which copy every gradient through host
+    memory; NCCL moves them GPU to GPU (NVLink, InfiniBand). NCCL needs GPUs, rings work anywhere.
+    """
+    if collective not in COLLECTIVES:
+        raise ValueError(f"train.collective={collective!r}: expected one of {COLLECTIVES}")
+    if collective == "nccl" and not n_gpus:
+        raise ValueError("train.collective=nccl needs GPUs, and this worker sees none: "
+                         "use train.collective=auto or ring")
+    if collective == "auto":
+        return "NCCL" if n_gpus else "RING"
+    return collective.upper()
+
+
+def communication_options(implementation):
+    return tf.distribute.experimental.CommunicationOptions(
+        implementation=getattr(tf.distribute.experimental.CommunicationImplementation, implementation))
+
+
 def slurm_cluster_resolver(gpus_per_task):
     """A cluster resolver for the current `srun` step whose task ids equal SLURM_PROCID.
 
@@ -167,6 +245,12 @@ def slurm_cluster_resolver(gpus_per_task):
                 f"SLURM_PROCID={procid} on {node} (local task {local_id}) is not the block "
                 f"layout's rank {expected}: run srun with --distribution=block (the default)")
 
+    # Node names as SLURM knows them may resolve to the management network; a site suffix
+    # (node7 -> node7-ib) points the workers at the fast one.
+    suffix = env.get("SEMISEG_WORKER_HOST_SUFFIX", "")
+    if suffix:
+        ordered = [f"{host}{suffix}:{port_}" for host, port_ in (a.rsplit(":", 1) for a in ordered)]
+
     return tf.distribute.cluster_resolver.SimpleClusterResolver(
         tf.train.ClusterSpec({"worker": ordered}), task_type="worker", task_id=procid,
         num_accelerators={"GPU": gpus_per_task}, rpc_layer="grpc")
@@ -195,18 +279,19 @@ def configure_logical_cpus(env=None):
     return count
 
 
-def make_strategy(distribution="auto", num_gpus_hint=None):
+def make_strategy(distribution="auto", num_gpus_hint=None, collective="auto"):
     """Build the strategy named by `distribution` (see module docstring) and describe it.
 
     Returns (strategy, info); info is JSON-serialisable: strategy, distribution, source
     (slurm|tf_config|local), num_replicas, num_workers, task_type, task_index, is_chief,
-    cluster ({job: [host:port]} or None), gpus_per_worker.
+    cluster ({job: [host:port]} or None), gpus_per_worker, collective (NCCL|RING for
+    multi_worker, else None).
     """
     if distribution not in DISTRIBUTIONS:
         raise ValueError(f"train.distribution={distribution!r}: expected one of {DISTRIBUTIONS}")
     configure_logical_cpus()
     step_tasks, config_tasks = slurm_step_tasks(), tf_config_tasks()
-    gpus = visible_gpus(num_gpus_hint)
+    gpus = pin_task_gpus(visible_gpus(num_gpus_hint))
 
     if distribution == "auto":
         if step_tasks > 1 or config_tasks > 1:
@@ -216,7 +301,9 @@ def make_strategy(distribution="auto", num_gpus_hint=None):
         else:
             distribution = "none"
 
-    resolver, source = None, "local"
+    resolver, source, implementation = None, "local", None
+    if distribution == "multi_worker":
+        implementation = collective_implementation(collective, len(gpus))
     if distribution == "none":
         strategy = tf.distribute.get_strategy()
     elif distribution == "mirrored":
@@ -226,11 +313,13 @@ def make_strategy(distribution="auto", num_gpus_hint=None):
         strategy = tf.distribute.MirroredStrategy(devices=devices)
     elif step_tasks >= 1:
         source, resolver = "slurm", slurm_cluster_resolver(len(gpus))
-        strategy = tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=resolver)
+        strategy = tf.distribute.MultiWorkerMirroredStrategy(
+            cluster_resolver=resolver, communication_options=communication_options(implementation))
     else:
         # TF_CONFIG, or a lone local worker when it is unset.
         source = "tf_config" if config_tasks else "local"
-        strategy = tf.distribute.MultiWorkerMirroredStrategy()
+        strategy = tf.distribute.MultiWorkerMirroredStrategy(
+            communication_options=communication_options(implementation))
         resolver = strategy.cluster_resolver if config_tasks else None
 
     cluster, task_type, task_index = None, None, 0
@@ -248,6 +337,7 @@ def make_strategy(distribution="auto", num_gpus_hint=None):
         "is_chief": bool(strategy.extended.should_checkpoint),
         "cluster": cluster,
         "gpus_per_worker": len(gpus),
+        "collective": implementation,
     }
     return strategy, info
 
@@ -297,6 +387,18 @@ def any_worker_true(strategy, flag):
     return bool(_sum_over_replicas(strategy, tf.constant(1.0 if flag else 0.0)).numpy() > 0)
 
 
+def wait_for_all_workers(strategy, info):
+    """Return on every worker only once all of them have called it (an all-reduce); no-op alone.
+
+    A preempted worker exits 75 right after its own share of the checkpoint; `srun
+    --kill-on-bad-exit` then kills the whole step, the chief too, maybe while it still writes
+    the checkpoint and run_info.json to the shared file system. The chief calls this after its
+    last write, the others before exiting: no one exits before the chief's files are complete.
+    """
+    if info.get("num_workers", 1) > 1:
+        any_worker_true(strategy, True)
+
+
 @tf.function
 def _replica_zero_value(strategy, value):
     def contribute():
@@ -338,10 +440,11 @@ def check_all_reduce(strategy):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--distribution", default="auto", choices=DISTRIBUTIONS)
+    parser.add_argument("--collective", default="auto", choices=COLLECTIVES)
     parser.add_argument("--check", action="store_true",
                         help="all-reduce a known value across replicas; exit 1 if wrong")
     args = parser.parse_args()
-    strategy, info = make_strategy(args.distribution)
+    strategy, info = make_strategy(args.distribution, collective=args.collective)
     print("strategy " + json.dumps(info, sort_keys=True), flush=True)
     if args.check:
         total, expected = check_all_reduce(strategy)

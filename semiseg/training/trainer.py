@@ -280,6 +280,8 @@ class Trainer:
         if t.precision == "mixed_float16":
             # float16 gradients underflow without loss scaling; bfloat16 has float32's range.
             opt = keras.optimizers.LossScaleOptimizer(opt)
+        elif t.clip_norm > 0:
+            _apply_gradients_as_given(opt)
         return opt
 
     def current_lr(self) -> float:
@@ -303,10 +305,10 @@ class Trainer:
         clip = self.cfg.train.clip_norm
         if clip > 0 and not self._keras_clips:
             # Keras clips each replica's share before its all-reduce; clipping must see the global
-            # gradient. So: all-reduce here, clip, and hand the optimizer 1/R of it (it sums again).
+            # gradient. So: all-reduce here, clip, and apply the result as it is (the optimizer was
+            # told not to all-reduce again: one all-reduce of the gradient per step, not two).
             grads = self.all_reduce_sum(grads)
             grads, _ = tf.clip_by_global_norm(grads, clip)
-            grads = [g / self.n_replicas for g in grads]
         if self._keras_clips:       # mixed_float16: a LossScaleOptimizer, which may skip the step
             grads = self._skip_together(grads)
         self.optimizer.apply_gradients(zip(grads, variables))
@@ -503,6 +505,20 @@ class Trainer:
                 self.log(f"early stopping: no validation improvement for {t.patience} epochs")
                 return "early_stopped"
         return "completed"
+
+
+def _apply_gradients_as_given(optimizer) -> None:
+    """Make `optimizer` apply gradients that are already all-reduced, without summing them again.
+
+    Keras 3 (3.15) always all-reduces in `apply_gradients` under tf.distribute
+    (`_backend_update_step` -> `_all_reduce_sum_gradients`) and has no public switch such as
+    TF 2's `experimental_aggregate_gradients=False`; a second all-reduce of every gradient would
+    double the step's communication. Replacing that one method on this instance keeps the rest
+    (the update under `merge_call`, weight decay, the iteration count) as Keras does it."""
+    if not callable(getattr(optimizer, "_all_reduce_sum_gradients", None)):
+        raise RuntimeError(f"{type(optimizer).__name__} has no _all_reduce_sum_gradients: this Keras "
+                           f"version aggregates gradients differently; check Trainer._replica_step")
+    optimizer._all_reduce_sum_gradients = lambda grads_and_vars: list(grads_and_vars)
 
 
 def save_checkpoint(manager: tf.train.CheckpointManager, step: int) -> None:
