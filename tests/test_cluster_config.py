@@ -38,7 +38,7 @@ def test_nccl_without_gpus_and_unknown_values_are_refused():
 
 def test_multi_worker_strategy_is_built_with_the_chosen_collective():
     # A lone local worker on CPU: auto -> RING, recorded in the info dict the trainer logs.
-    code = ("import json, distribute\n"
+    code = ("import json\nfrom semiseg.training import distribute\n"
             "s, info = distribute.make_strategy('multi_worker', collective='auto')\n"
             "print(json.dumps([info['collective'], s.extended._communication_options.implementation.name]))")
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k != "TF_CONFIG"}
