@@ -89,6 +89,7 @@ class TrainConfig:
     jit_compile: bool = False          # XLA; slower on CPU here (DESIGN.md), so off by default
     eval_batch_size: int = 16
     export: str = "auto"               # which network is exported as best_model.keras: auto | student | teacher
+    end_time_margin_s: float = 300.0   # stop + checkpoint this long before SLURM_JOB_END_TIME; 0 = ignore it
 
 
 @dataclass
@@ -401,7 +402,7 @@ RANGES: dict[str, tuple] = {
     "train.lambda_bce": _AT_LEAST_0, "train.patience": (lambda v: v >= 0, ">= 0 (0 = off)"),
     "train.min_delta": _AT_LEAST_0, "train.steps_per_loop": _AT_LEAST_1,
     "train.checkpoint_every": (lambda v: v >= 0, ">= 0 (0 = every epoch)"), "train.keep_checkpoints": _AT_LEAST_1,
-    "train.eval_batch_size": _AT_LEAST_1,
+    "train.eval_batch_size": _AT_LEAST_1, "train.end_time_margin_s": _AT_LEAST_0,
     "mean_teacher.ema_decay": _DECAY, "mean_teacher.consistency": _AT_LEAST_0,
     "mean_teacher.rampup_epochs": _AT_LEAST_0, "mean_teacher.noise_std": _AT_LEAST_0,
     "mean_teacher.probe_cases": _AT_LEAST_0,

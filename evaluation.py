@@ -92,15 +92,15 @@ def case_spacing(bundle, case_id: str, n_slices: int):
 def evaluate(model, bundle, split: str = "test", batch: int = 16, tta: bool = False, out_dir=None,
              threshold: float = 0.5, model_name: str = "student", previews: bool = True, progress: bool = False) -> dict:
     """Full metrics over a split; writes metrics.json, per_case.csv and previews/ under out_dir."""
-    from tqdm import tqdm
+    from progress import progress_bar
     predict = make_predict_fn(model, tta)
     rows, units = [], set()
     out_dir = Path(out_dir) if out_dir else None
     preview_dir = out_dir / "previews" / split if (out_dir and previews) else None
     if preview_dir:
         preview_dir.mkdir(parents=True, exist_ok=True)
-    cases = tqdm(iterate_cases(predict, bundle, split, batch), desc=f"evaluate {split}", unit="case",
-                 disable=not progress, leave=False)
+    cases = progress_bar(iterate_cases(predict, bundle, split, batch), desc=f"evaluate {split}", unit="case",
+                         enabled=progress, leave=False)
     for case_id, image, label, prob in cases:
         pred = prob >= threshold
         spacing, unit = case_spacing(bundle, case_id, len(prob))
