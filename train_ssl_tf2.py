@@ -80,7 +80,7 @@ class Preemption:
         self._previous = {}
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             try:
-                self._previous[sig] = signal.signal(sig, self._handle)
+                self._previous[sig] = distribute.handler_to_restore(sig, signal.signal(sig, self._handle))
             except ValueError:          # not the main thread (e.g. inside some test runners)
                 pass
 
