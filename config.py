@@ -70,7 +70,8 @@ class TrainConfig:
     batch_size: int = 8                # GLOBAL labelled images per step (all replicas together)
     unlabeled_ratio: int = 1           # unlabelled images per labelled image in a step (SSL methods)
     lr: float = 1e-3
-    lr_scaling: str = "none"           # none | linear (lr * num_replicas)
+    lr_scaling: str = "none"           # none | linear: lr * batch_size / lr_reference_batch
+    lr_reference_batch: int = 0        # the (global) batch train.lr was tuned at; needed by linear
     schedule: str = "constant"         # constant | cosine | poly
     warmup_epochs: float = 0.0
     optimizer: str = "adam"            # adam (AdamW when weight_decay > 0) | sgd (momentum, e.g. nnU-Net's)
@@ -194,20 +195,20 @@ PRESETS: dict[str, dict] = {
         "data": {"format": "msd", "image_size": 256, "labeled_fraction": 1.0, "val_fraction": 0.2,
                  "test_fraction": 0.1, "modality": "ct"},
         "model": {"base_filters": 32, "depth": 4},
-        "train": {"epochs": 100, "batch_size": 8, "patience": 15},
+        "train": {"epochs": 100, "batch_size": 8, "lr_reference_batch": 8, "patience": 15},
     },
     "pancreas_mean_teacher": {
         "data": {"format": "msd", "image_size": 256, "labeled_fraction": 30 / 197, "val_fraction": 0.2,
                  "test_fraction": 0.1, "modality": "ct"},
         "model": {"base_filters": 16, "depth": 4},
-        "train": {"epochs": 100, "batch_size": 4},
+        "train": {"epochs": 100, "batch_size": 4, "lr_reference_batch": 4},
         "mean_teacher": {"ema_decay": 0.99, "consistency": 50.0},
     },
     "pancreas_mixmatch": {
         "data": {"format": "msd", "image_size": 256, "labeled_fraction": 30 / 197, "val_fraction": 0.2,
                  "test_fraction": 0.1, "modality": "ct"},
         "model": {"base_filters": 16, "depth": 4},
-        "train": {"epochs": 150, "batch_size": 4},
+        "train": {"epochs": 150, "batch_size": 4, "lr_reference_batch": 4},
         "mixmatch": {"temperature": 0.5, "alpha": 0.75, "k": 2},
     },
 }
@@ -220,7 +221,7 @@ for _fraction in (10, 20, 30, 50):
         "method": "mira_u",
         "data": {"format": "isic", "image_size": 256, "channels": 3, "labeled_fraction": _fraction / 100,
                  "test_fraction": 0.2, "val_fraction": 0.1},
-        "train": {"epochs": 150, "batch_size": 4, "lr": 1e-3, "lambda_dice": 0.5, "lambda_bce": 0.5,
+        "train": {"epochs": 150, "batch_size": 4, "lr_reference_batch": 4, "lr": 1e-3, "lambda_dice": 0.5, "lambda_bce": 0.5,
                   "unlabeled_ratio": 1},
         "mira_u": {"mim_epochs": 50, "mim_lr": 1e-3, "mim_batch_size": 16, "mask_ratio": 0.8, "patch_size": 8,
                    "mc_samples": 20, "kappa": 0.5, "tau_u": 0.15, "ema_decay": 0.999, "rampup_epochs": 80.0,
@@ -490,6 +491,12 @@ def _validate_train(cfg: Config) -> None:
     # Only the cosine schedule has a warm-up phase (train_ssl_tf2.Trainer._lr_schedule).
     _check(t.warmup_epochs == 0 or t.schedule == "cosine", "train.warmup_epochs",
            f"only train.schedule=cosine warms up; got warmup_epochs={t.warmup_epochs} with schedule={t.schedule}")
+    # batch_size is global, so the replica count alone says nothing about how far the batch moved
+    # from the one lr was tuned at: linear scaling is relative to that reference batch.
+    _check(t.lr_scaling != "linear" or t.lr_reference_batch >= 1, "train.lr_reference_batch",
+           "train.lr_scaling=linear scales lr by batch_size / lr_reference_batch: set it to the batch "
+           f"train.lr was tuned at (>= 1), got {t.lr_reference_batch}")
+    _check(t.lr_reference_batch >= 0, "train.lr_reference_batch", f"must be >= 0, got {t.lr_reference_batch}")
     _check(t.warmup_epochs < t.epochs or t.warmup_epochs == 0, "train.warmup_epochs",
            f"must be less than train.epochs={t.epochs}, got {t.warmup_epochs}")
 

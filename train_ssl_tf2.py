@@ -270,7 +270,7 @@ class Trainer:
     # ------------------------------------------------------------------ optimizer
     def _lr_schedule(self):
         t = self.cfg.train
-        lr = t.lr * (self.n_replicas if t.lr_scaling == "linear" else 1)
+        lr = effective_lr(t)
         warmup = int(t.warmup_epochs * self.steps_per_epoch)
         decay_steps = max(1, self.total_steps - warmup)
         if t.schedule == "cosine":
@@ -522,6 +522,14 @@ class Trainer:
                 self.log(f"early stopping: no validation improvement for {t.patience} epochs")
                 return "early_stopped"
         return "completed"
+
+
+def effective_lr(train_cfg) -> float:
+    """train.lr, or with lr_scaling=linear lr * batch_size / lr_reference_batch (Goyal et al.'s
+    rule). batch_size is global, so the replica count does not enter: the same global batch on 1 or
+    16 GPUs is the same optimisation problem and keeps its learning rate."""
+    t = train_cfg
+    return t.lr * (t.batch_size / t.lr_reference_batch if t.lr_scaling == "linear" else 1.0)
 
 
 def job_end_time() -> float | None:
