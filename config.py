@@ -404,6 +404,7 @@ RANGES: dict[str, tuple] = {
     "train.min_delta": _AT_LEAST_0, "train.steps_per_loop": _AT_LEAST_1,
     "train.checkpoint_every": (lambda v: v >= 0, ">= 0 (0 = every epoch)"), "train.keep_checkpoints": _AT_LEAST_1,
     "train.eval_batch_size": _AT_LEAST_1, "train.end_time_margin_s": _AT_LEAST_0,
+    "train.lr_reference_batch": _AT_LEAST_0,
     "mean_teacher.ema_decay": _DECAY, "mean_teacher.consistency": _AT_LEAST_0,
     "mean_teacher.rampup_epochs": _AT_LEAST_0, "mean_teacher.noise_std": _AT_LEAST_0,
     "mean_teacher.probe_cases": _AT_LEAST_0,
@@ -496,7 +497,6 @@ def _validate_train(cfg: Config) -> None:
     _check(t.lr_scaling != "linear" or t.lr_reference_batch >= 1, "train.lr_reference_batch",
            "train.lr_scaling=linear scales lr by batch_size / lr_reference_batch: set it to the batch "
            f"train.lr was tuned at (>= 1), got {t.lr_reference_batch}")
-    _check(t.lr_reference_batch >= 0, "train.lr_reference_batch", f"must be >= 0, got {t.lr_reference_batch}")
     _check(t.warmup_epochs < t.epochs or t.warmup_epochs == 0, "train.warmup_epochs",
            f"must be less than train.epochs={t.epochs}, got {t.warmup_epochs}")
 
