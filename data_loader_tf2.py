@@ -119,10 +119,11 @@ class DataBundle:
         wanted = set(case_ids)
         return [str(self.cache_dir / s["file"]) for s in self.manifest["shards"] if wanted & set(s["cases"])]
 
-    def _records(self, case_ids, file_seed=None, train_only: bool = False):
+    def _records(self, case_ids, file_seed=None, train_only: bool = False, keep=None):
         """Parsed records of the given cases, in cache order, or with the shard files in a
         stateless-random order when `file_seed` (a [2] int64 tensor) is given; `train_only` keeps
-        the records flagged train_keep."""
+        the records flagged train_keep; `keep(position) -> bool` (position among the wanted records,
+        from 0) selects records before their pixels are decoded."""
         import tensorflow as tf
         size, ch = self.image_size, self.channels
         files = self._files(case_ids)
@@ -154,6 +155,13 @@ class DataBundle:
             return tf.logical_and(ok, f["train_keep"] > 0) if train_only else ok
 
         ds = ds.filter(wanted)
+        if keep is not None:
+            def kept(position, _record):
+                return keep(position)
+
+            def record_only(_position, record):
+                return record
+            ds = ds.enumerate().filter(kept).map(record_only)
         return ds.map(parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
     def train_dataset(self, split: str, per_replica_batch: int, input_context=None, start_step: int = 0,
@@ -227,6 +235,37 @@ class DataBundle:
         if not ids:
             raise DataError(f"split '{split}' has no cases")
         return self._records(ids).batch(batch).prefetch(tf.data.AUTOTUNE)
+
+
+    def sharded_eval_dataset(self, case_ids, per_replica_batch: int, input_context=None):
+        """This input pipeline's share of the slices of `case_ids`, for evaluation on every replica.
+
+        Pipeline p of P keeps the records p, p + P, ... of the cache order (selected before decoding),
+        each as {'image','mask','case' (position in sorted case_ids),'valid'}, padded with invalid
+        all-zero records to `eval_steps * replicas on this pipeline * per_replica_batch`: every
+        replica of every worker then runs the same number of steps (collectives need it), and the
+        padding, never counted, makes any case or slice count work."""
+        import tensorflow as tf
+        ids = sorted(case_ids)
+        n_pipe = input_context.num_input_pipelines if input_context else 1
+        pipe = input_context.input_pipeline_id if input_context else 0
+        replicas = input_context.num_replicas_in_sync if input_context else 1
+        local = replicas // n_pipe
+        length = self.eval_steps(ids, per_replica_batch, replicas) * local * per_replica_batch
+        table = tf.lookup.StaticHashTable(tf.lookup.KeyValueTensorInitializer(
+            tf.constant(ids, tf.string), tf.range(len(ids), dtype=tf.int64)), default_value=-1)
+        size, ch = self.image_size, self.channels
+        ds = self._records(ids, keep=lambda i: i % n_pipe == pipe).map(
+            lambda r: {"image": r["image"], "mask": r["mask"], "case": table.lookup(r["case"]), "valid": tf.constant(True)})
+        pad = tf.data.Dataset.from_tensors({"image": tf.zeros([size, size, ch]), "mask": tf.zeros([size, size, 1]),
+                                            "case": tf.constant(-1, tf.int64), "valid": tf.constant(False)}).repeat()
+        return ds.concatenate(pad).take(length).batch(per_replica_batch, drop_remainder=True)
+
+    def eval_steps(self, case_ids, per_replica_batch: int, replicas: int) -> int:
+        """Steps of `sharded_eval_dataset`: the busiest pipeline's records over its replicas' batches
+        (at most one pipeline per replica, so ceil over all replicas is enough)."""
+        total = sum(self.manifest["cases"][c]["n_slices"] for c in case_ids)
+        return max(1, math.ceil(total / (replicas * per_replica_batch)))
 
 
 def prepare_data(cfg, run_dir=None, log=print, progress: bool = True) -> DataBundle:

@@ -455,7 +455,9 @@ class Trainer:
         ckpt_every = t.checkpoint_every or self.steps_per_epoch
         last_ckpt_step = step
         select_name = next(iter(self.eval_models()))
-        predict_fns = {name: evaluation.make_predict_fn(m) for name, m in self.eval_models().items()}
+        # Validation runs on every replica of every worker, each on its share of the slices.
+        validators = {name: evaluation.ShardedCaseDice(self.strategy, m, self.data, "val", t.eval_batch_size)
+                      for name, m in self.eval_models().items()}
         if t.patience and int(self.bad_epochs.numpy()) >= t.patience:
             return "early_stopped"      # a resumed run that had already stopped early
         while int(self.epoch.numpy()) < t.epochs:
@@ -486,8 +488,7 @@ class Trainer:
                     last_ckpt_step = step
             bar.close()
             speed = self._throughput(step - first_step, time.time() - t0)
-            scores = {name: evaluation.mean_case_dice(predict, self.data, "val", t.eval_batch_size)
-                      for name, predict in predict_fns.items()}
+            scores = {name: validator.score() for name, validator in validators.items()}
             score = scores[select_name]
             row = {"epoch": epoch + 1, "step": step, "lr": self.current_lr(),
                    **sums.means(),
