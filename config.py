@@ -33,6 +33,7 @@ class DataConfig:
     test_fraction: float = 0.15
     hide_labels: bool = False          # real data: keep held-back labels only to score pseudo targets
     shuffle_buffer: int = 1024         # records; the labelled set of a small study fits entirely
+    shuffle_buffer_mb: float = 256.0   # and at most this many MB of cached records per stream; 0 = no bound
     synthetic_cases: int = 400         # embedded data set: number of 2D images
     synthetic_size: int = 96           # embedded data set: native image size before resizing
     synthetic_difficulty: float = 2.0  # embedded data set: share of hard cases and artefacts. At 1.0,
@@ -390,7 +391,7 @@ RANGES: dict[str, tuple] = {
     "data.image_size": _AT_LEAST_1, "data.channels": _AT_LEAST_0,
     "data.labeled_fraction": (lambda v: 0 < v <= 1, "in (0, 1]"),
     "data.val_fraction": _DECAY, "data.test_fraction": _DECAY,
-    "data.shuffle_buffer": _AT_LEAST_1, "data.synthetic_cases": _AT_LEAST_1,
+    "data.shuffle_buffer": _AT_LEAST_1, "data.shuffle_buffer_mb": _AT_LEAST_0, "data.synthetic_cases": _AT_LEAST_1,
     "data.synthetic_size": (lambda v: v >= 16, ">= 16 (the generator's minimum)"), "data.synthetic_difficulty": _AT_LEAST_0,
     "data.synthetic_seed": _AT_LEAST_0, "data.slice_axis": (lambda v: v in (0, 1, 2), "0, 1 or 2"),
     "data.background_ratio": _FRACTION,
