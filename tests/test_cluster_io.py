@@ -55,3 +55,18 @@ def test_signal_handlers_are_restored_after_training(one_epoch_run):
     # one_epoch_run trained in this process through main.main (early catch, then the trainer's own).
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
     assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL
+
+
+def test_shuffle_window_is_bounded_in_bytes_and_records():
+    import config
+    import data_loader_tf2
+    cfg = config.resolve("smoke", "", [], "supervised")
+    bundle = data_loader_tf2.prepare_data(cfg, log=lambda m: None, progress=False)
+    record = bundle.record_bytes()              # 32x32x1 float16 image + uint8 mask + fields
+    assert record == 32 * 32 * 3 + 128
+    assert bundle.shuffle_window() == 64        # data.shuffle_buffer binds (64 records = 0.2 MB)
+    bundle.data_cfg.shuffle_buffer_mb = 0.05
+    assert bundle.shuffle_window() == int(0.05 * 2 ** 20 // record) == 16
+    bundle.data_cfg.shuffle_buffer_mb = 0.0     # no byte bound: the record count alone
+    bundle.data_cfg.shuffle_buffer = 5000
+    assert bundle.shuffle_window() == 5000
