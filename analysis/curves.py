@@ -36,7 +36,7 @@ KNOWN_COLUMNS = {
     "lr": ("Learning rate", "Learning rate"),
     "rampup": ("Ramp-up weight", "Weight"),
 }
-NOT_PLOTTED = {"epoch", "step", "time_s"}
+NOT_PLOTTED = {"epoch", "step", "time_s", "images_per_s", "step_ms", "gpu_mem_peak_mb"}   # timings
 
 
 def plotted_columns(runs: list[Run]) -> list[str]:

@@ -33,6 +33,7 @@ class DataConfig:
     test_fraction: float = 0.15
     hide_labels: bool = False          # real data: keep held-back labels only to score pseudo targets
     shuffle_buffer: int = 1024         # records; the labelled set of a small study fits entirely
+    shuffle_buffer_mb: float = 256.0   # and at most this many MB of cached records per stream; 0 = no bound
     synthetic_cases: int = 400         # embedded data set: number of 2D images
     synthetic_size: int = 96           # embedded data set: native image size before resizing
     synthetic_difficulty: float = 1.5  # embedded data set: scales the shares of its rare appearance families
@@ -71,7 +72,8 @@ class TrainConfig:
     batch_size: int = 8                # GLOBAL labelled images per step (all replicas together)
     unlabeled_ratio: int = 1           # unlabelled images per labelled image in a step (SSL methods)
     lr: float = 1e-3
-    lr_scaling: str = "none"           # none | linear (lr * num_replicas)
+    lr_scaling: str = "none"           # none | linear: lr * batch_size / lr_reference_batch
+    lr_reference_batch: int = 0        # the (global) batch train.lr was tuned at; needed by linear
     schedule: str = "constant"         # constant | cosine | poly
     warmup_epochs: float = 0.0
     optimizer: str = "adam"            # adam (AdamW when weight_decay > 0) | sgd (momentum, e.g. nnU-Net's)
@@ -91,6 +93,7 @@ class TrainConfig:
     jit_compile: bool = False          # XLA on the replica step; CPU: one replica only, and slower, so off
     eval_batch_size: int = 16
     export: str = "auto"               # which network is exported as best_model.keras: auto | student | teacher
+    end_time_margin_s: float = 300.0   # stop + checkpoint this long before SLURM_JOB_END_TIME; 0 = ignore it
 
 
 @dataclass
@@ -194,20 +197,20 @@ PRESETS: dict[str, dict] = {
         "data": {"format": "msd", "image_size": 256, "labeled_fraction": 1.0, "val_fraction": 0.2,
                  "test_fraction": 0.1, "modality": "ct"},
         "model": {"base_filters": 32, "depth": 4},
-        "train": {"epochs": 100, "batch_size": 8, "patience": 15},
+        "train": {"epochs": 100, "batch_size": 8, "lr_reference_batch": 8, "patience": 15},
     },
     "pancreas_mean_teacher": {
         "data": {"format": "msd", "image_size": 256, "labeled_fraction": 30 / 197, "val_fraction": 0.2,
                  "test_fraction": 0.1, "modality": "ct"},
         "model": {"base_filters": 16, "depth": 4},
-        "train": {"epochs": 100, "batch_size": 4},
+        "train": {"epochs": 100, "batch_size": 4, "lr_reference_batch": 4},
         "mean_teacher": {"ema_decay": 0.99, "consistency": 50.0},
     },
     "pancreas_mixmatch": {
         "data": {"format": "msd", "image_size": 256, "labeled_fraction": 30 / 197, "val_fraction": 0.2,
                  "test_fraction": 0.1, "modality": "ct"},
         "model": {"base_filters": 16, "depth": 4},
-        "train": {"epochs": 150, "batch_size": 4},
+        "train": {"epochs": 150, "batch_size": 4, "lr_reference_batch": 4},
         "mixmatch": {"temperature": 0.5, "alpha": 0.75, "k": 2},
     },
 }
@@ -220,7 +223,7 @@ for _fraction in (10, 20, 30, 50):
         "method": "mira_u",
         "data": {"format": "isic", "image_size": 256, "channels": 3, "labeled_fraction": _fraction / 100,
                  "test_fraction": 0.2, "val_fraction": 0.1},
-        "train": {"epochs": 150, "batch_size": 4, "lr": 1e-3, "lambda_dice": 0.5, "lambda_bce": 0.5,
+        "train": {"epochs": 150, "batch_size": 4, "lr_reference_batch": 4, "lr": 1e-3, "lambda_dice": 0.5, "lambda_bce": 0.5,
                   "unlabeled_ratio": 1},
         "mira_u": {"mim_epochs": 50, "mim_lr": 1e-3, "mim_batch_size": 16, "mask_ratio": 0.8, "patch_size": 8,
                    "mc_samples": 20, "kappa": 0.5, "tau_u": 0.15, "ema_decay": 0.999, "rampup_epochs": 80.0,
@@ -389,7 +392,7 @@ RANGES: dict[str, tuple] = {
     "data.image_size": _AT_LEAST_1, "data.channels": _AT_LEAST_0,
     "data.labeled_fraction": (lambda v: 0 < v <= 1, "in (0, 1]"),
     "data.val_fraction": _DECAY, "data.test_fraction": _DECAY,
-    "data.shuffle_buffer": _AT_LEAST_1, "data.synthetic_cases": _AT_LEAST_1,
+    "data.shuffle_buffer": _AT_LEAST_1, "data.shuffle_buffer_mb": _AT_LEAST_0, "data.synthetic_cases": _AT_LEAST_1,
     "data.synthetic_size": (lambda v: v >= 16, ">= 16 (the generator's minimum)"), "data.synthetic_difficulty": _AT_LEAST_0,
     "data.synthetic_seed": _AT_LEAST_0, "data.slice_axis": (lambda v: v in (0, 1, 2), "0, 1 or 2"),
     "data.background_ratio": _FRACTION,
@@ -402,7 +405,8 @@ RANGES: dict[str, tuple] = {
     "train.lambda_bce": _AT_LEAST_0, "train.patience": (lambda v: v >= 0, ">= 0 (0 = off)"),
     "train.min_delta": _AT_LEAST_0, "train.steps_per_loop": _AT_LEAST_1,
     "train.checkpoint_every": (lambda v: v >= 0, ">= 0 (0 = every epoch)"), "train.keep_checkpoints": _AT_LEAST_1,
-    "train.eval_batch_size": _AT_LEAST_1,
+    "train.eval_batch_size": _AT_LEAST_1, "train.end_time_margin_s": _AT_LEAST_0,
+    "train.lr_reference_batch": _AT_LEAST_0,
     "mean_teacher.ema_decay": _DECAY, "mean_teacher.consistency": _AT_LEAST_0,
     "mean_teacher.rampup_epochs": _AT_LEAST_0, "mean_teacher.noise_std": _AT_LEAST_0,
     "mean_teacher.probe_cases": _AT_LEAST_0,
@@ -491,6 +495,11 @@ def _validate_train(cfg: Config) -> None:
     # Only the cosine schedule has a warm-up phase (train_ssl_tf2.Trainer._lr_schedule).
     _check(t.warmup_epochs == 0 or t.schedule == "cosine", "train.warmup_epochs",
            f"only train.schedule=cosine warms up; got warmup_epochs={t.warmup_epochs} with schedule={t.schedule}")
+    # batch_size is global, so the replica count alone says nothing about how far the batch moved
+    # from the one lr was tuned at: linear scaling is relative to that reference batch.
+    _check(t.lr_scaling != "linear" or t.lr_reference_batch >= 1, "train.lr_reference_batch",
+           "train.lr_scaling=linear scales lr by batch_size / lr_reference_batch: set it to the batch "
+           f"train.lr was tuned at (>= 1), got {t.lr_reference_batch}")
     _check(t.warmup_epochs < t.epochs or t.warmup_epochs == 0, "train.warmup_epochs",
            f"must be less than train.epochs={t.epochs}, got {t.warmup_epochs}")
 

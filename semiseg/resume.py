@@ -33,6 +33,7 @@ RESUMABLE_KEYS = {
     "train.min_delta": "early stopping of the epochs to come",
     "train.checkpoint_every": "checkpoint cadence",
     "train.keep_checkpoints": "checkpoints kept",
+    "train.end_time_margin_s": "how early before the job's wall limit to checkpoint and stop",
     "train.eval_batch_size": "validation/test batch size (scores do not depend on it)",
     "train.steps_per_loop": "steps per tf.function call (the same steps, grouped differently)",
     "data.cache_dir": "where the slice cache lives (its content is keyed by the data settings)",

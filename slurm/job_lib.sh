@@ -29,6 +29,7 @@ semiseg_environment() {
     export SEMISEG_PORT=${SEMISEG_PORT:-$((20000 + (${SLURM_JOB_ID:-0} % 750) * 16))}
     export TF_CPP_MIN_LOG_LEVEL=${TF_CPP_MIN_LOG_LEVEL:-1}
     export PYTHONUNBUFFERED=1
+    semiseg_export_end_time
 
     echo "=== semiseg ${SLURM_JOB_NAME:-job} ${SLURM_JOB_ID:-?} restart ${SLURM_RESTART_COUNT:-0} on $(hostname) at $(date '+%F %T')"
     echo "nodes ${SLURM_JOB_NODELIST:-?} ntasks ${SLURM_NTASKS:-1} cpus/task ${SLURM_CPUS_PER_TASK:-?} port $SEMISEG_PORT"
@@ -105,12 +106,27 @@ semiseg_cache_on_scratch() {
     export SEMISEG_CACHE=$scratch
 }
 
+# The trainer checkpoints and stops train.end_time_margin_s before SLURM_JOB_END_TIME (the unix
+# time of the wall limit). Slurm sets it from 23.02 on; before, it is read from squeue here.
+semiseg_export_end_time() {
+    [ -n "${SLURM_JOB_END_TIME:-}" ] || [ -z "${SLURM_JOB_ID:-}" ] && return 0
+    local end
+    end=$(squeue -h -j "$SLURM_JOB_ID" -o %e 2>/dev/null | head -n 1)
+    case "$end" in
+        ""|N/A|NONE|Unknown) return 0 ;;        # no wall limit (or squeue unavailable)
+    esac
+    end=$(date -d "$end" +%s 2>/dev/null) && export SLURM_JOB_END_TIME=$end
+    echo "job end time ${SLURM_JOB_END_TIME:-unknown} (unix time, from squeue)"
+}
+
 # Runs the command in the background so that the batch shell can catch the signals:
 # SIGUSR1 (sent by --signal=B:USR1@SECS before the time limit, or `scancel --signal=USR1
 # --batch JOB`) is forwarded to the command (srun passes it on to every task); when the
 # command then stops with a non-zero code (75: checkpoint saved) the job is requeued and
 # resumes from that checkpoint. SIGTERM (scancel, preemption) is forwarded too, but never
-# requeues here: a cancelled job stays cancelled, a preempted one is requeued by SLURM.
+# requeues here: a cancelled job stays cancelled, a preempted one is requeued by SLURM. Code 75
+# with no signal at all: the trainer stopped itself before the wall limit (SLURM_JOB_END_TIME),
+# so the job is requeued as after SIGUSR1.
 semiseg_run_requeueable() {
     echo "+ $*"
     SEMISEG_SIGNAL=""
@@ -132,7 +148,7 @@ semiseg_run_requeueable() {
     trap - USR1 TERM
     echo "command exited with code $rc"
 
-    if [ "$SEMISEG_SIGNAL" = USR1 ] && [ "$rc" -ne 0 ]; then
+    if { [ "$SEMISEG_SIGNAL" = USR1 ] && [ "$rc" -ne 0 ]; } || { [ -z "$SEMISEG_SIGNAL" ] && [ "$rc" -eq "$SEMISEG_PREEMPTED_EXIT" ]; }; then
         local restarts=${SLURM_RESTART_COUNT:-0} max=${SEMISEG_MAX_RESTARTS:-20}
         if [ "$restarts" -ge "$max" ]; then
             echo "not requeueing: already restarted $restarts times (SEMISEG_MAX_RESTARTS=$max)"

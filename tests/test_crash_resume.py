@@ -104,7 +104,7 @@ def rows(path: Path) -> list[dict]:
     """CSV rows without their wall-clock column."""
     import csv
     with open(path, newline="") as fh:
-        return [{k: v for k, v in row.items() if k != "time_s"} for row in csv.DictReader(fh)]
+        return [{k: v for k, v in row.items() if k not in run_dir.TIMING_COLUMNS} for row in csv.DictReader(fh)]
 
 
 def assert_same_run(out: Path, reference: Path) -> None:

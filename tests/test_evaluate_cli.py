@@ -37,7 +37,11 @@ def test_val_split_goes_to_eval_folder_and_keeps_run_metrics(run):
     assert (run / "metrics.json").read_bytes() == before
 
 
-def test_no_progress_drops_the_progress_bar_only(run, capsys):
+def test_no_progress_drops_the_progress_bar_only(run, capsys, monkeypatch):
+    from semiseg import progress
+    # Bars are drawn only on a terminal; capsys's stderr is not one, so stand in for a terminal
+    # (the non-terminal case is tests/test_cluster_io.py's).
+    monkeypatch.setattr(progress, "is_terminal", lambda stream=None: True)
     assert main.main(["evaluate", str(run), "--split", "val"]) == 0
     shown = capsys.readouterr()
     assert main.main(["evaluate", str(run), "--split", "val", "--no-progress"]) == 0

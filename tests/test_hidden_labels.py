@@ -20,13 +20,12 @@ from semiseg.methods import get_method
 class ZeroedHiddenTruth(data_loader_tf2.DataBundle):
     """The same cache and splits, but every hidden-truth case's mask reads as all zeros."""
 
-    def _records(self, case_ids, file_seed=None, **kwargs):
+    def parse_record(self, record):
+        # Every decoded record passes here: training streams (after their shard) and evaluation.
         hidden = tf.constant(sorted(self.splits["hidden_truth"]))
-
-        def zero(r):
-            is_hidden = tf.reduce_any(tf.equal(r["case"], hidden))
-            return {**r, "mask": tf.where(is_hidden, tf.zeros_like(r["mask"]), r["mask"])}
-        return super()._records(case_ids, file_seed, **kwargs).map(zero)
+        r = super().parse_record(record)
+        is_hidden = tf.reduce_any(tf.equal(r["case"], hidden))
+        return {**r, "mask": tf.where(is_hidden, tf.zeros_like(r["mask"]), r["mask"])}
 
 
 def _train(method, bundle, cfg, run):

@@ -119,12 +119,23 @@ class DataBundle:
         wanted = set(case_ids)
         return [str(self.cache_dir / s["file"]) for s in self.manifest["shards"] if wanted & set(s["cases"])]
 
-    def _records(self, case_ids, file_seed=None, train_only: bool = False):
+    def record_bytes(self) -> int:
+        """Bytes of one serialized cache record: float16 image, uint8 mask, a few small fields."""
+        return self.image_size ** 2 * (2 * self.channels + 1) + 128
+
+    def shuffle_window(self) -> int:
+        """Records per shuffle window: data.shuffle_buffer, bounded by data.shuffle_buffer_mb of
+        serialized records (every worker holds one window per stream)."""
+        records, mb = self.data_cfg.shuffle_buffer, self.data_cfg.shuffle_buffer_mb
+        return records if mb <= 0 else max(1, min(records, int(mb * 2 ** 20 // self.record_bytes())))
+
+    def _records(self, case_ids, file_seed=None, train_only: bool = False, keep=None, decode: bool = True):
         """Parsed records of the given cases, in cache order, or with the shard files in a
         stateless-random order when `file_seed` (a [2] int64 tensor) is given; `train_only` keeps
-        the records flagged train_keep."""
+        the records flagged train_keep; `keep(position) -> bool` (position among the wanted records,
+        from 0) selects records before their pixels are decoded; `decode=False` keeps them serialized
+        (smaller in a shuffle window; decode later with `parse_record`)."""
         import tensorflow as tf
-        size, ch = self.image_size, self.channels
         files = self._files(case_ids)
         n_files = len(files)
         if file_seed is not None and n_files > 1:
@@ -132,16 +143,7 @@ class DataBundle:
         table = tf.lookup.StaticHashTable(
             tf.lookup.KeyValueTensorInitializer(tf.constant(sorted(case_ids), tf.string),
                                                 tf.ones(len(case_ids), tf.int64)), default_value=0)
-        features = {"image": tf.io.FixedLenFeature([], tf.string), "mask": tf.io.FixedLenFeature([], tf.string),
-                    "has_label": tf.io.FixedLenFeature([], tf.int64), "case": tf.io.FixedLenFeature([], tf.string),
-                    "index": tf.io.FixedLenFeature([], tf.int64), "train_keep": tf.io.FixedLenFeature([], tf.int64)}
-
-        def parse(record):
-            f = tf.io.parse_single_example(record, features)
-            image = tf.cast(tf.reshape(tf.io.decode_raw(f["image"], tf.float16), [size, size, ch]), tf.float32)
-            mask = tf.cast(tf.reshape(tf.io.decode_raw(f["mask"], tf.uint8), [size, size, 1]), tf.float32)
-            return {"image": image, "mask": mask, "case": f["case"], "index": f["index"]}
-
+        features = _record_features()
         # Ordered reads (one file after the other) unless shuffling: evaluation relies on the
         # records of a case being contiguous, and parallel reads interleave shards record by record.
         ds = tf.data.TFRecordDataset(files, num_parallel_reads=(min(4, n_files) or None) if file_seed is not None else None)
@@ -154,7 +156,23 @@ class DataBundle:
             return tf.logical_and(ok, f["train_keep"] > 0) if train_only else ok
 
         ds = ds.filter(wanted)
-        return ds.map(parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        if keep is not None:
+            def kept(position, _record):
+                return keep(position)
+
+            def record_only(_position, record):
+                return record
+            ds = ds.enumerate().filter(kept).map(record_only)
+        return ds.map(self.parse_record, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True) if decode else ds
+
+    def parse_record(self, record):
+        """A serialized cache record -> {'image' [H,W,C], 'mask' [H,W,1] (float32), 'case', 'index'}."""
+        import tensorflow as tf
+        size, ch = self.image_size, self.channels
+        f = tf.io.parse_single_example(record, _record_features())
+        image = tf.cast(tf.reshape(tf.io.decode_raw(f["image"], tf.float16), [size, size, ch]), tf.float32)
+        mask = tf.cast(tf.reshape(tf.io.decode_raw(f["mask"], tf.uint8), [size, size, 1]), tf.float32)
+        return {"image": image, "mask": mask, "case": f["case"], "index": f["index"]}
 
     def train_dataset(self, split: str, per_replica_batch: int, input_context=None, start_step: int = 0,
                       augment=None, stream_id: int = 0, with_mask: bool = True):
@@ -166,6 +184,9 @@ class DataBundle:
         whatever the number of workers, and each record's augmentation is seeded by its global
         index: results do not depend on the number of workers (only the order within a batch).
         `augment(image, mask, seed) -> (image, mask)` runs per element with seed (seed, stream, index).
+        Reading: every pipeline reads the split's serialized records (the shared order needs them all)
+        but decodes and augments only its own 1/n. Splitting the shard *files* between workers
+        would read less, but would make the order, and so the result, depend on the worker count.
         """
         import tensorflow as tf
         case_ids = self.splits[split]
@@ -180,16 +201,19 @@ class DataBundle:
                             f"raise data.background_ratio or turn it off)")
         consumed = start_step * per_replica_batch * replicas   # global records before start_step
         first_pass, skip = divmod(consumed, total)
-        seed, buffer = self.seed, self.data_cfg.shuffle_buffer
+        seed, buffer = self.seed, self.shuffle_window()
 
         def one_pass(p):
             # A fresh order every pass, a pure function of (seed, stream, pass): shard files in a
             # random order, then records sorted by stateless random keys within windows of
-            # `shuffle_buffer`. (Dataset.shuffle cannot take a per-pass tensor seed, and its
+            # `shuffle_window()` records. (Dataset.shuffle cannot take a per-pass tensor seed, and its
             # reshuffling state would make --resume replay every earlier pass.) The order is the
             # same on every worker, so sharding after it splits one global order.
             pass_seed = tf.stack([tf.cast(seed * 1_000_003 + stream_id * 7919, tf.int64), p])
-            ds = self._records(case_ids, file_seed=pass_seed, train_only=split in TRAIN_FILTERED_SPLITS).enumerate()
+            # Serialized records: a window holds bytes, not decoded float32 images, and each
+            # pipeline decodes only the records its shard keeps (below).
+            ds = self._records(case_ids, file_seed=pass_seed, train_only=split in TRAIN_FILTERED_SPLITS,
+                               decode=False).enumerate()
 
             def keyed(i, r):
                 key_seed = tf.stack([pass_seed[0] + 1, p * 2 ** 24 + i])
@@ -207,7 +231,8 @@ class DataBundle:
         ds = tf.data.Dataset.range(first_pass, 2 ** 62).flat_map(one_pass).skip(skip)
         ds = ds.enumerate(start=consumed).shard(n_pipe, pipe)
 
-        def prepare(k, r):
+        def prepare(k, serialized):
+            r = self.parse_record(serialized)
             image, mask = r["image"], r["mask"]
             if augment is not None:
                 aug_seed = tf.stack([tf.cast(seed * 1000 + stream_id * 100, tf.int64), k])
@@ -227,6 +252,44 @@ class DataBundle:
         if not ids:
             raise DataError(f"split '{split}' has no cases")
         return self._records(ids).batch(batch).prefetch(tf.data.AUTOTUNE)
+
+
+    def sharded_eval_dataset(self, case_ids, per_replica_batch: int, input_context=None):
+        """This input pipeline's share of the slices of `case_ids`, for evaluation on every replica.
+
+        Pipeline p of P keeps the records p, p + P, ... of the cache order (selected before decoding),
+        each as {'image','mask','case' (position in sorted case_ids),'valid'}, padded with invalid
+        all-zero records to `eval_steps * replicas on this pipeline * per_replica_batch`: every
+        replica of every worker then runs the same number of steps (collectives need it), and the
+        padding, never counted, makes any case or slice count work."""
+        import tensorflow as tf
+        ids = sorted(case_ids)
+        n_pipe = input_context.num_input_pipelines if input_context else 1
+        pipe = input_context.input_pipeline_id if input_context else 0
+        replicas = input_context.num_replicas_in_sync if input_context else 1
+        local = replicas // n_pipe
+        length = self.eval_steps(ids, per_replica_batch, replicas) * local * per_replica_batch
+        table = tf.lookup.StaticHashTable(tf.lookup.KeyValueTensorInitializer(
+            tf.constant(ids, tf.string), tf.range(len(ids), dtype=tf.int64)), default_value=-1)
+        size, ch = self.image_size, self.channels
+        ds = self._records(ids, keep=lambda i: i % n_pipe == pipe).map(
+            lambda r: {"image": r["image"], "mask": r["mask"], "case": table.lookup(r["case"]), "valid": tf.constant(True)})
+        pad = tf.data.Dataset.from_tensors({"image": tf.zeros([size, size, ch]), "mask": tf.zeros([size, size, 1]),
+                                            "case": tf.constant(-1, tf.int64), "valid": tf.constant(False)}).repeat()
+        return ds.concatenate(pad).take(length).batch(per_replica_batch, drop_remainder=True)
+
+    def eval_steps(self, case_ids, per_replica_batch: int, replicas: int) -> int:
+        """Steps of `sharded_eval_dataset`: the busiest pipeline's records over its replicas' batches
+        (at most one pipeline per replica, so ceil over all replicas is enough)."""
+        total = sum(self.manifest["cases"][c]["n_slices"] for c in case_ids)
+        return max(1, math.ceil(total / (replicas * per_replica_batch)))
+
+
+def _record_features() -> dict:
+    import tensorflow as tf
+    return {"image": tf.io.FixedLenFeature([], tf.string), "mask": tf.io.FixedLenFeature([], tf.string),
+            "has_label": tf.io.FixedLenFeature([], tf.int64), "case": tf.io.FixedLenFeature([], tf.string),
+            "index": tf.io.FixedLenFeature([], tf.int64), "train_keep": tf.io.FixedLenFeature([], tf.int64)}
 
 
 def prepare_data(cfg, run_dir=None, log=print, progress: bool = True) -> DataBundle:

@@ -49,8 +49,8 @@ def run_tasks(fn, tasks: list, workers: int, total_items: int, desc: str, progre
 
     `fn` must be a module-level function (it is pickled by name). The first exception raised by a
     task is re-raised here after the pool is stopped."""
-    from tqdm import tqdm
-    bar = tqdm(total=total_items, desc=desc, unit="case", disable=not progress, leave=False)
+    from semiseg.progress import progress_bar
+    bar = progress_bar(total=total_items, desc=desc, unit="case", enabled=progress, leave=False)
     workers = max(1, min(int(workers), len(tasks)))
     try:
         if workers == 1:

@@ -82,6 +82,59 @@ def mean_case_dice(predict, bundle, split: str = "val", batch: int = 16, case_id
     return float(np.mean(scores)) if scores else float("nan")
 
 
+class ShardedCaseDice:
+    """Validation Dice on every replica of every worker: `score()` == `mean_case_dice` of one device.
+
+    Each replica predicts its share of the slices (DataBundle.sharded_eval_dataset) and returns, per
+    slice, (case, |P & T|, |P|, |T|) at threshold 0.5; `strategy.gather` brings them to every worker,
+    where they are summed per case in float64 (exact: integer counts) and turned into per-case Dice.
+    So the score does not depend on how slices were spread, and every worker gets the same value.
+    Built once per network: its step is traced once and reused every epoch."""
+
+    def __init__(self, strategy, model, bundle, split: str = "val", batch: int = 16):
+        import tensorflow as tf
+        self.strategy, self.bundle = strategy, bundle
+        self.case_ids = sorted(bundle.splits[split])
+        replicas = strategy.num_replicas_in_sync
+        self.per_replica_batch = max(1, batch // replicas)
+        self.steps = bundle.eval_steps(self.case_ids, self.per_replica_batch, replicas)
+        self.dataset = strategy.distribute_datasets_from_function(
+            lambda ctx: bundle.sharded_eval_dataset(self.case_ids, self.per_replica_batch, ctx))
+
+        def replica_counts(batch):
+            prob = tf.sigmoid(tf.cast(model(batch["image"], training=False), tf.float32))
+            pred = tf.cast(prob >= 0.5, tf.float32)
+            truth = tf.cast(batch["mask"] > 0, tf.float32)
+            sums = tf.stack([tf.reduce_sum(pred * truth, [1, 2, 3]), tf.reduce_sum(pred, [1, 2, 3]),
+                             tf.reduce_sum(truth, [1, 2, 3])], axis=1)
+            case = tf.where(batch["valid"], batch["case"], -1)
+            return tf.concat([tf.cast(case, tf.float32)[:, None], sums], axis=1)      # [b, 4]
+
+        @tf.function
+        def step(iterator):
+            return strategy.gather(strategy.run(replica_counts, args=(next(iterator),)), axis=0)
+
+        self._step = step
+
+    def case_counts(self) -> np.ndarray:
+        """[cases, 4]: slices counted, |P & T|, |P|, |T| per case of the split (sorted case ids)."""
+        totals = np.zeros((len(self.case_ids), 4))
+        iterator = iter(self.dataset)
+        for _ in range(self.steps):
+            rows = self._step(iterator).numpy().astype(np.float64)
+            rows = rows[rows[:, 0] >= 0]                    # padding
+            cases = rows[:, 0].astype(np.int64)
+            np.add.at(totals, cases, np.concatenate([np.ones((len(rows), 1)), rows[:, 1:]], axis=1))
+        return totals
+
+    def score(self) -> float:
+        totals = self.case_counts()
+        inter, pred, truth = totals[:, 1], totals[:, 2], totals[:, 3]
+        denom = pred + truth
+        dice = np.where(denom == 0, 1.0, 2.0 * inter / np.maximum(denom, 1))
+        return float(dice.mean()) if len(dice) else float("nan")
+
+
 def case_spacing(bundle, case_id: str, n_slices: int):
     """Spacing in the order of the stacked array [S, H, W] (slice, row, col), or (row, col) for 2D."""
     info = bundle.case_info(case_id)
@@ -92,15 +145,15 @@ def case_spacing(bundle, case_id: str, n_slices: int):
 def evaluate(model, bundle, split: str = "test", batch: int = 16, tta: bool = False, out_dir=None,
              threshold: float = 0.5, model_name: str = "student", previews: bool = True, progress: bool = False) -> dict:
     """Full metrics over a split; writes metrics.json, per_case.csv and previews/ under out_dir."""
-    from tqdm import tqdm
+    from semiseg.progress import progress_bar
     predict = make_predict_fn(model, tta)
     rows, units = [], set()
     out_dir = Path(out_dir) if out_dir else None
     preview_dir = out_dir / "previews" / split if (out_dir and previews) else None
     if preview_dir:
         preview_dir.mkdir(parents=True, exist_ok=True)
-    cases = tqdm(iterate_cases(predict, bundle, split, batch), desc=f"evaluate {split}", unit="case",
-                 disable=not progress, leave=False)
+    cases = progress_bar(iterate_cases(predict, bundle, split, batch), desc=f"evaluate {split}", unit="case",
+                         enabled=progress, leave=False)
     for case_id, image, label, prob in cases:
         pred = prob >= threshold
         spacing, unit = case_spacing(bundle, case_id, len(prob))

@@ -289,9 +289,9 @@ class Predictor:
     def volume_probabilities(self, path, progress: bool = False, volume=None):
         """(probabilities [S,H,W] in slice order at the original in-plane size, meta of volumes.load_volume);
         `volume`: read_volume's result when the caller has read the file already."""
-        from tqdm import tqdm
+        from semiseg.progress import progress_bar
         image, meta = volume or self.read_volume(path)
-        with tqdm(total=len(image), desc=Path(path).name, unit="slice", disable=not progress, leave=False) as bar:
+        with progress_bar(total=len(image), desc=Path(path).name, unit="slice", enabled=progress, leave=False) as bar:
             prob = self.predict_slices(image, bar)
         return prob, meta
 
@@ -406,7 +406,7 @@ def run_prediction(run_dir, input_path, output_path, tta: bool = False, threshol
                    log=print, save_uncertainty: bool = False) -> list[Path]:
     """`main.py predict`: segment every input and write its mask; returns the files written."""
     import nibabel as nib
-    from tqdm import tqdm
+    from semiseg.progress import progress_bar
     if not 0.0 < threshold < 1.0:
         raise DataError(f"--threshold must be in (0, 1), got {threshold}")
     source, output = Path(input_path), Path(output_path)
@@ -415,7 +415,7 @@ def run_prediction(run_dir, input_path, output_path, tta: bool = False, threshol
     predictor = Predictor(run_dir, tta=tta, checkpoint=checkpoint, threshold=threshold, uncertainty=save_uncertainty)
     (output if not source.is_file() else output.parent).mkdir(parents=True, exist_ok=True)
     written = []
-    bar = tqdm(plan, desc="predict", unit="file", disable=not (progress and len(plan) > 1))
+    bar = progress_bar(plan, desc="predict", unit="file", enabled=progress and len(plan) > 1)
     for src, mask_path, prob_path, sigma_path in bar:
         if is_nifti(src):
             from semiseg.data import volumes

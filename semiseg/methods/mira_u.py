@@ -260,7 +260,7 @@ class MiraU(Trainer):
                                                          self.cfg.train.eval_batch_size, cases)}
 
     # ------------------------------------------------------------------ stage 1 + stage 2
-    def fit(self, run: Path, is_chief: bool = True, ckpt_dir: Path | None = None, progress: bool = True) -> str:
+    def _fit(self, run: Path, is_chief: bool = True, ckpt_dir: Path | None = None, progress: bool = True) -> str:
         m, teacher = self.cfg.mira_u, self.models["teacher"]
         saved = Path(run) / TEACHER_FILE
         if m.teacher_checkpoint:
@@ -273,7 +273,7 @@ class MiraU(Trainer):
             if is_chief and not saved.exists():
                 _save_model_atomic(teacher, saved)
                 self.log(f"stage 1 done: teacher saved to {saved}")
-        return super().fit(run, is_chief, ckpt_dir, progress)
+        return super()._fit(run, is_chief, ckpt_dir, progress)
 
     def mim_dataset_bundle(self):
         """The bundle with one more split, 'mim_train' = labeled + unlabeled training cases (never

@@ -160,6 +160,10 @@ def finish_run_info(run: Path, status: str, **extra) -> None:
     write_json(path, info)
 
 
+# history.csv columns measured, not computed: they differ between two runs of the same steps.
+TIMING_COLUMNS = ("time_s", "images_per_s", "step_ms", "gpu_mem_peak_mb")
+
+
 def append_history(run: Path, row: dict) -> None:
     """Rewrite history.csv with one more row (atomic). Rows from epochs at or after `row['epoch']`
     are dropped first: after a resume from an older checkpoint the file matches the model."""

@@ -55,8 +55,10 @@ PORT_STRIDE = 16          # ... times this: one job's tasks on a node get ports 
                           # (ids n, n+1) never share a port, even while the last one's sockets linger
 
 
-# Signals (SIGTERM, SIGUSR1) caught before the trainer installs its own handler.
+# Signals (SIGTERM, SIGUSR1) caught before the trainer installs its own handler, and the handlers
+# the early catch replaced (what the trainer puts back when it is done).
 _early_signals = []
+_before_early = {}
 
 
 def catch_preemption_signals_early():
@@ -69,11 +71,20 @@ def catch_preemption_signals_early():
     _early_signals.clear()          # a second run in one process starts clean
     def record(signum, _frame):
         _early_signals.append(signal.Signals(signum).name)
+    record.semiseg_early = True
     for sig in (signal.SIGTERM, signal.SIGUSR1):
         try:
-            signal.signal(sig, record)
+            previous = signal.signal(sig, record)
         except ValueError:          # not the main thread
-            pass
+            continue
+        if not getattr(previous, "semiseg_early", False):
+            _before_early[sig] = previous
+
+
+def handler_to_restore(sig, replaced):
+    """The handler to put back for `sig` once training is over: the one before the early catch
+    when `replaced` is that catch (so SIGTERM ends the process again), else `replaced` itself."""
+    return _before_early.get(sig, replaced) if getattr(replaced, "semiseg_early", False) else replaced
 
 
 def early_signal():

@@ -56,18 +56,27 @@ def ema_update(teacher_vars, student_vars, decay):
 
 
 class Preemption:
-    """SIGTERM / SIGUSR1 set a flag; the loop checkpoints at the next loop boundary and exits 75."""
+    """SIGTERM / SIGUSR1 set a flag; the loop checkpoints at the next loop boundary and exits 75.
+    `restore()` puts back the handlers found at install time: after training, a SIGTERM must end
+    the process again (test evaluation, a notebook, a caller's own handler)."""
 
     def __init__(self):
         self.signal = distribute.early_signal()      # one that arrived during start-up
+        self._previous = {}
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             try:
-                signal.signal(sig, self._handle)
+                self._previous[sig] = distribute.handler_to_restore(sig, signal.signal(sig, self._handle))
             except ValueError:          # not the main thread (e.g. inside some test runners)
                 pass
 
     def _handle(self, signum, _frame):
         self.signal = signal.Signals(signum).name
+
+    def restore(self):
+        for sig, handler in self._previous.items():
+            # None: installed from C, not Python; the default action is the closest we can restore.
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+        self._previous = {}
 
 
 class EpochLogSums:
@@ -250,7 +259,7 @@ class Trainer:
     # ------------------------------------------------------------------ optimizer
     def _lr_schedule(self):
         t = self.cfg.train
-        lr = t.lr * (self.n_replicas if t.lr_scaling == "linear" else 1)
+        lr = effective_lr(t)
         warmup = int(t.warmup_epochs * self.steps_per_epoch)
         decay_steps = max(1, self.total_steps - warmup)
         if t.schedule == "cosine":
@@ -398,10 +407,28 @@ class Trainer:
     def stop_requested(self) -> bool:
         """Whether to save and exit now. Call it at the same steps on every worker: a signal reaches
         workers at different times, so they agree (all-reduce) and all save the same step together."""
-        caught = self.preemption().signal is not None
+        watcher = self.preemption()
+        if watcher.signal is None and near_job_end(self.cfg.train.end_time_margin_s):
+            watcher.signal = "SLURM_JOB_END_TIME (within train.end_time_margin_s)"
+        caught = watcher.signal is not None
         if self.strategy_info.get("num_workers", 1) > 1:
             return distribute.any_worker_true(self.strategy, caught)
         return caught
+
+    def images_per_step(self) -> int:
+        """Input images of one optimizer step, all replicas: labelled plus unlabelled."""
+        return self.global_batch + (self.global_unlabeled_batch if self.uses_unlabeled else 0)
+
+    def _throughput(self, steps: int, seconds: float) -> dict:
+        """history.csv columns of an epoch's training part (validation excluded; the first epoch
+        includes tracing the step). GPU peak memory where TensorFlow reports it (GPUs only)."""
+        seconds = max(seconds, 1e-9)
+        speed = {"images_per_s": round(steps * self.images_per_step() / seconds, 2),
+                 "step_ms": round(1000.0 * seconds / max(steps, 1), 1)}
+        peak = _gpu_peak_mb()
+        if peak is not None:
+            speed["gpu_mem_peak_mb"] = peak
+        return speed
 
     def _summary_writer(self, run: Path):
         if getattr(self, "_writer", None) is None:
@@ -410,8 +437,17 @@ class Trainer:
 
     # ------------------------------------------------------------------ the outer loop
     def fit(self, run: Path, is_chief: bool = True, ckpt_dir: Path | None = None, progress: bool = True) -> str:
-        """Train until epochs are done, early stopping, or preemption. Returns the stop reason."""
-        from tqdm import tqdm
+        """Train until epochs are done, early stopping, or preemption. Returns the stop reason.
+        The signal handlers `_fit` installs are removed however it ends (methods override `_fit`)."""
+        try:
+            return self._fit(run, is_chief, ckpt_dir, progress)
+        finally:
+            if self._preemption is not None:
+                self._preemption.restore()
+                self._preemption = None
+
+    def _fit(self, run: Path, is_chief: bool = True, ckpt_dir: Path | None = None, progress: bool = True) -> str:
+        from semiseg.progress import progress_bar
         t = self.cfg.train
         ckpt = self.checkpoint()
         # Every worker saves (tf.distribute gathers variables collectively), the chief into the run
@@ -435,15 +471,18 @@ class Trainer:
         ckpt_every = t.checkpoint_every or self.steps_per_epoch
         last_ckpt_step = step
         select_name = next(iter(self.eval_models()))
-        predict_fns = {name: evaluation.make_predict_fn(m) for name, m in self.eval_models().items()}
+        # Validation runs on every replica of every worker, each on its share of the slices.
+        validators = {name: evaluation.ShardedCaseDice(self.strategy, m, self.data, "val", t.eval_batch_size)
+                      for name, m in self.eval_models().items()}
         if t.patience and int(self.bad_epochs.numpy()) >= t.patience:
             return "early_stopped"      # a resumed run that had already stopped early
         while int(self.epoch.numpy()) < t.epochs:
             epoch = int(self.epoch.numpy())
             epoch_end = (epoch + 1) * self.steps_per_epoch
-            t0 = time.time()
-            bar = tqdm(total=self.steps_per_epoch, initial=step - epoch * self.steps_per_epoch, unit="step",
-                       desc=f"epoch {epoch + 1}/{t.epochs}", disable=not (progress and is_chief), leave=False)
+            t0, first_step = time.time(), step
+            _reset_gpu_peak()
+            bar = progress_bar(total=self.steps_per_epoch, initial=step - epoch * self.steps_per_epoch, unit="step",
+                               desc=f"epoch {epoch + 1}/{t.epochs}", enabled=progress and is_chief, leave=False)
             while step < epoch_end:
                 n = min(t.steps_per_loop, epoch_end - step)
                 logs = {k: float(v) for k, v in loop(tf.constant(n)).items()}
@@ -464,8 +503,8 @@ class Trainer:
                     save(step)
                     last_ckpt_step = step
             bar.close()
-            scores = {name: evaluation.mean_case_dice(predict, self.data, "val", t.eval_batch_size)
-                      for name, predict in predict_fns.items()}
+            speed = self._throughput(step - first_step, time.time() - t0)
+            scores = {name: validator.score() for name, validator in validators.items()}
             score = scores[select_name]
             if self.strategy_info.get("num_workers", 1) > 1:
                 # Each worker scored its own copy of the networks; unsynchronised BatchNorm statistics
@@ -479,7 +518,7 @@ class Trainer:
                    **self.schedule_logs((epoch + 1)), **self.epoch_diagnostics(epoch + 1),
                    "val_dice": scores[select_name],
                    **{f"val_dice_{k}": v for k, v in scores.items() if k != select_name},
-                   "time_s": round(time.time() - t0, 2)}
+                   **speed, "time_s": round(time.time() - t0, 2)}
             improved = score > float(self.best_score.numpy()) + t.min_delta
             if improved:
                 self.best_score.assign(score)
@@ -499,8 +538,10 @@ class Trainer:
                         if key not in ("epoch", "step") and isinstance(value, (int, float)) and np.isfinite(value):
                             tf.summary.scalar(key, value)
             terms = " ".join(f"{k}={v:.4f}" for k, v in row.items() if k.startswith("loss"))
+            memory = f", GPU peak {speed['gpu_mem_peak_mb']:.0f} MB" if "gpu_mem_peak_mb" in speed else ""
             self.log(f"epoch {epoch + 1}/{t.epochs} {terms} val_dice={score:.4f}"
-                     f"{' *' if improved else ''} ({row['time_s']:.1f}s)")
+                     f"{' *' if improved else ''} ({row['time_s']:.1f}s; {speed['images_per_s']:.1f} img/s, "
+                     f"{speed['step_ms']:.0f} ms/step{memory})")
             if t.patience and int(self.bad_epochs.numpy()) >= t.patience:
                 self.log(f"early stopping: no validation improvement for {t.patience} epochs")
                 return "early_stopped"
@@ -519,6 +560,55 @@ def _apply_gradients_as_given(optimizer) -> None:
         raise RuntimeError(f"{type(optimizer).__name__} has no _all_reduce_sum_gradients: this Keras "
                            f"version aggregates gradients differently; check Trainer._replica_step")
     optimizer._all_reduce_sum_gradients = lambda grads_and_vars: list(grads_and_vars)
+
+
+def effective_lr(train_cfg) -> float:
+    """train.lr, or with lr_scaling=linear lr * batch_size / lr_reference_batch (Goyal et al.'s
+    rule). batch_size is global, so the replica count does not enter: the same global batch on 1 or
+    16 GPUs is the same optimisation problem and keeps its learning rate."""
+    t = train_cfg
+    return t.lr * (t.batch_size / t.lr_reference_batch if t.lr_scaling == "linear" else 1.0)
+
+
+def job_end_time() -> float | None:
+    """SLURM_JOB_END_TIME (unix seconds of the job's wall limit, set by Slurm 21.08+), else None."""
+    import os
+    value = os.environ.get("SLURM_JOB_END_TIME", "")
+    try:
+        return float(value) if value else None
+    except ValueError:
+        return None
+
+
+def near_job_end(margin_s: float) -> bool:
+    """Whether the job's wall limit is less than `margin_s` away: stop and checkpoint now, even if
+    no signal comes (a missing --signal, or one sent too late to finish validation and the save)."""
+    end = job_end_time()
+    return end is not None and margin_s > 0 and time.time() >= end - margin_s
+
+
+def _local_gpus() -> list:
+    return tf.config.list_logical_devices("GPU")
+
+
+def _reset_gpu_peak() -> None:
+    for device in _local_gpus():
+        try:
+            tf.config.experimental.reset_memory_stats(device.name)
+        except (ValueError, tf.errors.OpError):
+            pass
+
+
+def _gpu_peak_mb() -> float | None:
+    """Largest peak allocation over this process's GPUs since the last reset, in MB; None on CPU
+    or where the allocator does not report it."""
+    peaks = []
+    for device in _local_gpus():
+        try:
+            peaks.append(tf.config.experimental.get_memory_info(device.name)["peak"])
+        except (ValueError, tf.errors.OpError):
+            pass
+    return round(max(peaks) / 2 ** 20, 1) if peaks else None
 
 
 def save_checkpoint(manager: tf.train.CheckpointManager, step: int) -> None:
