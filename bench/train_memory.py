@@ -23,7 +23,9 @@ import common  # noqa: E402
 
 
 def msd_available(repo: Path) -> bool:
-    code = "import data_sources as d; d.get_source('msd')"
+    # The checkout may predate the semiseg package (bench --repo OTHER compares checkouts).
+    code = ("try:\n    from semiseg.data import sources as d\nexcept ImportError:\n    import data_sources as d\n"
+            "d.get_source('msd')")
     return subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True).returncode == 0
 
 

@@ -65,7 +65,7 @@ def test_cache_on_scratch_is_copied_once_per_node(slurm_cluster, workdir):
 
 def test_tasks_sharing_a_nodes_gpus_are_pinned_by_local_id(slurm_cluster, tmp_path):
     # --gres=gpu:2 with two tasks and no --gpus-per-task: SLURM shows both GPUs to both tasks.
-    code = ("import json, os, distribute; v = os.environ.get('CUDA_VISIBLE_DEVICES', ''); "
+    code = ("import json, os; from semiseg.training import distribute; v = os.environ.get('CUDA_VISIBLE_DEVICES', ''); "
             "n = len([d for d in v.split(',') if d]); "
             "print('pin ' + json.dumps([int(os.environ['SLURM_LOCALID']), v, distribute.task_gpu_indices(os.environ, n)]))")
     script = tmp_path / "pin.sh"
