@@ -131,7 +131,8 @@ def test_recipe_command_runs_on_one_node(slurm_cluster, workdir):
                                 "--data", "/data/Task07_Pancreas"]
 
 
-@pytest.mark.slow      # 70-260 s here: two TF starts, twice, and a requeue wait; run with -m slow
+# 70-260 s on a loaded machine (two TF starts, twice, and a requeue wait); in the default suite because
+# the multi-node preemption path must be shown on the real SLURM in CI.
 def test_real_trainer_two_workers_usr1_requeues_and_resumes(slurm_cluster, tmp_path):
     """Preemption of a two-worker run (srun --kill-on-bad-exit): every worker stops at the same
     step, the chief's checkpoint is complete when the workers exit, the job is requeued and
