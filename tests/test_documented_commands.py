@@ -15,7 +15,7 @@ import shlex
 from pathlib import Path
 
 import config
-import main
+from semiseg import cli as main  # main.py is a thin entry point over semiseg.cli
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_SCRIPTS = ("train_1gpu.sbatch", "train_node.sbatch", "train_multinode.sbatch")
