@@ -507,11 +507,12 @@ class Trainer:
             scores = {name: validator.score() for name, validator in validators.items()}
             score = scores[select_name]
             if self.strategy_info.get("num_workers", 1) > 1:
-                # Each worker scored its own copy of the networks; unsynchronised BatchNorm statistics
-                # make those differ, and so would each worker's improve/stop decision: one worker
-                # stopping while the others enter the next step's all-reduce hangs the job. The
-                # chief's score decides for all (not a mean over workers: it is the score of the
-                # network the chief exports as best_model.keras).
+                # Every worker must take the same improve/stop decision: one worker stopping while
+                # the others enter the next step's all-reduce hangs the job. Sharded validation
+                # already gathers its counts, so the scores agree; the chief's value is still what
+                # decides, so the decision cannot depend on a worker's own arithmetic (e.g. a
+                # validator that scores a worker's networks alone, as before sharding). With
+                # unsynchronised BatchNorm each shard is scored by its own replica's statistics.
                 score = distribute.chief_float(self.strategy, score)
             row = {"epoch": epoch + 1, "step": step, "lr": self.current_lr(),
                    **sums.means(),
