@@ -79,6 +79,15 @@ def last_json_line(stdout):
     return json.loads(lines[-1])
 
 
+def run_result_script(script, cwd, **env):
+    """Run `script` with `python -c` (env as python_env plus `env`); its 'RESULT{json}' line, parsed."""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=cwd,
+                          env=python_env(**env), timeout=SUBPROCESS_TIMEOUT_S)
+    line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT")]
+    assert proc.returncode == 0 and line, proc.stderr[-3000:]
+    return json.loads(line[0][len("RESULT"):])
+
+
 def run_processes(commands_envs, timeout_s=SUBPROCESS_TIMEOUT_S):
     """Start all, wait for all (timeout), kill leftovers; returns [(rc, stdout, stderr)]."""
     procs = [subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,

@@ -8,12 +8,9 @@ MirroredStrategy two replicas. evaluation.ShardedCaseDice over them, and over th
 be the cache's (every case present, no slice twice, none lost) though the validation split's 7 cases
 and its slices do not divide by 2 replicas x the per-replica batch (padding is never counted).
 """
-import json
-import subprocess
-import sys
 import textwrap
 
-from test_equivalence import SUBPROCESS_TIMEOUT_S, python_env
+from test_equivalence import run_result_script
 
 SCRIPT = textwrap.dedent("""
     import json
@@ -42,11 +39,7 @@ SCRIPT = textwrap.dedent("""
 
 
 def test_two_replicas_score_validation_like_one_device(tmp_path):
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, cwd=tmp_path,
-                          env=python_env(SEMISEG_LOGICAL_CPUS="2"), timeout=SUBPROCESS_TIMEOUT_S)
-    line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT")]
-    assert proc.returncode == 0 and line, proc.stderr[-3000:]
-    out = json.loads(line[0][len("RESULT"):])
+    out = run_result_script(SCRIPT, tmp_path, SEMISEG_LOGICAL_CPUS="2")
     assert out["replicas"] == 2
     assert len(out["cases"]) % 2 == 1 and sum(out["expected_slices"]) % 6 != 0    # padding is exercised
     for name in ("two", "one"):

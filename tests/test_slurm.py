@@ -102,13 +102,17 @@ STAND_IN_MAIN = textwrap.dedent('''
 ''')
 
 
-@pytest.fixture
-def workdir(tmp_path):
-    """A submit folder: the scripts and the stand-in main.py (semiseg comes from PYTHONPATH); logs/ made."""
+def make_workdir(tmp_path, stand_in=STAND_IN_MAIN):
+    """A submit folder: the scripts and a stand-in main.py (semiseg comes from PYTHONPATH); logs/ made."""
     shutil.copytree(os.path.join(REPO, "slurm"), tmp_path / "slurm")
-    (tmp_path / "main.py").write_text(STAND_IN_MAIN)
+    (tmp_path / "main.py").write_text(stand_in)
     (tmp_path / "logs").mkdir()
     return tmp_path
+
+
+@pytest.fixture
+def workdir(tmp_path):
+    return make_workdir(tmp_path)
 
 
 def job_env(**extra):

@@ -9,7 +9,6 @@ received. The script must export the end time (from squeue) and requeue the job.
 trainer stops at that time with exit 75 and a checkpoint is tests/test_cluster_io.py's.
 """
 import os
-import shutil
 import sys
 import textwrap
 import time
@@ -19,6 +18,7 @@ import pytest
 TESTS = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(TESTS)
 from slurm_cluster import slurm_cluster  # noqa: F401  (the fixture)
+from test_slurm import make_workdir
 
 STAND_IN_MAIN = textwrap.dedent('''
     import os, sys
@@ -34,10 +34,7 @@ STAND_IN_MAIN = textwrap.dedent('''
 
 @pytest.fixture
 def workdir(tmp_path):
-    shutil.copytree(os.path.join(REPO, "slurm"), tmp_path / "slurm")
-    (tmp_path / "main.py").write_text(STAND_IN_MAIN)
-    (tmp_path / "logs").mkdir()
-    return tmp_path
+    return make_workdir(tmp_path, STAND_IN_MAIN)
 
 
 def test_end_time_is_exported_and_a_self_stop_requeues(slurm_cluster, workdir):

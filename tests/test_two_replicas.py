@@ -9,12 +9,9 @@ legitimately differ) (an EMA assign in the replica context keeps mirrored copies
 computes the same update), and the random draws MixMatch makes inside the step (MixUp lambdas)
 must differ between replicas (seeded with the replica id, DESIGN.md: Keras draws do not).
 """
-import json
-import subprocess
-import sys
 import textwrap
 
-from test_equivalence import SUBPROCESS_TIMEOUT_S, python_env
+from test_equivalence import run_result_script
 
 SCRIPT = textwrap.dedent("""
     import json
@@ -53,11 +50,7 @@ SCRIPT = textwrap.dedent("""
 
 
 def test_ema_teacher_identical_and_mixmatch_draws_differ_across_replicas(tmp_path):
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, cwd=tmp_path,
-                          env=python_env(SEMISEG_LOGICAL_CPUS="2"), timeout=SUBPROCESS_TIMEOUT_S)
-    line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT")]
-    assert proc.returncode == 0 and line, proc.stderr[-3000:]
-    out = json.loads(line[0][len("RESULT"):])
+    out = run_result_script(SCRIPT, tmp_path, SEMISEG_LOGICAL_CPUS="2")
     assert out["replicas"] == 2
     assert out["teacher_moved"] > 0                    # the EMA did update the teacher
     assert out["teacher_replica_gap"] == 0.0           # ... identically on both replicas
