@@ -31,6 +31,8 @@ class DataConfig:
     labeled_fraction: float = 0.1      # fraction of the *training* cases whose labels are used
     val_fraction: float = 0.15         # of the labelled cases, per case (never per slice)
     test_fraction: float = 0.15
+    split_seed: int = 0                # fixes which cases validate and test; the run seed draws only the
+                                       # labelled subset (and the initialisation), so seeds share one test set
     hide_labels: bool = False          # real data: keep held-back labels only to score pseudo targets
     shuffle_buffer: int = 1024         # records; the labelled set of a small study fits entirely
     shuffle_buffer_mb: float = 256.0   # and at most this many MB of cached records per stream; 0 = no bound

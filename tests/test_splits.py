@@ -41,3 +41,14 @@ def test_fixed_subsets_are_respected():
     cases = [Case(f"t{i}", "i", "l", subset="test") for i in range(3)] + _cases(20)
     s = make_splits(cases, config.DataConfig(), 0)
     assert set(s["test"]) == {"t0", "t1", "t2"}
+
+
+def test_run_seeds_share_one_test_and_validation_set():
+    """Methods and seeds must be scored on one test set: the run seed draws only the labelled
+    subset; the data set's split_seed alone decides validation and test."""
+    d = config.DataConfig(labeled_fraction=0.2)
+    by_seed = [make_splits(_cases(80), d, seed) for seed in range(3)]
+    assert all(s["test"] == by_seed[0]["test"] and s["val"] == by_seed[0]["val"] for s in by_seed)
+    assert len({tuple(s["labeled"]) for s in by_seed}) == 3
+    other = make_splits(_cases(80), config.DataConfig(labeled_fraction=0.2, split_seed=1), 0)
+    assert other["test"] != by_seed[0]["test"]

@@ -64,21 +64,23 @@ def make_splits(cases: list[Case], data_cfg, seed: int) -> dict:
     labeled_pool = sorted(c.case_id for c in cases if c.label is not None and c.subset is None)
     fixed = {s: sorted(c.case_id for c in cases if c.subset == s and c.label is not None) for s in ("train", "val", "test")}
     no_label = sorted(c.case_id for c in cases if c.label is None)
-    rng = np.random.default_rng(seed)
-    order = [labeled_pool[i] for i in rng.permutation(len(labeled_pool))]
+    # Two generators: the data set's split seed cuts test and validation (the same for every run seed,
+    # so methods and seeds are scored on one test set), the run seed draws the labelled subset.
+    split_rng = np.random.default_rng(data_cfg.split_seed)
+    order = [labeled_pool[i] for i in split_rng.permutation(len(labeled_pool))]
     n_test = int(round(data_cfg.test_fraction * len(order))) if not fixed["test"] else 0
     n_val = int(round(data_cfg.val_fraction * len(order))) if not fixed["val"] else 0
     test = fixed["test"] + order[:n_test]
     val = fixed["val"] + order[n_test:n_test + n_val]
     train = fixed["train"] + order[n_test + n_val:]
-    train = [train[i] for i in rng.permutation(len(train))]
+    train = [train[i] for i in np.random.default_rng(seed).permutation(len(train))]
     if not train:
         raise DataError("no labelled training cases left after the val/test split; lower data.val_fraction/test_fraction")
     n_labeled = max(1, int(round(data_cfg.labeled_fraction * len(train))))
     labeled, hidden = sorted(train[:n_labeled]), sorted(train[n_labeled:])
     if not val:
         raise DataError("the validation split is empty: model selection needs it (raise data.val_fraction or add cases)")
-    return {"seed": seed, "labeled_fraction": data_cfg.labeled_fraction,
+    return {"seed": seed, "split_seed": data_cfg.split_seed, "labeled_fraction": data_cfg.labeled_fraction,
             "labeled": labeled, "unlabeled": sorted(hidden + no_label), "hidden_truth": hidden,
             "val": sorted(val), "test": sorted(test)}
 
