@@ -6,8 +6,13 @@ Wilcoxon signed-rank test of per-case Dice against the supervised baseline.
 Writes FIGDIR/comparison.{md,csv,tex} and FIGDIR/wilcoxon.csv (one test per seed and one over
 all seeds per method and fraction), and prints the Markdown table.
 
-Pairing: a method's run is paired with the supervised run of the same labeled fraction and
-seed (the same split, so the same test cases), case by case on case_id. Over seeds, a case's
+Grouping: runs are grouped by method, labeled fraction and every other setting that differs
+between them (data set, network, schedule, a method's weight...), shown in the `setting` column:
+runs that differ are never merged into one row.
+
+Pairing: a method's run is paired with the supervised run of the same labeled fraction, seed and
+shared settings (same data, network and schedule; a method's own section may differ), case by case
+on case_id. Over seeds, a case's
 Dice is first averaged over the seeds where it was paired, so a test case shared by all seeds
 counts once (the test is on cases, not on case-seed repeats).
 """
@@ -27,7 +32,7 @@ from scipy import stats  # noqa: E402
 
 from semiseg.runs import atomic_write  # noqa: E402
 from analysis import figures  # noqa: E402
-from analysis.runs import Run, find_runs, percent, run_cli  # noqa: E402
+from analysis.runs import Run, find_runs, percent, run_cli, setting_keys, variant  # noqa: E402
 
 BASELINE = "supervised"
 TABLE_METRICS = ("dice", "iou", "precision", "recall", "hd95", "asd")
@@ -37,8 +42,25 @@ DISTANCES = ("hd95", "asd")
 
 
 def _group_order(key):
-    method, fraction = key
-    return (fraction, method != BASELINE, method)
+    method, fraction, setting = key
+    return (fraction, method != BASELINE, method, setting)
+
+
+class Grouping:
+    """Which row a run belongs to, and which supervised run it is paired with."""
+
+    def __init__(self, runs: list[Run]):
+        from semiseg.config import METHODS     # a table of names, no TensorFlow
+        self.keys = setting_keys(runs)
+        # Settings outside every method's own section: a method is paired only with a baseline
+        # trained on the same data, network and schedule.
+        self.shared = [key for key in self.keys if key.split(".", 1)[0] not in METHODS]
+
+    def group(self, run: Run) -> tuple:
+        return (run.method, run.labeled_fraction, variant(run, self.keys))
+
+    def pairing(self, run: Run) -> tuple:
+        return (run.labeled_fraction, run.seed, variant(run, self.shared))
 
 
 def evaluated_runs(runs: list[Run]) -> list[Run]:
@@ -74,13 +96,14 @@ def wilcoxon_p(method_dice, baseline_dice) -> float:
 
 def wilcoxon_table(runs: list[Run]) -> pd.DataFrame:
     """One row per (method, fraction, seed) and one per (method, fraction) over all seeds."""
-    baselines = {(run.labeled_fraction, run.seed): run for run in runs if run.method == BASELINE}
+    grouping = Grouping(runs)
+    baselines = {grouping.pairing(run): run for run in runs if run.method == BASELINE}
     rows, pooled = [], {}
     for run in runs:
         if run.method == BASELINE:
             continue
-        baseline = baselines.get((run.labeled_fraction, run.seed))
-        key = (run.method, run.labeled_fraction)
+        baseline = baselines.get(grouping.pairing(run))
+        key = grouping.group(run)
         pooled.setdefault(key, [])
         if baseline is None:
             print(f"compare: no {BASELINE} run with labeled fraction {run.labeled_fraction} and "
@@ -88,39 +111,40 @@ def wilcoxon_table(runs: list[Run]) -> pd.DataFrame:
             continue
         pairs = paired_dice(run, baseline)
         pooled[key].append(pairs)
-        rows.append(dict(method=run.method, labeled_fraction=run.labeled_fraction, seed=run.seed,
+        rows.append(dict(method=run.method, labeled_fraction=run.labeled_fraction, setting=key[2], seed=run.seed,
                          n_pairs=len(pairs),
                          median_difference=float((pairs["dice"] - pairs["dice_baseline"]).median())
                          if len(pairs) else math.nan,
                          p_value=wilcoxon_p(pairs["dice"], pairs["dice_baseline"])))
-    for (method, fraction), frames in pooled.items():
+    for (method, fraction, setting), frames in pooled.items():
         if frames:
             # One pair per case: average a case's Dice over the seeds that scored it.
             per_case = pd.concat(frames).groupby("case_id")[["dice", "dice_baseline"]].mean()
         else:
             per_case = pd.DataFrame(columns=["dice", "dice_baseline"], dtype=float)
-        rows.append(dict(method=method, labeled_fraction=fraction, seed="all",
+        rows.append(dict(method=method, labeled_fraction=fraction, setting=setting, seed="all",
                          n_pairs=len(per_case),
                          median_difference=float((per_case["dice"] - per_case["dice_baseline"]).median())
                          if len(per_case) else math.nan,
                          p_value=wilcoxon_p(per_case["dice"], per_case["dice_baseline"])))
-    return pd.DataFrame(rows, columns=["method", "labeled_fraction", "seed", "n_pairs",
+    return pd.DataFrame(rows, columns=["method", "labeled_fraction", "setting", "seed", "n_pairs",
                                        "median_difference", "p_value"])
 
 
 def summary_table(runs: list[Run]) -> pd.DataFrame:
     """One row per (method, labeled fraction): seeds, mean and std over seeds, Wilcoxon p."""
     runs = evaluated_runs(runs)
+    grouping = Grouping(runs)
     groups = {}
     for run in runs:
-        groups.setdefault((run.method, run.labeled_fraction), []).append(run)
+        groups.setdefault(grouping.group(run), []).append(run)
     tests = wilcoxon_table(runs)
-    over_seeds = tests[tests["seed"] == "all"].set_index(["method", "labeled_fraction"])
+    over_seeds = tests[tests["seed"] == "all"].set_index(["method", "labeled_fraction", "setting"])
     rows = []
     for key in sorted(groups, key=_group_order):
-        method, fraction = key
+        method, fraction, setting = key
         members = groups[key]
-        row = dict(method=method, labeled_fraction=fraction, n_seeds=len(members),
+        row = dict(method=method, labeled_fraction=fraction, setting=setting, n_seeds=len(members),
                    seeds=" ".join(str(run.seed) for run in members))
         for name in TABLE_METRICS:
             values = np.array([np.nan if run.metrics.get(name) is None else run.metrics[name]
@@ -153,12 +177,14 @@ def _p_text(p):
 
 def display_rows(table: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
     unit = table.attrs.get("distance_unit", "px")
-    header = ["Method", "Labeled", "Seeds"] + [
+    with_setting = bool(table["setting"].astype(bool).any()) if len(table) else False
+    header = ["Method"] + (["Setting"] if with_setting else []) + ["Labeled", "Seeds"] + [
         f"{HEADERS[name]} ({unit})" if name in DISTANCES else HEADERS[name] for name in TABLE_METRICS
     ] + ["p (Dice vs supervised)"]
     body = []
     for _, row in table.iterrows():
-        cells = [row["method"], percent(row["labeled_fraction"]), str(row["n_seeds"])]
+        cells = [row["method"]] + ([row["setting"] or "–"] if with_setting else []) + [
+            percent(row["labeled_fraction"]), str(row["n_seeds"])]
         for name in TABLE_METRICS:
             cells.append(_mean_std(row[f"{name}_mean"], row[f"{name}_std"], 2 if name in DISTANCES else 3))
         cells.append(_p_text(row["p_wilcoxon"]))

@@ -83,6 +83,48 @@ class Run:
         return arrays
 
 
+# Keys that say which run this is or how it was executed, not what was trained: they never split a
+# comparison into groups. Everything else that differs between runs does (see `setting_keys`).
+RUN_IDENTITY_KEYS = ("method", "seed", "data.labeled_fraction", "data.path", "data.cache_dir",
+                     "train.steps_per_loop", "train.eval_batch_size", "train.checkpoint_every",
+                     "train.keep_checkpoints", "train.end_time_margin_s", "train.progress")
+
+
+def flat_config(config: dict, prefix: str = "") -> dict:
+    """{'train.lr': 0.001, ...} from the nested config mapping (lists become tuples: hashable)."""
+    flat = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flat_config(value, name + "."))
+        else:
+            flat[name] = tuple(value) if isinstance(value, list) else value
+    return flat
+
+
+def run_settings(run: "Run") -> dict:
+    """What was trained: the flat config without RUN_IDENTITY_KEYS and without the sections of
+    other methods (a supervised run's config.yaml carries mean_teacher.* defaults it never used)."""
+    from semiseg.config import METHODS          # a table of names, no TensorFlow
+    others = {name for name in METHODS if name != run.method}
+    return {key: value for key, value in flat_config(run.config).items()
+            if key not in RUN_IDENTITY_KEYS and key.split(".", 1)[0] not in others}
+
+
+def setting_keys(runs: list["Run"]) -> list[str]:
+    """The settings whose values differ between runs (a key one run lacks counts as differing):
+    data set, network, schedule, a method's weight... Comparisons group by them, never merging."""
+    settings = [run_settings(run) for run in runs]
+    keys = set().union(*settings) if settings else set()
+    return sorted(key for key in keys if len({repr(each.get(key)) for each in settings}) > 1)
+
+
+def variant(run: "Run", keys: list[str]) -> str:
+    """'train.lr=0.002, mean_teacher.consistency=3' for this run's values of `keys` ('' if none)."""
+    settings = run_settings(run)
+    return ", ".join(f"{key}={settings[key]}" for key in keys if key in settings)
+
+
 def percent(fraction: float) -> str:
     """0.1 -> '10%' (labeled fractions are stored as fractions of 1)."""
     return f"{100 * fraction:g}%"

@@ -274,3 +274,39 @@ def test_formats_option_rejects_unknown_formats():
     assert figures.parse_formats("png, PDF,svg") == ("png", "pdf", "svg")
     with pytest.raises(argparse.ArgumentTypeError, match="bmp"):
         figures.parse_formats("png,bmp")
+
+
+def _set_config(run_dir, dotted, value):
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    node = config
+    *parents, last = dotted.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[last] = value
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
+
+
+def test_compare_never_merges_runs_whose_settings_differ(tmp_path):
+    """Two networks make two supervised rows; two consistency weights make two Mean Teacher rows,
+    each paired with the supervised run of its own network, never with the other's."""
+    for filters in (8, 16):
+        for seed in (0, 1):
+            sup = write_fake_run(tmp_path / f"sup-f{filters}-s{seed}", "supervised", 0.1, seed)
+            _set_config(sup, "model.base_filters", filters)
+            _set_config(sup, "mean_teacher.consistency", 99.0)   # another method's section: ignored
+    for weight in (1.0, 3.0):
+        for seed in (0, 1):
+            mt = write_fake_run(tmp_path / f"mt-w{weight}-s{seed}", "mean_teacher", 0.1, seed)
+            _set_config(mt, "mean_teacher.consistency", weight)
+    table = compare.summary_table(find_runs([tmp_path]))
+    assert list(zip(table["method"], table["setting"])) == [
+        ("supervised", "model.base_filters=16"), ("supervised", "model.base_filters=8"),
+        ("mean_teacher", "mean_teacher.consistency=1.0, model.base_filters=8"),
+        ("mean_teacher", "mean_teacher.consistency=3.0, model.base_filters=8")]
+    assert list(table["n_seeds"]) == [2, 2, 2, 2]
+    tests = compare.wilcoxon_table(find_runs([tmp_path]))
+    assert len(tests[tests["seed"] != "all"]) == 4 and (tests["n_pairs"] == len(CASE_IDS)).all()
+    # Paired with the 8-filter supervised runs: their per-case Dice, not the 16-filter ones'.
+    paired = compare.paired_dice(load_run(tmp_path / "mt-w1.0-s0"), load_run(tmp_path / "sup-f8-s0"))
+    assert tests.iloc[0]["median_difference"] == pytest.approx((paired["dice"] - paired["dice_baseline"]).median())
+    assert "| supervised | model.base_filters=16 | 10% | 2 |" in compare.to_markdown(table)
