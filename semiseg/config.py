@@ -121,8 +121,14 @@ class MixMatchConfig:
     temperature: float = 0.5
     alpha: float = 0.75
     k: int = 2
-    lambda_u: float = 1.0              # maximum weight of the unlabelled L2 loss
+    lambda_u: float = 75.0             # maximum weight of the unlabelled L2 loss (the paper: 75 on CIFAR-10,
+                                       # range 75-100; the L2 is per pixel over the 2 classes' probabilities)
     rampup_epochs: float = 10.0
+    ramp: str = "linear"               # linear (the paper) | sigmoid exp(-5(1-t/T)^2)
+    guess_mode: str = "train"          # train (the paper's code): guesses from the network in training mode
+                                       # (batch statistics, dropout) without updating BN moving statistics;
+                                       # inference: moving statistics, no dropout
+    ema_decay: float = 0.999           # the paper evaluates an EMA of the weights; 0 = no EMA network
     photometric_views: bool = True     # the K guess views: flips + photometric jitter (false: flips only)
     probe_cases: int = 32              # hidden-truth cases scoring the sharpened guesses per epoch; 0 = off
 
@@ -379,7 +385,7 @@ class MethodInfo:
 METHODS: dict[str, MethodInfo] = {
     "supervised": MethodInfo(("student",), False),
     "mean_teacher": MethodInfo(("student", "teacher"), True),
-    "mixmatch": MethodInfo(("student",), True),
+    "mixmatch": MethodInfo(("student", "ema"), True),
     "mira_u": MethodInfo(("student", "teacher"), True),
 }
 MODEL_NAMES = ("unet", "hybrid")                  # models_tf2.MODELS (test-checked)
@@ -396,7 +402,7 @@ RANGES: dict[str, tuple] = {
     "data.val_fraction": _DECAY, "data.test_fraction": _DECAY,
     "data.shuffle_buffer": _AT_LEAST_1, "data.shuffle_buffer_mb": _AT_LEAST_0, "data.synthetic_cases": _AT_LEAST_1,
     "data.synthetic_size": (lambda v: v >= 16, ">= 16 (the generator's minimum)"), "data.synthetic_difficulty": _AT_LEAST_0,
-    "data.synthetic_seed": _AT_LEAST_0, "data.slice_axis": (lambda v: v in (0, 1, 2), "0, 1 or 2"),
+    "data.synthetic_seed": _AT_LEAST_0, "data.split_seed": _AT_LEAST_0, "data.slice_axis": (lambda v: v in (0, 1, 2), "0, 1 or 2"),
     "data.background_ratio": _FRACTION,
     "model.base_filters": _AT_LEAST_1, "model.depth": _AT_LEAST_1, "model.dropout": _DECAY,
     "model.bn_momentum": _DECAY,
@@ -413,7 +419,7 @@ RANGES: dict[str, tuple] = {
     "mean_teacher.rampup_epochs": _AT_LEAST_0, "mean_teacher.noise_std": _AT_LEAST_0,
     "mean_teacher.probe_cases": _AT_LEAST_0,
     "mixmatch.temperature": _POSITIVE, "mixmatch.alpha": _POSITIVE, "mixmatch.k": _AT_LEAST_1,
-    "mixmatch.lambda_u": _AT_LEAST_0, "mixmatch.rampup_epochs": _AT_LEAST_0, "mixmatch.probe_cases": _AT_LEAST_0,
+    "mixmatch.lambda_u": _AT_LEAST_0, "mixmatch.ema_decay": _DECAY, "mixmatch.rampup_epochs": _AT_LEAST_0, "mixmatch.probe_cases": _AT_LEAST_0,
     "mira_u.mim_epochs": _AT_LEAST_0, "mira_u.mim_lr": _POSITIVE, "mira_u.mim_batch_size": _AT_LEAST_1,
     "mira_u.mask_ratio": (lambda v: 0 < v < 1, "in (0, 1)"),
     "mira_u.patch_size": (lambda v: v >= 1 and not v & (v - 1), "a power of two"),
@@ -431,8 +437,9 @@ CHOICES: dict[str, tuple] = {
     "data.modality": ("auto", "ct", "mri"), "model.activation": ("relu", "leaky_relu"),
     "train.lr_scaling": ("none", "linear"), "train.schedule": ("constant", "cosine", "poly"),
     "train.optimizer": ("adam", "sgd"), "train.precision": ("float32", "mixed_float16", "mixed_bfloat16"),
-    "train.distribution": ("auto", "none", "mirrored", "multi_worker"), "train.export": ("auto", "student", "teacher"),
+    "train.distribution": ("auto", "none", "mirrored", "multi_worker"), "train.export": ("auto", "student", "teacher", "ema"),
     "train.collective": ("auto", "nccl", "ring"),
+    "mixmatch.ramp": ("linear", "sigmoid"), "mixmatch.guess_mode": ("train", "inference"),
     "mean_teacher.student_view": ("noise", "strong"), "mean_teacher.teacher_bn": ("batch", "moving"),
     "mira_u.ema_target": ("student_ema", "teacher_head"),
 }

@@ -23,8 +23,9 @@ def test_method_table_agrees_with_registered_trainers():
     from semiseg.training import registry as train_ssl_tf2
     get_method("supervised")              # imports methods/, which registers the rest
     assert set(config.METHODS) == set(train_ssl_tf2.METHODS)
-    exportable = {"student", "teacher"}                 # what train.export can name besides auto
+    exportable = set(config.CHOICES["train.export"]) - {"auto"}     # what train.export can name
     variants = {"mean_teacher": [[], ["mean_teacher.evaluate_teacher=false"]],
+                "mixmatch": [[], ["mixmatch.ema_decay=0"]],
                 "mira_u": [["mira_u.ema_target=student_ema"], ["mira_u.ema_target=teacher_head"]]}
     for name, cls in train_ssl_tf2.METHODS.items():
         info = config.METHODS[name]

@@ -1,4 +1,6 @@
 """MixMatch: sharpening, MixUp's lambda', flip-invariant guesses, one step, the smoke run."""
+import json
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -73,4 +75,32 @@ def test_smoke_training_end_to_end(tmp_path):
     for row in history:
         assert np.isfinite(float(row["loss_u"]))
         assert 0.0 <= float(row["pseudo_target_dice"]) <= 1.0
-        assert float(row["lambda_u_weight"]) == pytest.approx(1.0)     # rampup_epochs=1 in smoke
+        assert float(row["lambda_u_weight"]) == pytest.approx(75.0)    # the paper's lambda_u, ramped in 1 epoch
+    # The paper evaluates an EMA of the weights: it is validated first, selects and is exported.
+    assert json.loads((out / "export.json").read_text())["network"] == "ema"
+    assert {"val_dice", "val_dice_student"} <= set(history[0])      # val_dice: the selecting (EMA) network
+
+
+def test_guesses_in_training_mode_leave_bn_moving_statistics_alone():
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Conv2D(2, 3, padding="same"),
+                              keras.layers.BatchNormalization(), keras.layers.Conv2D(1, 1)])
+    images = tf.constant(np.random.default_rng(3).normal(2.0, 3.0, (4, 8, 8, 1)), tf.float32)
+    bn = model.layers[1]
+    before = [v.numpy().copy() for v in (bn.moving_mean, bn.moving_variance)]
+    guess, _ = tf.function(lambda x: mixmatch.guess_labels(model, x, tf.constant([1, 2], tf.int64), 2, 1.0,
+                                                           photometric=False, training=True))(images)
+    for b, v in zip(before, (bn.moving_mean, bn.moving_variance)):
+        np.testing.assert_array_equal(b, v.numpy())
+    assert bn.momentum == pytest.approx(0.99)                   # restored after the guess
+    # Batch statistics, not the (initial) moving ones: differs from the inference-mode guess.
+    inference, _ = mixmatch.guess_labels(model, images, tf.constant([1, 2], tf.int64), 2, 1.0, photometric=False)
+    assert not np.allclose(guess.numpy(), inference.numpy(), atol=1e-3)
+    model(images, training=True)                                # outside the block it trains BN as usual
+    assert not np.allclose(before[0], bn.moving_mean.numpy())
+
+
+def test_linear_ramp_reaches_lambda_u_at_rampup_epochs():
+    from semiseg.training.trainer import linear_rampup
+    assert [linear_rampup(e, 4.0) for e in (0, 1, 4, 9)] == [0.0, 0.25, 1.0, 1.0]
+    assert float(linear_rampup(tf.constant(2.0), 4.0)) == pytest.approx(0.5)

@@ -6,14 +6,20 @@
 Per step, with labelled (x, y) and unlabelled u (both already weakly augmented in tf.data):
  1. K views of u: random flips + photometric jitter (`batch_photometric`), each its own seed.
  2. Guess: q = mean_k undo_flips_k(sigmoid(f(view_k))), pixel by pixel (undoing the flips lines
-    the K predictions up); f runs in inference mode (no dropout, BN moving statistics).
+    the K predictions up). As in the paper's code, f runs in training mode (batch statistics,
+    dropout) but the guessing passes leave the BN moving statistics alone (`mixmatch.guess_mode`;
+    `inference` = moving statistics, no dropout, this project's first choice).
  3. Sharpen: q^(1/T) / (q^(1/T) + (1-q)^(1/T)), the two-class form of the paper's Sharpen.
  4. U' = the K views, each with the guess flipped back onto it; X' = (x, y).
     W = shuffle(concat(X', U')); lambda ~ Beta(alpha, alpha) per example, lambda' = max(lambda, 1-lambda)
     (so each mixed example stays closer to its own first input); X'' = MixUp(X', W[:|X'|]),
     U'' = MixUp(U', W[|X'|:]), images and targets mixed with the same lambda'.
  5. L = L_sup(f(X''), soft targets) + lambda_u * ramp(t) * mean_pixels (sigmoid(f(U'')) - q'')^2,
-    one forward pass over concat(X'', U'') in training mode.
+    one forward pass over concat(X'', U'') in training mode; ramp(t) linear over rampup_epochs (the
+    paper's; `mixmatch.ramp=sigmoid` for Mean Teacher's ramp).
+ 6. An EMA of the weights (decay 0.999 as in the paper, with Mean Teacher's warm-up so that short
+    runs are not dominated by the initial weights) is the network validated, selected and exported
+    (`ema`; mixmatch.ema_decay=0 keeps the student only). Its BN statistics are averaged too.
 Every random draw (views, flips, shuffle, Beta) is stateless and seeded with `replica_seed`, so each
 replica of a distribution strategy draws its own; Beta is drawn as G1/(G1+G2) from two stateless
 Gamma(alpha) draws (TF has no stateless Beta).
@@ -28,7 +34,9 @@ import tensorflow as tf
 from semiseg.data import augment
 from semiseg.methods import probe
 from semiseg.training.registry import register_method
-from semiseg.training.trainer import Trainer, sigmoid_rampup
+from semiseg.methods.mean_teacher import ema_decay_at, ema_weights
+from semiseg.models.unet import build_model
+from semiseg.training.trainer import Trainer, ema_update, linear_rampup, sigmoid_rampup
 
 VIEW_STREAM, SHUFFLE_STREAM, BETA_STREAM = 20, 40, 41
 PROBE_SEED = (12345, 0)     # the probe's K views: fixed, so epochs are scored on the same views
@@ -57,8 +65,29 @@ def mixup(images, targets, other_images, other_targets, lam):
     return lam * images + (1.0 - lam) * other_images, lam * targets + (1.0 - lam) * other_targets
 
 
-def guess_labels(model, images, seed, k: int, temperature: float, photometric: bool = True):
-    """Sharpened mean of the model's probabilities over K flipped (+ jittered) views of `images`.
+class frozen_bn_statistics:
+    """Within the block, BatchNormalization layers of `model` called in training mode use the
+    batch's statistics but leave their moving statistics as they are (momentum 1 while tracing):
+    the paper's guesses come from the training-mode network without counting as training batches."""
+
+    def __init__(self, model):
+        import keras
+        self.layers = [layer for layer in model._flatten_layers() if isinstance(layer, keras.layers.BatchNormalization)]
+
+    def __enter__(self):
+        self.saved = [layer.momentum for layer in self.layers]
+        for layer in self.layers:
+            layer.momentum = 1.0
+        return self
+
+    def __exit__(self, *exc):
+        for layer, momentum in zip(self.layers, self.saved):
+            layer.momentum = momentum
+
+
+def guess_labels(model, images, seed, k: int, temperature: float, photometric: bool = True, training: bool = False):
+    """Sharpened mean of the model's probabilities over K flipped (+ jittered) views of `images`;
+    `training`: the network in training mode, its BN moving statistics untouched.
 
     Returns (guess [B,H,W,1] aligned with `images`, views: list of (view images, flips)).
     """
@@ -69,8 +98,12 @@ def guess_labels(model, images, seed, k: int, temperature: float, photometric: b
         if photometric:
             view = augment.batch_photometric(view, jitter_seed)
         views.append((view, flips))
-        probs = tf.sigmoid(tf.cast(model(view, training=False), tf.float32))
-        total += augment.undo_flips(probs, flips)
+        if training:
+            with frozen_bn_statistics(model):
+                logits = model(view, training=True)
+        else:
+            logits = model(view, training=False)
+        total += augment.undo_flips(tf.sigmoid(tf.cast(logits, tf.float32)), flips)
     return tf.stop_gradient(sharpen(total / k, temperature)), views
 
 
@@ -79,16 +112,43 @@ class MixMatch(Trainer):
     """L_sup on mixed labelled images + ramped L2 to sharpened, mixed guesses on unlabelled ones."""
     uses_unlabeled = True
 
-    def unlabeled_weight(self, epoch):
+    @classmethod
+    def build_networks(cls, cfg, image_size: int, channels: int) -> dict:
+        # Always built (ema_decay=0 makes it a copy of the student), so checkpoints and
+        # train.export=ema mean the same thing whatever the decay.
+        networks = super().build_networks(cfg, image_size, channels)
+        networks["ema"] = build_model(cfg.model, image_size, channels, "ema")
+        return networks
+
+    def build_models(self) -> dict:
+        models = super().build_models()
+        for e, s in zip(ema_weights(models["ema"]), ema_weights(models["student"])):    # starts as a copy
+            e.assign(s)
+        models["ema"].trainable = False
+        return models
+
+    def on_step_end(self, step):
+        decay = ema_decay_at(step, self.cfg.mixmatch.ema_decay, True)
+        ema_update(ema_weights(self.models["ema"]), ema_weights(self.models["student"]), decay)
+
+    def eval_models(self) -> dict:
+        if self.cfg.mixmatch.ema_decay > 0:
+            return {"ema": self.models["ema"], "student": self.models["student"]}
+        return {"student": self.models["student"]}
+
+    def ramp(self, epoch):
         mm = self.cfg.mixmatch
-        return mm.lambda_u * sigmoid_rampup(epoch, mm.rampup_epochs)
+        return (linear_rampup if mm.ramp == "linear" else sigmoid_rampup)(epoch, mm.rampup_epochs)
+
+    def unlabeled_weight(self, epoch):
+        return self.cfg.mixmatch.lambda_u * self.ramp(epoch)
 
     def compute_loss(self, labeled, unlabeled, step):
         mm = self.cfg.mixmatch
         model = self.models["student"]
         images, masks = labeled
         guess, views = guess_labels(model, unlabeled, self.replica_seed(step, VIEW_STREAM), mm.k,
-                                    mm.temperature, mm.photometric_views)
+                                    mm.temperature, mm.photometric_views, training=mm.guess_mode == "train")
         u_images = tf.concat([v for v, _ in views], axis=0)
         u_targets = tf.concat([augment.apply_flips(guess, flips) for _, flips in views], axis=0)
         all_images = tf.concat([images, u_images], axis=0)
@@ -107,14 +167,14 @@ class MixMatch(Trainer):
 
     def schedule_logs(self, epoch_float: float) -> dict:
         mm = self.cfg.mixmatch
-        return {"rampup": sigmoid_rampup(epoch_float, mm.rampup_epochs),
+        return {"rampup": self.ramp(epoch_float),
                 "lambda_u_weight": self.unlabeled_weight(epoch_float)}
 
     def pseudo_targets(self, images):
         """The sharpened guess the unlabelled loss trains on (fixed views, so epochs compare)."""
         mm = self.cfg.mixmatch
         guess, _ = guess_labels(self.models["student"], images, tf.constant(PROBE_SEED, tf.int64), mm.k,
-                                mm.temperature, mm.photometric_views)
+                                mm.temperature, mm.photometric_views, training=mm.guess_mode == "train")
         return guess
 
     def epoch_diagnostics(self, epoch: int) -> dict:

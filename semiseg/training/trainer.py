@@ -49,6 +49,15 @@ def sigmoid_rampup(epoch, rampup_epochs):
     return math.exp(-5.0 * (1.0 - t) ** 2)
 
 
+def linear_rampup(epoch, rampup_epochs):
+    """t/T for t < T, then 1 (MixMatch's ramp of lambda_u)."""
+    if rampup_epochs <= 0:
+        return tf.constant(1.0) if tf.is_tensor(epoch) else 1.0
+    if tf.is_tensor(epoch):
+        return tf.clip_by_value(tf.cast(epoch, tf.float32) / rampup_epochs, 0.0, 1.0)
+    return min(max(float(epoch) / rampup_epochs, 0.0), 1.0)
+
+
 def ema_update(teacher_vars, student_vars, decay):
     """teacher <- decay * teacher + (1 - decay) * student, for every weight (BN statistics too)."""
     for t, s in zip(teacher_vars, student_vars):
