@@ -66,6 +66,23 @@ def test_one_step_changes_weights_and_gives_finite_loss(tmp_path):
     assert int(trainer.optimizer.iterations.numpy()) == 1
 
 
+def test_restoring_another_stages_checkpoint_leaves_the_step_counter_alone(tmp_path):
+    """MIRA-U restores its stage-1 checkpoints (which hold no training step) with restore_latest;
+    their number once became the stage-2 step counter, shifting stage 2's ramps and data stream."""
+    import tensorflow as tf
+    from semiseg import config
+    from semiseg.data import loader as data_loader_tf2
+    cfg = config.resolve("smoke")
+    bundle = data_loader_tf2.prepare_data(cfg, log=lambda m: None, progress=False)
+    trainer = get_method("supervised")(cfg, bundle, tf.distribute.get_strategy(), log=lambda m: None)
+    other = tf.Variable(3.0)
+    manager = tf.train.CheckpointManager(tf.train.Checkpoint(other=other), str(tmp_path), max_to_keep=1)
+    manager.save(checkpoint_number=5)
+    other.assign(0.0)
+    assert trainer.restore_latest(tf.train.Checkpoint(other=other), tmp_path) == 5
+    assert float(other.numpy()) == 3.0 and int(trainer.steps_taken.numpy()) == 0
+
+
 def test_resume_after_interruption_matches_uninterrupted(tmp_path, monkeypatch):
     """Preempt mid-epoch (a real SIGUSR1 to this process), resume, and compare with a run that
     was never interrupted: same steps, same losses, same validation Dice."""

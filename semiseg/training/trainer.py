@@ -402,8 +402,6 @@ class Trainer:
         number = distribute.chief_int(self.strategy, int(latest.rsplit("-", 1)[1]) if latest else 0)
         if number:
             ckpt.restore(str(folder / f"ckpt-{number}")).assert_existing_objects_matched()
-            if int(self.steps_taken.numpy()) == 0:     # saved before the step counter existed
-                self.steps_taken.assign(number)        # a checkpoint's number is its step
         return number
 
     def preemption(self) -> Preemption:
@@ -469,6 +467,11 @@ class Trainer:
             save_checkpoint(manager, at_step)
 
         restored = self.restore_latest(ckpt, run / "checkpoints")
+        if restored and int(self.steps_taken.numpy()) == 0:
+            # Saved before the step counter existed: a training checkpoint's number is its step. Only
+            # here: other checkpoints restored by restore_latest (MIRA-U's stage 1) do not hold this
+            # counter, and taking their number for it shifted the stage-2 step, its ramps and stream.
+            self.steps_taken.assign(restored)
         if restored:
             sums.load()
             self.log(f"resumed from {run / 'checkpoints' / f'ckpt-{restored}'} (epoch {int(self.epoch.numpy())}, "
