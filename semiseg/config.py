@@ -103,7 +103,11 @@ class MeanTeacherConfig:
     ema_decay: float = 0.99            # seed project; the MIRA-U seed uses 0.999
     consistency: float = 1.0           # maximum consistency weight
     rampup_epochs: float = 10.0        # sigmoid ramp exp(-5(1-t/T)^2)
-    noise_std: float = 0.1             # Gaussian input noise, drawn independently for student and teacher
+    noise_std: float = 0.1             # Gaussian input noise (images in [0, 1]; CT after windowing)
+    noise_clip: float = 0.2            # noise clamped to +-noise_clip (SSL4MIS); 0 = not clamped
+    noise_on: str = "teacher"          # teacher: only the teacher's view is noised, the student sees the
+                                       # image (SSL4MIS, the segmentation reference code); both: independent
+                                       # draws for both views (the paper's classifiers)
     evaluate_teacher: bool = True      # score (and select/export) the teacher; false = the student only
     ema_warmup: bool = True            # decay min(1 - 1/(n+1), ema_decay) after n updates (the paper's code)
     consistency_on_labeled: bool = True  # consistency on labelled images too (the paper: on all images)
@@ -416,7 +420,7 @@ RANGES: dict[str, tuple] = {
     "train.eval_batch_size": _AT_LEAST_1, "train.end_time_margin_s": _AT_LEAST_0,
     "train.lr_reference_batch": _AT_LEAST_0,
     "mean_teacher.ema_decay": _DECAY, "mean_teacher.consistency": _AT_LEAST_0,
-    "mean_teacher.rampup_epochs": _AT_LEAST_0, "mean_teacher.noise_std": _AT_LEAST_0,
+    "mean_teacher.rampup_epochs": _AT_LEAST_0, "mean_teacher.noise_std": _AT_LEAST_0, "mean_teacher.noise_clip": _AT_LEAST_0,
     "mean_teacher.probe_cases": _AT_LEAST_0,
     "mixmatch.temperature": _POSITIVE, "mixmatch.alpha": _POSITIVE, "mixmatch.k": _AT_LEAST_1,
     "mixmatch.lambda_u": _AT_LEAST_0, "mixmatch.ema_decay": _DECAY, "mixmatch.rampup_epochs": _AT_LEAST_0, "mixmatch.probe_cases": _AT_LEAST_0,
@@ -440,7 +444,7 @@ CHOICES: dict[str, tuple] = {
     "train.distribution": ("auto", "none", "mirrored", "multi_worker"), "train.export": ("auto", "student", "teacher", "ema"),
     "train.collective": ("auto", "nccl", "ring"),
     "mixmatch.ramp": ("linear", "sigmoid"), "mixmatch.guess_mode": ("train", "inference"),
-    "mean_teacher.student_view": ("noise", "strong"), "mean_teacher.teacher_bn": ("batch", "moving"),
+    "mean_teacher.student_view": ("noise", "strong"), "mean_teacher.noise_on": ("teacher", "both"), "mean_teacher.teacher_bn": ("batch", "moving"),
     "mira_u.ema_target": ("student_ema", "teacher_head"),
 }
 # model.* settings the hybrid network cannot honour, with the values it accepts (the default, and

@@ -94,6 +94,36 @@ def test_batch_statistics_teacher_keeps_its_own_bn_statistics():
         assert not np.allclose(t.numpy(), 0.9 * before + 0.1 * s.numpy(), rtol=1e-5, atol=1e-7)
 
 
+def test_only_the_teacher_view_is_noised_and_the_noise_is_clamped():
+    trainer = _trainer("mean_teacher.noise_std=1.0", "mean_teacher.noise_clip=0.2")
+    x = tf.zeros([2, 8, 8, 1])
+    noise = trainer.noised(x, tf.constant([1, 2], tf.int64)).numpy()
+    assert np.abs(noise).max() == pytest.approx(0.2) and np.isclose(np.abs(noise), 0.2).mean() > 0.5
+    # noise_on=teacher (SSL4MIS): the loss noises one view, the teacher's; noise_on=both: two.
+    for noise_on, views in (("teacher", 1), ("both", 2)):
+        trainer = _trainer(f"mean_teacher.noise_on={noise_on}")
+        calls = []
+        original = trainer.noised
+        trainer.noised = lambda images, seed: calls.append(seed) or original(images, seed)
+        images, masks = tf.zeros([2, 32, 32, 1]), tf.zeros([2, 32, 32, 1])
+        trainer.compute_loss((images, masks), tf.zeros([2, 32, 32, 1]), tf.constant(0, tf.int64))
+        assert len(calls) == views, noise_on
+
+
+def test_the_probe_scores_the_training_mode_teacher_without_moving_its_statistics():
+    trainer = _trainer("mean_teacher.teacher_bn=batch")
+    teacher = trainer.models["teacher"]
+    stats = [v for v in teacher.weights if v.path.endswith(("moving_mean", "moving_variance"))]
+    before = [v.numpy().copy() for v in stats]
+    images = tf.random.stateless_uniform([4, 32, 32, 1], [1, 2])
+    probe = tf.function(trainer.pseudo_targets)(images)
+    for b, v in zip(before, stats):
+        np.testing.assert_array_equal(b, v.numpy())
+    # Batch statistics (training mode), not the fresh moving ones the evaluation would use.
+    inference = tf.sigmoid(teacher(images, training=False))
+    assert not np.allclose(probe.numpy(), inference.numpy(), atol=1e-3)
+
+
 def test_smoke_training_end_to_end(tmp_path):
     out = tmp_path / "mt"
     assert main.main(["train", "--method", "mean_teacher", "--preset", "smoke", "--out", str(out), "--no-progress"]) == 0

@@ -3,9 +3,9 @@
     python main.py train --method mean_teacher --preset cpu
     python main.py train --method mean_teacher --preset smoke --set mean_teacher.consistency=10
 
-Per step:
-    student sees  x + n_s  (Gaussian noise n_s, dropout on)          -> p_s = sigmoid(student logits)
-    teacher sees  x + n_t  (an independent noise draw, BN on batch statistics, dropout on)
+Per step (noise_on=teacher, the default, as SSL4MIS's segmentation code; noise_on=both as the paper):
+    student sees  x        (x + n_s with noise_on=both; dropout on)  -> p_s = sigmoid(student logits)
+    teacher sees  x + n_t  (n ~ N(0, noise_std) clamped to +-noise_clip, BN on batch statistics, dropout on)
                                                                      -> p_t = sigmoid(teacher logits)
     L = L_sup(student, labelled) + w(t) * mean_pixels (p_s - p_t)^2   over unlabelled (+ labelled) x
     w(t) = consistency * exp(-5 (1 - t/T)^2),  t = epoch as a float, T = rampup_epochs
@@ -30,8 +30,15 @@ teacher is not dominated by the random initial weights.
 
 Model selection and export: the teacher (the network the paper reports, and the steadier of the
 two); set `train.export=student` or `mean_teacher.evaluate_teacher=false` to use the student.
+Why the student's view is clean by default: on the embedded benchmark (64x64, 10% labels, seed 0)
+noising both views (std 0.1 on [0, 1] images) kept the student at validation Dice 0.43-0.56 for 11
+epochs while supervised training reached 0.62-0.67 in the same epochs: the student was fitting noisy
+images and validated on clean ones.
+
 history.csv gets `val_dice` (teacher), `val_dice_student`, `loss_cons`, `cons_weight` and, where
-hidden truth exists, `pseudo_target_dice` (the teacher's thresholded prediction vs the truth).
+hidden truth exists, `pseudo_target_dice`: the target as the loss sees it - the teacher in the mode
+it trains in (training mode with teacher_bn=batch, its moving statistics untouched) on a noised view
+(a fixed draw) - thresholded at 0.5 and scored against the truth.
 """
 from __future__ import annotations
 
@@ -39,11 +46,13 @@ import tensorflow as tf
 
 from semiseg.data import augment
 from semiseg.methods import probe
+from semiseg.models.batchnorm import frozen_bn_statistics
 from semiseg.models.unet import build_model
 from semiseg.training.registry import register_method
 from semiseg.training.trainer import Trainer, ema_update, sigmoid_rampup
 
 STUDENT_NOISE_STREAM, TEACHER_NOISE_STREAM, STUDENT_STRONG_STREAM = 11, 12, 13
+PROBE_NOISE_SEED = (12345, 1)     # the probe's noise draw: fixed, so epochs are scored on the same view
 
 
 def ema_weights(model, teacher_bn: str = "moving") -> list:
@@ -92,8 +101,8 @@ class MeanTeacher(Trainer):
         images, masks = labeled
         n_lab = tf.shape(images)[0]
         x = tf.concat([images, unlabeled], axis=0)
-        x_student = augment.gaussian_noise(x, mt.noise_std, self.replica_seed(step, STUDENT_NOISE_STREAM))
-        x_teacher = augment.gaussian_noise(x, mt.noise_std, self.replica_seed(step, TEACHER_NOISE_STREAM))
+        x_student = (self.noised(x, self.replica_seed(step, STUDENT_NOISE_STREAM)) if mt.noise_on == "both" else x)
+        x_teacher = self.noised(x, self.replica_seed(step, TEACHER_NOISE_STREAM))
         if mt.student_view == "strong":
             # A harder view for the student than for the teacher (as in FixMatch-style consistency):
             # photometric only, so pixels still line up with the teacher's view.
@@ -112,6 +121,14 @@ class MeanTeacher(Trainer):
         loss = sup + weight * cons
         return loss, {"loss": loss, "loss_sup": sup, "loss_dice": dice, "loss_bce": bce, "loss_cons": cons}
 
+    def noised(self, images, seed):
+        """images + N(0, noise_std), clamped to +-noise_clip where set (SSL4MIS)."""
+        mt = self.cfg.mean_teacher
+        noise = augment.gaussian_noise(tf.zeros_like(images), mt.noise_std, seed)
+        if mt.noise_clip > 0:
+            noise = tf.clip_by_value(noise, -mt.noise_clip, mt.noise_clip)
+        return images + noise
+
     def on_step_end(self, step):
         mt = self.cfg.mean_teacher
         decay = ema_decay_at(step, mt.ema_decay, mt.ema_warmup)
@@ -129,8 +146,17 @@ class MeanTeacher(Trainer):
                 "cons_weight": self.consistency_weight(epoch_float)}
 
     def pseudo_targets(self, images):
-        """What the student is pulled towards: the teacher's probabilities (inference mode)."""
-        return tf.sigmoid(tf.cast(self.models["teacher"](images, training=False), tf.float32))
+        """What the student is pulled towards, as the loss sees it: the teacher in its training
+        mode on a noised view (a fixed draw, so epochs compare), moving statistics untouched."""
+        mt = self.cfg.mean_teacher
+        teacher = self.models["teacher"]
+        view = self.noised(images, tf.constant(PROBE_NOISE_SEED, tf.int64))
+        if mt.teacher_bn == "batch":
+            with frozen_bn_statistics(teacher):
+                logits = teacher(view, training=True)
+        else:
+            logits = teacher(view, training=False)
+        return tf.sigmoid(tf.cast(logits, tf.float32))
 
     def epoch_diagnostics(self, epoch: int) -> dict:
         cases = probe.probe_case_ids(self.cfg, self.data, self.cfg.mean_teacher.probe_cases)

@@ -35,6 +35,7 @@ from semiseg.data import augment
 from semiseg.methods import probe
 from semiseg.training.registry import register_method
 from semiseg.methods.mean_teacher import ema_decay_at, ema_weights
+from semiseg.models.batchnorm import frozen_bn_statistics
 from semiseg.models.unet import build_model
 from semiseg.training.trainer import Trainer, ema_update, linear_rampup, sigmoid_rampup
 
@@ -63,26 +64,6 @@ def mixup(images, targets, other_images, other_targets, lam):
     """lam * first + (1 - lam) * second, the same per-example lam for images and targets."""
     lam = tf.reshape(lam, [-1, 1, 1, 1])
     return lam * images + (1.0 - lam) * other_images, lam * targets + (1.0 - lam) * other_targets
-
-
-class frozen_bn_statistics:
-    """Within the block, BatchNormalization layers of `model` called in training mode use the
-    batch's statistics but leave their moving statistics as they are (momentum 1 while tracing):
-    the paper's guesses come from the training-mode network without counting as training batches."""
-
-    def __init__(self, model):
-        import keras
-        self.layers = [layer for layer in model._flatten_layers() if isinstance(layer, keras.layers.BatchNormalization)]
-
-    def __enter__(self):
-        self.saved = [layer.momentum for layer in self.layers]
-        for layer in self.layers:
-            layer.momentum = 1.0
-        return self
-
-    def __exit__(self, *exc):
-        for layer, momentum in zip(self.layers, self.saved):
-            layer.momentum = momentum
 
 
 def guess_labels(model, images, seed, k: int, temperature: float, photometric: bool = True, training: bool = False):
