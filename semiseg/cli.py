@@ -93,6 +93,7 @@ def cmd_train(args) -> int:
                           f"or choose another --out (nothing in it was changed)")
     import keras
     from semiseg.data import loader as data_loader_tf2
+    from semiseg.data import splits as data_splits
     from semiseg.runs import run_dir as rundir
     from semiseg.methods import get_method
     from semiseg.training.trainer import EXIT_PREEMPTED
@@ -116,12 +117,12 @@ def cmd_train(args) -> int:
         run = rundir.create_run_dir(out, cfg.method, cfg.preset) if chief else Path(out)
     if chief:
         config.save_yaml(cfg, run / "config.yaml")
-        data_loader_tf2.save_splits(bundle.splits, run / "splits.json")
+        data_splits.save_splits(bundle.splits, run / "splits.json")
         import tensorflow as tf
         devices = [d.name for d in tf.config.list_logical_devices()]
         rundir.start_run_info(run, {**rundir.provenance(args.argv, devices, info), "method": cfg.method,
                                     "data": {"format": bundle.fmt, "cache": str(bundle.cache_dir),
-                                             **{f"n_{s}": len(bundle.splits[s]) for s in data_loader_tf2.SPLITS}}},
+                                             **{f"n_{s}": len(bundle.splits[s]) for s in data_splits.SPLITS}}},
                               changed=plan.changes if plan is not None else None)
     _log(f"run folder: {run}  (labeled {len(bundle.splits['labeled'])}, unlabeled {len(bundle.splits['unlabeled'])}, "
          f"val {len(bundle.splits['val'])}, test {len(bundle.splits['test'])} cases)")
@@ -212,9 +213,9 @@ def cmd_preprocess(args) -> int:
     if args.out:
         cfg.data.cache_dir = args.out
     from semiseg.data import checks as data_checks
-    from semiseg.data import loader as data_loader_tf2
     from semiseg.data import cache as slice_cache
-    fmt, root, cases = data_loader_tf2.resolve_source(cfg.data, _log)
+    from semiseg.data import sources as data_sources
+    fmt, root, cases = data_sources.resolve_source(cfg.data, _log)
     report = data_checks.check_data(fmt, root, cases, cfg.data, workers=args.workers, progress=not args.no_progress)
     _log(report.summary())
     if report.warnings:
@@ -232,8 +233,8 @@ def cmd_check_data(args) -> int:
     cfg = config.resolve(args.preset or "", args.config or "", args.set)
     _apply_data_args(cfg, args)
     from semiseg.data import checks as data_checks
-    from semiseg.data import loader as data_loader_tf2
-    fmt, root, cases = data_loader_tf2.resolve_source(cfg.data, _log)
+    from semiseg.data import sources as data_sources
+    fmt, root, cases = data_sources.resolve_source(cfg.data, _log)
     report = data_checks.check_data(fmt, root, cases, cfg.data, workers=args.workers, progress=not args.no_progress)
     _log(report.summary())
     _log(report.table(limit=args.limit))

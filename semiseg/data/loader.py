@@ -19,72 +19,14 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 
-from semiseg.runs import atomic_write
 from semiseg.data import cache as slice_cache
-from semiseg.data.sources import Case, DataError, detect_format, get_source, synthetic_root
+from semiseg.data.sources import DataError, resolve_source
+from semiseg.data.splits import SPLITS, make_splits, save_splits  # noqa: F401  (save_splits: the loader's API)
 
-SPLITS = ("labeled", "unlabeled", "val", "test")
 # Splits whose training stream keeps only the cache's train_keep slices. Not 'unlabeled': choosing
 # unlabelled slices by their (hidden) labels would leak label information into the SSL stream.
 TRAIN_FILTERED_SPLITS = ("labeled",)
-
-
-def resolve_source(data_cfg, log=print) -> tuple[str, Path, list[Case]]:
-    """(format, root, cases) for the configured data; infers the format when asked to."""
-    fmt = data_cfg.format
-    if fmt == "synthetic":
-        root = synthetic_root(data_cfg)
-    else:
-        if not data_cfg.path:
-            raise DataError(f"data.path is empty: pass --data PATH for format '{fmt}'")
-        root = Path(data_cfg.path).expanduser()
-        if not root.exists():
-            raise DataError(f"data path {root} does not exist")
-        if fmt == "auto":
-            fmt = detect_format(root)
-            log(f"data format inferred: {fmt} ({root})")
-    cases = get_source(fmt).list_cases(root, data_cfg)
-    ids = [c.case_id for c in cases]
-    if len(set(ids)) != len(ids):
-        dup = sorted({i for i in ids if ids.count(i) > 1})[:5]
-        raise DataError(f"{root}: duplicate case ids {dup}")
-    return fmt, root, cases
-
-
-def make_splits(cases: list[Case], data_cfg, seed: int) -> dict:
-    """Case-level split into labeled / unlabeled / val / test.
-
-    Cases with labels are shuffled with numpy's PCG64 (same result on every machine) and cut into
-    test, val and train; a data set's own subsets (Case.subset) are respected. Of the training cases
-    `labeled_fraction` keep their labels (at least one); the rest become unlabelled, their labels
-    kept only as hidden truth for scoring pseudo targets. Cases without labels are unlabelled.
-    """
-    labeled_pool = sorted(c.case_id for c in cases if c.label is not None and c.subset is None)
-    fixed = {s: sorted(c.case_id for c in cases if c.subset == s and c.label is not None) for s in ("train", "val", "test")}
-    no_label = sorted(c.case_id for c in cases if c.label is None)
-    rng = np.random.default_rng(seed)
-    order = [labeled_pool[i] for i in rng.permutation(len(labeled_pool))]
-    n_test = int(round(data_cfg.test_fraction * len(order))) if not fixed["test"] else 0
-    n_val = int(round(data_cfg.val_fraction * len(order))) if not fixed["val"] else 0
-    test = fixed["test"] + order[:n_test]
-    val = fixed["val"] + order[n_test:n_test + n_val]
-    train = fixed["train"] + order[n_test + n_val:]
-    train = [train[i] for i in rng.permutation(len(train))]
-    if not train:
-        raise DataError("no labelled training cases left after the val/test split; lower data.val_fraction/test_fraction")
-    n_labeled = max(1, int(round(data_cfg.labeled_fraction * len(train))))
-    labeled, hidden = sorted(train[:n_labeled]), sorted(train[n_labeled:])
-    if not val:
-        raise DataError("the validation split is empty: model selection needs it (raise data.val_fraction or add cases)")
-    return {"seed": seed, "labeled_fraction": data_cfg.labeled_fraction,
-            "labeled": labeled, "unlabeled": sorted(hidden + no_label), "hidden_truth": hidden,
-            "val": sorted(val), "test": sorted(test)}
-
-
-def save_splits(splits: dict, path) -> None:
-    atomic_write.write_text(path, json.dumps(splits, indent=1))
 
 
 @dataclass

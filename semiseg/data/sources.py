@@ -80,6 +80,30 @@ def detect_format(root) -> str:
                     f"(formats: {', '.join(sorted(SOURCES))}); pass --format")
 
 
+def resolve_source(data_cfg, log=print) -> tuple[str, Path, list[Case]]:
+    """(format, root, cases) for the configured data; infers the format when asked to, and
+    generates the embedded synthetic set on first use."""
+    fmt = data_cfg.format
+    if fmt == "synthetic":
+        from semiseg.data import synthetic as synthetic_data
+        root = synthetic_data.synthetic_root(data_cfg)
+    else:
+        if not data_cfg.path:
+            raise DataError(f"data.path is empty: pass --data PATH for format '{fmt}'")
+        root = Path(data_cfg.path).expanduser()
+        if not root.exists():
+            raise DataError(f"data path {root} does not exist")
+        if fmt == "auto":
+            fmt = detect_format(root)
+            log(f"data format inferred: {fmt} ({root})")
+    cases = get_source(fmt).list_cases(root, data_cfg)
+    ids = [c.case_id for c in cases]
+    if len(set(ids)) != len(ids):
+        dup = sorted({i for i in ids if ids.count(i) > 1})[:5]
+        raise DataError(f"{root}: duplicate case ids {dup}")
+    return fmt, root, cases
+
+
 # ---------------------------------------------------------------- 2D pictures (ISIC-like layout)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 _SEG_SUFFIX = re.compile(r"_segmentation$", re.IGNORECASE)
@@ -171,20 +195,6 @@ register_source("isic", list_isic_cases, load_picture_case, detect_isic, isic_or
 
 
 # ---------------------------------------------------------------- the embedded synthetic data set
-def cache_root(data_cfg) -> Path:
-    """Where semiseg keeps what it generates: data.cache_dir, else $SEMISEG_CACHE, else ~/.cache/semiseg
-    (the slice caches and the embedded data set live side by side under it)."""
-    return Path(data_cfg.cache_dir or os.environ.get("SEMISEG_CACHE") or Path.home() / ".cache" / "semiseg")
-
-
-def synthetic_root(data_cfg) -> Path:
-    """Generate the embedded data set on first use (deterministic from the seed) and reuse it."""
-    from semiseg.data import synthetic as synthetic_data
-    return synthetic_data.ensure_synthetic(cache_root(data_cfg) / "synthetic", kind="2d", n_cases=data_cfg.synthetic_cases,
-                                           size=data_cfg.synthetic_size, seed=data_cfg.synthetic_seed,
-                                           difficulty=data_cfg.synthetic_difficulty)
-
-
 def list_synthetic_cases(root, data_cfg) -> list[Case]:
     return list_isic_cases(root, data_cfg)
 

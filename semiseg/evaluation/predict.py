@@ -145,11 +145,13 @@ def external_bundle(cfg, data_path: str, fmt: str | None, channels: int, log=pri
     the split 'external', sliced and resized with the run's settings and the model's channels."""
     import copy
 
-    from semiseg.data import loader as data_loader_tf2
     from semiseg.data import cache as slice_cache
+    from semiseg.data import loader as data_loader_tf2
+    from semiseg.data import sources as data_sources
+    from semiseg.data import splits as data_splits
     ext = copy.deepcopy(cfg)
     ext.data.path, ext.data.format, ext.data.channels = str(data_path), fmt or "auto", int(channels)
-    found, root, cases = data_loader_tf2.resolve_source(ext.data, log)
+    found, root, cases = data_sources.resolve_source(ext.data, log)
     labelled = sorted(c.case_id for c in cases if c.label is not None)
     if not labelled:
         raise DataError(f"{root}: no case with a label, nothing to evaluate")
@@ -157,7 +159,7 @@ def external_bundle(cfg, data_path: str, fmt: str | None, channels: int, log=pri
         log(f"{root}: {len(cases) - len(labelled)} cases without labels are left out")
     cache_dir = slice_cache.build_cache(found, cases, ext.data, log=log, progress=progress)
     manifest = slice_cache.load_manifest(cache_dir)
-    splits = {"seed": cfg.seed, "external": labelled, **{s: [] for s in data_loader_tf2.SPLITS}}
+    splits = {"seed": cfg.seed, "external": labelled, **{s: [] for s in data_splits.SPLITS}}
     return data_loader_tf2.DataBundle(cache_dir, manifest, splits, ext.data, cfg.seed, found)
 
 
