@@ -17,6 +17,8 @@ The manifest lists per case n_slices, n_train_slices, train_slices, spacing, ori
 and the key with the settings and file digest it was made from: when no cache matches, the log
 names the nearest cache and the settings it differs in (`explain_miss`).
 Workers (spawned processes, all cores by default) each write whole chunks of cases to their own shards.
+`ensure_cache` is the stage the loader calls: reuse a matching cache, else check the data set
+(semiseg.data.checks) and build one.
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from semiseg import config
+from semiseg.data import checks as data_checks
 from semiseg.data import workers as worker_pool
 from semiseg.data.sources import Case, DataError, LoadedCase, get_source
 from semiseg.runs import atomic_write
@@ -218,6 +221,23 @@ def explain_miss(fmt: str, cases: list[Case], data_cfg) -> str:
         message += f"; no {fmt} cache exists there yet"
     return message
 
+
+def ensure_cache(fmt: str, root, cases: list[Case], data_cfg, progress: bool = True, log=print) -> Path:
+    """The folder of a complete cache for `cases`: a matching one, else the data set is checked and
+    the cache built. A matching cache was checked when it was built from these very files (sizes,
+    mtimes); otherwise the check runs before anything is written, so an unusable data set stops here."""
+    try:
+        cached = find_cache(fmt, cases, data_cfg)
+    except DataError:         # e.g. a listed file is missing: the checks below name every problem
+        cached = None
+    if cached is not None:
+        log(reuse_message(cached))
+        return cached
+    report = data_checks.check_data(fmt, root, cases, data_cfg, progress=progress)
+    if report.warnings:
+        log(f"check-data: {len(report.warnings)} warnings\n" + report.table(report.warnings, limit=10))
+    report.raise_if_unusable()
+    return build_cache(fmt, cases, data_cfg, progress=progress, log=log)
 
 def build_cache(fmt: str, cases: list[Case], data_cfg, progress: bool = True, log=print, workers: int = 0) -> Path:
     """Return the folder of a complete cache for `cases`, building it if needed (on `workers`

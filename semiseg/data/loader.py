@@ -1,4 +1,6 @@
-"""Data: sources -> cases -> per-case splits -> slice cache -> tf.data streams.
+"""Data: the streams, and `prepare_data`, which walks the data path once, one stage after the other:
+source (sources.py: list the cases) -> check (checks.py) -> cache (cache.py: find or build) ->
+splits (splits.py) -> streams (here). Each stage calls only the ones before it.
 
     python main.py check-data --data PATH          # list and validate a data set
     python main.py preprocess --data PATH --preset NAME   # build the slice cache once (train's preset)
@@ -9,20 +11,19 @@
                         deterministic, so `--resume` at step s rebuilds exactly the stream it left.
   eval(split)         : every slice of the split's cases in order, with case id and slice index,
                         so predictions stack back into whole cases for per-case metrics.
-Splits are made per case (never slices of one patient on two sides) and saved to splits.json.
 This module knows nothing of models or training.
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
 
 from semiseg.data import cache as slice_cache
+from semiseg.data import splits as data_splits
 from semiseg.data.sources import DataError, resolve_source
-from semiseg.data.splits import SPLITS, make_splits, save_splits  # noqa: F401  (save_splits: the loader's API)
+from semiseg.data.splits import SPLITS, make_splits, save_splits  # noqa: F401  (the loader's API before splits.py)
 
 # Splits whose training stream keeps only the cache's train_keep slices. Not 'unlabeled': choosing
 # unlabelled slices by their (hidden) labels would leak label information into the SSL stream.
@@ -235,29 +236,12 @@ def _record_features() -> dict:
 
 
 def prepare_data(cfg, run_dir=None, log=print, progress: bool = True) -> DataBundle:
-    """Resolve the source, build or reuse the cache, and make (or reload) the run's splits."""
+    """The data path, one stage after the other: list the source's cases, find or (check and)
+    build their slice cache, make (or reload) the run's splits; the bundle then makes the streams."""
     fmt, root, cases = resolve_source(cfg.data, log)
-    try:
-        cached = slice_cache.find_cache(fmt, cases, cfg.data)
-    except DataError:         # e.g. a listed file is missing: the checks below name every problem
-        cached = None
-    if cached is None:
-        # A matching cache was checked when it was built from these very files (sizes, mtimes);
-        # otherwise check now, before anything is written: an unusable data set stops here.
-        from semiseg.data import checks as data_checks
-        report = data_checks.check_data(fmt, root, cases, cfg.data, progress=progress)
-        if report.warnings:
-            log(f"check-data: {len(report.warnings)} warnings\n" + report.table(report.warnings, limit=10))
-        report.raise_if_unusable()
-    if cached is not None:
-        log(slice_cache.reuse_message(cached))
-    cache_dir = cached or slice_cache.build_cache(fmt, cases, cfg.data, progress=progress, log=log)
+    cache_dir = slice_cache.ensure_cache(fmt, root, cases, cfg.data, progress=progress, log=log)
     manifest = slice_cache.load_manifest(cache_dir)
-    splits_path = Path(run_dir) / "splits.json" if run_dir else None
-    if splits_path is not None and splits_path.exists():
-        splits = json.loads(splits_path.read_text())       # --resume: the run's own split, always
-    else:
-        splits = make_splits(cases, cfg.data, cfg.seed)
+    splits = data_splits.run_splits(cases, cfg.data, cfg.seed, run_dir)
     missing = [c for s in SPLITS for c in splits[s] if c not in manifest["cases"]]
     if missing:
         raise DataError(f"splits name cases missing from the cache {cache_dir}: {missing[:5]}")

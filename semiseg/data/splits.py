@@ -9,6 +9,7 @@ read back instead of splitting again.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 
@@ -50,3 +51,12 @@ def make_splits(cases: list[Case], data_cfg, seed: int) -> dict:
 
 def save_splits(splits: dict, path) -> None:
     atomic_write.write_text(path, json.dumps(splits, indent=1))
+
+
+def run_splits(cases: list[Case], data_cfg, seed: int, run_dir=None) -> dict:
+    """The run's splits: RUN_DIR/splits.json when it exists (--resume and evaluate: the run's own
+    split, always), else a new split of `cases`."""
+    path = Path(run_dir) / "splits.json" if run_dir else None
+    if path is not None and path.exists():
+        return json.loads(path.read_text())
+    return make_splits(cases, data_cfg, seed)
