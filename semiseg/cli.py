@@ -157,15 +157,16 @@ def cmd_evaluate(args) -> int:
     Only the default (test split, best model, no TTA) writes RUN_DIR/metrics.json; every other
     evaluation goes to RUN_DIR/eval/<split or external_NAME>[_latest][_tta]/."""
     from semiseg.evaluation import predict
+    from semiseg.runs import load as run_load
     run = Path(args.run_dir)
-    cfg, model, network = predict.load_run_model(run, args.checkpoint)
+    cfg, model, network = run_load.load_run_model(run, args.checkpoint)
     from semiseg.data import loader as data_loader_tf2
     from semiseg.evaluation import evaluate as evaluation
     if args.data:
         if args.split:
             raise ConfigError("--split names the run's own splits; with --data every labelled case of that "
                               "data set forms the split 'external'")
-        bundle = predict.external_bundle(cfg, args.data, args.format, predict.model_channels(model), log=_log,
+        bundle = predict.external_bundle(cfg, args.data, args.format, run_load.model_channels(model), log=_log,
                                          progress=not args.no_progress)
         split, name = "external", predict.external_name(args.data)
     else:
