@@ -28,7 +28,7 @@ import numpy as np
 
 from semiseg.data.sources import IMAGE_SUFFIXES, DataError, read_picture
 from semiseg.runs import atomic_write
-from semiseg.runs.load import load_run_model, model_channels
+from semiseg.runs.load import load_keras_model, load_run_model, model_channels
 from semiseg.runs.run_dir import TEACHER_BEST_FILE, RunDirError
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -215,7 +215,6 @@ class Predictor:
 
 def _teacher_uncertainty_fn(run: Path, cfg):
     """A traced images -> sigma [b, size, size] function of a MIRA-U run's best-epoch teacher."""
-    import keras
     import tensorflow as tf
     from semiseg.models.transformer import mc_dropout_stats
     path = run / TEACHER_BEST_FILE
@@ -223,7 +222,7 @@ def _teacher_uncertainty_fn(run: Path, cfg):
         why = ("only MIRA-U runs have an MC-dropout teacher" if cfg.method != "mira_u"
                else "the run has not finished an epoch of stage 2 yet")
         raise RunDirError(f"--uncertainty: {path} does not exist ({cfg.method} run; {why})")
-    teacher = keras.saving.load_model(path, compile=False)
+    teacher = load_keras_model(path)
     m = cfg.mira_u
 
     @tf.function(reduce_retracing=True)
