@@ -374,7 +374,7 @@ def _folder_subsets(root: Path) -> list:
 
 def list_folder_cases(root, data_cfg) -> list[Case]:
     """images/{train,val,test}/NAME with labels/{train,val,test}/NAME (same stem; NIfTI or pictures).
-    Case.subset is the folder; train cases are left to the random split when val/ or test/ is
+    The case id is NAME, or SUBSET/NAME for a name found in more than one subset. Case.subset is the folder; train cases are left to the random split when val/ or test/ is
     missing, so the missing split is cut from them."""
     from semiseg.data import volumes
     root = Path(root)
@@ -382,17 +382,26 @@ def list_folder_cases(root, data_cfg) -> list[Case]:
         raise DataError(f"{root}: no images/ folder (folders layout: images/{{train,val,test}} and labels/...)")
     subsets = _folder_subsets(root)
     fixed_train = {"val", "test"} <= set(subsets)
-    cases = []
+    found = []
     for subset in subsets:
         image_dir = root / "images" / subset if subset else root / "images"
         label_dir = root / "labels" / subset if subset else root / "labels"
         labels = _folder_files(label_dir)
-        for key, image in _folder_files(image_dir).items():
-            label = labels.get(key)
-            kind = "3d" if volumes.is_nifti(image) else "2d"
-            case_subset = subset if (subset != "train" or fixed_train) else None
-            cases.append(Case(volumes.nifti_stem(image), str(image), str(label) if label else None,
-                              subset=case_subset, kind=kind))
+        found += [(subset, image, labels.get(key)) for key, image in _folder_files(image_dir).items()]
+    # Data sets that number their files per split (images/train/img_000.png and images/val/img_000.png)
+    # repeat names across subsets: those cases are told apart by their subset ("val/img_000").
+    # Only repeated names are qualified, so the ids (cache keys, saved splits) of a layout without
+    # repeats stay what they were.
+    subsets_of: dict = {}
+    for subset, image, _ in found:
+        subsets_of.setdefault(volumes.nifti_stem(image), set()).add(subset)
+    cases = []
+    for subset, image, label in found:
+        stem = volumes.nifti_stem(image)
+        case_id = f"{subset}/{stem}" if len(subsets_of[stem]) > 1 else stem
+        case_subset = subset if (subset != "train" or fixed_train) else None
+        cases.append(Case(case_id, str(image), str(label) if label else None, subset=case_subset,
+                          kind="3d" if volumes.is_nifti(image) else "2d"))
     if not cases:
         raise DataError(f"{root / 'images'}: no images found (pictures or .nii/.nii.gz)")
     return cases
