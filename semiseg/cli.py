@@ -243,8 +243,10 @@ def cmd_check_data(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="main.py", description="semiseg: semi-supervised medical image segmentation")
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    """The parser; `prog` None = the name the command was invoked by (sys.argv[0]: `semiseg` for the
+    installed command, `main.py` from a checkout), so usage and error lines show what the user typed."""
+    parser = argparse.ArgumentParser(prog=prog, description="semiseg: semi-supervised medical image segmentation")
     parser.add_argument("--version", action="version", version=f"semiseg {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -317,10 +319,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv=None) -> int:
+def main(argv=None, prog: str | None = None) -> int:
     quiet_tensorflow_import()       # keep TF's C++ start-up log out of run logs (the first line is ours)
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    args = build_parser(prog).parse_args(argv)
     args.argv = argv
     try:
         return args.fn(args)
