@@ -37,7 +37,8 @@ def _preview_dice(preview: dict, threshold: float) -> float:
 def pick_cases(run: Run, split: str = "test", threshold: float = 0.5) -> list[tuple[str, str, float]]:
     """[(tag, case_id, dice)] for the best, median and worst cases that have a preview."""
     preview_dir = run.preview_dir(split)
-    available = sorted(path.stem for path in preview_dir.glob("*.npz"))
+    # Case ids may hold a '/' (folders layout, names repeated across splits): previews/<split>/val/img_000.npz
+    available = sorted(path.relative_to(preview_dir).with_suffix("").as_posix() for path in preview_dir.rglob("*.npz"))
     if not available:
         raise FileNotFoundError(f"{preview_dir}: no previews (*.npz) to show")
     if run.per_case is not None:

@@ -3,4 +3,4 @@ import sys
 
 from semiseg.cli import main
 
-sys.exit(main())
+sys.exit(main(prog="python -m semiseg"))   # argv[0] would say __main__.py

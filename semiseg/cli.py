@@ -93,6 +93,7 @@ def cmd_train(args) -> int:
                           f"or choose another --out (nothing in it was changed)")
     import keras
     from semiseg.data import loader as data_loader_tf2
+    from semiseg.data import splits as data_splits
     from semiseg.runs import run_dir as rundir
     from semiseg.methods import get_method
     from semiseg.training.trainer import EXIT_PREEMPTED
@@ -116,12 +117,12 @@ def cmd_train(args) -> int:
         run = rundir.create_run_dir(out, cfg.method, cfg.preset) if chief else Path(out)
     if chief:
         config.save_yaml(cfg, run / "config.yaml")
-        data_loader_tf2.save_splits(bundle.splits, run / "splits.json")
+        data_splits.save_splits(bundle.splits, run / "splits.json")
         import tensorflow as tf
         devices = [d.name for d in tf.config.list_logical_devices()]
         rundir.start_run_info(run, {**rundir.provenance(args.argv, devices, info), "method": cfg.method,
                                     "data": {"format": bundle.fmt, "cache": str(bundle.cache_dir),
-                                             **{f"n_{s}": len(bundle.splits[s]) for s in data_loader_tf2.SPLITS}}},
+                                             **{f"n_{s}": len(bundle.splits[s]) for s in data_splits.SPLITS}}},
                               changed=plan.changes if plan is not None else None)
     _log(f"run folder: {run}  (labeled {len(bundle.splits['labeled'])}, unlabeled {len(bundle.splits['unlabeled'])}, "
          f"val {len(bundle.splits['val'])}, test {len(bundle.splits['test'])} cases)")
@@ -156,15 +157,16 @@ def cmd_evaluate(args) -> int:
     Only the default (test split, best model, no TTA) writes RUN_DIR/metrics.json; every other
     evaluation goes to RUN_DIR/eval/<split or external_NAME>[_latest][_tta]/."""
     from semiseg.evaluation import predict
+    from semiseg.runs import load as run_load
     run = Path(args.run_dir)
-    cfg, model, network = predict.load_run_model(run, args.checkpoint)
+    cfg, model, network = run_load.load_run_model(run, args.checkpoint)
     from semiseg.data import loader as data_loader_tf2
     from semiseg.evaluation import evaluate as evaluation
     if args.data:
         if args.split:
             raise ConfigError("--split names the run's own splits; with --data every labelled case of that "
                               "data set forms the split 'external'")
-        bundle = predict.external_bundle(cfg, args.data, args.format, predict.model_channels(model), log=_log,
+        bundle = predict.external_bundle(cfg, args.data, args.format, run_load.model_channels(model), log=_log,
                                          progress=not args.no_progress)
         split, name = "external", predict.external_name(args.data)
     else:
@@ -212,9 +214,9 @@ def cmd_preprocess(args) -> int:
     if args.out:
         cfg.data.cache_dir = args.out
     from semiseg.data import checks as data_checks
-    from semiseg.data import loader as data_loader_tf2
     from semiseg.data import cache as slice_cache
-    fmt, root, cases = data_loader_tf2.resolve_source(cfg.data, _log)
+    from semiseg.data import sources as data_sources
+    fmt, root, cases = data_sources.resolve_source(cfg.data, _log)
     report = data_checks.check_data(fmt, root, cases, cfg.data, workers=args.workers, progress=not args.no_progress)
     _log(report.summary())
     if report.warnings:
@@ -232,8 +234,8 @@ def cmd_check_data(args) -> int:
     cfg = config.resolve(args.preset or "", args.config or "", args.set)
     _apply_data_args(cfg, args)
     from semiseg.data import checks as data_checks
-    from semiseg.data import loader as data_loader_tf2
-    fmt, root, cases = data_loader_tf2.resolve_source(cfg.data, _log)
+    from semiseg.data import sources as data_sources
+    fmt, root, cases = data_sources.resolve_source(cfg.data, _log)
     report = data_checks.check_data(fmt, root, cases, cfg.data, workers=args.workers, progress=not args.no_progress)
     _log(report.summary())
     _log(report.table(limit=args.limit))
@@ -241,8 +243,10 @@ def cmd_check_data(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="main.py", description="semiseg: semi-supervised medical image segmentation")
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    """The parser; `prog` None = the name the command was invoked by (sys.argv[0]: `semiseg` for the
+    installed command, `main.py` from a checkout), so usage and error lines show what the user typed."""
+    parser = argparse.ArgumentParser(prog=prog, description="semiseg: semi-supervised medical image segmentation")
     parser.add_argument("--version", action="version", version=f"semiseg {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -315,10 +319,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv=None) -> int:
+def main(argv=None, prog: str | None = None) -> int:
     quiet_tensorflow_import()       # keep TF's C++ start-up log out of run logs (the first line is ours)
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    args = build_parser(prog).parse_args(argv)
     args.argv = argv
     try:
         return args.fn(args)

@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import yaml
 
@@ -454,6 +456,12 @@ _HYBRID_FIXED = {
     "batchnorm": ((True,), "its convolution blocks always use BatchNorm (as MIRA-U's student)"),
     "activation": (("relu",), "its convolution blocks use ReLU (as MIRA-U's student)"),
 }
+
+
+def cache_home(data_cfg) -> Path:
+    """Where semiseg keeps what it generates: data.cache_dir, else $SEMISEG_CACHE, else
+    ~/.cache/semiseg (the slice caches and the embedded data set live side by side under it)."""
+    return Path(data_cfg.cache_dir or os.environ.get("SEMISEG_CACHE") or Path.home() / ".cache" / "semiseg")
 
 
 def get(cfg, dotted: str):

@@ -110,3 +110,18 @@ def make_msd(root, n=6, n_test=1, shape=(16, 16, 6), modality="CT"):
         "name": "Tiny", "modality": {"0": modality}, "labels": {"0": "background", "1": "pancreas", "2": "cancer"},
         "numTraining": n, "numTest": n_test, "training": training, "test": test}))
     return root
+
+
+def make_folders_numbered_per_split(root, counts=(("train", 6), ("val", 2), ("test", 2)), size=24, unique=("extra",)):
+    """folders layout that numbers files per split (images/train/img_000.png next to
+    images/val/img_000.png, as many public data sets do), plus train files with unique names."""
+    root = Path(root)
+    for subset, n in counts:
+        (root / "images" / subset).mkdir(parents=True)
+        (root / "labels" / subset).mkdir(parents=True)
+        names = [f"img_{i:03d}" for i in range(n)] + ([f"{u}_{subset}" for u in unique] if subset == "train" else [])
+        for i, name in enumerate(names):
+            image, mask = lesion_picture(size, hash((subset, i)) % 1000, rgb=False)
+            Image.fromarray(image).save(root / "images" / subset / f"{name}.png")
+            Image.fromarray(mask).save(root / "labels" / subset / f"{name}_mask.png")
+    return root

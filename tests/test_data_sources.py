@@ -9,7 +9,8 @@ from semiseg import config
 from semiseg.data import loader as data_loader_tf2
 from semiseg.data import sources as data_sources
 from semiseg import cli as main
-from data_layouts import make_folders_nifti, make_folders_png, make_isic, make_msd, make_ph2
+from data_layouts import (make_folders_nifti, make_folders_numbered_per_split, make_folders_png, make_isic, make_msd,
+                          make_ph2)
 
 
 def _cfg(fmt, path, *sets):
@@ -73,6 +74,36 @@ def test_folders_subsets_fixed_and_nifti_or_png(tmp_path):
                                              config.DataConfig())
     assert {c.subset for c in partial} == {None, "test"}
 
+
+
+def test_folders_names_repeated_across_splits_are_qualified_by_their_split(tmp_path):
+    """images/train/img_000.png next to images/val/img_000.png: ids train/img_000 and val/img_000
+    (only the repeated names: train's img_002..img_005 keep their plain ids), each with its own label."""
+    root = make_folders_numbered_per_split(tmp_path / "f")
+    cases = {c.case_id: c for c in data_sources.list_folder_cases(root, config.DataConfig())}
+    assert sorted(cases) == ["extra_train", "img_002", "img_003", "img_004", "img_005", "test/img_000", "test/img_001",
+                             "train/img_000", "train/img_001", "val/img_000", "val/img_001"]
+    for case_id, case in cases.items():
+        subset = case.subset or "train"
+        assert Path(case.image).parent.name == Path(case.label).parent.name == subset, case_id
+    assert cases["val/img_000"].image.endswith("images/val/img_000.png")
+    # Through the cache, the fixed split and the evaluation previews (the id holds a '/').
+    run = tmp_path / "run"
+    assert main.main(["train", "--method", "supervised", "--preset", "smoke", "--data", str(root), "--out", str(run),
+                      "--no-progress", "--set", "train.epochs=1", "train.steps_per_epoch=2"]) == 0
+    splits = json.loads((run / "splits.json").read_text())
+    assert splits["val"] == ["val/img_000", "val/img_001"] and splits["test"] == ["test/img_000", "test/img_001"]
+    assert sorted(p.relative_to(run / "previews" / "test").as_posix() for p in (run / "previews").rglob("*.npz")) \
+        == ["test/img_000.npz", "test/img_001.npz"]
+    per_case = (run / "per_case.csv").read_text()
+    assert "test/img_000" in per_case and "test/img_001" in per_case
+
+
+def test_folders_ids_stay_plain_when_no_name_repeats(tmp_path):
+    """Cache keys and the splits of existing users depend on the ids: unchanged without repeats."""
+    cases = data_sources.list_folder_cases(make_folders_png(tmp_path / "f"), config.DataConfig())
+    assert sorted(c.case_id for c in cases) == ["test0", "test1", "train0", "train1", "train2", "train3", "train4",
+                                                "train5", "val0", "val1"]
 
 def test_volume_cache_keeps_case_ids_and_splits_never_share_a_case(tmp_path):
     root = make_msd(tmp_path / "msd", n=6, n_test=1)

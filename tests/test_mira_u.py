@@ -21,6 +21,7 @@ from semiseg.methods import get_method
 from semiseg.methods import mira_u
 from semiseg.models.transformer import patchify
 from semiseg.evaluation.predict import Predictor
+from test_run_loading import check_loaded, load_in_fresh_process
 
 FAST = ["mira_u.student_swin_depth=1", "mira_u.probe_cases=4"]
 
@@ -231,6 +232,8 @@ def test_train_smoke_runs_both_stages_then_reuses_the_teacher(tmp_path, capsys):
     assert sigma.shape == (40, 40) and sigma.dtype == np.float32
     assert 0.0 <= sigma.min() and sigma.max() <= 0.5 and sigma.max() > 0.0     # dropout really sampled
     np.testing.assert_allclose(sigma, Predictor(first).uncertainty_file(picture), atol=1e-6)
+    # A fresh process loads the run (best, latest, uncertainty teacher) without training code.
+    check_loaded(load_in_fresh_process(first, uncertainty=True), "student_ema")
 
     second = tmp_path / "second"
     assert main.main(["train", "--out", str(second), *common,

@@ -178,6 +178,16 @@ def test_a_log_level_the_user_set_is_left_alone(monkeypatch):
         sys.meta_path[:] = finders
 
 
+
+def test_usage_names_the_command_as_it_was_invoked(tmp_path):
+    """`python main.py --help` says `usage: main.py`, `python -m semiseg` says so too (the installed
+    `semiseg` command is checked in test_pip_install_gives_the_semiseg_command)."""
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": str(REPO)}
+    for cmd, prog in (([sys.executable, str(REPO / "main.py")], "main.py"),
+                      ([sys.executable, "-m", "semiseg"], "python -m semiseg")):
+        proc = _run([*cmd, "--help"], cwd=tmp_path, env=env)
+        assert proc.returncode == 0 and proc.stdout.startswith(f"usage: {prog} [-h]"), (cmd, proc.stdout[:200])
+
 # ----------------------------------------------------------------------------- pip install .
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory):
@@ -213,6 +223,11 @@ def test_pip_install_gives_the_semiseg_command(installed):
     location, generic = json.loads(where.stdout)
     assert Path(location).is_relative_to(venv) and "site-packages" in location
     assert generic == []
+    # Usage lines name the command the user typed (argparse's prog from argv[0]).
+    usage = _run([str(venv / "bin" / "semiseg"), "--help"], cwd=elsewhere, env=env)
+    assert usage.returncode == 0 and usage.stdout.startswith("usage: semiseg [-h]"), usage.stdout[:200]
+    wrong = _run([str(venv / "bin" / "semiseg"), "trian"], cwd=elsewhere, env=env)
+    assert wrong.returncode == 2 and "usage: semiseg [-h]" in wrong.stderr and "semiseg: error:" in wrong.stderr
     print(f"venv + pip install .: {seconds:.1f} s")
 
 

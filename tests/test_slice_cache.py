@@ -9,6 +9,7 @@ from semiseg import config
 from semiseg.data import loader as data_loader_tf2
 from semiseg.data import sources as data_sources
 from semiseg.data import cache as slice_cache
+from semiseg.data import workers as worker_pool
 from data_layouts import make_msd
 
 
@@ -85,10 +86,10 @@ def test_foreground_only_flags_training_slices_but_evaluation_reads_all(tmp_path
 
 def test_chunks_do_not_depend_on_the_worker_count(tmp_path):
     cases = [data_sources.Case(f"v{i}", f"/x/v{i}.nii.gz", None, kind="3d") for i in range(9)]
-    chunks = slice_cache.plan_chunks(cases)
+    chunks = worker_pool.plan_chunks(cases)
     assert [len(c) for c in chunks] == [4, 4, 1]
     pictures = [data_sources.Case(f"p{i}", f"/x/p{i}.png") for i in range(130)]
-    assert [len(c) for c in slice_cache.plan_chunks(pictures)] == [64, 64, 2]
+    assert [len(c) for c in worker_pool.plan_chunks(pictures)] == [64, 64, 2]
     assert np.concatenate([[c.case_id for c in ch] for ch in chunks]).tolist() == [c.case_id for c in cases]
 
 

@@ -1,5 +1,5 @@
 from semiseg import config
-from semiseg.data.loader import make_splits
+from semiseg.data.splits import make_splits
 from semiseg.data.sources import Case
 
 

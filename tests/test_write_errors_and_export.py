@@ -55,14 +55,15 @@ _SCRIPT = textwrap.dedent("""
     from semiseg.data import loader as data_loader_tf2
     from semiseg.evaluation import evaluate as evaluation, predict
     from semiseg.methods import get_method
-    cfg = predict.load_run_config(run)
+    from semiseg.runs import load as run_load
+    cfg = run_load.load_run_config(run)
     nets = get_method("mean_teacher").build_networks(cfg, cfg.data.image_size, 1)
     tf.train.Checkpoint(**nets).restore(latest).expect_partial()
     bundle = data_loader_tf2.prepare_data(cfg, run_dir=run, log=lambda m: None)
     out["dice"] = {k: evaluation.evaluate(m, bundle, "test", 8)["dice"] for k, m in nets.items()}
     out["predictor_network"] = predict.Predictor(run, checkpoint="latest").network
     (run / "export.json").rename(run / "export.json.bak")          # a run made before the record
-    out["fallback_network"] = predict.load_run_model(run, "latest")[2]
+    out["fallback_network"] = run_load.load_run_model(run, "latest")[2]
     print(json.dumps(out))
 """)
 

@@ -17,6 +17,8 @@ The manifest lists per case n_slices, n_train_slices, train_slices, spacing, ori
 and the key with the settings and file digest it was made from: when no cache matches, the log
 names the nearest cache and the settings it differs in (`explain_miss`).
 Workers (spawned processes, all cores by default) each write whole chunks of cases to their own shards.
+`ensure_cache` is the stage the loader calls: reuse a matching cache, else check the data set
+(semiseg.data.checks) and build one.
 """
 from __future__ import annotations
 
@@ -31,16 +33,23 @@ from pathlib import Path
 
 import numpy as np
 
+from semiseg import config
+from semiseg.data import checks as data_checks
+from semiseg.data import workers as worker_pool
+from semiseg.data.sources import Case, DataError, LoadedCase, get_source
 from semiseg.runs import atomic_write
-from semiseg.data.sources import Case, DataError, LoadedCase, cache_root, get_source
 
 CACHE_VERSION = 2
 SHARD_BYTES = 128 * 2 ** 20          # a shard holds whole cases, up to about this much
-WORKER_BYTES = 16 * 2 ** 20          # input bytes that justify one more worker process
 # DataConfig fields that do not change the cached slices (splits and streaming only).
 _NOT_IN_KEY = {"labeled_fraction", "val_fraction", "test_fraction", "hide_labels", "shuffle_buffer", "shuffle_buffer_mb", "cache_dir",
                "unlabeled_test_images"}
 
+
+def cache_root(data_cfg) -> Path:
+    """The folder the slice caches live in: semiseg's cache home (data.cache_dir, else
+    $SEMISEG_CACHE, else ~/.cache/semiseg)."""
+    return config.cache_home(data_cfg)
 
 def key_settings(data_cfg) -> dict:
     """The data.* settings a cache key hashes (recorded in the manifest to explain a miss)."""
@@ -213,6 +222,23 @@ def explain_miss(fmt: str, cases: list[Case], data_cfg) -> str:
     return message
 
 
+def ensure_cache(fmt: str, root, cases: list[Case], data_cfg, progress: bool = True, log=print) -> Path:
+    """The folder of a complete cache for `cases`: a matching one, else the data set is checked and
+    the cache built. A matching cache was checked when it was built from these very files (sizes,
+    mtimes); otherwise the check runs before anything is written, so an unusable data set stops here."""
+    try:
+        cached = find_cache(fmt, cases, data_cfg)
+    except DataError:         # e.g. a listed file is missing: the checks below name every problem
+        cached = None
+    if cached is not None:
+        log(reuse_message(cached))
+        return cached
+    report = data_checks.check_data(fmt, root, cases, data_cfg, progress=progress)
+    if report.warnings:
+        log(f"check-data: {len(report.warnings)} warnings\n" + report.table(report.warnings, limit=10))
+    report.raise_if_unusable()
+    return build_cache(fmt, cases, data_cfg, progress=progress, log=log)
+
 def build_cache(fmt: str, cases: list[Case], data_cfg, progress: bool = True, log=print, workers: int = 0) -> Path:
     """Return the folder of a complete cache for `cases`, building it if needed (on `workers`
     processes; 0 = every available core)."""
@@ -252,38 +278,9 @@ def build_cache(fmt: str, cases: list[Case], data_cfg, progress: bool = True, lo
     return final
 
 
-def plan_chunks(cases: list[Case]) -> list[list[Case]]:
-    """Cases grouped into chunks, each written to its own shard files by one worker. The grouping
-    depends on the cases only, never on the number of workers, so every machine builds the same
-    cache (same shards, same record order) and training streams stay reproducible."""
-    chunks, current, weight = [], [], 0
-    for case in cases:
-        current.append(case)
-        # ~4 volumes (tens of MB each at 256x256) or 64 pictures per chunk: shards of ~100 MB.
-        weight += 16 if case.kind == "3d" else 1
-        if weight >= 64:
-            chunks.append(current)
-            current, weight = [], 0
-    if current:
-        chunks.append(current)
-    return chunks
-
-
-def useful_workers(cases: list[Case], chunks: list, workers: int = 0) -> int:
-    """Processes worth starting, at most one per chunk: the request, or for 0 (auto) every
-    available core but at most one per WORKER_BYTES of input files, since a spawned worker pays for
-    its own imports (TensorFlow: seconds) and small data sets are faster in this process."""
-    from semiseg.data import workers as worker_pool
-    if workers > 0:
-        return max(1, min(workers, len(chunks)))
-    total = sum(os.path.getsize(p) for c in cases for p in (c.image, c.label) if p and os.path.exists(p))
-    return max(1, min(worker_pool.available_cpus(), len(chunks), 1 + total // WORKER_BYTES))
-
-
 def write_shards(fmt: str, cases: list[Case], data_cfg, out: Path, progress: bool, workers: int = 0) -> dict:
-    from semiseg.data import workers as worker_pool
-    chunks = plan_chunks(cases)
-    workers = useful_workers(cases, chunks, workers)
+    chunks = worker_pool.plan_chunks(cases)
+    workers = worker_pool.useful_workers(cases, chunks, workers)
     tasks = [(fmt, chunk, data_cfg, str(out), k) for k, chunk in enumerate(chunks)]
     parts = worker_pool.run_tasks(write_chunk, tasks, workers, len(cases), "preprocess", progress)
     manifest = {"version": CACHE_VERSION, "format": fmt, "image_size": data_cfg.image_size, "channels": None,

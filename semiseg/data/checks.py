@@ -253,15 +253,14 @@ def _channel_mismatch(infos: dict, cases_by_id: dict, data_cfg) -> list:
 
 def check_data(fmt: str, root, cases: list, data_cfg, workers: int = 0, progress: bool = False) -> CheckReport:
     """Run every check over a listed data set; returns the report (raise_if_unusable() to stop)."""
-    from semiseg.data import cache as slice_cache
     from semiseg.data import workers as worker_pool
     source = get_source(fmt)
     report = CheckReport(fmt, str(root), list(cases))
     if source.find_orphans is not None and fmt != "synthetic":
         report.problems += [Problem("warning", path, what) for path, what in source.find_orphans(root, data_cfg)]
     report.problems += _unlabelled_notes(fmt, cases)
-    chunks = slice_cache.plan_chunks(list(cases))
-    workers = slice_cache.useful_workers(list(cases), chunks, workers)
+    chunks = worker_pool.plan_chunks(list(cases))
+    workers = worker_pool.useful_workers(list(cases), chunks, workers)
     results = worker_pool.run_tasks(check_chunk, [(chunk, data_cfg) for chunk in chunks], workers,
                                     len(cases), "check-data", progress)
     for chunk_result in results:

@@ -1,4 +1,6 @@
-"""Data: sources -> cases -> per-case splits -> slice cache -> tf.data streams.
+"""Data: the streams, and `prepare_data`, which walks the data path once, one stage after the other:
+source (sources.py: list the cases) -> check (checks.py) -> cache (cache.py: find or build) ->
+splits (splits.py) -> streams (here). Each stage calls only the ones before it.
 
     python main.py check-data --data PATH          # list and validate a data set
     python main.py preprocess --data PATH --preset NAME   # build the slice cache once (train's preset)
@@ -9,84 +11,23 @@
                         deterministic, so `--resume` at step s rebuilds exactly the stream it left.
   eval(split)         : every slice of the split's cases in order, with case id and slice index,
                         so predictions stack back into whole cases for per-case metrics.
-Splits are made per case (never slices of one patient on two sides) and saved to splits.json.
 This module knows nothing of models or training.
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 
-from semiseg.runs import atomic_write
 from semiseg.data import cache as slice_cache
-from semiseg.data.sources import Case, DataError, detect_format, get_source, synthetic_root
+from semiseg.data import splits as data_splits
+from semiseg.data.sources import DataError, resolve_source
+from semiseg.data.splits import SPLITS, make_splits, save_splits  # noqa: F401  (the loader's API before splits.py)
 
-SPLITS = ("labeled", "unlabeled", "val", "test")
 # Splits whose training stream keeps only the cache's train_keep slices. Not 'unlabeled': choosing
 # unlabelled slices by their (hidden) labels would leak label information into the SSL stream.
 TRAIN_FILTERED_SPLITS = ("labeled",)
-
-
-def resolve_source(data_cfg, log=print) -> tuple[str, Path, list[Case]]:
-    """(format, root, cases) for the configured data; infers the format when asked to."""
-    fmt = data_cfg.format
-    if fmt == "synthetic":
-        root = synthetic_root(data_cfg)
-    else:
-        if not data_cfg.path:
-            raise DataError(f"data.path is empty: pass --data PATH for format '{fmt}'")
-        root = Path(data_cfg.path).expanduser()
-        if not root.exists():
-            raise DataError(f"data path {root} does not exist")
-        if fmt == "auto":
-            fmt = detect_format(root)
-            log(f"data format inferred: {fmt} ({root})")
-    cases = get_source(fmt).list_cases(root, data_cfg)
-    ids = [c.case_id for c in cases]
-    if len(set(ids)) != len(ids):
-        dup = sorted({i for i in ids if ids.count(i) > 1})[:5]
-        raise DataError(f"{root}: duplicate case ids {dup}")
-    return fmt, root, cases
-
-
-def make_splits(cases: list[Case], data_cfg, seed: int) -> dict:
-    """Case-level split into labeled / unlabeled / val / test.
-
-    Cases with labels are shuffled with numpy's PCG64 (same result on every machine) and cut into
-    test, val and train; a data set's own subsets (Case.subset) are respected. Of the training cases
-    `labeled_fraction` keep their labels (at least one); the rest become unlabelled, their labels
-    kept only as hidden truth for scoring pseudo targets. Cases without labels are unlabelled.
-    """
-    labeled_pool = sorted(c.case_id for c in cases if c.label is not None and c.subset is None)
-    fixed = {s: sorted(c.case_id for c in cases if c.subset == s and c.label is not None) for s in ("train", "val", "test")}
-    no_label = sorted(c.case_id for c in cases if c.label is None)
-    # Two generators: the data set's split seed cuts test and validation (the same for every run seed,
-    # so methods and seeds are scored on one test set), the run seed draws the labelled subset.
-    split_rng = np.random.default_rng(data_cfg.split_seed)
-    order = [labeled_pool[i] for i in split_rng.permutation(len(labeled_pool))]
-    n_test = int(round(data_cfg.test_fraction * len(order))) if not fixed["test"] else 0
-    n_val = int(round(data_cfg.val_fraction * len(order))) if not fixed["val"] else 0
-    test = fixed["test"] + order[:n_test]
-    val = fixed["val"] + order[n_test:n_test + n_val]
-    train = fixed["train"] + order[n_test + n_val:]
-    train = [train[i] for i in np.random.default_rng(seed).permutation(len(train))]
-    if not train:
-        raise DataError("no labelled training cases left after the val/test split; lower data.val_fraction/test_fraction")
-    n_labeled = max(1, int(round(data_cfg.labeled_fraction * len(train))))
-    labeled, hidden = sorted(train[:n_labeled]), sorted(train[n_labeled:])
-    if not val:
-        raise DataError("the validation split is empty: model selection needs it (raise data.val_fraction or add cases)")
-    return {"seed": seed, "split_seed": data_cfg.split_seed, "labeled_fraction": data_cfg.labeled_fraction,
-            "labeled": labeled, "unlabeled": sorted(hidden + no_label), "hidden_truth": hidden,
-            "val": sorted(val), "test": sorted(test)}
-
-
-def save_splits(splits: dict, path) -> None:
-    atomic_write.write_text(path, json.dumps(splits, indent=1))
 
 
 @dataclass
@@ -295,29 +236,12 @@ def _record_features() -> dict:
 
 
 def prepare_data(cfg, run_dir=None, log=print, progress: bool = True) -> DataBundle:
-    """Resolve the source, build or reuse the cache, and make (or reload) the run's splits."""
+    """The data path, one stage after the other: list the source's cases, find or (check and)
+    build their slice cache, make (or reload) the run's splits; the bundle then makes the streams."""
     fmt, root, cases = resolve_source(cfg.data, log)
-    try:
-        cached = slice_cache.find_cache(fmt, cases, cfg.data)
-    except DataError:         # e.g. a listed file is missing: the checks below name every problem
-        cached = None
-    if cached is None:
-        # A matching cache was checked when it was built from these very files (sizes, mtimes);
-        # otherwise check now, before anything is written: an unusable data set stops here.
-        from semiseg.data import checks as data_checks
-        report = data_checks.check_data(fmt, root, cases, cfg.data, progress=progress)
-        if report.warnings:
-            log(f"check-data: {len(report.warnings)} warnings\n" + report.table(report.warnings, limit=10))
-        report.raise_if_unusable()
-    if cached is not None:
-        log(slice_cache.reuse_message(cached))
-    cache_dir = cached or slice_cache.build_cache(fmt, cases, cfg.data, progress=progress, log=log)
+    cache_dir = slice_cache.ensure_cache(fmt, root, cases, cfg.data, progress=progress, log=log)
     manifest = slice_cache.load_manifest(cache_dir)
-    splits_path = Path(run_dir) / "splits.json" if run_dir else None
-    if splits_path is not None and splits_path.exists():
-        splits = json.loads(splits_path.read_text())       # --resume: the run's own split, always
-    else:
-        splits = make_splits(cases, cfg.data, cfg.seed)
+    splits = data_splits.run_splits(cases, cfg.data, cfg.seed, run_dir)
     missing = [c for s in SPLITS for c in splits[s] if c not in manifest["cases"]]
     if missing:
         raise DataError(f"splits name cases missing from the cache {cache_dir}: {missing[:5]}")

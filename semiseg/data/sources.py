@@ -80,6 +80,30 @@ def detect_format(root) -> str:
                     f"(formats: {', '.join(sorted(SOURCES))}); pass --format")
 
 
+def resolve_source(data_cfg, log=print) -> tuple[str, Path, list[Case]]:
+    """(format, root, cases) for the configured data; infers the format when asked to, and
+    generates the embedded synthetic set on first use."""
+    fmt = data_cfg.format
+    if fmt == "synthetic":
+        from semiseg.data import synthetic as synthetic_data
+        root = synthetic_data.synthetic_root(data_cfg)
+    else:
+        if not data_cfg.path:
+            raise DataError(f"data.path is empty: pass --data PATH for format '{fmt}'")
+        root = Path(data_cfg.path).expanduser()
+        if not root.exists():
+            raise DataError(f"data path {root} does not exist")
+        if fmt == "auto":
+            fmt = detect_format(root)
+            log(f"data format inferred: {fmt} ({root})")
+    cases = get_source(fmt).list_cases(root, data_cfg)
+    ids = [c.case_id for c in cases]
+    if len(set(ids)) != len(ids):
+        dup = sorted({i for i in ids if ids.count(i) > 1})[:5]
+        raise DataError(f"{root}: duplicate case ids {dup}")
+    return fmt, root, cases
+
+
 # ---------------------------------------------------------------- 2D pictures (ISIC-like layout)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 _SEG_SUFFIX = re.compile(r"_segmentation$", re.IGNORECASE)
@@ -171,20 +195,6 @@ register_source("isic", list_isic_cases, load_picture_case, detect_isic, isic_or
 
 
 # ---------------------------------------------------------------- the embedded synthetic data set
-def cache_root(data_cfg) -> Path:
-    """Where semiseg keeps what it generates: data.cache_dir, else $SEMISEG_CACHE, else ~/.cache/semiseg
-    (the slice caches and the embedded data set live side by side under it)."""
-    return Path(data_cfg.cache_dir or os.environ.get("SEMISEG_CACHE") or Path.home() / ".cache" / "semiseg")
-
-
-def synthetic_root(data_cfg) -> Path:
-    """Generate the embedded data set on first use (deterministic from the seed) and reuse it."""
-    from semiseg.data import synthetic as synthetic_data
-    return synthetic_data.ensure_synthetic(cache_root(data_cfg) / "synthetic", kind="2d", n_cases=data_cfg.synthetic_cases,
-                                           size=data_cfg.synthetic_size, seed=data_cfg.synthetic_seed,
-                                           difficulty=data_cfg.synthetic_difficulty)
-
-
 def list_synthetic_cases(root, data_cfg) -> list[Case]:
     return list_isic_cases(root, data_cfg)
 
@@ -364,7 +374,7 @@ def _folder_subsets(root: Path) -> list:
 
 def list_folder_cases(root, data_cfg) -> list[Case]:
     """images/{train,val,test}/NAME with labels/{train,val,test}/NAME (same stem; NIfTI or pictures).
-    Case.subset is the folder; train cases are left to the random split when val/ or test/ is
+    The case id is NAME, or SUBSET/NAME for a name found in more than one subset. Case.subset is the folder; train cases are left to the random split when val/ or test/ is
     missing, so the missing split is cut from them."""
     from semiseg.data import volumes
     root = Path(root)
@@ -372,17 +382,26 @@ def list_folder_cases(root, data_cfg) -> list[Case]:
         raise DataError(f"{root}: no images/ folder (folders layout: images/{{train,val,test}} and labels/...)")
     subsets = _folder_subsets(root)
     fixed_train = {"val", "test"} <= set(subsets)
-    cases = []
+    found = []
     for subset in subsets:
         image_dir = root / "images" / subset if subset else root / "images"
         label_dir = root / "labels" / subset if subset else root / "labels"
         labels = _folder_files(label_dir)
-        for key, image in _folder_files(image_dir).items():
-            label = labels.get(key)
-            kind = "3d" if volumes.is_nifti(image) else "2d"
-            case_subset = subset if (subset != "train" or fixed_train) else None
-            cases.append(Case(volumes.nifti_stem(image), str(image), str(label) if label else None,
-                              subset=case_subset, kind=kind))
+        found += [(subset, image, labels.get(key)) for key, image in _folder_files(image_dir).items()]
+    # Data sets that number their files per split (images/train/img_000.png and images/val/img_000.png)
+    # repeat names across subsets: those cases are told apart by their subset ("val/img_000").
+    # Only repeated names are qualified, so the ids (cache keys, saved splits) of a layout without
+    # repeats stay what they were.
+    subsets_of: dict = {}
+    for subset, image, _ in found:
+        subsets_of.setdefault(volumes.nifti_stem(image), set()).add(subset)
+    cases = []
+    for subset, image, label in found:
+        stem = volumes.nifti_stem(image)
+        case_id = f"{subset}/{stem}" if len(subsets_of[stem]) > 1 else stem
+        case_subset = subset if (subset != "train" or fixed_train) else None
+        cases.append(Case(case_id, str(image), str(label) if label else None, subset=case_subset,
+                          kind="3d" if volumes.is_nifti(image) else "2d"))
     if not cases:
         raise DataError(f"{root / 'images'}: no images found (pictures or .nii/.nii.gz)")
     return cases

@@ -730,6 +730,15 @@ def ensure_synthetic(root, kind="2d", **params) -> Path:
     return final
 
 
+def synthetic_root(data_cfg) -> Path:
+    """The embedded data set of a DataConfig (data.synthetic_*), generated on first use under
+    <cache home>/synthetic (semiseg.config.cache_home: next to the slice caches) and reused."""
+    from semiseg import config
+    return ensure_synthetic(config.cache_home(data_cfg) / "synthetic", kind="2d", n_cases=data_cfg.synthetic_cases,
+                            size=data_cfg.synthetic_size, seed=data_cfg.synthetic_seed,
+                            difficulty=data_cfg.synthetic_difficulty)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Generate semiseg's synthetic data set.")
     parser.add_argument("out_dir", help="folder to write (created if missing)")

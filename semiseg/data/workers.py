@@ -1,4 +1,4 @@
-"""Run a function over tasks in a pool of worker processes, with one progress bar over items.
+"""Run a function over chunks of cases in a pool of worker processes, with one progress bar over items.
 
     python main.py preprocess --data PATH --preset NAME --workers 4     # the slice cache is built through this
 
@@ -6,6 +6,8 @@ Workers are *spawned* (never forked): a forked copy of a process that already ru
 threads can deadlock, and spawn behaves the same on Linux, macOS and clusters. A task may report
 progress by calling the `tick` it receives (one call per finished item: a case); the parent moves
 the bar. `workers <= 1` runs in this process, which tests and small data sets prefer (no start-up).
+The chunks (`plan_chunks`) and the number of processes worth starting (`useful_workers`) are
+decided here too, so that the checks and the slice cache work on the same chunks.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import os
 import queue as queue_module
 
 _TICKS = None                         # the queue of this worker process, set by _init_worker
+WORKER_BYTES = 16 * 2 ** 20          # input bytes that justify one more worker process
 
 
 def available_cpus() -> int:
@@ -71,3 +74,30 @@ def run_tasks(fn, tasks: list, workers: int, total_items: int, desc: str, progre
             return [r.get() for r in pending]
     finally:
         bar.close()
+
+
+def plan_chunks(cases: list) -> list[list]:
+    """Cases grouped into chunks, each written to its own shard files by one worker. The grouping
+    depends on the cases only, never on the number of workers, so every machine builds the same
+    cache (same shards, same record order) and training streams stay reproducible."""
+    chunks, current, weight = [], [], 0
+    for case in cases:
+        current.append(case)
+        # ~4 volumes (tens of MB each at 256x256) or 64 pictures per chunk: shards of ~100 MB.
+        weight += 16 if case.kind == "3d" else 1
+        if weight >= 64:
+            chunks.append(current)
+            current, weight = [], 0
+    if current:
+        chunks.append(current)
+    return chunks
+
+
+def useful_workers(cases: list, chunks: list, workers: int = 0) -> int:
+    """Processes worth starting, at most one per chunk: the request, or for 0 (auto) every
+    available core but at most one per WORKER_BYTES of input files, since a spawned worker pays for
+    its own imports (TensorFlow: seconds) and small data sets are faster in this process."""
+    if workers > 0:
+        return max(1, min(workers, len(chunks)))
+    total = sum(os.path.getsize(p) for c in cases for p in (c.image, c.label) if p and os.path.exists(p))
+    return max(1, min(available_cpus(), len(chunks), 1 + total // WORKER_BYTES))

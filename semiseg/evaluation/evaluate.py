@@ -165,8 +165,9 @@ def evaluate(model, bundle, split: str = "test", batch: int = 16, tta: bool = Fa
             # The slice with most ground truth (or most prediction): what a reader wants to see.
             k = int(np.argmax(label.reshape(len(label), -1).sum(1) if label.any() else prob.reshape(len(prob), -1).sum(1)))
             arrays = {"image": image[k], "label": label[k], "prob": prob[k].astype(np.float32)}
-            atomic_write.write_with(preview_dir / f"{case_id}.npz",
-                                    lambda tmp: np.savez_compressed(tmp, **arrays))
+            path = preview_dir / f"{case_id}.npz"
+            path.parent.mkdir(parents=True, exist_ok=True)     # a folders id "val/img_000" has a '/'
+            atomic_write.write_with(path, lambda tmp: np.savez_compressed(tmp, **arrays))
     payload = metrics.aggregate(rows)
     payload.update({"split": split, "model": model_name, "tta": tta, "threshold": threshold,
                     "distance_unit": "mm" if units == {"mm"} else "px"})

@@ -16,21 +16,20 @@ the run's image_size by the slice cache's own resize, predicted, and the *probab
 back to the input's size before thresholding (thresholding at image_size first would give a
 blocky mask). A volume's slices are stacked and turned back into the file's voxel order, so the
 mask has the input's affine, header and shape.
-`load_run_model` (best model or latest checkpoint) and `external_bundle` (another labelled data
-set as the split 'external') serve `main.py evaluate` as well.
+The run's network comes from semiseg.runs.load (no training code); `external_bundle` (another
+labelled data set as the split 'external') serves `main.py evaluate` as well.
 """
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 import numpy as np
 
-from semiseg.runs import atomic_write
-from semiseg import config
 from semiseg.data.sources import IMAGE_SUFFIXES, DataError, read_picture
-from semiseg.runs.run_dir import EXPORT_FILE, RunDirError, read_export_record
+from semiseg.runs import atomic_write
+from semiseg.runs.load import load_keras_model, load_run_model, model_channels
+from semiseg.runs.run_dir import TEACHER_BEST_FILE, RunDirError
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 MASK_SUFFIXES = (".png", ".bmp", ".tif", ".tiff")    # lossless: a JPEG would smear 0/255 masks
@@ -49,107 +48,18 @@ def _stem(path: Path) -> str:
     return name[:-7] if name.lower().endswith(".nii.gz") else path.stem
 
 
-# ------------------------------------------------------------------ loading a run
-def load_run_config(run_dir) -> config.Config:
-    run = Path(run_dir)
-    if not run.is_dir():
-        raise RunDirError(f"run folder {run} does not exist")
-    if not (run / "config.yaml").exists():
-        raise RunDirError(f"{run} is not a run folder (no config.yaml)")
-    return config.from_dict(config.load_yaml(run / "config.yaml"))
-
-
-def exported_network(run: Path, cfg, names) -> tuple[str, str]:
-    """(network name, checkpoint attribute) of the network the run exports: RUN/export.json, which
-    training writes when it starts; runs made before that record existed fall back to
-    `exported_network_name`."""
-    record = read_export_record(run)
-    if record is None:
-        name = exported_network_name(run, cfg, names)
-        return name, name
-    if record["checkpoint_key"] not in names:
-        raise RunDirError(f"{run / EXPORT_FILE}: checkpoint_key {record['checkpoint_key']!r} is not a network of "
-                          f"{cfg.method} ({', '.join(names)})")
-    return record["network"], record["checkpoint_key"]
-
-
-def exported_network_name(run: Path, cfg, names) -> str:
-    """The rule for runs without RUN/export.json: metrics.json's 'model' when written, else
-    train.export, else 'student' (the network the optimizer trains)."""
-    metrics_path = run / "metrics.json"
-    if metrics_path.exists():
-        try:
-            name = json.loads(metrics_path.read_text()).get("model")
-        except (OSError, ValueError):
-            name = None
-        if name in names:
-            return name
-    if cfg.train.export in names:
-        return cfg.train.export
-    return "student" if "student" in names else next(iter(names))
-
-
-def _run_channels(run: Path, cfg) -> int:
-    """Input channels of the run's networks: the config's, else the exported model's input, else
-    the data loader's rule for channels=0 (grey for synthetic/msd, RGB otherwise)."""
-    if cfg.data.channels:
-        return int(cfg.data.channels)
-    if (run / "best_model.keras").exists():
-        import keras
-        return int(keras.saving.load_model(run / "best_model.keras", compile=False).inputs[0].shape[-1])
-    return 1 if cfg.data.format in ("synthetic", "msd") else 3
-
-
-def load_run_model(run_dir, checkpoint: str = "best"):
-    """(cfg, keras model, network name) of a run: 'best' = best_model.keras; 'latest' = the newest
-    checkpoint in RUN_DIR/checkpoints restored into freshly built networks of the run's method."""
-    run = Path(run_dir)
-    cfg = load_run_config(run)
-    import keras
-    if checkpoint == "best":
-        path = run / "best_model.keras"
-        if not path.exists():
-            raise RunDirError(f"{run} has no best_model.keras yet (training has not finished an epoch); "
-                              f"try --checkpoint latest")
-        model = keras.saving.load_model(path, compile=False)
-        record = read_export_record(run)
-        return cfg, model, record["network"] if record else exported_network_name(run, cfg, ["student", "teacher"])
-    if checkpoint != "latest":
-        raise RunDirError(f"--checkpoint must be best or latest, got {checkpoint!r}")
-    import tensorflow as tf
-    from semiseg.methods import get_method
-    from semiseg.training.trainer import model_variables
-    latest = tf.train.latest_checkpoint(str(run / "checkpoints"))
-    if latest is None:
-        raise RunDirError(f"{run / 'checkpoints'}: no checkpoint found")
-    channels = _run_channels(run, cfg)
-    previous = keras.mixed_precision.global_policy()
-    keras.mixed_precision.set_global_policy(cfg.train.precision)   # build the networks as trained
-    try:
-        networks = get_method(cfg.method).build_networks(cfg, cfg.data.image_size, channels)
-    finally:
-        keras.mixed_precision.set_global_policy(previous)
-    # expect_partial: the optimizer and counters in the checkpoint are not needed here. Restored
-    # through model_variables: through the networks alone some variables would be missed.
-    tf.train.Checkpoint(model_variables=model_variables(networks)).restore(latest).expect_partial()
-    name, key = exported_network(run, cfg, list(networks))
-    return cfg, networks[key], name
-
-
-def model_channels(model) -> int:
-    return int(model.inputs[0].shape[-1])
-
-
 def external_bundle(cfg, data_path: str, fmt: str | None, channels: int, log=print, progress: bool = True):
     """A DataBundle of another data set (e.g. PH2 for an ISIC model): every labelled case forms
     the split 'external', sliced and resized with the run's settings and the model's channels."""
     import copy
 
-    from semiseg.data import loader as data_loader_tf2
     from semiseg.data import cache as slice_cache
+    from semiseg.data import loader as data_loader_tf2
+    from semiseg.data import sources as data_sources
+    from semiseg.data import splits as data_splits
     ext = copy.deepcopy(cfg)
     ext.data.path, ext.data.format, ext.data.channels = str(data_path), fmt or "auto", int(channels)
-    found, root, cases = data_loader_tf2.resolve_source(ext.data, log)
+    found, root, cases = data_sources.resolve_source(ext.data, log)
     labelled = sorted(c.case_id for c in cases if c.label is not None)
     if not labelled:
         raise DataError(f"{root}: no case with a label, nothing to evaluate")
@@ -157,7 +67,7 @@ def external_bundle(cfg, data_path: str, fmt: str | None, channels: int, log=pri
         log(f"{root}: {len(cases) - len(labelled)} cases without labels are left out")
     cache_dir = slice_cache.build_cache(found, cases, ext.data, log=log, progress=progress)
     manifest = slice_cache.load_manifest(cache_dir)
-    splits = {"seed": cfg.seed, "external": labelled, **{s: [] for s in data_loader_tf2.SPLITS}}
+    splits = {"seed": cfg.seed, "external": labelled, **{s: [] for s in data_splits.SPLITS}}
     return data_loader_tf2.DataBundle(cache_dir, manifest, splits, ext.data, cfg.seed, found)
 
 
@@ -305,16 +215,14 @@ class Predictor:
 
 def _teacher_uncertainty_fn(run: Path, cfg):
     """A traced images -> sigma [b, size, size] function of a MIRA-U run's best-epoch teacher."""
-    import keras
     import tensorflow as tf
-    from semiseg.methods.mira_u import TEACHER_BEST_FILE
     from semiseg.models.transformer import mc_dropout_stats
     path = run / TEACHER_BEST_FILE
     if not path.exists():
         why = ("only MIRA-U runs have an MC-dropout teacher" if cfg.method != "mira_u"
                else "the run has not finished an epoch of stage 2 yet")
         raise RunDirError(f"--uncertainty: {path} does not exist ({cfg.method} run; {why})")
-    teacher = keras.saving.load_model(path, compile=False)
+    teacher = load_keras_model(path)
     m = cfg.mira_u
 
     @tf.function(reduce_retracing=True)

@@ -47,7 +47,6 @@ import tensorflow as tf
 from semiseg.data import augment
 from semiseg.methods import probe
 from semiseg.models.batchnorm import frozen_bn_statistics
-from semiseg.models.unet import build_model
 from semiseg.training.registry import register_method
 from semiseg.training.trainer import Trainer, ema_update, sigmoid_rampup
 
@@ -75,11 +74,6 @@ def ema_decay_at(n_updates, ema_decay: float, warmup: bool):
 class MeanTeacher(Trainer):
     """Student: L_sup + ramped MSE to an EMA teacher that sees a differently noised view."""
     uses_unlabeled = True
-
-    @classmethod
-    def build_networks(cls, cfg, image_size: int, channels: int) -> dict:
-        return {"student": build_model(cfg.model, image_size, channels, "student"),
-                "teacher": build_model(cfg.model, image_size, channels, "teacher")}
 
     def build_models(self) -> dict:
         models = super().build_models()

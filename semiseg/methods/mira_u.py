@@ -67,16 +67,16 @@ from semiseg.runs import atomic_write
 from semiseg.data import augment
 from semiseg.evaluation import evaluate as evaluation
 from semiseg.runs import run_dir as rundir
-from semiseg.models.transformer import (SegmentationHead, build_hybrid_student, build_mim_teacher,
-                                mc_dropout_stats, mim_l1_loss, patchify, random_patch_mask)
+from semiseg.models.networks import model_variables
+from semiseg.models.transformer import mc_dropout_stats, mim_l1_loss, patchify, random_patch_mask
 from semiseg.methods.mean_teacher import ema_weights
 from semiseg.training.trainer import (EpochLogSums, Trainer, _augment_fn, _save_model_atomic, ema_update, register_method,
-                           model_variables, save_checkpoint, sigmoid_rampup)
+                           save_checkpoint, sigmoid_rampup)
 
 TEACHER_FILE = "teacher_mim.keras"
 # The teacher as it stood at the best epoch (MIM encoder + trained head): `predict --uncertainty`
-# reads its MC-dropout standard deviation from here.
-TEACHER_BEST_FILE = "teacher_best.keras"
+# reads its MC-dropout standard deviation from here (a run-folder file: named in runs/run_dir.py).
+TEACHER_BEST_FILE = rundir.TEACHER_BEST_FILE
 MIM_HISTORY = "mim_history.csv"
 MIM_CHECKPOINTS = "mim"         # RUN/checkpoints/mim: stage 1's own checkpoints
 # replica_seed streams (distinct purposes draw independent noise)
@@ -139,28 +139,6 @@ class MiraU(Trainer):
     uses_unlabeled = True
     labeled_augment = "strong"
     unlabeled_augment = "weak"
-
-    @classmethod
-    def build_networks(cls, cfg, image_size: int, channels: int) -> dict:
-        m = cfg.mira_u
-        student = build_hybrid_student(image_size, channels, m.student_base_channels,
-                                       swin_depth=m.student_swin_depth, name="student")
-        teacher = build_mim_teacher(image_size, channels, m.patch_size, m.embed_dim, m.depth,
-                                    m.num_heads, dropout=m.teacher_dropout, name="teacher")
-        nets = {"student": student, "teacher": teacher}
-        if m.ema_target == "student_ema":
-            ema = build_hybrid_student(image_size, channels, m.student_base_channels,
-                                       swin_depth=m.student_swin_depth, name="student_ema")
-            ema.set_weights(student.get_weights())
-            nets["student_ema"] = ema
-        else:
-            tv = teacher.config_values
-            fast = SegmentationHead(tv["patch_size"], tv["head_channels"], tv["dropout"],
-                                    name="teacher_head_fast")
-            fast.build((None, teacher.grid, teacher.grid, tv["embed_dim"]))
-            fast.set_weights(teacher.seg_head.get_weights())
-            nets["teacher_head_fast"] = fast
-        return nets
 
     def trained_head(self):
         """The head L_head trains: the teacher's own (student_ema) or its fast copy (teacher_head)."""

@@ -36,7 +36,6 @@ from semiseg.methods import probe
 from semiseg.training.registry import register_method
 from semiseg.methods.mean_teacher import ema_decay_at, ema_weights
 from semiseg.models.batchnorm import frozen_bn_statistics
-from semiseg.models.unet import build_model
 from semiseg.training.trainer import Trainer, ema_update, linear_rampup, sigmoid_rampup
 
 VIEW_STREAM, SHUFFLE_STREAM, BETA_STREAM = 20, 40, 41
@@ -92,14 +91,6 @@ def guess_labels(model, images, seed, k: int, temperature: float, photometric: b
 class MixMatch(Trainer):
     """L_sup on mixed labelled images + ramped L2 to sharpened, mixed guesses on unlabelled ones."""
     uses_unlabeled = True
-
-    @classmethod
-    def build_networks(cls, cfg, image_size: int, channels: int) -> dict:
-        # Always built (ema_decay=0 makes it a copy of the student), so checkpoints and
-        # train.export=ema mean the same thing whatever the decay.
-        networks = super().build_networks(cfg, image_size, channels)
-        networks["ema"] = build_model(cfg.model, image_size, channels, "ema")
-        return networks
 
     def build_models(self) -> dict:
         models = super().build_models()

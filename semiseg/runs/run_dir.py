@@ -79,6 +79,8 @@ def write_json(path, payload) -> None:
 
 
 EXPORT_FILE = "export.json"
+# MIRA-U runs: the teacher at its best epoch, whose MC-dropout spread `predict --uncertainty` reads.
+TEACHER_BEST_FILE = "teacher_best.keras"
 
 
 def write_export_record(run: Path, record: dict) -> None:

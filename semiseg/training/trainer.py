@@ -31,7 +31,7 @@ from semiseg.training import distribute
 from semiseg.evaluation import evaluate as evaluation
 from semiseg.runs import run_dir as rundir
 from semiseg.data.loader import steps_per_epoch
-from semiseg.models.unet import build_model
+from semiseg.models.networks import method_networks, model_variables  # noqa: F401  (model_variables: the trainer's API)
 
 from semiseg.training.registry import METHODS, register_method  # noqa: F401  (re-exported; a leaf)
 
@@ -125,16 +125,6 @@ class EpochLogSums:
         self.sums, self.steps = saved["sums"], saved["steps"]
 
 
-def model_variables(models: dict) -> dict:
-    """Every variable of each network by name, as lists a tf.train.Checkpoint saves and restores.
-
-    Through the model object alone, tf.train.Checkpoint misses Keras 3 layers held in Python lists
-    (the ViT teacher's blocks, the hybrid student's cross-attention: measured, 18 of the smoke
-    teacher's 47 variables and 48 of the student's 212) and Keras' SeedGenerator states (Dropout's
-    RNG). Missed, a resumed run silently continues from freshly initialised weights and RNG."""
-    return {name: [v.value for v in m.variables] for name, m in models.items()}
-
-
 class Trainer:
     """Base trainer: supervised loss on labelled batches. Subclasses add unlabelled terms."""
     method_name = "base"
@@ -175,8 +165,9 @@ class Trainer:
     @classmethod
     def build_networks(cls, cfg, image_size: int, channels: int) -> dict:
         """Networks by role; 'student' is the one the optimizer trains. A classmethod so that
-        `describe` can count parameters without data."""
-        return {"student": build_model(cfg.model, image_size, channels, "student")}
+        `describe` can count parameters without data. The table of each method's networks is
+        semiseg.models.networks.NETWORKS, which loading a finished run uses too."""
+        return method_networks(cls.method_name, cfg, image_size, channels)
 
     def build_models(self) -> dict:
         return self.build_networks(self.cfg, self.data.image_size, self.data.channels)
