@@ -38,8 +38,8 @@ CACHE_VERSION = 2
 SHARD_BYTES = 128 * 2 ** 20          # a shard holds whole cases, up to about this much
 WORKER_BYTES = 16 * 2 ** 20          # input bytes that justify one more worker process
 # DataConfig fields that do not change the cached slices (splits and streaming only).
-_NOT_IN_KEY = {"labeled_fraction", "val_fraction", "test_fraction", "hide_labels", "shuffle_buffer", "shuffle_buffer_mb", "cache_dir",
-               "unlabeled_test_images"}
+_NOT_IN_KEY = {"labeled_fraction", "val_fraction", "test_fraction", "hide_labels", "shuffle_buffer", "shuffle_buffer_mb",
+               "shard_policy", "cache_dir", "unlabeled_test_images"}
 
 
 def key_settings(data_cfg) -> dict:
