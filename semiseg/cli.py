@@ -106,6 +106,9 @@ def cmd_train(args) -> int:
     # Data first: an unusable data set stops here, before a run folder exists.
     bundle = data_loader_tf2.prepare_data(cfg, run_dir=run, log=_log if chief else (lambda m: None),
                                           progress=chief and not args.no_progress)
+    # One input pipeline per worker (distribute_datasets_from_function).
+    bundle.check_shard_policy(info.get("num_workers", 1),
+                              ["labeled"] + (["unlabeled"] if config.METHODS[cfg.method].uses_unlabeled else []))
     if run is None:
         out = args.out
         if out is None and info.get("num_workers", 1) > 1:

@@ -1,4 +1,4 @@
-"""How two input pipelines (one per worker) share a training stream: data.shard_policy (CPU, data only).
+"""How two input pipelines (one per worker) share a training stream: data.shard_policy (CPU).
 
     python -m pytest tests/test_shard_policy.py -q
 
@@ -11,6 +11,8 @@ pixels are decoded) with a py_function that records each decoded record's case i
   records of its own files only, and over a pass every one of them; one pipeline of `file` is the
   `record` stream exactly, a resumed file stream continues where it stopped, and more pipelines
   than files is refused with a ConfigError naming the key.
+- Two real localhost workers (TF_CONFIG): refused at start-up with exit 2 on a one-file cache; the
+  slow test trains Mean Teacher with each worker streaming 2 of the 4 files.
 """
 import numpy as np
 import pytest
@@ -143,3 +145,39 @@ def test_shard_policy_is_validated_and_not_part_of_the_cache_key():
         config.resolve("smoke", "", ["data.shard_policy=files"])
     record, by_file = (config.resolve("smoke", "", [f"data.shard_policy={p}"]).data for p in ("record", "file"))
     assert cache.key_settings(record) == cache.key_settings(by_file)
+
+
+def _two_workers(tmp_path, *sets):
+    """`main.py train` as two localhost workers (TF_CONFIG, MultiWorkerMirroredStrategy)."""
+    import json
+    import os
+    import sys
+    from test_equivalence import REPO, free_ports, python_env, run_processes
+    cluster = {"worker": [f"localhost:{port}" for port in free_ports(2)]}
+    cmd = [sys.executable, os.path.join(REPO, "main.py"), "train", "--method", "mean_teacher", "--preset", "smoke",
+           "--out", str(tmp_path / "run"), "--no-progress", "--set", "train.epochs=1", "data.shard_policy=file", *sets]
+    return run_processes([(cmd, python_env(SEMISEG_CACHE=os.environ["SEMISEG_CACHE"], TF_CONFIG=json.dumps(
+        {"cluster": cluster, "task": {"type": "worker", "index": i}}))) for i in range(2)])
+
+
+def test_two_workers_refuse_file_sharding_of_a_one_file_cache_before_a_run_folder_exists(tmp_path):
+    """Real MultiWorkerMirroredStrategy on the smoke cache (one shard file): both workers exit 2
+    with the key and the numbers, at start-up, not after a run folder was made."""
+    for rc, _, stderr in _two_workers(tmp_path):
+        assert rc == 2, stderr[-3000:]
+        assert "data.shard_policy=file" in stderr and "1 shard file(s)" in stderr
+        assert "fewer than the 2 input pipelines" in stderr
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_two_workers_train_mean_teacher_with_file_sharding(bundle, tmp_path):
+    """Real MultiWorkerMirroredStrategy (~80 s here): each worker streams 2 of the 4 files, and the
+    run trains and checkpoints."""
+    outputs = _two_workers(tmp_path, f"data.synthetic_cases={N_CASES}")
+    for rc, _, stderr in outputs:
+        assert rc == 0, stderr[-3000:]
+    chief = outputs[0][1]
+    for split in ("labeled", "unlabeled"):
+        assert f"input '{split}' pipeline 1/2: data.shard_policy=file: reads 2 of 4 file(s)" in chief, chief[-3000:]
+    assert (tmp_path / "run" / "checkpoints").is_dir() and (tmp_path / "run" / "history.csv").exists()

@@ -166,6 +166,13 @@ class DataBundle:
         records, mb = self.data_cfg.shuffle_buffer, self.data_cfg.shuffle_buffer_mb
         return records if mb <= 0 else max(1, min(records, int(mb * 2 ** 20 // self.record_bytes())))
 
+    def check_shard_policy(self, n_pipelines: int, splits) -> None:
+        """Refuse data.shard_policy=file at start-up, before a run folder exists, when a training
+        stream in `splits` has fewer shard files than there are input pipelines (one per worker)."""
+        if self.data_cfg.shard_policy == "file":
+            for split in splits:
+                self.file_shard(split, n_pipelines, 0)
+
     def _records(self, case_ids, file_seed=None, train_only: bool = False, keep=None, decode: bool = True,
                  files=None):
         """Parsed records of the given cases, in cache order, or with the shard files in a
