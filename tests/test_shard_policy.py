@@ -181,3 +181,23 @@ def test_two_workers_train_mean_teacher_with_file_sharding(bundle, tmp_path):
     for split in ("labeled", "unlabeled"):
         assert f"input '{split}' pipeline 1/2: data.shard_policy=file: reads 2 of 4 file(s)" in chief, chief[-3000:]
     assert (tmp_path / "run" / "checkpoints").is_dir() and (tmp_path / "run" / "history.csv").exists()
+
+
+def test_file_sharded_run_resumes_only_with_its_worker_count(tmp_path, capsys):
+    """A file-sharded run trained by one worker; its run_info.json then says two (as a two-worker
+    session would have written): resuming with one refuses with exit 2, the folder untouched."""
+    import json
+    from semiseg import cli
+    run = tmp_path / "run"
+    assert cli.main(["train", "--method", "supervised", "--preset", "smoke", "--out", str(run), "--no-progress",
+                     "--set", "train.epochs=1", "data.shard_policy=file"]) == 0
+    info = json.loads((run / "run_info.json").read_text())
+    assert info["strategy"]["num_workers"] == 1
+    info["strategy"]["num_workers"] = 2
+    (run / "run_info.json").write_text(json.dumps(info))
+    before = sorted((p.relative_to(run), p.stat().st_mtime_ns) for p in run.rglob("*"))
+    capsys.readouterr()
+    assert cli.main(["train", "--out", str(run), "--resume", "--no-progress", "--set", "train.epochs=2"]) == 2
+    err = capsys.readouterr().err
+    assert "data.shard_policy=file" in err and "trained by 2 worker(s), this job has 1" in err
+    assert sorted((p.relative_to(run), p.stat().st_mtime_ns) for p in run.rglob("*")) == before
