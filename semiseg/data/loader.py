@@ -6,7 +6,8 @@
 `prepare_data(cfg)` returns a `DataBundle` whose methods build the streams the trainer consumes:
   labeled / unlabeled : infinite, shuffled per pass with a seed, augmented in the graph with
                         stateless ops seeded by (seed, pipeline, element index), batched per replica;
-                        deterministic, so `--resume` at step s rebuilds exactly the stream it left.
+                        deterministic, so `--resume` at step s rebuilds exactly the stream it left;
+                        split between workers by record (exact) or by cache file (data.shard_policy).
   eval(split)         : every slice of the split's cases in order, with case id and slice index,
                         so predictions stack back into whole cases for per-case metrics.
 Splits are made per case (never slices of one patient on two sides) and saved to splits.json.
