@@ -74,6 +74,22 @@ def _check_replicas(cfg, strategy) -> None:
                           f"set train.jit_compile=false or train on one replica")
 
 
+def _check_file_sharding_resume(cfg, run, info: dict) -> None:
+    """Under data.shard_policy=file each worker streams its share of the cache files, a function of
+    the worker count: a resumed run continues its streams only with the workers it trained with."""
+    if run is None or cfg.data.shard_policy != "file":
+        return
+    try:
+        before = json.loads((Path(run) / "run_info.json").read_text()).get("strategy", {}).get("num_workers", 1)
+    except (OSError, ValueError):
+        return
+    now = info.get("num_workers", 1)
+    if before != now:
+        raise ConfigError(f"data.shard_policy=file: run {run} was trained by {before} worker(s), this job has "
+                          f"{now}; its data streams continue only with {before} (data.shard_policy=record "
+                          f"does not depend on the worker count)")
+
+
 def cmd_train(args) -> int:
     cfg, run, plan = _resolve_train_config(args)
     if plan is not None and plan.nothing_to_train:
@@ -87,6 +103,7 @@ def cmd_train(args) -> int:
     except ValueError as err:       # nccl without GPUs, GPUs that do not split between a node's tasks
         raise ConfigError(str(err)) from err
     _check_replicas(cfg, strategy)
+    _check_file_sharding_resume(cfg, run, info)
     chief = info.get("is_chief", True)
     if run is None and args.out and Path(args.out).exists() and chief:
         raise RunDirError(f"run folder {args.out} already exists: pass --resume to continue it, "
@@ -107,6 +124,9 @@ def cmd_train(args) -> int:
     # Data first: an unusable data set stops here, before a run folder exists.
     bundle = data_loader_tf2.prepare_data(cfg, run_dir=run, log=_log if chief else (lambda m: None),
                                           progress=chief and not args.no_progress)
+    # One input pipeline per worker (distribute_datasets_from_function).
+    bundle.check_shard_policy(info.get("num_workers", 1),
+                              ["labeled"] + (["unlabeled"] if config.METHODS[cfg.method].uses_unlabeled else []))
     if run is None:
         out = args.out
         if out is None and info.get("num_workers", 1) > 1:

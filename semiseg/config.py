@@ -38,6 +38,11 @@ class DataConfig:
     hide_labels: bool = False          # real data: keep held-back labels only to score pseudo targets
     shuffle_buffer: int = 1024         # records; the labelled set of a small study fits entirely
     shuffle_buffer_mb: float = 256.0   # and at most this many MB of cached records per stream; 0 = no bound
+    shard_policy: str = "record"       # how input pipelines (one per worker) split a training stream:
+                                       # record = exact (results independent of the worker count; every
+                                       # worker reads all files, decodes only its share) | file = each
+                                       # worker reads only its share of the cache files (results then
+                                       # depend on the worker count)
     synthetic_cases: int = 400         # embedded data set: number of 2D images
     synthetic_size: int = 96           # embedded data set: native image size before resizing
     synthetic_difficulty: float = 1.5  # embedded data set: scales the shares of its rare appearance families
@@ -444,7 +449,7 @@ CHOICES: dict[str, tuple] = {
     "train.lr_scaling": ("none", "linear"), "train.schedule": ("constant", "cosine", "poly"),
     "train.optimizer": ("adam", "sgd"), "train.precision": ("float32", "mixed_float16", "mixed_bfloat16"),
     "train.distribution": ("auto", "none", "mirrored", "multi_worker"), "train.export": ("auto", "student", "teacher", "ema"),
-    "train.collective": ("auto", "nccl", "ring"),
+    "train.collective": ("auto", "nccl", "ring"), "data.shard_policy": ("record", "file"),
     "mixmatch.ramp": ("linear", "sigmoid"), "mixmatch.guess_mode": ("train", "inference"),
     "mean_teacher.student_view": ("noise", "strong"), "mean_teacher.noise_on": ("teacher", "both"), "mean_teacher.teacher_bn": ("batch", "moving"),
     "mira_u.ema_target": ("student_ema", "teacher_head"),

@@ -42,8 +42,8 @@ from semiseg.runs import atomic_write
 CACHE_VERSION = 2
 SHARD_BYTES = 128 * 2 ** 20          # a shard holds whole cases, up to about this much
 # DataConfig fields that do not change the cached slices (splits and streaming only).
-_NOT_IN_KEY = {"labeled_fraction", "val_fraction", "test_fraction", "hide_labels", "shuffle_buffer", "shuffle_buffer_mb", "cache_dir",
-               "unlabeled_test_images"}
+_NOT_IN_KEY = {"labeled_fraction", "val_fraction", "test_fraction", "hide_labels", "shuffle_buffer", "shuffle_buffer_mb",
+               "shard_policy", "cache_dir", "unlabeled_test_images"}
 
 
 def cache_root(data_cfg) -> Path:

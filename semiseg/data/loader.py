@@ -8,7 +8,8 @@ splits (splits.py) -> streams (here). Each stage calls only the ones before it.
 `prepare_data(cfg)` returns a `DataBundle` whose methods build the streams the trainer consumes:
   labeled / unlabeled : infinite, shuffled per pass with a seed, augmented in the graph with
                         stateless ops seeded by (seed, pipeline, element index), batched per replica;
-                        deterministic, so `--resume` at step s rebuilds exactly the stream it left.
+                        deterministic, so `--resume` at step s rebuilds exactly the stream it left;
+                        split between workers by record (exact) or by cache file (data.shard_policy).
   eval(split)         : every slice of the split's cases in order, with case id and slice index,
                         so predictions stack back into whole cases for per-case metrics.
 This module knows nothing of models or training.
@@ -16,10 +17,12 @@ This module knows nothing of models or training.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 
+from semiseg.errors import ConfigError
 from semiseg.data import cache as slice_cache
 from semiseg.data import splits as data_splits
 from semiseg.data.sources import DataError, resolve_source
@@ -62,6 +65,41 @@ class DataBundle:
         wanted = set(case_ids)
         return [str(self.cache_dir / s["file"]) for s in self.manifest["shards"] if wanted & set(s["cases"])]
 
+    def split_files(self, split: str) -> list[tuple[str, int]]:
+        """(shard file, records of the split's training stream in it) for every file holding some,
+        in cache order. A case lives in exactly one shard file (the cache writes whole cases)."""
+        key = "n_train_slices" if split in TRAIN_FILTERED_SPLITS else "n_slices"
+        wanted = set(self.splits[split])
+        files = []
+        for shard in self.manifest["shards"]:
+            n = sum(self.manifest["cases"][c][key] for c in shard["cases"] if c in wanted)
+            if n:
+                files.append((str(self.cache_dir / shard["file"]), n))
+        return files
+
+    def file_shard(self, split: str, n_pipe: int, pipe: int) -> tuple[list[str], int]:
+        """data.shard_policy=file: (files, records per pass) that input pipeline `pipe` of `n_pipe` reads.
+
+        Whole files go to pipelines, the largest (in records of the split) first, each to the pipeline
+        with the fewest records so far: shares as even as whole files allow, and a pure function of
+        the manifest, so every worker computes the same assignment without talking to the others.
+        A pipeline keeps its files in cache order, so with one pipeline it reads what `record` reads.
+        Refused when some pipeline would get no file: its stream would be empty and its worker would
+        wait forever in the first all-reduce."""
+        files = self.split_files(split)
+        if len(files) < n_pipe:
+            raise ConfigError(
+                f"data.shard_policy=file: the training stream '{split}' has records in {len(files)} shard "
+                f"file(s) of the slice cache {self.cache_dir}, fewer than the {n_pipe} input pipelines (one per "
+                f"worker); use data.shard_policy=record (reads every file, decodes only a worker's share)")
+        load, owner = [0] * n_pipe, {}
+        for i in sorted(range(len(files)), key=lambda i: (-files[i][1], i)):
+            p = min(range(n_pipe), key=lambda q: (load[q], q))
+            owner[i] = p
+            load[p] += files[i][1]
+        mine = [files[i] for i in range(len(files)) if owner[i] == pipe]
+        return [f for f, _ in mine], sum(n for _, n in mine)
+
     def record_bytes(self) -> int:
         """Bytes of one serialized cache record: float16 image, uint8 mask, a few small fields."""
         return self.image_size ** 2 * (2 * self.channels + 1) + 128
@@ -72,14 +110,23 @@ class DataBundle:
         records, mb = self.data_cfg.shuffle_buffer, self.data_cfg.shuffle_buffer_mb
         return records if mb <= 0 else max(1, min(records, int(mb * 2 ** 20 // self.record_bytes())))
 
-    def _records(self, case_ids, file_seed=None, train_only: bool = False, keep=None, decode: bool = True):
+    def check_shard_policy(self, n_pipelines: int, splits) -> None:
+        """Refuse data.shard_policy=file at start-up, before a run folder exists, when a training
+        stream in `splits` has fewer shard files than there are input pipelines (one per worker)."""
+        if self.data_cfg.shard_policy == "file":
+            for split in splits:
+                self.file_shard(split, n_pipelines, 0)
+
+    def _records(self, case_ids, file_seed=None, train_only: bool = False, keep=None, decode: bool = True,
+                 files=None):
         """Parsed records of the given cases, in cache order, or with the shard files in a
         stateless-random order when `file_seed` (a [2] int64 tensor) is given; `train_only` keeps
         the records flagged train_keep; `keep(position) -> bool` (position among the wanted records,
         from 0) selects records before their pixels are decoded; `decode=False` keeps them serialized
-        (smaller in a shuffle window; decode later with `parse_record`)."""
+        (smaller in a shuffle window; decode later with `parse_record`); `files` reads only those
+        shard files (default: every file holding one of the cases)."""
         import tensorflow as tf
-        files = self._files(case_ids)
+        files = self._files(case_ids) if files is None else list(files)
         n_files = len(files)
         if file_seed is not None and n_files > 1:
             files = tf.random.experimental.stateless_shuffle(tf.constant(files), seed=file_seed)
@@ -118,18 +165,25 @@ class DataBundle:
         return {"image": image, "mask": mask, "case": f["case"], "index": f["index"]}
 
     def train_dataset(self, split: str, per_replica_batch: int, input_context=None, start_step: int = 0,
-                      augment=None, stream_id: int = 0, with_mask: bool = True):
+                      augment=None, stream_id: int = 0, with_mask: bool = True, log=None):
         """Infinite stream of batches of `split` for one input pipeline.
 
-        Sharding across pipelines is by record of one global stream (every pipeline reads the
+        `augment(image, mask, seed) -> (image, mask)` runs per element with seed (seed, stream, index);
+        `log`, if given, receives one line describing this pipeline's share and shuffle window.
+        How pipelines (one per worker) share the stream is `data.shard_policy`:
+
+        record (default, exact): sharding is by record of one global stream (every pipeline reads the
         split and keeps records pipe, pipe + n, pipe + 2n, ... of the shared shuffled order, passes
         concatenated), so the records of global step s are exactly [s*G, (s+1)*G) of that order
         whatever the number of workers, and each record's augmentation is seeded by its global
         index: results do not depend on the number of workers (only the order within a batch).
-        `augment(image, mask, seed) -> (image, mask)` runs per element with seed (seed, stream, index).
-        Reading: every pipeline reads the split's serialized records (the shared order needs them all)
-        but decodes and augments only its own 1/n. Splitting the shard *files* between workers
-        would read less, but would make the order, and so the result, depend on the worker count.
+        Every pipeline reads the split's serialized records (the shared order needs them all) and
+        parses only their case/train_keep fields to filter; it decodes and augments only its own 1/n.
+
+        file: pipeline p reads only its share of the cache's shard files (`file_shard`) and streams
+        them alone: reads and decodes 1/n of the bytes, but which records meet in a global batch,
+        and how often each is seen (shares are whole files, so not exactly equal), depend on the
+        worker count, and so do the results. With one pipeline it is the record stream exactly.
         """
         import tensorflow as tf
         case_ids = self.splits[split]
@@ -138,25 +192,36 @@ class DataBundle:
         n_pipe = input_context.num_input_pipelines if input_context else 1
         pipe = input_context.input_pipeline_id if input_context else 0
         replicas = input_context.num_replicas_in_sync if input_context else 1
-        total = self.n_slices(split)                        # records per pass, all pipelines
-        if total == 0:
+        by_file = self.data_cfg.shard_policy == "file"
+        if self.n_slices(split) == 0:
             raise DataError(f"split '{split}' has no training slices (data.foreground_only keeps none; "
                             f"raise data.background_ratio or turn it off)")
-        consumed = start_step * per_replica_batch * replicas   # global records before start_step
+        if by_file:
+            files, total = self.file_shard(split, n_pipe, pipe)     # records per pass, this pipeline
+            # This pipeline's records before start_step: its replicas' batches of every step.
+            consumed = start_step * per_replica_batch * (replicas // n_pipe)
+        else:
+            files, total = None, self.n_slices(split)              # records per pass, all pipelines
+            consumed = start_step * per_replica_batch * replicas   # global records before start_step
         first_pass, skip = divmod(consumed, total)
         seed, buffer = self.seed, self.shuffle_window()
+        # Each file-policy pipeline shuffles its own files with its own seed (pipeline 0: the record
+        # stream's seed, which makes one pipeline of either policy the same stream).
+        stream_seed = seed * 1_000_003 + stream_id * 7919 + (pipe * 104_729 if by_file else 0)
+        if log is not None:
+            log(self.stream_note(split, n_pipe, pipe, files, total))
 
         def one_pass(p):
             # A fresh order every pass, a pure function of (seed, stream, pass): shard files in a
             # random order, then records sorted by stateless random keys within windows of
             # `shuffle_window()` records. (Dataset.shuffle cannot take a per-pass tensor seed, and its
-            # reshuffling state would make --resume replay every earlier pass.) The order is the
-            # same on every worker, so sharding after it splits one global order.
-            pass_seed = tf.stack([tf.cast(seed * 1_000_003 + stream_id * 7919, tf.int64), p])
+            # reshuffling state would make --resume replay every earlier pass.) Under `record` the
+            # order is the same on every worker, so sharding after it splits one global order.
+            pass_seed = tf.stack([tf.constant(stream_seed, tf.int64), p])
             # Serialized records: a window holds bytes, not decoded float32 images, and each
             # pipeline decodes only the records its shard keeps (below).
             ds = self._records(case_ids, file_seed=pass_seed, train_only=split in TRAIN_FILTERED_SPLITS,
-                               decode=False).enumerate()
+                               decode=False, files=files).enumerate()
 
             def keyed(i, r):
                 key_seed = tf.stack([pass_seed[0] + 1, p * 2 ** 24 + i])
@@ -170,9 +235,13 @@ class DataBundle:
 
         # Shard the concatenated passes, not each pass: with a pass length not divisible by n_pipe,
         # per-pass shards would give pipelines unequal shares and break the global batch after
-        # the first pass. k is the record's index in the global stream.
-        ds = tf.data.Dataset.range(first_pass, 2 ** 62).flat_map(one_pass).skip(skip)
-        ds = ds.enumerate(start=consumed).shard(n_pipe, pipe)
+        # the first pass. k is the record's index in the global stream (under `file`: its index in
+        # this pipeline's stream, interleaved with the other pipelines' so augmentation seeds differ).
+        ds = tf.data.Dataset.range(first_pass, 2 ** 62).flat_map(one_pass).skip(skip).enumerate(start=consumed)
+        if by_file:
+            ds = ds.map(lambda k, r: (k * n_pipe + pipe, r))
+        else:
+            ds = ds.shard(n_pipe, pipe)
 
         def prepare(k, serialized):
             r = self.parse_record(serialized)
@@ -187,6 +256,21 @@ class DataBundle:
         options = tf.data.Options()
         options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
         return ds.with_options(options).prefetch(tf.data.AUTOTUNE)
+
+    def stream_note(self, split: str, n_pipe: int, pipe: int, files, records: int) -> str:
+        """One log line: what input pipeline `pipe` reads of `split` and its shuffle window."""
+        window = self.shuffle_window()
+        all_files = self.split_files(split)
+        if files is None:
+            share = (f"data.shard_policy=record: reads all {len(all_files)} file(s), decodes 1/{n_pipe} of "
+                     f"{records} records per pass")
+        else:
+            size = sum(os.path.getsize(f) for f in files) / 2 ** 20
+            share = (f"data.shard_policy=file: reads {len(files)} of {len(all_files)} file(s) ({size:.1f} MB), "
+                     f"{records} of {self.n_slices(split)} records per pass")
+        return (f"input '{split}' pipeline {pipe + 1}/{n_pipe}: {share}; shuffle window {window} records "
+                f"({window * self.record_bytes() / 2 ** 20:.1f} MB; data.shuffle_buffer={self.data_cfg.shuffle_buffer}, "
+                f"data.shuffle_buffer_mb={self.data_cfg.shuffle_buffer_mb:g})")
 
     def eval_dataset(self, split: str, batch: int, case_ids=None):
         """Ordered batches of {'image','mask','case','index'} for a split (or a list of cases)."""

@@ -284,7 +284,7 @@ class MiraU(Trainer):
         weak = _augment_fn("weak")
         it = iter(strategy.distribute_datasets_from_function(
             lambda ctx: bundle.train_dataset("mim_train", per_replica, ctx, start_step, weak, stream_id=3,
-                                             with_mask=False)))
+                                             with_mask=False, log=self.log)))
         variables = self.mim_variables()
         opt = self.mim_optimizer() if opt is None else opt
 

@@ -138,7 +138,6 @@ class MixMatch(Trainer):
         return loss, {"loss": loss, "loss_sup": sup, "loss_dice": dice, "loss_bce": bce, "loss_u": loss_u}
 
     def schedule_logs(self, epoch_float: float) -> dict:
-        mm = self.cfg.mixmatch
         return {"rampup": self.ramp(epoch_float),
                 "lambda_u_weight": self.unlabeled_weight(epoch_float)}
 

@@ -368,13 +368,13 @@ class Trainer:
         augment = _augment_fn(self.labeled_augment)
         b, ub = self.per_replica_batch, self.per_replica_batch * self.cfg.train.unlabeled_ratio
         lab = self.strategy.distribute_datasets_from_function(
-            lambda ctx: self.data.train_dataset("labeled", b, ctx, start_step, augment, stream_id=1))
+            lambda ctx: self.data.train_dataset("labeled", b, ctx, start_step, augment, stream_id=1, log=self.log))
         unl = None
         if self.uses_unlabeled:
             uaug = _augment_fn(self.unlabeled_augment)
             unl = iter(self.strategy.distribute_datasets_from_function(
                 lambda ctx: self.data.train_dataset("unlabeled", ub, ctx, start_step, uaug, stream_id=2,
-                                                    with_mask=False)))
+                                                    with_mask=False, log=self.log)))
         return iter(lab), unl
 
     # ------------------------------------------------------------------ checkpoints
