@@ -22,19 +22,32 @@ import numpy as np  # noqa: E402
 from analysis import figures  # noqa: E402
 from analysis.runs import Run, find_runs, run_cli  # noqa: E402
 
-# Panel title and y-axis label of the columns the trainer writes; other numeric columns get a
-# panel titled by their name.
+# Panel title and y-axis label of the columns the trainers write (docs/evaluation.md lists which
+# method writes which); other numeric columns get a panel titled by their name. `val_dice` is the
+# network that selects the best epoch: Mean Teacher's teacher, MIRA-U's EMA student, else the student.
 KNOWN_COLUMNS = {
     "loss": ("Total loss", "Loss"),
     "loss_sup": ("Supervised loss", "Loss"),
+    "loss_dice": ("Supervised Dice loss", "Loss"),
+    "loss_bce": ("Supervised BCE loss", "Loss"),
     "loss_cons": ("Consistency loss", "Loss"),
+    "loss_u": ("Unlabelled L2 loss (MixMatch)", "Loss"),
     "loss_unsup": ("Unsupervised loss", "Loss"),
+    "loss_ce": ("Pseudo-label CE loss", "Loss"),
     "loss_ent": ("Entropy loss", "Loss"),
-    "val_dice": ("Validation Dice (student)", "Dice"),
+    "loss_head": ("Teacher head loss", "Loss"),
+    "val_dice": ("Validation Dice (selecting network)", "Dice"),
+    "val_dice_student": ("Validation Dice (student)", "Dice"),
     "val_dice_teacher": ("Validation Dice (teacher)", "Dice"),
-    "target_dice": ("Target-set Dice", "Dice"),
+    "pseudo_target_dice": ("Pseudo-target Dice vs hidden truth", "Dice"),
+    "pseudo_dice": ("Pseudo-label Dice vs hidden truth", "Dice"),
+    "kept_fraction": ("Pixels kept by the confidence filter", "Fraction"),
+    "mean_confidence": ("Mean pseudo-label confidence", "Weight"),
     "lr": ("Learning rate", "Learning rate"),
     "rampup": ("Ramp-up weight", "Weight"),
+    "cons_weight": ("Consistency weight", "Weight"),
+    "lambda_u_weight": ("Unlabelled loss weight", "Weight"),
+    "beta": ("Unsupervised weight beta", "Weight"),
 }
 NOT_PLOTTED = {"epoch", "step", "time_s", "images_per_s", "step_ms", "gpu_mem_peak_mb"}   # timings
 
@@ -51,8 +64,9 @@ def plotted_columns(runs: list[Run]) -> list[str]:
         known = list(KNOWN_COLUMNS)
         if column in KNOWN_COLUMNS:
             return (known.index(column), column)
-        # An unknown loss term sits with the losses, anything else at the end.
-        return (len(known) - 5 if column.startswith("loss") else len(known), column)
+        # An unknown loss term sits after the known losses, anything else at the end.
+        last_loss = max(i for i, k in enumerate(known) if k.startswith("loss"))
+        return (last_loss + 0.5 if column.startswith("loss") else len(known), column)
     return sorted(present, key=order)
 
 

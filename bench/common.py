@@ -20,9 +20,20 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
+# The yardsticks (plain_step.py: a Mean Teacher / supervised step written as plainly as TF allows;
+# matmul_peak.py: the machine's matmul GFLOP/s) are reference scripts kept outside this repository.
+# Benchmarks 0 and 6 look for them in $SEMISEG_YARDSTICKS, else in a `shared/yardsticks` folder beside
+# the checkout, and stop with a message when the folder is not there (`yardstick(name)`).
 YARDSTICKS = Path(os.environ.get("SEMISEG_YARDSTICKS", REPO.parent / "shared" / "yardsticks"))
-if not YARDSTICKS.exists():
-    YARDSTICKS = Path("/work/shared/yardsticks")
+
+
+def yardstick(name: str) -> Path:
+    """Path of a yardstick script, or exit naming where it was looked for."""
+    path = YARDSTICKS / name
+    if not path.exists():
+        sys.exit(f"yardstick {name} not found in {YARDSTICKS}: set SEMISEG_YARDSTICKS to the folder "
+                 f"holding plain_step.py and matmul_peak.py (benchmarks 0 and 6 need them)")
+    return path
 
 
 def use_repo(path: str | None = None) -> Path:
@@ -152,7 +163,7 @@ def yardstick_in_process(policy: str, supervised: bool, labeled: int = 4, batch:
         import contextlib
         import io
         with contextlib.redirect_stdout(io.StringIO()):
-            step = runpy.run_path(str(YARDSTICKS / "plain_step.py"))["step"]
+            step = runpy.run_path(str(yardstick("plain_step.py")))["step"]
     finally:
         sys.argv = argv
 

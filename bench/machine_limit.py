@@ -2,12 +2,12 @@
 
     python bench/machine_limit.py [--quick] [--out bench/results_machine_limit.json]
 
-Peak: `../shared/yardsticks/matmul_peak.py` (a 4096^2 matmul in TF, float32 and bfloat16), run as a
+Peak: the yardstick `matmul_peak.py` (found as bench/common.py says; a 4096^2 matmul in TF, float32 and bfloat16), run as a
 subprocess in the same run, interleaved with the step timings. Step: semiseg's supervised Trainer
 loop (U-Net 16-256, leaky_relu, 128x128 (64x64 with --quick), batch 8, steps_per_loop 10, fed from memory), in float32
 and mixed_bfloat16. Achieved = 3 x forward FLOPs x batch / step time (backward = 2 x forward).
-Forward FLOPs come from TF's graph profiler on the network (1.51 GFLOP per 128x128 image, DESIGN.md's
-count); `models_tf2.unet_forward_flops` is recorded next to it. To locate the waste, the same network's
+Forward FLOPs come from TF's graph profiler on the network (1.51 GFLOP per 128x128 image, as
+the yardstick counts it); `models_tf2.unet_forward_flops` is recorded next to it. To locate the waste, the same network's
 inference forward (training=False, batch 8) is timed too: if the forward alone runs far closer to
 the peak than forward+backward, the loss of efficiency is in the backward pass / training-mode ops.
 """
@@ -62,7 +62,7 @@ def run(quick: bool) -> dict:
         cands[f"forward_{policy}"] = forward_timer(trainer.models["student"], batch, size)
     peaks = []
     cands["matmul_peak"] = lambda: peaks.append(
-        common.run_json_script([str(common.YARDSTICKS / "matmul_peak.py")])["matmul_gflops"]) or 0.0
+        common.run_json_script([str(common.yardstick("matmul_peak.py"))])["matmul_gflops"]) or 0.0
     timed = common.interleaved(cands, rounds)
     peak = {dt: statistics.median(p[dt] for p in peaks) for dt in ("float32", "bfloat16")}
     rows = []

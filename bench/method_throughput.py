@@ -15,7 +15,7 @@ Work per step is counted in forward-pass FLOPs of the networks involved, backwar
                 (hybrid student s fwd+bwd on labeled+strong unlabeled; frozen ViT encoder e on the
                  labeled batch, its head h fwd+bwd; M MC-dropout teacher passes on U; EMA student on U)
 f, s, e, h are forward FLOPs of one image, counted by TF's graph profiler on each network (U-Net:
-the same count as DESIGN.md's 1.51 GFLOP at 128x128). The work ratio is a method's work over the
+1.51 GFLOP per 128x128 image, as the yardstick counts it). The work ratio is a method's work over the
 supervised step's work *on its own student* (mira_u: 3B s), and the goal is time ratio within 15%
 of work ratio. Unregistered methods are listed as skipped.
 """

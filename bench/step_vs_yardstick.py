@@ -2,7 +2,7 @@
 
     python bench/step_vs_yardstick.py [--quick] [--out bench/results_step_vs_yardstick.json]
 
-The yardstick (`../shared/yardsticks/plain_step.py`) is a Mean Teacher / supervised step written as
+The yardstick (`plain_step.py`, found as bench/common.py says) is a Mean Teacher / supervised step written as
 plainly as TF allows on a 1.9M-parameter U-Net (16-256 channels, conv+BN+LeakyReLU(0.01)),
 128x128 (32x32 with --quick), 4 labeled + 4 unlabeled, trained on one fixed tensor. semiseg runs the same shape through
 its real Trainer loop (strategy, config, clipping, EMA, logs), with `--set` overrides only:
@@ -35,7 +35,7 @@ UNET_SETS = ["data.synthetic_cases=48",
 
 
 def yardstick_subprocess(policy: str, supervised: bool, steps: int, warmup: int, size: int) -> dict:
-    args = [str(common.YARDSTICKS / "plain_step.py"), "--size", str(size), "--batch", "8", "--labeled", "4",
+    args = [str(common.yardstick("plain_step.py")), "--size", str(size), "--batch", "8", "--labeled", "4",
             "--policy", policy, "--steps", str(steps), "--warmup", str(warmup)]
     if supervised:
         args.append("--supervised")

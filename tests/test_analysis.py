@@ -22,8 +22,12 @@ from analysis.runs import main as runs_main
 
 REPO = Path(__file__).resolve().parent.parent
 CASE_IDS = [f"case_{index:03d}" for index in range(8)]
-EXTRA_COLUMNS = {"supervised": [], "mean_teacher": ["loss_cons", "val_dice_teacher", "rampup"],
-                 "mira_u": ["loss_unsup", "loss_ent", "target_dice", "rampup"]}
+# The columns each method's trainer writes to history.csv (besides epoch, step, lr, loss, loss_sup,
+# val_dice), as a smoke run of each writes them today.
+EXTRA_COLUMNS = {"supervised": [],
+                 "mean_teacher": ["loss_cons", "rampup", "cons_weight", "pseudo_target_dice", "val_dice_student"],
+                 "mira_u": ["loss_unsup", "loss_ce", "loss_cons", "loss_ent", "loss_head", "beta", "pseudo_dice",
+                            "val_dice_student", "val_dice_teacher"]}
 # How far the fake prediction's centre strays (pixels): SSL methods stray less.
 METHOD_ERROR = {"supervised": 3.0, "mean_teacher": 2.0, "mira_u": 1.5}
 
@@ -94,7 +98,7 @@ def test_find_runs_reads_every_run_folder_of_a_sweep(sweep):
                and r.seed == 1)
     assert run.label == "mean_teacher, 30% labeled, seed 1"
     assert list(run.per_case["case_id"]) == CASE_IDS
-    assert "val_dice_teacher" in run.history.columns
+    assert "val_dice_student" in run.history.columns
     assert run.metrics["n_cases"] == 8 and run.distance_unit() == "px"
     assert len(set(unique_names(runs))) == 12
     assert unique_names(runs)[0].endswith("lf10_seed0")
@@ -122,13 +126,18 @@ def test_curves_overlay_runs_with_a_panel_per_logged_quantity(sweep, tmp_path):
     figure = curves.curves_figure(runs)
     titles = [axis.get_title() for axis in figure.axes if axis.get_visible()]
     assert titles[:3] == ["Total loss", "Supervised loss", "Consistency loss"]
-    assert {"Validation Dice (student)", "Validation Dice (teacher)", "Learning rate",
-            "Ramp-up weight"} <= set(titles)
-    dice_axis = figure.axes[titles.index("Validation Dice (student)")]
+    assert {"Validation Dice (selecting network)", "Validation Dice (student)", "Learning rate",
+            "Ramp-up weight", "Consistency weight", "Pseudo-target Dice vs hidden truth"} <= set(titles)
+    dice_axis = figure.axes[titles.index("Validation Dice (selecting network)")]
     assert len(dice_axis.lines) == 4  # every run overlaid
     np.testing.assert_allclose(dice_axis.lines[0].get_ydata(), runs[0].history["val_dice"])
     assert dice_axis.get_xlabel() == "Epoch" and dice_axis.get_ylabel() == "Dice"
     assert figure.axes[titles.index("Learning rate")].get_yscale() == "log"  # lr spans 32x
+    # Every column a method writes has a named panel (none falls back to its raw column name).
+    mira = curves.curves_figure(find_runs([sweep / "mira_u" / "lf10"]))
+    mira_titles = {axis.get_title() for axis in mira.axes if axis.get_visible()}
+    assert not mira_titles & set(EXTRA_COLUMNS["mira_u"]), mira_titles
+    assert {"Pseudo-label Dice vs hidden truth", "Validation Dice (teacher)"} <= mira_titles
     paths = curves.main([str(sweep / "mira_u" / "lf10" / "seed0"), "--out", str(tmp_path)])
     assert [p.name for p in paths] == ["curves.png"] and paths[0].stat().st_size > 1000
 

@@ -7,7 +7,7 @@ run MirroredStrategy. After real train steps the teacher's copies on the two rep
 identical (with synchronised BatchNorm: otherwise each replica's moving statistics, and so their EMA,
 legitimately differ) (an EMA assign in the replica context keeps mirrored copies in sync only if every replica
 computes the same update), and the random draws MixMatch makes inside the step (MixUp lambdas)
-must differ between replicas (seeded with the replica id, DESIGN.md: Keras draws do not).
+must differ between replicas (seeded with the replica id: Keras draws do not differ, docs/design.md section 7).
 """
 import textwrap
 

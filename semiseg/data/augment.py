@@ -50,7 +50,7 @@ def seed_for(step, replica_id=0, stream_id=0, base_seed=0):
     """A [2] int64 seed, distinct for every (base_seed, step, replica_id, stream_id).
 
     `step`: the training step or element index; `replica_id`: the replica's
-    `replica_id_in_sync_group` (draws must differ across replicas, see DESIGN.md); `stream_id`:
+    `replica_id_in_sync_group` (draws must differ across replicas, see docs/design.md section 4); `stream_id`:
     a small integer naming the purpose (e.g. 0 labeled aug, 1 unlabeled aug, 2 MixMatch view k);
     `base_seed`: the run's config seed. Python ints or scalar integer tensors are accepted.
     Built with stateless_fold_in (a Philox hash), so nearby integers give unrelated streams.

@@ -181,7 +181,7 @@ class MiraU(Trainer):
         p_weak = tf.stop_gradient(tf.sigmoid(tf.cast(weak_logits, tf.float32)))
 
         # Masked means divide by the *global* kept count, so summing replica shares gives the
-        # global-batch mean (DESIGN.md: filtered losses need an all-reduced count).
+        # global-batch mean (a filtered loss needs the count all-reduced, docs/design.md section 4).
         n_pixels = tf.cast(tf.size(keep), tf.float32) * self.n_replicas
         n_kept = self.all_reduce_sum(tf.reduce_sum(keep))
         ce = tf.nn.sigmoid_cross_entropy_with_logits(labels=target, logits=logits)

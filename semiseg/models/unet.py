@@ -71,7 +71,7 @@ def build_unet(cfg, image_size: int, channels: int, name: str = "unet") -> keras
 
 def unet_forward_flops(cfg, image_size: int, channels: int) -> float:
     """Forward FLOPs of one image through `build_unet` (convolutions as 2*H*W*k*k*Cin*Cout, the
-    count DESIGN.md uses for the yardstick); the benchmarks divide measured time by it."""
+    count the benchmarks' yardstick uses); the benchmarks divide measured time by it."""
     flops, size, cin = 0.0, image_size, channels
     for level in range(cfg.depth):
         f = cfg.base_filters * 2 ** level
