@@ -114,13 +114,15 @@ def cmd_train(args) -> int:
                 raise RunDirError("multi-worker training needs --out RUN_DIR on a file system all workers see")
             out = f"runs/{cfg.method}-{cfg.preset or 'custom'}-job{os.environ['SLURM_JOB_ID']}"
         run = rundir.create_run_dir(out, cfg.method, cfg.preset) if chief else Path(out)
+    data_set = data_loader_tf2.data_set_name(cfg.data, bundle.fmt)
     if chief:
         config.save_yaml(cfg, run / "config.yaml")
         data_loader_tf2.save_splits(bundle.splits, run / "splits.json")
         import tensorflow as tf
         devices = [d.name for d in tf.config.list_logical_devices()]
-        rundir.start_run_info(run, {**rundir.provenance(args.argv, devices, info), "method": cfg.method,
-                                    "data": {"format": bundle.fmt, "cache": str(bundle.cache_dir),
+        rundir.start_run_info(run, {**rundir.provenance(args.argv, devices, info),
+                                    **rundir.run_fields(run, cfg, bundle.fmt, data_set, None),
+                                    "data": {"format": bundle.fmt, "path": data_set, "cache": str(bundle.cache_dir),
                                              **{f"n_{s}": len(bundle.splits[s]) for s in data_loader_tf2.SPLITS}}},
                               changed=plan.changes if plan is not None else None)
     _log(f"run folder: {run}  (labeled {len(bundle.splits['labeled'])}, unlabeled {len(bundle.splits['unlabeled'])}, "
@@ -128,6 +130,7 @@ def cmd_train(args) -> int:
     trainer = method_cls(cfg, bundle, strategy, info, log=_log if chief else (lambda m: None))
     if chief:       # now, not at export: evaluate/predict of an unfinished run read it too
         rundir.write_export_record(run, trainer.export_record())
+        rundir.update_run_info(run, network=trainer.export_record()["network"])
     _log(f"strategy: {json.dumps(info)}; per-replica batch {trainer.per_replica_batch}")
     ckpt_dir = Path(distribute.worker_checkpoint_dir(str(run), info))
     reason = trainer.fit(run, is_chief=chief, ckpt_dir=ckpt_dir, progress=not args.no_progress)
@@ -141,7 +144,8 @@ def cmd_train(args) -> int:
         return 0
     name = trainer.export_model()[0]
     best = keras.saving.load_model(run / "best_model.keras", compile=False)
-    payload = evaluation.evaluate(best, bundle, "test", cfg.train.eval_batch_size, out_dir=run, model_name=name)
+    payload = evaluation.evaluate(best, bundle, "test", cfg.train.eval_batch_size, out_dir=run, model_name=name,
+                                  run_fields=rundir.run_fields(run, cfg, bundle.fmt, data_set, name))
     rundir.finish_run_info(run, reason, best_val_dice=float(trainer.best_score.numpy()), test_dice=payload["dice"])
     _log(f"\n{reason}: test Dice {payload['dice']:.4f}  IoU {payload['iou']:.4f}  ({payload['n_cases']} cases, "
          f"{name} network, best validation Dice {float(trainer.best_score.numpy()):.4f})")
@@ -167,18 +171,21 @@ def cmd_evaluate(args) -> int:
         bundle = predict.external_bundle(cfg, args.data, args.format, predict.model_channels(model), log=_log,
                                          progress=not args.no_progress)
         split, name = "external", predict.external_name(args.data)
+        data_set = str(Path(args.data).expanduser().resolve())
     else:
         if args.format:
             raise ConfigError("--format needs --data PATH (the external data set to evaluate on)")
         split = args.split or "test"
         bundle = data_loader_tf2.prepare_data(cfg, run_dir=run, log=_log, progress=not args.no_progress)
-        name = split
+        name, data_set = split, data_loader_tf2.data_set_name(cfg.data, bundle.fmt)
     default = split == "test" and not args.tta and args.checkpoint == "best"
     suffix = ("_latest" if args.checkpoint == "latest" else "") + ("_tta" if args.tta else "")
     out = run if default else run / "eval" / f"{name}{suffix}"
     out.mkdir(parents=True, exist_ok=True)
+    from semiseg.runs import run_dir as rundir
     payload = evaluation.evaluate(model, bundle, split, cfg.train.eval_batch_size, tta=args.tta, out_dir=out,
-                                  model_name=network, progress=not args.no_progress)
+                                  model_name=network, progress=not args.no_progress,
+                                  run_fields=rundir.run_fields(run, cfg, bundle.fmt, data_set, network))
     keys = ("dice", "iou", "precision", "recall", "specificity", "hd95", "asd")
     _log(" ".join(f"{k}={payload[k]:.4f}" if payload[k] is not None else f"{k}=nan" for k in keys)
          + f"  n_cases={payload['n_cases']}  ({network} network, {args.checkpoint} checkpoint)")

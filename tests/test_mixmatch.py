@@ -61,7 +61,7 @@ def test_one_step_gives_finite_losses_and_changes_the_student():
     before = [v.numpy().copy() for v in trainer.trainable_variables()]
     logs = trainer._make_loop(*trainer._iterators(0))(tf.constant(1))
     assert all(np.isfinite(float(v)) for v in logs.values())
-    assert float(logs["loss_u"]) > 0 and float(logs["loss_sup"]) > 0
+    assert float(logs["loss_unsup"]) > 0 and float(logs["loss_sup"]) > 0
     assert all(not np.allclose(b, v.numpy()) for b, v in zip(before, trainer.trainable_variables()))
 
 
@@ -71,6 +71,6 @@ def test_smoke_training_end_to_end(tmp_path):
     history = run_dir.read_history(out)
     assert [int(r["epoch"]) for r in history] == [1, 2]
     for row in history:
-        assert np.isfinite(float(row["loss_u"]))
-        assert 0.0 <= float(row["pseudo_target_dice"]) <= 1.0
-        assert float(row["lambda_u_weight"]) == pytest.approx(1.0)     # rampup_epochs=1 in smoke
+        assert np.isfinite(float(row["loss_unsup"]))
+        assert 0.0 <= float(row["pseudo_dice"]) <= 1.0
+        assert float(row["unsup_weight"]) == pytest.approx(1.0)     # rampup_epochs=1 in smoke

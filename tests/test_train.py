@@ -41,6 +41,15 @@ def test_smoke_run_writes_every_file(smoke_run):
     assert cfg["method"] == "supervised" and cfg["preset"] == "smoke"
     export = json.loads((smoke_run / "export.json").read_text())
     assert (export["network"], export["checkpoint_key"], metrics["model"]) == ("student", "student", "student")
+    # What the run is, in metrics.json and run_info.json alike (flat keys for tables of runs).
+    wanted = {"run": "smoke", "method": "supervised", "preset": "smoke", "seed": cfg["seed"],
+              "labeled_fraction": cfg["data"]["labeled_fraction"], "data_format": "synthetic",
+              "data_set": "synthetic v2", "network": "student"}
+    assert {k: metrics.get(k) for k in wanted} == wanted
+    assert {k: info.get(k) for k in wanted} == wanted
+    per_case = (smoke_run / "per_case.csv").read_text().splitlines()
+    run_column = per_case[0].split(",").index("run")
+    assert len(per_case) - 1 == metrics["n_cases"] and {line.split(",")[run_column] for line in per_case[1:]} == {"smoke"}
 
 
 def test_existing_out_is_refused_and_untouched(smoke_run, capsys):

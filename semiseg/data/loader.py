@@ -53,6 +53,15 @@ def resolve_source(data_cfg, log=print) -> tuple[str, Path, list[Case]]:
     return fmt, root, cases
 
 
+def data_set_name(data_cfg, fmt: str = "") -> str:
+    """How outputs name the data set: 'synthetic v2' (the embedded set and its generator version),
+    else the data folder's absolute path."""
+    if (fmt or data_cfg.format) == "synthetic":
+        from semiseg.data.synthetic import GENERATOR_VERSION
+        return f"synthetic {GENERATOR_VERSION}"
+    return str(Path(data_cfg.path).expanduser().resolve())
+
+
 def make_splits(cases: list[Case], data_cfg, seed: int) -> dict:
     """Case-level split into labeled / unlabeled / val / test.
 

@@ -30,8 +30,10 @@ teacher is not dominated by the random initial weights.
 
 Model selection and export: the teacher (the network the paper reports, and the steadier of the
 two); set `train.export=student` or `mean_teacher.evaluate_teacher=false` to use the student.
-history.csv gets `val_dice` (teacher), `val_dice_student`, `loss_cons`, `cons_weight` and, where
-hidden truth exists, `pseudo_target_dice` (the teacher's thresholded prediction vs the truth).
+history.csv (names shared by every method, docs/outputs.md) gets `val_dice` (the exported network,
+the teacher by default), `val_dice_student`, `loss_unsup` (the unweighted consistency MSE),
+`rampup`, `unsup_weight` (= w(t)) and, where hidden truth exists, `pseudo_dice` (the teacher's
+thresholded prediction vs the truth).
 """
 from __future__ import annotations
 
@@ -110,7 +112,7 @@ class MeanTeacher(Trainer):
         cons = self.global_mean(tf.reduce_mean(squared, axis=[1, 2, 3]))
         weight = self.consistency_weight(self.epoch_float(step))
         loss = sup + weight * cons
-        return loss, {"loss": loss, "loss_sup": sup, "loss_dice": dice, "loss_bce": bce, "loss_cons": cons}
+        return loss, {"loss": loss, "loss_sup": sup, "loss_dice": dice, "loss_bce": bce, "loss_unsup": cons}
 
     def on_step_end(self, step):
         mt = self.cfg.mean_teacher
@@ -126,7 +128,7 @@ class MeanTeacher(Trainer):
     def schedule_logs(self, epoch_float: float) -> dict:
         mt = self.cfg.mean_teacher
         return {"rampup": sigmoid_rampup(epoch_float, mt.rampup_epochs),
-                "cons_weight": self.consistency_weight(epoch_float)}
+                "unsup_weight": self.consistency_weight(epoch_float)}
 
     def pseudo_targets(self, images):
         """What the student is pulled towards: the teacher's probabilities (inference mode)."""
@@ -137,4 +139,4 @@ class MeanTeacher(Trainer):
         if not cases:
             return {}
         fn = tf.function(self.pseudo_targets, reduce_retracing=True)
-        return {"pseudo_target_dice": probe.pseudo_target_dice(fn, self.data, cases, self.cfg.train.eval_batch_size)}
+        return {"pseudo_dice": probe.pseudo_target_dice(fn, self.data, cases, self.cfg.train.eval_batch_size)}
