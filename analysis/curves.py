@@ -20,21 +20,22 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from analysis import figures  # noqa: E402
-from analysis.runs import Run, find_runs, run_cli  # noqa: E402
+from analysis.runs import Run, find_runs, run_cli, summary  # noqa: E402
 
 # Panel title and y-axis label of the columns the trainer writes; other numeric columns get a
 # panel titled by their name.
 KNOWN_COLUMNS = {
     "loss": ("Total loss", "Loss"),
     "loss_sup": ("Supervised loss", "Loss"),
-    "loss_cons": ("Consistency loss", "Loss"),
-    "loss_unsup": ("Unsupervised loss", "Loss"),
+    "loss_unsup": ("Unlabelled loss (unweighted)", "Loss"),
     "loss_ent": ("Entropy loss", "Loss"),
-    "val_dice": ("Validation Dice (student)", "Dice"),
+    "val_dice": ("Validation Dice (exported network)", "Dice"),
     "val_dice_teacher": ("Validation Dice (teacher)", "Dice"),
-    "target_dice": ("Target-set Dice", "Dice"),
+    "val_dice_student": ("Validation Dice (student)", "Dice"),
+    "pseudo_dice": ("Pseudo-target Dice vs hidden truth", "Dice"),
     "lr": ("Learning rate", "Learning rate"),
-    "rampup": ("Ramp-up weight", "Weight"),
+    "rampup": ("Ramp-up factor", "Weight"),
+    "unsup_weight": ("Weight of the unlabelled loss", "Weight"),
 }
 NOT_PLOTTED = {"epoch", "step", "time_s", "images_per_s", "step_ms", "gpu_mem_peak_mb"}   # timings
 
@@ -52,7 +53,7 @@ def plotted_columns(runs: list[Run]) -> list[str]:
         if column in KNOWN_COLUMNS:
             return (known.index(column), column)
         # An unknown loss term sits with the losses, anything else at the end.
-        return (len(known) - 5 if column.startswith("loss") else len(known), column)
+        return (known.index("loss_ent") if column.startswith("loss") else len(known), column)
     return sorted(present, key=order)
 
 
@@ -111,7 +112,7 @@ def curves_figure(runs: list[Run], title: str | None = None):
 
 
 def main(argv=None) -> list[Path]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=summary(__doc__))
     figures.add_output_args(parser)
     args = parser.parse_args(argv)
     runs = find_runs(args.run_dirs)
