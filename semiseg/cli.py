@@ -106,6 +106,10 @@ def cmd_train(args) -> int:
     # Data first: an unusable data set stops here, before a run folder exists.
     bundle = data_loader_tf2.prepare_data(cfg, run_dir=run, log=_log if chief else (lambda m: None),
                                           progress=chief and not args.no_progress)
+    if args.dry_run:
+        from semiseg.training import dry_run
+        dry_run.report(cfg, bundle, strategy, info, method_cls, steps=args.dry_run_steps, log=_log)
+        return 0
     if run is None:
         out = args.out
         if out is None and info.get("num_workers", 1) > 1:
@@ -269,6 +273,12 @@ def build_parser() -> argparse.ArgumentParser:
     data_args(p)
     p.add_argument("--out", default=None, help="run folder (default runs/METHOD-PRESET-TIME); must not exist")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    p.add_argument("--dry-run", action="store_true",
+                   help="resolve the configuration, check the data (building or reusing its slice cache), print "
+                        "the splits, steps per epoch, total steps, parameter counts, a memory estimate and a time "
+                        "estimate from a few timed steps on this machine; writes no run folder")
+    p.add_argument("--dry-run-steps", type=int, default=3, metavar="N",
+                   help="training steps timed for --dry-run's time estimate (default 3, after one untimed step)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only; batch jobs)")
     p.set_defaults(fn=cmd_train)
 
