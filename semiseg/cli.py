@@ -220,8 +220,8 @@ def cmd_describe(args) -> int:
 def cmd_preprocess(args) -> int:
     cfg = config.resolve(args.preset or "", args.config or "", args.set)
     _apply_data_args(cfg, args)
-    if args.out:
-        cfg.data.cache_dir = args.out
+    if args.cache_root:
+        cfg.data.cache_dir = args.cache_root
     from semiseg.data import checks as data_checks
     from semiseg.data import loader as data_loader_tf2
     from semiseg.data import cache as slice_cache
@@ -255,23 +255,40 @@ def cmd_check_data(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="main.py", description="semiseg: semi-supervised medical image segmentation")
     parser.add_argument("--version", action="version", version=f"semiseg {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                help="what to do; `main.py COMMAND --help` describes each")
+
+    by_method: dict = {}
+    for name, preset in sorted(config.PRESETS.items()):
+        if "method" in preset:
+            by_method.setdefault(preset["method"], []).append(name)
 
     def config_args(p, method=True):
         if method:
-            p.add_argument("--method", default="", help="supervised, mean_teacher, mixmatch, mira_u, ...")
-        p.add_argument("--preset", default="", help=f"one of: {', '.join(sorted(config.PRESETS))}")
-        p.add_argument("--config", default="", help="YAML file of overrides")
+            p.add_argument("--method", default="", help=(
+                f"{', '.join(config.METHODS)}; default: the preset's method where it names one ("
+                + "; ".join(f"{', '.join(names)}: {m}" for m, names in by_method.items())
+                + "), else supervised (the other presets, pancreas_* included, name none)"))
+        p.add_argument("--preset", default="", help=(
+            f"named settings, one of: {', '.join(sorted(config.PRESETS))} (smoke: seconds, for wiring checks; "
+            f"cpu: a small first run on a CPU; pancreas_*: the pancreas runs on MSD Task07; isic2016_*: MIRA-U "
+            f"on ISIC-2016 at 10-50%% labels). Applied first, then --config, then --set"))
+        p.add_argument("--config", default="", metavar="FILE.yaml",
+                       help="YAML file of overrides in config.yaml's layout (applied after --preset)")
         config.add_set_argument(p)
 
     def data_args(p):
-        p.add_argument("--data", default=None, help="data-set folder (default: the embedded synthetic set)")
-        p.add_argument("--format", default=None, help="synthetic|msd|isic|ph2|folders|auto")
+        p.add_argument("--data", default=None, metavar="PATH",
+                       help="data-set folder (default: the embedded synthetic set); its format is inferred unless --format")
+        p.add_argument("--format", default=None, metavar="|".join(config.DATA_FORMATS),
+                       help="layout of --data (default: inferred from the folder; docs/data.md draws each)")
 
     p = sub.add_parser("train", help="train a model (a new run folder, or --resume one)")
     config_args(p)
     data_args(p)
-    p.add_argument("--out", default=None, help="run folder (default runs/METHOD-PRESET-TIME); must not exist")
+    p.add_argument("--out", default=None, metavar="RUN_DIR",
+                   help="the run folder to create (default runs/METHOD-PRESET-TIME); must not exist unless "
+                        "--resume. (preprocess's --cache-root is a cache folder, not a run)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     p.add_argument("--dry-run", action="store_true",
                    help="resolve the configuration, check the data (building or reusing its slice cache), print "
@@ -283,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_train)
 
     p = sub.add_parser("evaluate", help="metrics of a run's model on a split or an external data set")
-    p.add_argument("run_dir")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run folder made by train (its config, splits and model)")
     p.add_argument("--split", default=None, choices=["test", "val"], help="the run's split (default test)")
     p.add_argument("--tta", action="store_true", help="average over flips (test-time augmentation)")
     p.add_argument("--checkpoint", default="best", choices=["best", "latest"],
@@ -294,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_evaluate)
 
     p = sub.add_parser("predict", help="masks for an image, a folder of images, or a NIfTI volume")
-    p.add_argument("run_dir")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run folder made by train (its exported network is used)")
     p.add_argument("input", help="a picture, a NIfTI volume (.nii/.nii.gz), or a folder of them")
     p.add_argument("output", help="a mask file for one input, else a folder (never overwritten)")
     p.add_argument("--tta", action="store_true", help="average over flips (test-time augmentation)")
@@ -304,7 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--uncertainty", action="store_true",
                    help="MIRA-U runs: also write NAME_uncertainty.npy / .nii.gz, the per-pixel std of the "
                         "teacher's probability over mira_u.mc_samples MC-dropout passes")
-    p.add_argument("--checkpoint", default="best", choices=["best", "latest"])
+    p.add_argument("--checkpoint", default="best", choices=["best", "latest"],
+                   help="best_model.keras (default), or the newest checkpoint in RUN_DIR/checkpoints")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(fn=cmd_predict)
 
@@ -320,7 +338,10 @@ def build_parser() -> argparse.ArgumentParser:
     config_args(p, method=False)
     data_args(p)
     worker_args(p)
-    p.add_argument("--out", default=None, help="slice-cache root (default data.cache_dir, $SEMISEG_CACHE or ~/.cache/semiseg)")
+    p.add_argument("--cache-root", "--out", dest="cache_root", default=None, metavar="DIR",
+                   help="folder the slice cache goes under (default data.cache_dir, $SEMISEG_CACHE or "
+                        "~/.cache/semiseg); train finds it there with --set data.cache_dir=DIR. Not a run "
+                        "folder (train --out is); --out is kept as an alias")
     p.set_defaults(fn=cmd_preprocess)
 
     p = sub.add_parser("check-data", help="validate a data set and print a table of its problems (exit 2 if unusable)")
