@@ -78,6 +78,18 @@ def test_isic_official_test_images_without_masks_are_left_out_or_unlabelled(tmp_
     assert all(c.subset is None for c in used)
 
 
+def test_isic_official_folders_unzipped_one_level_deeper(tmp_path):
+    """Some unzip tools put NAME/ inside NAME/: the release is still read."""
+    root, ids = make_isic_release(tmp_path / "isic", "ISIC 2016", {"train": 3, "test": 2})
+    for name in ("ISBI2016_ISIC_Part1_Training_Data", "ISBI2016_ISIC_Part1_Test_GroundTruth"):
+        (root / name).rename(tmp_path / "tmp")
+        (root / name).mkdir()
+        (tmp_path / "tmp").rename(root / name / name)
+    cases = data_sources.list_isic_cases(root, config.DataConfig())
+    assert sorted(c.case_id for c in cases) == ids["train"] + ids["test"] and all(c.label for c in cases)
+    assert sorted(c.case_id for c in cases if c.subset == "test") == ids["test"]
+
+
 def test_format_inference_error_lists_every_layout(tmp_path):
     (tmp_path / "somewhere").mkdir()
     with pytest.raises(data_sources.DataError) as caught:
