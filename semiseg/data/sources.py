@@ -204,7 +204,7 @@ def list_isic_cases(root, data_cfg) -> list[Case]:
                     cases.append(Case(image.stem, str(image), str(mask) if mask else None, subset=fixed))
                 elif mask is not None:
                     cases.append(Case(image.stem, str(image), str(mask), subset=subset))
-                elif getattr(data_cfg, "unlabeled_test_images", False):
+                elif data_cfg.unlabeled_test_images:
                     cases.append(Case(image.stem, str(image), None))
         if not cases:
             raise DataError(f"{parts[0][1]}: no images found ({name} layout; {', '.join(IMAGE_SUFFIXES)})")
