@@ -32,7 +32,7 @@ from scipy import stats  # noqa: E402
 
 from semiseg.runs import atomic_write  # noqa: E402
 from analysis import figures  # noqa: E402
-from analysis.runs import Run, find_runs, percent, run_cli, setting_keys, variant  # noqa: E402
+from analysis.runs import Run, find_runs, percent, run_cli, setting_keys, summary, variant  # noqa: E402
 
 BASELINE = "supervised"
 TABLE_METRICS = ("dice", "iou", "precision", "recall", "hd95", "asd")
@@ -231,7 +231,7 @@ def write_tables(runs: list[Run], out_dir) -> dict:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=summary(__doc__))
     figures.add_output_args(parser, formats=False)
     args = parser.parse_args(argv)
     paths = write_tables(find_runs(args.run_dirs), args.out)

@@ -20,7 +20,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from analysis import figures  # noqa: E402
-from analysis.runs import Run, find_runs, run_cli  # noqa: E402
+from analysis.runs import Run, find_runs, run_cli, summary  # noqa: E402
 
 # Panel title and y-axis label of the columns the trainers write (docs/evaluation.md lists which
 # method writes which); other numeric columns get a panel titled by their name. `val_dice` is the
@@ -28,26 +28,21 @@ from analysis.runs import Run, find_runs, run_cli  # noqa: E402
 KNOWN_COLUMNS = {
     "loss": ("Total loss", "Loss"),
     "loss_sup": ("Supervised loss", "Loss"),
-    "loss_dice": ("Supervised Dice loss", "Loss"),
-    "loss_bce": ("Supervised BCE loss", "Loss"),
-    "loss_cons": ("Consistency loss", "Loss"),
-    "loss_u": ("Unlabelled L2 loss (MixMatch)", "Loss"),
-    "loss_unsup": ("Unsupervised loss", "Loss"),
-    "loss_ce": ("Pseudo-label CE loss", "Loss"),
+    "loss_unsup": ("Unlabelled loss (unweighted)", "Loss"),
+    "loss_unsup_ce": ("Pseudo-label CE loss (MIRA-U)", "Loss"),
+    "loss_unsup_cons": ("Consistency loss (MIRA-U)", "Loss"),
     "loss_ent": ("Entropy loss", "Loss"),
     "loss_head": ("Teacher head loss", "Loss"),
-    "val_dice": ("Validation Dice (selecting network)", "Dice"),
-    "val_dice_student": ("Validation Dice (student)", "Dice"),
+    "val_dice": ("Validation Dice (exported network)", "Dice"),
     "val_dice_teacher": ("Validation Dice (teacher)", "Dice"),
-    "pseudo_target_dice": ("Pseudo-target Dice vs hidden truth", "Dice"),
-    "pseudo_dice": ("Pseudo-label Dice vs hidden truth", "Dice"),
+    "val_dice_student": ("Validation Dice (student)", "Dice"),
+    "val_dice_ema": ("Validation Dice (EMA network)", "Dice"),
+    "pseudo_dice": ("Pseudo-target Dice vs hidden truth", "Dice"),
     "kept_fraction": ("Pixels kept by the confidence filter", "Fraction"),
     "mean_confidence": ("Mean pseudo-label confidence", "Weight"),
     "lr": ("Learning rate", "Learning rate"),
-    "rampup": ("Ramp-up weight", "Weight"),
-    "cons_weight": ("Consistency weight", "Weight"),
-    "lambda_u_weight": ("Unlabelled loss weight", "Weight"),
-    "beta": ("Unsupervised weight beta", "Weight"),
+    "rampup": ("Ramp-up factor", "Weight"),
+    "unsup_weight": ("Weight of the unlabelled loss", "Weight"),
 }
 NOT_PLOTTED = {"epoch", "step", "time_s", "images_per_s", "step_ms", "gpu_mem_peak_mb"}   # timings
 
@@ -125,7 +120,7 @@ def curves_figure(runs: list[Run], title: str | None = None):
 
 
 def main(argv=None) -> list[Path]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=summary(__doc__))
     figures.add_output_args(parser)
     args = parser.parse_args(argv)
     runs = find_runs(args.run_dirs)

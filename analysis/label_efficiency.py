@@ -21,7 +21,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from analysis import figures  # noqa: E402
-from analysis.runs import Run, find_runs, run_cli  # noqa: E402
+from analysis.runs import Run, find_runs, run_cli, summary  # noqa: E402
 
 AXIS_LABELS = {"dice": "Test Dice", "iou": "Test IoU", "precision": "Test precision",
                "recall": "Test recall", "specificity": "Test specificity",
@@ -80,10 +80,12 @@ def label_efficiency_figure(runs: list[Run], metric: str = "dice", band: str = "
 
 
 def main(argv=None) -> list[Path]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=summary(__doc__))
     figures.add_output_args(parser)
-    parser.add_argument("--metric", default="dice", choices=sorted(AXIS_LABELS))
-    parser.add_argument("--band", default="minmax", choices=("minmax", "std"))
+    parser.add_argument("--metric", default="dice", choices=sorted(AXIS_LABELS),
+                        help="metrics.json key on the y axis (default dice)")
+    parser.add_argument("--band", default="minmax", choices=("minmax", "std"),
+                        help="shaded band over seeds: min to max, or mean ± one standard deviation")
     args = parser.parse_args(argv)
     figure = label_efficiency_figure(find_runs(args.run_dirs), args.metric, args.band)
     stem = "label_efficiency" if args.metric == "dice" else f"label_efficiency_{args.metric}"

@@ -21,7 +21,7 @@ import numpy as np  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
 from analysis import figures  # noqa: E402
-from analysis.runs import Run, find_runs, run_cli, unique_names  # noqa: E402
+from analysis.runs import Run, find_runs, run_cli, unique_names, summary  # noqa: E402
 
 TRUTH_COLOR = (0.1, 0.85, 0.2)
 PREDICTION_COLOR = (0.95, 0.2, 0.15)
@@ -121,10 +121,11 @@ def overlays_figure(run: Run, split: str = "test", threshold: float = 0.5):
 
 
 def main(argv=None) -> list[Path]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=summary(__doc__))
     figures.add_output_args(parser)
-    parser.add_argument("--split", default="test")
-    parser.add_argument("--threshold", type=float, default=0.5)
+    parser.add_argument("--split", default="test", help="previews/<split>/ to draw (default test)")
+    parser.add_argument("--threshold", type=float, default=0.5,
+                        help="probability at which the prediction's outline is drawn (default 0.5)")
     args = parser.parse_args(argv)
     paths = []
     runs = find_runs(args.run_dirs)

@@ -20,7 +20,7 @@ if __package__ in (None, ""):  # run as `python analysis/report.py`: make `analy
 
 from semiseg.runs import atomic_write  # noqa: E402
 from analysis import compare, curves, figures, label_efficiency, overlays  # noqa: E402
-from analysis.runs import Run, find_runs, percent, run_cli, unique_names  # noqa: E402
+from analysis.runs import Run, find_runs, percent, run_cli, unique_names, summary  # noqa: E402
 
 STYLE = """
 body { font-family: sans-serif; max-width: 1200px; margin: 2em auto; color: #222; }
@@ -148,7 +148,7 @@ def build_report(runs: list[Run], out_dir, formats=("png",), split: str = "test"
 
 
 def main(argv=None) -> Path:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=summary(__doc__))
     figures.add_output_args(parser)
     parser.add_argument("--split", default="test", help="preview split for the overlays")
     args = parser.parse_args(argv)

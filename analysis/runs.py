@@ -130,6 +130,28 @@ def percent(fraction: float) -> str:
     return f"{100 * fraction:g}%"
 
 
+# history.csv columns renamed when the methods got one naming scheme (docs/outputs.md): runs made
+# before read with today's names. loss_cons was Mean Teacher's unlabelled term, but one of MIRA-U's
+# parts of loss_unsup (a run that already has loss_unsup).
+RENAMED_HISTORY_COLUMNS = {"loss_u": "loss_unsup", "cons_weight": "unsup_weight", "lambda_u_weight": "unsup_weight",
+                           "beta": "unsup_weight", "pseudo_target_dice": "pseudo_dice", "loss_ce": "loss_unsup_ce"}
+
+
+def current_history_names(table: pd.DataFrame) -> pd.DataFrame:
+    """A history table with the columns of older runs under today's names."""
+    columns = set(table.columns)
+    renames = {old: new for old, new in RENAMED_HISTORY_COLUMNS.items() if old in columns and new not in columns}
+    if "loss_cons" in columns:
+        renames["loss_cons"] = "loss_unsup_cons" if "loss_unsup" in columns else "loss_unsup"
+    return table.rename(columns=renames)
+
+
+def summary(doc: str) -> str:
+    """A module docstring's first paragraph on one line: an argparse description that does not stop
+    mid-sentence."""
+    return " ".join(doc.strip().split("\n\n")[0].split())
+
+
 def _read_yaml(path: Path) -> dict:
     with open(path) as stream:
         try:
@@ -162,8 +184,9 @@ def load_run(run_dir) -> Run:
     per_case = _read_csv(path / "per_case.csv", ("case_id", "dice"))
     if per_case is not None:
         per_case["case_id"] = per_case["case_id"].astype(str)
+    history = _read_csv(path / "history.csv", ("epoch",))
     return Run(path=path, config=_read_yaml(config_path),
-               history=_read_csv(path / "history.csv", ("epoch",)),
+               history=None if history is None else current_history_names(history),
                metrics=metrics, per_case=per_case)
 
 
@@ -214,8 +237,9 @@ def run_cli(main, argv=None) -> int:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    parser = argparse.ArgumentParser(description=summary(__doc__))
+    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
+                        help="run folders, or folders searched recursively for run folders")
     args = parser.parse_args(argv)
     for run in find_runs(args.run_dirs):
         dice = (run.metrics or {}).get("dice")

@@ -88,8 +88,8 @@ def summarize(out: Path, runs: list[Path]) -> str:
     groups: dict = {}
     for run in loaded:
         probe = np.nan
-        column = next((c for c in ("pseudo_target_dice", "pseudo_dice")     # MIRA-U's name
-                       if run.history is not None and c in run.history), None)
+        # analysis.runs reads older runs' pseudo_target_dice as pseudo_dice too.
+        column = "pseudo_dice" if run.history is not None and "pseudo_dice" in run.history else None
         if column:
             probe = float(run.history[column].iloc[-1])
         groups.setdefault((run.method, run.labeled_fraction), []).append((run.metrics["dice"], probe, run.seed))

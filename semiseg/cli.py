@@ -127,6 +127,10 @@ def cmd_train(args) -> int:
     # One input pipeline per worker (distribute_datasets_from_function).
     bundle.check_shard_policy(info.get("num_workers", 1),
                               ["labeled"] + (["unlabeled"] if config.METHODS[cfg.method].uses_unlabeled else []))
+    if args.dry_run:
+        from semiseg.training import dry_run
+        dry_run.report(cfg, bundle, strategy, info, method_cls, steps=args.dry_run_steps, log=_log)
+        return 0
     if run is None:
         out = args.out
         if out is None and info.get("num_workers", 1) > 1:
@@ -135,13 +139,15 @@ def cmd_train(args) -> int:
                 raise RunDirError("multi-worker training needs --out RUN_DIR on a file system all workers see")
             out = f"runs/{cfg.method}-{cfg.preset or 'custom'}-job{os.environ['SLURM_JOB_ID']}"
         run = rundir.create_run_dir(out, cfg.method, cfg.preset) if chief else Path(out)
+    data_set = data_loader_tf2.data_set_name(cfg.data, bundle.fmt)
     if chief:
         config.save_yaml(cfg, run / "config.yaml")
         data_splits.save_splits(bundle.splits, run / "splits.json")
         import tensorflow as tf
         devices = [d.name for d in tf.config.list_logical_devices()]
-        rundir.start_run_info(run, {**rundir.provenance(args.argv, devices, info), "method": cfg.method,
-                                    "data": {"format": bundle.fmt, "cache": str(bundle.cache_dir),
+        rundir.start_run_info(run, {**rundir.provenance(args.argv, devices, info),
+                                    **rundir.run_fields(run, cfg, bundle.fmt, data_set, None),
+                                    "data": {"format": bundle.fmt, "path": data_set, "cache": str(bundle.cache_dir),
                                              **{f"n_{s}": len(bundle.splits[s]) for s in data_splits.SPLITS}}},
                               changed=plan.changes if plan is not None else None)
     _log(f"run folder: {run}  (labeled {len(bundle.splits['labeled'])}, unlabeled {len(bundle.splits['unlabeled'])}, "
@@ -149,6 +155,7 @@ def cmd_train(args) -> int:
     trainer = method_cls(cfg, bundle, strategy, info, log=_log if chief else (lambda m: None))
     if chief:       # now, not at export: evaluate/predict of an unfinished run read it too
         rundir.write_export_record(run, trainer.export_record())
+        rundir.update_run_info(run, network=trainer.export_record()["network"])
     _log(f"strategy: {json.dumps(info)}; per-replica batch {trainer.per_replica_batch}")
     ckpt_dir = Path(distribute.worker_checkpoint_dir(str(run), info))
     reason = trainer.fit(run, is_chief=chief, ckpt_dir=ckpt_dir, progress=not args.no_progress)
@@ -162,7 +169,8 @@ def cmd_train(args) -> int:
         return 0
     name = trainer.export_model()[0]
     best = keras.saving.load_model(run / "best_model.keras", compile=False)
-    payload = evaluation.evaluate(best, bundle, "test", cfg.train.eval_batch_size, out_dir=run, model_name=name)
+    payload = evaluation.evaluate(best, bundle, "test", cfg.train.eval_batch_size, out_dir=run, model_name=name,
+                                  run_fields=rundir.run_fields(run, cfg, bundle.fmt, data_set, name))
     rundir.finish_run_info(run, reason, best_val_dice=float(trainer.best_score.numpy()), test_dice=payload["dice"])
     _log(f"\n{reason}: test Dice {payload['dice']:.4f}  IoU {payload['iou']:.4f}  ({payload['n_cases']} cases, "
          f"{name} network, best validation Dice {float(trainer.best_score.numpy()):.4f})")
@@ -189,18 +197,21 @@ def cmd_evaluate(args) -> int:
         bundle = predict.external_bundle(cfg, args.data, args.format, run_load.model_channels(model), log=_log,
                                          progress=not args.no_progress)
         split, name = "external", predict.external_name(args.data)
+        data_set = str(Path(args.data).expanduser().resolve())
     else:
         if args.format:
             raise ConfigError("--format needs --data PATH (the external data set to evaluate on)")
         split = args.split or "test"
         bundle = data_loader_tf2.prepare_data(cfg, run_dir=run, log=_log, progress=not args.no_progress)
-        name = split
+        name, data_set = split, data_loader_tf2.data_set_name(cfg.data, bundle.fmt)
     default = split == "test" and not args.tta and args.checkpoint == "best"
     suffix = ("_latest" if args.checkpoint == "latest" else "") + ("_tta" if args.tta else "")
     out = run if default else run / "eval" / f"{name}{suffix}"
     out.mkdir(parents=True, exist_ok=True)
+    from semiseg.runs import run_dir as rundir
     payload = evaluation.evaluate(model, bundle, split, cfg.train.eval_batch_size, tta=args.tta, out_dir=out,
-                                  model_name=network, progress=not args.no_progress)
+                                  model_name=network, progress=not args.no_progress,
+                                  run_fields=rundir.run_fields(run, cfg, bundle.fmt, data_set, network))
     keys = ("dice", "iou", "precision", "recall", "specificity", "hd95", "asd")
     _log(" ".join(f"{k}={payload[k]:.4f}" if payload[k] is not None else f"{k}=nan" for k in keys)
          + f"  n_cases={payload['n_cases']}  ({network} network, {args.checkpoint} checkpoint)")
@@ -231,8 +242,8 @@ def cmd_describe(args) -> int:
 def cmd_preprocess(args) -> int:
     cfg = config.resolve(args.preset or "", args.config or "", args.set)
     _apply_data_args(cfg, args)
-    if args.out:
-        cfg.data.cache_dir = args.out
+    if args.cache_root:
+        cfg.data.cache_dir = args.cache_root
     from semiseg.data import checks as data_checks
     from semiseg.data import cache as slice_cache
     from semiseg.data import sources as data_sources
@@ -268,29 +279,52 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     installed command, `main.py` from a checkout), so usage and error lines show what the user typed."""
     parser = argparse.ArgumentParser(prog=prog, description="semiseg: semi-supervised medical image segmentation")
     parser.add_argument("--version", action="version", version=f"semiseg {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                help="what to do; `main.py COMMAND --help` describes each")
+
+    by_method: dict = {}
+    for name, preset in sorted(config.PRESETS.items()):
+        if "method" in preset:
+            by_method.setdefault(preset["method"], []).append(name)
 
     def config_args(p, method=True):
         if method:
-            p.add_argument("--method", default="", help="supervised, mean_teacher, mixmatch, mira_u, ...")
-        p.add_argument("--preset", default="", help=f"one of: {', '.join(sorted(config.PRESETS))}")
-        p.add_argument("--config", default="", help="YAML file of overrides")
+            p.add_argument("--method", default="", help=(
+                f"{', '.join(config.METHODS)}; default: the preset's method where it names one ("
+                + "; ".join(f"{', '.join(names)}: {m}" for m, names in by_method.items())
+                + "), else supervised (the other presets, pancreas_* included, name none)"))
+        p.add_argument("--preset", default="", help=(
+            f"named settings, one of: {', '.join(sorted(config.PRESETS))} (smoke: seconds, for wiring checks; "
+            f"cpu: a small first run on a CPU; pancreas_*: the pancreas runs on MSD Task07; isic2016_*: MIRA-U "
+            f"on ISIC-2016 at 10-50%% labels). Applied first, then --config, then --set"))
+        p.add_argument("--config", default="", metavar="FILE.yaml",
+                       help="YAML file of overrides in config.yaml's layout (applied after --preset)")
         config.add_set_argument(p)
 
     def data_args(p):
-        p.add_argument("--data", default=None, help="data-set folder (default: the embedded synthetic set)")
-        p.add_argument("--format", default=None, help="synthetic|msd|isic|ph2|folders|auto")
+        p.add_argument("--data", default=None, metavar="PATH",
+                       help="data-set folder (default: the embedded synthetic set); its format is inferred unless --format")
+        p.add_argument("--format", default=None, metavar="|".join(config.DATA_FORMATS),
+                       help="layout of --data (default: inferred from the folder; docs/data.md draws each)")
 
     p = sub.add_parser("train", help="train a model (a new run folder, or --resume one)")
     config_args(p)
     data_args(p)
-    p.add_argument("--out", default=None, help="run folder (default runs/METHOD-PRESET-TIME); must not exist")
+    p.add_argument("--out", default=None, metavar="RUN_DIR",
+                   help="the run folder to create (default runs/METHOD-PRESET-TIME); must not exist unless "
+                        "--resume. (preprocess's --cache-root is a cache folder, not a run)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    p.add_argument("--dry-run", action="store_true",
+                   help="resolve the configuration, check the data (building or reusing its slice cache), print "
+                        "the splits, steps per epoch, total steps, parameter counts, a memory estimate and a time "
+                        "estimate from a few timed steps on this machine; writes no run folder")
+    p.add_argument("--dry-run-steps", type=int, default=3, metavar="N",
+                   help="training steps timed for --dry-run's time estimate (default 3, after one untimed step)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only; batch jobs)")
     p.set_defaults(fn=cmd_train)
 
     p = sub.add_parser("evaluate", help="metrics of a run's model on a split or an external data set")
-    p.add_argument("run_dir")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run folder made by train (its config, splits and model)")
     p.add_argument("--split", default=None, choices=["test", "val"], help="the run's split (default test)")
     p.add_argument("--tta", action="store_true", help="average over flips (test-time augmentation)")
     p.add_argument("--checkpoint", default="best", choices=["best", "latest"],
@@ -301,7 +335,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_evaluate)
 
     p = sub.add_parser("predict", help="masks for an image, a folder of images, or a NIfTI volume")
-    p.add_argument("run_dir")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run folder made by train (its exported network is used)")
     p.add_argument("input", help="a picture, a NIfTI volume (.nii/.nii.gz), or a folder of them")
     p.add_argument("output", help="a mask file for one input, else a folder (never overwritten)")
     p.add_argument("--tta", action="store_true", help="average over flips (test-time augmentation)")
@@ -311,7 +345,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--uncertainty", action="store_true",
                    help="MIRA-U runs: also write NAME_uncertainty.npy / .nii.gz, the per-pixel std of the "
                         "teacher's probability over mira_u.mc_samples MC-dropout passes")
-    p.add_argument("--checkpoint", default="best", choices=["best", "latest"])
+    p.add_argument("--checkpoint", default="best", choices=["best", "latest"],
+                   help="best_model.keras (default), or the newest checkpoint in RUN_DIR/checkpoints")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(fn=cmd_predict)
 
@@ -327,7 +362,10 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     config_args(p, method=False)
     data_args(p)
     worker_args(p)
-    p.add_argument("--out", default=None, help="slice-cache root (default data.cache_dir, $SEMISEG_CACHE or ~/.cache/semiseg)")
+    p.add_argument("--cache-root", "--out", dest="cache_root", default=None, metavar="DIR",
+                   help="folder the slice cache goes under (default data.cache_dir, $SEMISEG_CACHE or "
+                        "~/.cache/semiseg); train finds it there with --set data.cache_dir=DIR. Not a run "
+                        "folder (train --out is); --out is kept as an alias")
     p.set_defaults(fn=cmd_preprocess)
 
     p = sub.add_parser("check-data", help="validate a data set and print a table of its problems (exit 2 if unusable)")

@@ -45,6 +45,31 @@ def make_isic(root, n=8, unlabeled=2, size=24):
     return root
 
 
+def make_isic_release(root, release="ISIC 2016", counts=None, size=40):
+    """An official ISIC download's folder names (sources.ISIC_RELEASES) with tiny generated pictures:
+    JPEG images, PNG masks (2016: _Segmentation.png, later releases: _segmentation.png); 2017's data
+    folders also get the release's _superpixels.png files. Returns (root, {subset: [case ids]})."""
+    from semiseg.data.sources import ISIC_RELEASES
+    counts = counts or {"train": 6, "val": 2, "test": 3}
+    root, ids, k = Path(root), {}, 0
+    for subset, images, masks in ISIC_RELEASES[release]:
+        if subset not in counts:
+            continue
+        (root / images).mkdir(parents=True)
+        (root / masks).mkdir(parents=True)
+        suffix = "_Segmentation.png" if "2016" in release else "_segmentation.png"
+        for _ in range(counts[subset]):
+            name = f"ISIC_{k:07d}"
+            image, mask = lesion_picture(size, k)
+            Image.fromarray(image).save(root / images / f"{name}.jpg", quality=95)
+            Image.fromarray(mask).save(root / masks / f"{name}{suffix}")
+            if "2017" in release:
+                Image.fromarray(image).save(root / images / f"{name}_superpixels.png")
+            ids.setdefault(subset, []).append(name)
+            k += 1
+    return root, ids
+
+
 def make_ph2(root, n=8, size=24):
     base = Path(root) / "PH2 Dataset images"
     for i in range(n):

@@ -16,18 +16,14 @@ import yaml
 from scipy import stats
 
 from semiseg.evaluation import metrics
-from analysis import compare, curves, figures, label_efficiency, overlays, report
+from analysis import collect, compare, curves, figures, label_efficiency, overlays, report
 from analysis.runs import find_runs, load_run, run_cli, unique_names
 from analysis.runs import main as runs_main
 
 REPO = Path(__file__).resolve().parent.parent
 CASE_IDS = [f"case_{index:03d}" for index in range(8)]
-# The columns each method's trainer writes to history.csv (besides epoch, step, lr, loss, loss_sup,
-# val_dice), as a smoke run of each writes them today.
-EXTRA_COLUMNS = {"supervised": [],
-                 "mean_teacher": ["loss_cons", "rampup", "cons_weight", "pseudo_target_dice", "val_dice_student"],
-                 "mira_u": ["loss_unsup", "loss_ce", "loss_cons", "loss_ent", "loss_head", "beta", "pseudo_dice",
-                            "val_dice_student", "val_dice_teacher"]}
+EXTRA_COLUMNS = {"supervised": [], "mean_teacher": ["loss_unsup", "val_dice_student", "rampup"],
+                 "mira_u": ["loss_unsup", "loss_ent", "pseudo_dice", "rampup"]}
 # How far the fake prediction's centre strays (pixels): SSL methods stray less.
 METHOD_ERROR = {"supervised": 3.0, "mean_teacher": 2.0, "mira_u": 1.5}
 
@@ -125,10 +121,10 @@ def test_curves_overlay_runs_with_a_panel_per_logged_quantity(sweep, tmp_path):
     runs = find_runs([sweep / "supervised" / "lf10", sweep / "mean_teacher" / "lf10"])
     figure = curves.curves_figure(runs)
     titles = [axis.get_title() for axis in figure.axes if axis.get_visible()]
-    assert titles[:3] == ["Total loss", "Supervised loss", "Consistency loss"]
-    assert {"Validation Dice (selecting network)", "Validation Dice (student)", "Learning rate",
-            "Ramp-up weight", "Consistency weight", "Pseudo-target Dice vs hidden truth"} <= set(titles)
-    dice_axis = figure.axes[titles.index("Validation Dice (selecting network)")]
+    assert titles[:3] == ["Total loss", "Supervised loss", "Unlabelled loss (unweighted)"]
+    assert {"Validation Dice (exported network)", "Validation Dice (student)", "Learning rate",
+            "Ramp-up factor"} <= set(titles)
+    dice_axis = figure.axes[titles.index("Validation Dice (exported network)")]
     assert len(dice_axis.lines) == 4  # every run overlaid
     np.testing.assert_allclose(dice_axis.lines[0].get_ydata(), runs[0].history["val_dice"])
     assert dice_axis.get_xlabel() == "Epoch" and dice_axis.get_ylabel() == "Dice"
@@ -255,7 +251,7 @@ def test_scripts_run_as_files_without_tensorflow(sweep, tmp_path):
     assert "tensorflow imported: False" in result.stdout and "exit code 0" in result.stdout
 
 
-@pytest.mark.parametrize("script", ["compare", "curves", "label_efficiency", "overlays", "report", "runs"])
+@pytest.mark.parametrize("script", ["collect", "compare", "curves", "label_efficiency", "overlays", "report", "runs"])
 def test_a_missing_run_folder_is_an_error_without_traceback(script, tmp_path, monkeypatch, capsys):
     # Each script as `python analysis/SCRIPT.py` (its __main__ block), in this interpreter.
     missing, out = tmp_path / "no_such_sweep", tmp_path / "out"
@@ -319,3 +315,56 @@ def test_compare_never_merges_runs_whose_settings_differ(tmp_path):
     paired = compare.paired_dice(load_run(tmp_path / "mt-w1.0-s0"), load_run(tmp_path / "sup-f8-s0"))
     assert tests.iloc[0]["median_difference"] == pytest.approx((paired["dice"] - paired["dice_baseline"]).median())
     assert "| supervised | model.base_filters=16 | 10% | 2 |" in compare.to_markdown(table)
+def test_older_runs_history_columns_read_under_todays_names(tmp_path):
+    """Runs made before the one naming scheme (docs/outputs.md) read with today's column names."""
+    old = {"mean_teacher": "epoch,loss,loss_cons,cons_weight,pseudo_target_dice,val_dice\n1,0.5,0.1,2.0,0.7,0.6\n",
+           "mixmatch": "epoch,loss,loss_u,lambda_u_weight,pseudo_target_dice,val_dice\n1,0.5,0.2,3.0,0.7,0.6\n",
+           "mira_u": "epoch,loss,loss_unsup,loss_ce,loss_cons,beta,pseudo_dice,val_dice\n1,0.5,0.3,0.4,0.05,0.9,0.7,0.6\n"}
+    read = {}
+    for method, text in old.items():
+        (tmp_path / method).mkdir()
+        (tmp_path / method / "config.yaml").write_text(f"method: {method}\n")
+        (tmp_path / method / "history.csv").write_text(text)
+        read[method] = load_run(tmp_path / method).history.iloc[0].to_dict()
+    assert read["mean_teacher"] == {"epoch": 1, "loss": 0.5, "loss_unsup": 0.1, "unsup_weight": 2.0,
+                                    "pseudo_dice": 0.7, "val_dice": 0.6}
+    assert read["mixmatch"] == {"epoch": 1, "loss": 0.5, "loss_unsup": 0.2, "unsup_weight": 3.0,
+                                "pseudo_dice": 0.7, "val_dice": 0.6}
+    assert read["mira_u"] == {"epoch": 1, "loss": 0.5, "loss_unsup": 0.3, "loss_unsup_ce": 0.4,
+                              "loss_unsup_cons": 0.05, "unsup_weight": 0.9, "pseudo_dice": 0.7, "val_dice": 0.6}
+
+
+def test_collect_writes_one_row_per_run_with_differing_config_keys_and_metrics(sweep, tmp_path):
+    out = tmp_path / "runs.csv"
+    assert run_cli(collect.main, [str(sweep / "supervised"), str(sweep / "mira_u" / "lf30"), "--out", str(out)]) == 0
+    table = pd.read_csv(out)
+    assert len(table) == 6 and table["run"].is_unique
+    config_columns = [c for c in table.columns if "." in c]
+    # Only data.labeled_fraction differs besides the identity keys (same preset, lr, image size...).
+    assert config_columns == ["data.labeled_fraction"]
+    assert list(table.columns[:6]) == ["run", "path", "method", "preset", "seed", "data.labeled_fraction"]
+    for _, row in table.iterrows():
+        run = load_run(row["path"])
+        assert (row["method"], row["seed"], row["data.labeled_fraction"]) == (run.method, run.seed, run.labeled_fraction)
+        assert row["dice"] == pytest.approx(run.metrics["dice"]) and row["n_cases"] == 8
+        assert row["epochs"] == 6 and row["best_val_dice"] == pytest.approx(run.history["val_dice"].max())
+    # A key that differs in one run only becomes a column; every run gets a cell.
+    other = write_fake_run(tmp_path / "lr_run", "supervised", 0.1, 0)
+    config = yaml.safe_load((other / "config.yaml").read_text())
+    config["train"]["lr"] = 0.01
+    (other / "config.yaml").write_text(yaml.safe_dump(config))
+    (other / "metrics.json").unlink()
+    table = collect.collect(find_runs([sweep / "supervised" / "lf10", other]))
+    assert list(table["train.lr"]) == [1e-3, 1e-3, 0.01] and "data.labeled_fraction" in table
+    assert table["dice"].isna().tolist() == [False, False, True]
+
+
+@pytest.mark.parametrize("script", ["collect", "compare", "curves", "label_efficiency", "overlays", "report", "runs"])
+def test_script_help_describes_it_in_whole_sentences(script, capsys):
+    module = runpy.run_path(str(REPO / "analysis" / f"{script}.py"))
+    with pytest.raises(SystemExit) as stopped:
+        module["main"](["--help"])
+    assert stopped.value.code == 0
+    text = capsys.readouterr().out
+    description = " ".join(text.split("\n\n")[1].split())
+    assert description.endswith("."), description

@@ -9,8 +9,8 @@ from semiseg import config
 from semiseg.data import loader as data_loader_tf2
 from semiseg.data import sources as data_sources
 from semiseg import cli as main
-from data_layouts import (make_folders_nifti, make_folders_numbered_per_split, make_folders_png, make_isic, make_msd,
-                          make_ph2)
+from data_layouts import (make_folders_nifti, make_folders_numbered_per_split, make_folders_png, make_isic,
+                          make_isic_release, make_msd, make_ph2)
 
 
 def _cfg(fmt, path, *sets):
@@ -48,6 +48,75 @@ def test_isic_suffix_is_case_insensitive_and_unlabeled_images_kept(tmp_path):
     assert [c.case_id for c in cases] == [f"ISIC_{i:07d}" for i in range(6)]
     assert [c.label is not None for c in cases] == [True] * 4 + [False] * 2
     assert Path(cases[1].label).name == "ISIC_0000001_Segmentation.png"
+
+
+@pytest.mark.parametrize("release", ["ISIC 2016", "ISIC 2017", "ISIC 2018"])
+def test_isic_official_download_read_as_is_with_its_own_test_split(tmp_path, release):
+    root, ids = make_isic_release(tmp_path / "isic", release)
+    assert data_sources.detect_format(root) == "isic"
+    cases = data_sources.list_isic_cases(root, config.DataConfig())
+    every = sorted(i for subset in ids.values() for i in subset)
+    assert sorted(c.case_id for c in cases) == every           # 2017's superpixel maps are no cases
+    assert all(c.label and Path(c.label).stem.lower() == c.case_id.lower() + "_segmentation" for c in cases)
+    splits = data_loader_tf2.make_splits(cases, config.DataConfig(labeled_fraction=0.5, val_fraction=0.2), seed=3)
+    assert splits["test"] == ids["test"]
+    if "val" in ids:
+        assert splits["val"] == ids["val"]
+    else:       # 2016 has no validation set: it is cut from the training images
+        assert len(splits["val"]) == 1 and set(splits["val"]) < set(ids["train"])
+    assert sorted(splits["labeled"] + splits["unlabeled"]) == sorted(set(ids["train"]) - set(splits["val"]))
+    assert data_sources.isic_orphans(root, config.DataConfig()) == []
+
+
+def test_isic_official_test_images_without_masks_are_left_out_or_unlabelled(tmp_path):
+    root, ids = make_isic_release(tmp_path / "isic", "ISIC 2016", {"train": 4, "test": 2})
+    for mask in (root / "ISBI2016_ISIC_Part1_Test_GroundTruth").iterdir():
+        mask.unlink()
+    kept = data_sources.list_isic_cases(root, config.DataConfig(unlabeled_test_images=False))
+    assert sorted(c.case_id for c in kept) == ids["train"]
+    used = data_sources.list_isic_cases(root, config.DataConfig(unlabeled_test_images=True))
+    assert sorted(c.case_id for c in used if c.label is None) == ids["test"]
+    assert all(c.subset is None for c in used)
+
+
+def test_isic_official_folders_unzipped_one_level_deeper(tmp_path):
+    """Some unzip tools put NAME/ inside NAME/: the release is still read."""
+    root, ids = make_isic_release(tmp_path / "isic", "ISIC 2016", {"train": 3, "test": 2})
+    for name in ("ISBI2016_ISIC_Part1_Training_Data", "ISBI2016_ISIC_Part1_Test_GroundTruth"):
+        (root / name).rename(tmp_path / "tmp")
+        (root / name).mkdir()
+        (tmp_path / "tmp").rename(root / name / name)
+    cases = data_sources.list_isic_cases(root, config.DataConfig())
+    assert sorted(c.case_id for c in cases) == ids["train"] + ids["test"] and all(c.label for c in cases)
+    assert sorted(c.case_id for c in cases if c.subset == "test") == ids["test"]
+
+
+def test_format_inference_error_lists_every_layout(tmp_path):
+    (tmp_path / "somewhere").mkdir()
+    with pytest.raises(data_sources.DataError) as caught:
+        data_sources.detect_format(tmp_path)
+    message = str(caught.value)
+    assert "README" not in message
+    for name in ("folders", "isic", "msd", "ph2"):
+        assert f"--format {name}:" in message
+    for folder in ("ISBI2016_ISIC_Part1_Test_Data", "ISIC-2017_Validation_Part1_GroundTruth",
+                   "ISIC2018_Task1-2_Training_Input", "imagesTr", "masks/", "_Dermoscopic_Image"):
+        assert folder in message
+
+
+def test_smoke_train_on_the_official_isic2016_download(tmp_path):
+    """The official ISIC-2016 folder names, tiny pictures: trains, and tests on the official test set."""
+    root, ids = make_isic_release(tmp_path / "ISIC2016", "ISIC 2016", {"train": 6, "test": 3})
+    run = tmp_path / "run"
+    assert main.main(["train", "--preset", "smoke", "--data", str(root), "--out", str(run), "--no-progress",
+                      "--set", "train.epochs=1", "train.steps_per_epoch=2", "data.val_fraction=0.2"]) == 0
+    splits = json.loads((run / "splits.json").read_text())
+    assert splits["test"] == ids["test"] and not set(splits["val"]) & set(ids["test"])
+    per_case = (run / "per_case.csv").read_text().splitlines()
+    header = per_case[0].split(",")
+    assert sorted(line.split(",")[header.index("case_id")] for line in per_case[1:]) == ids["test"]
+    assert json.loads((run / "metrics.json").read_text())["n_cases"] == 3
+    assert json.loads((run / "run_info.json").read_text())["data"]["format"] == "isic"
 
 
 def test_ph2_layout(tmp_path):

@@ -1,6 +1,6 @@
 """Hidden labels never reach a loss: training with the hidden truth zeroed gives identical weights.
 
-The probe (pseudo_target_dice) does read the truth, so its value must change while the weights
+The probe (pseudo_dice) does read the truth, so its value must change while the weights
 must not: that shows the zeroing took effect and that only the diagnostic saw it.
 """
 import dataclasses
@@ -46,7 +46,7 @@ def test_hidden_truth_changes_the_probe_but_not_the_weights(method, tmp_path):
     zeroed = ZeroedHiddenTruth(**{f.name: getattr(real, f.name) for f in dataclasses.fields(real)})
     weights_real, history_real = _train(method, real, cfg, tmp_path / "real")
     weights_zero, history_zero = _train(method, zeroed, cfg, tmp_path / "zeroed")
-    assert float(history_real[0]["pseudo_target_dice"]) != float(history_zero[0]["pseudo_target_dice"])
+    assert float(history_real[0]["pseudo_dice"]) != float(history_zero[0]["pseudo_dice"])
     assert len(weights_real) == len(weights_zero)
     for a, b in zip(weights_real, weights_zero):
         np.testing.assert_array_equal(a, b)

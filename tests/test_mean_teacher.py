@@ -1,4 +1,5 @@
 """Mean Teacher: the EMA rule, the ramp-up, one exact training step, and the smoke run end to end."""
+import json
 import math
 
 import numpy as np
@@ -45,7 +46,7 @@ def test_consistency_weight_and_schedule_logs():
     trainer.cfg = config.resolve(overrides=["mean_teacher.consistency=50", "mean_teacher.rampup_epochs=4"])
     logs = trainer.schedule_logs(2.0)
     assert logs["rampup"] == pytest.approx(math.exp(-1.25))
-    assert logs["cons_weight"] == pytest.approx(50 * math.exp(-1.25))
+    assert logs["unsup_weight"] == pytest.approx(50 * math.exp(-1.25))
 
 
 def _trainer(*overrides):
@@ -65,7 +66,7 @@ def test_one_step_moves_student_and_teacher_by_the_ema_rule(warmup, decay):
         np.testing.assert_array_equal(a, b)
     logs = trainer._make_loop(*trainer._iterators(0))(tf.constant(1))
     assert all(np.isfinite(float(v)) for v in logs.values())
-    assert float(logs["loss_cons"]) > 0
+    assert float(logs["loss_unsup"]) > 0
     trainable = {v.path for v in trainer.models["student"].trainable_variables}
     changed = [not np.allclose(a, v.numpy()) for a, v in zip(s0, student) if v.path in trainable]
     assert all(changed)
@@ -130,10 +131,21 @@ def test_smoke_training_end_to_end(tmp_path):
     history = run_dir.read_history(out)
     assert [int(r["epoch"]) for r in history] == [1, 2]
     for row in history:
-        assert np.isfinite(float(row["loss_cons"])) and float(row["loss_cons"]) >= 0
-        assert 0.0 <= float(row["pseudo_target_dice"]) <= 1.0
+        assert np.isfinite(float(row["loss_unsup"])) and float(row["loss_unsup"]) >= 0
+        assert 0.0 <= float(row["pseudo_dice"]) <= 1.0
         assert 0.0 <= float(row["val_dice_student"]) <= 1.0
+        assert "val_dice_teacher" not in row      # val_dice is the exported teacher's
     assert (out / "best_model.keras").exists() and (out / "metrics.json").exists()
+
+
+def test_val_dice_is_the_exported_networks(tmp_path):
+    """train.export=student: val_dice is the student's, the teacher (still selecting) gets its own column."""
+    out = tmp_path / "mt_student"
+    assert main.main(["train", "--method", "mean_teacher", "--preset", "smoke", "--out", str(out), "--no-progress",
+                      "--set", "train.export=student", "train.epochs=1", "train.steps_per_epoch=2"]) == 0
+    (row,) = run_dir.read_history(out)
+    assert "val_dice_student" not in row and 0.0 <= float(row["val_dice_teacher"]) <= 1.0
+    assert json.loads((out / "metrics.json").read_text())["network"] == "student"
 
 
 def test_pancreas_presets_hold_the_seed_settings():

@@ -135,10 +135,10 @@ def _stage2_step(trainer):
               "encoder": _values(encoder), "decoder": _values(teacher.part_weights()["mim_decoder"]),
               "head": _values(head), "pseudo_head": _values(teacher.seg_head.trainable_variables)}
     logs = {k: float(v) for k, v in trainer._make_loop(*trainer._iterators(0))(tf.constant(1)).items()}
-    for key in ("loss", "loss_sup", "loss_unsup", "loss_ent", "loss_head", "loss_ce", "loss_cons"):
+    for key in ("loss", "loss_sup", "loss_unsup", "loss_ent", "loss_head", "loss_unsup_ce", "loss_unsup_cons"):
         assert np.isfinite(logs[key]), key
     assert 0.0 <= logs["kept_fraction"] <= 1.0 and 0.0 < logs["mean_confidence"] <= 1.0
-    assert logs["beta"] == pytest.approx(math.exp(-5))            # step 0 of a 1-epoch ramp
+    assert trainer.schedule_logs(0.0) == pytest.approx({"rampup": math.exp(-5), "unsup_weight": math.exp(-5)})  # 1-epoch ramp
     assert all(_changed(before["student"], trainer.models["student"].trainable_variables))
     assert all(_changed(before["head"], head))
     assert not any(_changed(before["encoder"], encoder))           # frozen after stage 1
@@ -218,7 +218,7 @@ def test_train_smoke_runs_both_stages_then_reuses_the_teacher(tmp_path, capsys):
     mim = (first / "mim_history.csv").read_text().splitlines()
     assert mim[0].startswith("epoch,step,loss_mim") and len(mim) == 2
     row = run_dir.read_history(first)[0]
-    for key in ("loss_sup", "loss_unsup", "loss_ent", "beta", "kept_fraction", "mean_confidence",
+    for key in ("loss_sup", "loss_unsup", "loss_ent", "unsup_weight", "kept_fraction", "mean_confidence",
                 "pseudo_dice", "val_dice", "val_dice_student", "val_dice_teacher"):
         assert np.isfinite(float(row[key])), key
     assert 0.0 <= float(row["pseudo_dice"]) <= 1.0

@@ -63,7 +63,7 @@ def test_one_step_gives_finite_losses_and_changes_the_student():
     before = [v.numpy().copy() for v in trainer.trainable_variables()]
     logs = trainer._make_loop(*trainer._iterators(0))(tf.constant(1))
     assert all(np.isfinite(float(v)) for v in logs.values())
-    assert float(logs["loss_u"]) > 0 and float(logs["loss_sup"]) > 0
+    assert float(logs["loss_unsup"]) > 0 and float(logs["loss_sup"]) > 0
     assert all(not np.allclose(b, v.numpy()) for b, v in zip(before, trainer.trainable_variables()))
 
 
@@ -73,12 +73,12 @@ def test_smoke_training_end_to_end(tmp_path):
     history = run_dir.read_history(out)
     assert [int(r["epoch"]) for r in history] == [1, 2]
     for row in history:
-        assert np.isfinite(float(row["loss_u"]))
-        assert 0.0 <= float(row["pseudo_target_dice"]) <= 1.0
-        assert float(row["lambda_u_weight"]) == pytest.approx(75.0)    # the paper's lambda_u, ramped in 1 epoch
+        assert np.isfinite(float(row["loss_unsup"]))
+        assert 0.0 <= float(row["pseudo_dice"]) <= 1.0
+        assert float(row["unsup_weight"]) == pytest.approx(75.0)    # the paper's lambda_u, ramped in 1 epoch
     # The paper evaluates an EMA of the weights: it is validated first, selects and is exported.
     assert json.loads((out / "export.json").read_text())["network"] == "ema"
-    assert {"val_dice", "val_dice_student"} <= set(history[0])      # val_dice: the selecting (EMA) network
+    assert {"val_dice", "val_dice_student"} <= set(history[0])      # val_dice: the exported (EMA) network
 
 
 def test_guesses_in_training_mode_leave_bn_moving_statistics_alone():

@@ -41,6 +41,15 @@ def test_smoke_run_writes_every_file(smoke_run):
     assert cfg["method"] == "supervised" and cfg["preset"] == "smoke"
     export = json.loads((smoke_run / "export.json").read_text())
     assert (export["network"], export["checkpoint_key"], metrics["model"]) == ("student", "student", "student")
+    # What the run is, in metrics.json and run_info.json alike (flat keys for tables of runs).
+    wanted = {"run": "smoke", "method": "supervised", "preset": "smoke", "seed": cfg["seed"],
+              "labeled_fraction": cfg["data"]["labeled_fraction"], "data_format": "synthetic",
+              "data_set": "synthetic v2", "network": "student"}
+    assert {k: metrics.get(k) for k in wanted} == wanted
+    assert {k: info.get(k) for k in wanted} == wanted
+    per_case = (smoke_run / "per_case.csv").read_text().splitlines()
+    run_column = per_case[0].split(",").index("run")
+    assert len(per_case) - 1 == metrics["n_cases"] and {line.split(",")[run_column] for line in per_case[1:]} == {"smoke"}
 
 
 def test_existing_out_is_refused_and_untouched(smoke_run, capsys):
@@ -122,3 +131,43 @@ def test_describe_prints_parameter_counts(capsys):
     assert main.main(["describe", "--method", "supervised", "--preset", "cpu"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["parameters"]["student"] > 100_000
+
+
+def test_dry_run_reports_the_run_and_writes_no_run_folder(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)         # where a default runs/ folder would appear
+    out = tmp_path / "never"
+    assert main.main(["train", "--method", "mean_teacher", "--preset", "smoke", "--out", str(out), "--dry-run",
+                      "--dry-run-steps", "2", "--no-progress", "--set", "train.epochs=5"]) == 0
+    assert not out.exists() and not (tmp_path / "runs").exists()
+    text = capsys.readouterr().out
+    from semiseg import config
+    from semiseg.data import loader as data_loader_tf2
+    from semiseg.methods import get_method
+    cfg = config.resolve("smoke", overrides=["train.epochs=5"], method="mean_teacher")
+    bundle = data_loader_tf2.prepare_data(cfg, log=lambda m: None, progress=False)
+    steps = data_loader_tf2.steps_per_epoch(cfg, bundle)
+    splits = ", ".join(f"{s} {len(bundle.splits[s])}" for s in data_loader_tf2.SPLITS)
+    params = get_method("mean_teacher").build_networks(cfg, bundle.image_size, bundle.channels)["student"].count_params()
+    assert f"splits (cases): {splits}" in text
+    assert f"steps per epoch: {steps} " in text and f"total steps: {5 * steps} (5 epochs x {steps}" in text
+    assert f"parameters: student {params:,}, teacher {params:,}" in text
+    assert "memory estimate per replica:" in text and "optimizer slots" in text
+    assert f"ms/step x {5 * steps} steps" in text and "estimate from 2 timed steps on this machine" in text
+
+
+def test_dry_run_memory_estimate_counts_adam_slots_and_gradients():
+    import tensorflow as tf
+    from semiseg import config
+    from semiseg.data import loader as data_loader_tf2
+    from semiseg.training import dry_run
+    cfg = config.resolve("smoke")
+    bundle = data_loader_tf2.prepare_data(cfg, log=lambda m: None, progress=False)
+    trainer = get_method("supervised")(cfg, bundle, tf.distribute.get_strategy(), log=lambda m: None)
+    memory = dry_run.memory_estimate(trainer)
+    trainable = sum(int(np.prod(v.shape)) for v in trainer.trainable_variables())
+    assert memory["gradients"] == 4 * trainable
+    assert 8 * trainable <= memory["optimizer"] <= 8 * trainable + 64     # Adam: m and v, plus counters
+    assert memory["weights"] >= 4 * trainable
+    per_image = dry_run.layer_output_elements(trainer.models["student"])
+    assert per_image > cfg.data.image_size ** 2 and memory["activations"] == per_image * cfg.train.batch_size * 4 * 2
+    assert memory["total"] == sum(memory[k] for k in ("weights", "gradients", "optimizer", "activations"))

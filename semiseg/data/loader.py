@@ -33,6 +33,15 @@ from semiseg.data.splits import SPLITS, make_splits, save_splits  # noqa: F401  
 TRAIN_FILTERED_SPLITS = ("labeled",)
 
 
+def data_set_name(data_cfg, fmt: str = "") -> str:
+    """How outputs name the data set: 'synthetic v2' (the embedded set and its generator version),
+    else the data folder's absolute path."""
+    if (fmt or data_cfg.format) == "synthetic":
+        from semiseg.data.synthetic import GENERATOR_VERSION
+        return f"synthetic {GENERATOR_VERSION}"
+    return str(Path(data_cfg.path).expanduser().resolve())
+
+
 @dataclass
 class DataBundle:
     """A cache plus a split: everything the trainer needs to build its streams."""

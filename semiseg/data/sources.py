@@ -52,13 +52,14 @@ class Source:
     load_case: Callable
     detect: Optional[Callable] = None   # detect(root) -> bool, for --format auto
     find_orphans: Optional[Callable] = None   # find_orphans(root, data_cfg) -> [(path, what is wrong)]
+    layout: str = ""                    # the folder layout(s) it reads, for the inference error
 
 
 SOURCES: dict[str, Source] = {}
 
 
-def register_source(name: str, list_cases, load_case, detect=None, find_orphans=None) -> None:
-    SOURCES[name] = Source(name, list_cases, load_case, detect, find_orphans)
+def register_source(name: str, list_cases, load_case, detect=None, find_orphans=None, layout: str = "") -> None:
+    SOURCES[name] = Source(name, list_cases, load_case, detect, find_orphans, layout)
 
 
 def get_source(name: str) -> Source:
@@ -76,8 +77,10 @@ def detect_format(root) -> str:
         source = SOURCES[name]
         if source.detect is not None and source.detect(root):
             return name
-    raise DataError(f"cannot infer the format of {root}: expected one of the layouts in README "
-                    f"(formats: {', '.join(sorted(SOURCES))}); pass --format")
+    layouts = "\n".join(f"--format {name}:\n{SOURCES[name].layout}" for name in sorted(SOURCES)
+                         if SOURCES[name].layout)
+    raise DataError(f"cannot infer the format of {root}: it has none of these layouts (or pass --format):\n"
+                    f"{layouts}")
 
 
 def resolve_source(data_cfg, log=print) -> tuple[str, Path, list[Case]]:
@@ -157,41 +160,116 @@ def _pictures(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
 
 
+# The official ISIC releases as downloaded and unzipped side by side: (subset, image folder, mask
+# folder). Masks are NAME_segmentation.png (2016: _Segmentation.png); the official test set becomes
+# the test split and the official validation set, where the release has one, the validation split.
+ISIC_RELEASES = {
+    "ISIC 2016": (("train", "ISBI2016_ISIC_Part1_Training_Data", "ISBI2016_ISIC_Part1_Training_GroundTruth"),
+                  ("test", "ISBI2016_ISIC_Part1_Test_Data", "ISBI2016_ISIC_Part1_Test_GroundTruth")),
+    "ISIC 2017": (("train", "ISIC-2017_Training_Data", "ISIC-2017_Training_Part1_GroundTruth"),
+                  ("val", "ISIC-2017_Validation_Data", "ISIC-2017_Validation_Part1_GroundTruth"),
+                  ("test", "ISIC-2017_Test_v2_Data", "ISIC-2017_Test_v2_Part1_GroundTruth")),
+    "ISIC 2018": (("train", "ISIC2018_Task1-2_Training_Input", "ISIC2018_Task1_Training_GroundTruth"),
+                  ("val", "ISIC2018_Task1-2_Validation_Input", "ISIC2018_Task1_Validation_GroundTruth"),
+                  ("test", "ISIC2018_Task1-2_Test_Input", "ISIC2018_Task1_Test_GroundTruth")),
+}
+# ISIC 2017's data folders also hold a superpixel map per image (ISIC_x_superpixels.png): not an image.
+_ISIC_NOT_IMAGES = re.compile(r"_(superpixels|segmentation)$", re.IGNORECASE)
+
+
+def _release_folder(root: Path, name: str) -> Optional[Path]:
+    """root/NAME, or root/NAME/NAME (some unzip tools add a level); None when absent."""
+    folder = root / name
+    if (folder / name).is_dir():
+        folder = folder / name
+    return folder if folder.is_dir() else None
+
+
+def isic_release(root: Path) -> Optional[tuple]:
+    """(release name, [(subset, image folder, mask folder or None)]) of an official ISIC download
+    in `root`, or None; recognised by its training image folder."""
+    for release, parts in ISIC_RELEASES.items():
+        if _release_folder(root, parts[0][1]) is None:
+            continue
+        found = [(subset, _release_folder(root, images), _release_folder(root, masks))
+                 for subset, images, masks in parts]
+        return release, [(s, i, m) for s, i, m in found if i is not None]
+    return None
+
+
+def _isic_pairs(images_dir: Path, masks_dir: Optional[Path]) -> list[tuple[Path, Optional[Path]]]:
+    """(image, mask or None) for every image of a folder; masks matched by NAME_segmentation."""
+    masks = {}
+    if masks_dir is not None and masks_dir.is_dir():
+        for path in _pictures(masks_dir):
+            masks[_SEG_SUFFIX.sub("", path.stem).lower()] = path
+    return [(path, masks.get(path.stem.lower())) for path in _pictures(images_dir)
+            if not _ISIC_NOT_IMAGES.search(path.stem)]
+
+
 def list_isic_cases(root, data_cfg) -> list[Case]:
-    """ISIC-2016 layout: images/ISIC_x.jpg with masks/ISIC_x_segmentation.png (suffix matched
-    case-insensitively, as releases differ); an image without a mask is unlabelled."""
+    """ISIC: images/ISIC_x.jpg with masks/ISIC_x_segmentation.png (suffix matched case-insensitively,
+    as releases differ; an image without a mask is unlabelled), or an official ISIC 2016/2017/2018
+    download as unzipped (ISIC_RELEASES): its test (and validation) images form the test (and
+    validation) split; a test or validation image without a mask is an unlabelled training case
+    when data.unlabeled_test_images, else left out."""
     root = Path(root)
+    release = isic_release(root)
+    if release is not None:
+        name, parts = release
+        subsets = {s for s, _, _ in parts}
+        cases = []
+        for subset, images_dir, masks_dir in parts:
+            for image, mask in _isic_pairs(images_dir, masks_dir):
+                if subset == "train":
+                    # Fixed only when the release gives both val and test: else the missing split
+                    # is cut from the training images (as the folders format does).
+                    fixed = "train" if {"val", "test"} <= subsets else None
+                    cases.append(Case(image.stem, str(image), str(mask) if mask else None, subset=fixed))
+                elif mask is not None:
+                    cases.append(Case(image.stem, str(image), str(mask), subset=subset))
+                elif data_cfg.unlabeled_test_images:
+                    cases.append(Case(image.stem, str(image), None))
+        if not cases:
+            raise DataError(f"{parts[0][1]}: no images found ({name} layout; {', '.join(IMAGE_SUFFIXES)})")
+        return cases
     images_dir, masks_dir = root / "images", root / "masks"
     if not images_dir.is_dir():
-        raise DataError(f"{root}: no images/ folder (ISIC layout: images/ and masks/)")
-    masks = {}
-    if masks_dir.is_dir():
-        for path in _pictures(masks_dir):
-            stem = _SEG_SUFFIX.sub("", path.stem)
-            masks[stem.lower()] = path
-    cases = []
-    for path in _pictures(images_dir):
-        label = masks.get(path.stem.lower())
-        cases.append(Case(path.stem, str(path), str(label) if label else None))
+        raise DataError(f"{root}: neither images/ (+ masks/) nor an official ISIC download; "
+                        f"expected one of:\n{ISIC_LAYOUT}")
+    cases = [Case(image.stem, str(image), str(mask) if mask else None)
+             for image, mask in _isic_pairs(images_dir, masks_dir)]
     if not cases:
         raise DataError(f"{images_dir}: no images found ({', '.join(IMAGE_SUFFIXES)})")
     return cases
 
 
+ISIC_LAYOUT = "\n".join(
+    ["  images/ISIC_x.jpg + masks/ISIC_x_segmentation.png"]
+    + [f"  {release}: " + ", ".join(f"{images}/ + {masks}/ ({subset})" for subset, images, masks in parts)
+       for release, parts in ISIC_RELEASES.items()])
+
+
 def detect_isic(root: Path) -> bool:
-    return (root / "images").is_dir() and not (root / "labels").is_dir()
+    return ((root / "images").is_dir() and not (root / "labels").is_dir()) or isic_release(root) is not None
 
 
 def isic_orphans(root, data_cfg) -> list:
     root = Path(root)
-    if not (root / "masks").is_dir() or not (root / "images").is_dir():
-        return []
-    images = {p.stem.lower() for p in _pictures(root / "images")}
-    return [(str(p), "mask without an image (expected images/" + _SEG_SUFFIX.sub("", p.stem) + ".jpg)")
-            for p in _pictures(root / "masks") if _SEG_SUFFIX.sub("", p.stem).lower() not in images]
+    release = isic_release(root)
+    pairs = ([(i, m) for _, i, m in release[1]] if release is not None
+             else [(root / "images", root / "masks")])
+    found = []
+    for images_dir, masks_dir in pairs:
+        if masks_dir is None or not masks_dir.is_dir() or not images_dir.is_dir():
+            continue
+        images = {p.stem.lower() for p in _pictures(images_dir)}
+        found += [(str(p), f"mask without an image (expected {images_dir.name}/{_SEG_SUFFIX.sub('', p.stem)}.jpg)")
+                  for p in _pictures(masks_dir) if _SEG_SUFFIX.sub("", p.stem).lower() not in images]
+    return found
 
 
-register_source("isic", list_isic_cases, load_picture_case, detect_isic, isic_orphans)
+register_source("isic", list_isic_cases, load_picture_case, detect_isic, isic_orphans, ISIC_LAYOUT)
 
 
 # ---------------------------------------------------------------- the embedded synthetic data set
@@ -305,7 +383,8 @@ def detect_msd(root: Path) -> bool:
     return (root / "dataset.json").is_file() and (root / "imagesTr").is_dir()
 
 
-register_source("msd", list_msd_cases, load_any_case, detect_msd, msd_orphans)
+register_source("msd", list_msd_cases, load_any_case, detect_msd, msd_orphans,
+                "  dataset.json + imagesTr/*.nii.gz + labelsTr/*.nii.gz (+ imagesTs/), the Decathlon layout")
 
 
 # ---------------------------------------------------------------- PH2
@@ -349,7 +428,9 @@ def detect_ph2(root: Path) -> bool:
     return any((d / f"{d.name}_Dermoscopic_Image").is_dir() for d in _ph2_case_dirs(root)[:5])
 
 
-register_source("ph2", list_ph2_cases, load_picture_case, detect_ph2, ph2_orphans)
+register_source("ph2", list_ph2_cases, load_picture_case, detect_ph2, ph2_orphans,
+                "  IMDxxx/IMDxxx_Dermoscopic_Image/IMDxxx.bmp + IMDxxx/IMDxxx_lesion/IMDxxx_lesion.bmp "
+                "(at the root or in one subfolder)")
 
 
 # ---------------------------------------------------------------- plain folders
@@ -423,4 +504,6 @@ def detect_folders(root: Path) -> bool:
     return (root / "images").is_dir() and (root / "labels").is_dir()
 
 
-register_source("folders", list_folder_cases, load_any_case, detect_folders, folder_orphans)
+register_source("folders", list_folder_cases, load_any_case, detect_folders, folder_orphans,
+                "  images/{train,val,test}/NAME + labels/{train,val,test}/NAME (pictures or NIfTI; "
+                "or images/ + labels/ without subfolders)")

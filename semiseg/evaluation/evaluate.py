@@ -143,8 +143,11 @@ def case_spacing(bundle, case_id: str, n_slices: int):
 
 
 def evaluate(model, bundle, split: str = "test", batch: int = 16, tta: bool = False, out_dir=None,
-             threshold: float = 0.5, model_name: str = "student", previews: bool = True, progress: bool = False) -> dict:
-    """Full metrics over a split; writes metrics.json, per_case.csv and previews/ under out_dir."""
+             threshold: float = 0.5, model_name: str = "student", previews: bool = True, progress: bool = False,
+             run_fields: dict | None = None) -> dict:
+    """Full metrics over a split; writes metrics.json, per_case.csv and previews/ under out_dir.
+    `run_fields` (run_dir.run_fields: run, method, preset, seed, ...) go into metrics.json, and its
+    'run' into a `run` column of per_case.csv, so tables of many runs concatenate."""
     from semiseg.progress import progress_bar
     predict = make_predict_fn(model, tta)
     rows, units = [], set()
@@ -160,6 +163,8 @@ def evaluate(model, bundle, split: str = "test", batch: int = 16, tta: bool = Fa
         units.add(unit)
         arrays = (pred[0], label[0]) if len(prob) == 1 else (pred, label)
         row = {"case_id": case_id, **metrics.case_metrics(arrays[0], arrays[1] > 0, spacing)}
+        if run_fields:
+            row["run"] = run_fields.get("run")
         rows.append(row)
         if preview_dir:
             # The slice with most ground truth (or most prediction): what a reader wants to see.
@@ -170,7 +175,7 @@ def evaluate(model, bundle, split: str = "test", batch: int = 16, tta: bool = Fa
             atomic_write.write_with(path, lambda tmp: np.savez_compressed(tmp, **arrays))
     payload = metrics.aggregate(rows)
     payload.update({"split": split, "model": model_name, "tta": tta, "threshold": threshold,
-                    "distance_unit": "mm" if units == {"mm"} else "px"})
+                    "distance_unit": "mm" if units == {"mm"} else "px", **(run_fields or {})})
     if out_dir:
         metrics.write_per_case_csv(out_dir / "per_case.csv", rows)
         metrics.write_metrics_json(out_dir / "metrics.json", payload)

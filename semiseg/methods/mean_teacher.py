@@ -35,10 +35,11 @@ noising both views (std 0.1 on [0, 1] images) kept the student at validation Dic
 epochs while supervised training reached 0.62-0.67 in the same epochs: the student was fitting noisy
 images and validated on clean ones.
 
-history.csv gets `val_dice` (teacher), `val_dice_student`, `loss_cons`, `cons_weight` and, where
-hidden truth exists, `pseudo_target_dice`: the target as the loss sees it - the teacher in the mode
-it trains in (training mode with teacher_bn=batch, its moving statistics untouched) on a noised view
-(a fixed draw) - thresholded at 0.5 and scored against the truth.
+history.csv (names shared by every method, docs/outputs.md) gets `val_dice` (the exported network,
+the teacher by default), `val_dice_student`, `loss_unsup` (the unweighted consistency MSE),
+`rampup`, `unsup_weight` (= w(t)) and, where hidden truth exists, `pseudo_dice`: the target as the
+loss sees it - the teacher in the mode it trains in (training mode with teacher_bn=batch, its moving
+statistics untouched) on a noised view (a fixed draw) - thresholded at 0.5 and scored against the truth.
 """
 from __future__ import annotations
 
@@ -113,7 +114,7 @@ class MeanTeacher(Trainer):
         cons = self.global_mean(tf.reduce_mean(squared, axis=[1, 2, 3]))
         weight = self.consistency_weight(self.epoch_float(step))
         loss = sup + weight * cons
-        return loss, {"loss": loss, "loss_sup": sup, "loss_dice": dice, "loss_bce": bce, "loss_cons": cons}
+        return loss, {"loss": loss, "loss_sup": sup, "loss_dice": dice, "loss_bce": bce, "loss_unsup": cons}
 
     def noised(self, images, seed):
         """images + N(0, noise_std), clamped to +-noise_clip where set (SSL4MIS)."""
@@ -137,7 +138,7 @@ class MeanTeacher(Trainer):
     def schedule_logs(self, epoch_float: float) -> dict:
         mt = self.cfg.mean_teacher
         return {"rampup": sigmoid_rampup(epoch_float, mt.rampup_epochs),
-                "cons_weight": self.consistency_weight(epoch_float)}
+                "unsup_weight": self.consistency_weight(epoch_float)}
 
     def pseudo_targets(self, images):
         """What the student is pulled towards, as the loss sees it: the teacher in its training
@@ -157,4 +158,4 @@ class MeanTeacher(Trainer):
         if not cases:
             return {}
         fn = tf.function(self.pseudo_targets, reduce_retracing=True)
-        return {"pseudo_target_dice": probe.pseudo_target_dice(fn, self.data, cases, self.cfg.train.eval_batch_size)}
+        return {"pseudo_dice": probe.pseudo_target_dice(fn, self.data, cases, self.cfg.train.eval_batch_size)}

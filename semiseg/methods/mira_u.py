@@ -48,10 +48,12 @@ no pseudo labels at all:
 The EMA decay is min(alpha, 1 - 1/(t + 1)), t = updates done (0.5 after the first; Tarvainen &
 Valpola's warm-up), so early targets are not stuck at the random initialisation.
 
-Per epoch history.csv gets loss_sup, loss_unsup (= lambda_U L_ce + lambda_C L_cons, before beta),
-loss_ce, loss_cons, loss_ent, loss_head, beta, kept_fraction (pixels with w >= tau_u),
-mean_confidence (mean w), and pseudo_dice: Dice of the binarised pseudo labels (y~ >= 0.5, dropped
-pixels as background) against the hidden truth of up to `mira_u.probe_cases` unlabeled cases.
+Per epoch history.csv (names shared by every method, docs/outputs.md) gets loss_sup, loss_unsup
+(= lambda_U L_ce + lambda_C L_cons, before beta), its parts loss_unsup_ce and loss_unsup_cons,
+loss_ent, loss_head, rampup and unsup_weight (both beta at the epoch's end), kept_fraction (pixels
+with w >= tau_u), mean_confidence (mean w), and pseudo_dice: Dice of the binarised pseudo labels
+(y~ >= 0.5, dropped pixels as background) against the hidden truth of up to `mira_u.probe_cases`
+unlabeled cases.
 """
 from __future__ import annotations
 
@@ -191,12 +193,16 @@ class MiraU(Trainer):
         loss_unsup = m.lambda_u * loss_ce + m.lambda_c * loss_cons
         beta = sigmoid_rampup(self.epoch_float(step), m.rampup_epochs)
         loss = loss_sup + beta * loss_unsup + m.gamma * loss_ent + loss_head
-        r = float(self.n_replicas)
         return loss, {"loss": loss, "loss_sup": loss_sup, "loss_dice": dice, "loss_bce": bce,
-                      "loss_unsup": loss_unsup, "loss_ce": loss_ce, "loss_cons": loss_cons,
-                      "loss_ent": loss_ent, "loss_head": loss_head, "beta": beta / r,
+                      "loss_unsup": loss_unsup, "loss_unsup_ce": loss_ce, "loss_unsup_cons": loss_cons,
+                      "loss_ent": loss_ent, "loss_head": loss_head,
                       "kept_fraction": tf.reduce_sum(keep) / n_pixels,
                       "mean_confidence": tf.reduce_sum(w) / n_pixels}
+
+    def schedule_logs(self, epoch_float: float) -> dict:
+        # beta weighs loss_unsup (the lambdas are inside it): rampup and unsup_weight coincide.
+        beta = sigmoid_rampup(epoch_float, self.cfg.mira_u.rampup_epochs)
+        return {"rampup": beta, "unsup_weight": beta}
 
     def ema_decay(self, step):
         # on_step_end gets the steps taken including this one: t.

@@ -24,8 +24,9 @@ Every random draw (views, flips, shuffle, Beta) is stateless and seeded with `re
 replica of a distribution strategy draws its own; Beta is drawn as G1/(G1+G2) from two stateless
 Gamma(alpha) draws (TF has no stateless Beta).
 
-history.csv gets `loss_u` (the unweighted L2), `lambda_u_weight` and, where hidden truth exists,
-`pseudo_target_dice`: the sharpened guess (>= 0.5) on a fixed probe vs the hidden truth.
+history.csv (names shared by every method, docs/outputs.md) gets `loss_unsup` (the unweighted L2),
+`rampup`, `unsup_weight` (= lambda_u * ramp) and, where hidden truth exists, `pseudo_dice`: the
+sharpened guess (>= 0.5) on a fixed probe vs the hidden truth.
 """
 from __future__ import annotations
 
@@ -135,11 +136,11 @@ class MixMatch(Trainer):
         squared = tf.square(tf.sigmoid(logits[n_lab:]) - mixed_targets[n_lab:])
         loss_u = self.global_mean(tf.reduce_mean(squared, axis=[1, 2, 3]))
         loss = sup + self.unlabeled_weight(self.epoch_float(step)) * loss_u
-        return loss, {"loss": loss, "loss_sup": sup, "loss_dice": dice, "loss_bce": bce, "loss_u": loss_u}
+        return loss, {"loss": loss, "loss_sup": sup, "loss_dice": dice, "loss_bce": bce, "loss_unsup": loss_u}
 
     def schedule_logs(self, epoch_float: float) -> dict:
         return {"rampup": self.ramp(epoch_float),
-                "lambda_u_weight": self.unlabeled_weight(epoch_float)}
+                "unsup_weight": self.unlabeled_weight(epoch_float)}
 
     def pseudo_targets(self, images):
         """The sharpened guess the unlabelled loss trains on (fixed views, so epochs compare)."""
@@ -153,4 +154,4 @@ class MixMatch(Trainer):
         if not cases:
             return {}
         fn = tf.function(self.pseudo_targets, reduce_retracing=True)
-        return {"pseudo_target_dice": probe.pseudo_target_dice(fn, self.data, cases, self.cfg.train.eval_batch_size)}
+        return {"pseudo_dice": probe.pseudo_target_dice(fn, self.data, cases, self.cfg.train.eval_batch_size)}

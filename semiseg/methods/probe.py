@@ -1,6 +1,6 @@
 """Is the teacher any good? Dice of a method's pseudo targets against hidden ground truth.
 
-    python main.py train --method mean_teacher --preset smoke    # history.csv gains pseudo_target_dice
+    python main.py train --method mean_teacher --preset smoke    # history.csv gains pseudo_dice
 
 Semi-supervised training fails silently when its targets are wrong. Where the unlabelled training
 cases have hidden truth (the embedded synthetic set always; real data only with

@@ -150,6 +150,22 @@ def start_run_info(run: Path, info: dict, changed: dict | None = None) -> dict:
     return merged
 
 
+def run_fields(run: Path, cfg, data_format: str, data_set: str, network: str) -> dict:
+    """What a run is, flat for tables (metrics.json, run_info.json, analysis/collect.py): the run
+    folder's name, method, preset, seed, labelled fraction, data set and the exported network."""
+    return {"run": Path(run).name, "method": cfg.method, "preset": cfg.preset or None, "seed": cfg.seed,
+            "labeled_fraction": cfg.data.labeled_fraction, "data_format": data_format, "data_set": data_set,
+            "network": network}
+
+
+def update_run_info(run: Path, **fields) -> None:
+    """Add or replace top-level keys of run_info.json (atomic)."""
+    path = run / "run_info.json"
+    info = json.loads(path.read_text()) if path.exists() else {}
+    info.update(fields)
+    write_json(path, info)
+
+
 def finish_run_info(run: Path, status: str, **extra) -> None:
     path = run / "run_info.json"
     info = json.loads(path.read_text()) if path.exists() else {}

@@ -473,10 +473,15 @@ class Trainer:
         self.preemption()
         ckpt_every = t.checkpoint_every or self.steps_per_epoch
         last_ckpt_step = step
-        select_name = next(iter(self.eval_models()))
+        validated = dict(self.eval_models())
+        select_name = next(iter(validated))
+        # history.csv's val_dice is always the exported network's (train.export may name one the
+        # method does not validate, or not the one that selects the best epoch).
+        export_name, export_net = self.export_model()
+        validated.setdefault(export_name, export_net)
         # Validation runs on every replica of every worker, each on its share of the slices.
         validators = {name: evaluation.ShardedCaseDice(self.strategy, m, self.data, "val", t.eval_batch_size)
-                      for name, m in self.eval_models().items()}
+                      for name, m in validated.items()}
         if t.patience and int(self.bad_epochs.numpy()) >= t.patience:
             return "early_stopped"      # a resumed run that had already stopped early
         while int(self.epoch.numpy()) < t.epochs:
@@ -520,8 +525,8 @@ class Trainer:
             row = {"epoch": epoch + 1, "step": step, "lr": self.current_lr(),
                    **sums.means(),
                    **self.schedule_logs((epoch + 1)), **self.epoch_diagnostics(epoch + 1),
-                   "val_dice": scores[select_name],
-                   **{f"val_dice_{k}": v for k, v in scores.items() if k != select_name},
+                   "val_dice": scores[export_name],
+                   **{f"val_dice_{k}": v for k, v in scores.items() if k != export_name},
                    **speed, "time_s": round(time.time() - t0, 2)}
             improved = score > float(self.best_score.numpy()) + t.min_delta
             if improved:
@@ -543,7 +548,8 @@ class Trainer:
                             tf.summary.scalar(key, value)
             terms = " ".join(f"{k}={v:.4f}" for k, v in row.items() if k.startswith("loss"))
             memory = f", GPU peak {speed['gpu_mem_peak_mb']:.0f} MB" if "gpu_mem_peak_mb" in speed else ""
-            self.log(f"epoch {epoch + 1}/{t.epochs} {terms} val_dice={score:.4f}"
+            selection = f" (selected by {select_name}: {score:.4f})" if select_name != export_name else ""
+            self.log(f"epoch {epoch + 1}/{t.epochs} {terms} val_dice={row['val_dice']:.4f}{selection}"
                      f"{' *' if improved else ''} ({row['time_s']:.1f}s; {speed['images_per_s']:.1f} img/s, "
                      f"{speed['step_ms']:.0f} ms/step{memory})")
             if t.patience and int(self.bad_epochs.numpy()) >= t.patience:
