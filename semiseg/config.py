@@ -110,7 +110,7 @@ class MeanTeacherConfig:
     ema_decay: float = 0.99            # seed project; the MIRA-U seed uses 0.999
     consistency: float = 1.0           # maximum consistency weight
     rampup_epochs: float = 10.0        # sigmoid ramp exp(-5(1-t/T)^2)
-    noise_std: float = 0.1             # Gaussian input noise (images in [0, 1]; CT after windowing)
+    noise_std: float = 0.1             # Gaussian input noise, in units of each image's intensity std
     noise_clip: float = 0.2            # noise clamped to +-noise_clip (SSL4MIS); 0 = not clamped
     noise_on: str = "teacher"          # teacher: only the teacher's view is noised, the student sees the
                                        # image (SSL4MIS, the segmentation reference code); both: independent

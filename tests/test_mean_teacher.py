@@ -97,9 +97,12 @@ def test_batch_statistics_teacher_keeps_its_own_bn_statistics():
 
 def test_only_the_teacher_view_is_noised_and_the_noise_is_clamped():
     trainer = _trainer("mean_teacher.noise_std=1.0", "mean_teacher.noise_clip=0.2")
-    x = tf.zeros([2, 8, 8, 1])
-    noise = trainer.noised(x, tf.constant([1, 2], tf.int64)).numpy()
-    assert np.abs(noise).max() == pytest.approx(0.2) and np.isclose(np.abs(noise), 0.2).mean() > 0.5
+    # Two images of intensity std 0.5 and 2: the noise is clamped at 0.2 of each one's std.
+    x = tf.constant(np.stack([np.resize([0.0, 1.0], (8, 8, 1)), np.resize([0.0, 4.0], (8, 8, 1))]), tf.float32)
+    noise = trainer.noised(x, tf.constant([1, 2], tf.int64)).numpy() - x.numpy()
+    for image, std in zip(noise, (0.5, 2.0)):
+        assert np.abs(image).max() == pytest.approx(0.2 * std, rel=1e-5)
+        assert np.isclose(np.abs(image), 0.2 * std, rtol=1e-5).mean() > 0.5
     # noise_on=teacher (SSL4MIS): the loss noises one view, the teacher's; noise_on=both: two.
     for noise_on, views in (("teacher", 1), ("both", 2)):
         trainer = _trainer(f"mean_teacher.noise_on={noise_on}")
