@@ -1,142 +1,265 @@
-"""Label-efficiency benchmark: supervised vs Mean Teacher vs MixMatch vs MIRA-U on the embedded data set.
+"""Label-efficiency benchmark on the embedded data set: does each method help, and by how much?
 
-    python bench/label_efficiency.py                    # 3 seeds, 10%/30% (+100% supervised)
-    python bench/label_efficiency.py --quick            # 1 seed, shorter runs: a first look
-    python bench/label_efficiency.py --seeds 2 --set mean_teacher.consistency=10
+    python bench/label_efficiency.py                      # tuning, then the table (hours on 2 cores)
+    python bench/label_efficiency.py --stage tune         # only the tuning budget (seed 0, 10% labels)
+    python bench/label_efficiency.py --seeds 1 --fractions 0.1 --methods supervised mean_teacher
+    python bench/label_efficiency.py --quick --out /tmp/le  # tiny sizes: checks the harness in minutes
 
-Every run is `main.py train --preset cpu` with the reduced settings below (one 2-core CPU), a run
-folder per (method, fraction, seed) under --out; a run whose metrics.json exists is reused, so an
-interrupted benchmark continues where it stopped. At the end it writes, under --out:
-    comparison.md / .csv / .tex  mean ± std over seeds per method and fraction (analysis/compare.py)
-    label_efficiency.png         test Dice vs labelled fraction, one line per method
-    summary.md                   test Dice, the last epoch's pseudo-target Dice, and the verdict:
-                                 does each SSL method beat supervised at 10% by >= 2 Dice points?
-Seeds change the labelled subset and the initialisation, never the data set itself.
+Every run is `main.py train --preset bench` (64x64 images, U-Net 16-128 of depth 4, batch 8 labelled
++ 8 unlabelled, 40 steps per epoch, cosine LR from 2e-3): the same network, batch, schedule and
+budget for every method. A run stops when validation Dice has not improved for `train.patience`
+(10) epochs, or at the 40-epoch cap (1600 steps); the table reports the steps each run used and
+the test Dice of the best-on-validation network and of the last checkpoint (papers differ on which
+they report). The test and validation cases are fixed (data.split_seed); the run seed draws the
+labelled subset and the initialisation.
 
-MIRA-U runs its own networks (a ViT teacher and the hybrid CNN-Transformer student, both scaled
-down below, as the U-Net is); its stage-1 teacher depends only on the training images, which are
-the same for every labelled fraction of a seed (the labelled subset is nested in them), so the
-10% run pretrains it and the 30% run of that seed starts stage 2 from it (mira_u.teacher_checkpoint,
-the way a user shares one stage 1 across runs). The MIRA-U ramp keeps the seed's proportion: 80
-of 150 epochs -> 5 of 10.
+Methods are every registered method (semiseg.config.METHODS): supervised at 10/30/100% labels, the
+others at 10/30%, each with its paper's settings (the method's defaults plus the `bench` preset's
+ramps). Tuning budget (Oliver et al. 2018): on validation, at 10% labels and seed 0, each method
+tries its unlabelled-loss weight (MethodInfo.unsup_weight) at 1/10, 1 and 10 times its default; the
+best validation Dice wins, and the table has both a "paper" and a "tuned" row when they differ.
+Test data is never used to choose.
+
+Resumable: a run whose files are in --results (`runs/<name>/metrics.json`) is reused, so the
+benchmark can be run in parts and in later sessions; each finished run's small files (config,
+history, metrics, per-case scores, the last checkpoint's scores) are copied there, the models are
+left in --out. At the end --results holds summary.md (the table with paired differences and
+Wilcoxon tests), comparison.{md,csv,tex}, wilcoxon.csv, label_efficiency.png and tuning.json.
 """
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-from semiseg import config  # noqa: E402  (the shared --set option)
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:        # `python bench/label_efficiency.py` from a checkout
+    sys.path.insert(0, str(REPO))
 
-# Reduced size: 48x48 images, an 8-64 U-Net of depth 3; the same optimizer steps for every method.
-BENCH = ["data.image_size=48", "model.base_filters=8", "model.depth=3", "train.batch_size=8",
-         "train.epochs=10", "train.steps_per_epoch=40", "train.lr=2e-3", "train.schedule=cosine",
-         "mean_teacher.rampup_epochs=4", "mixmatch.rampup_epochs=4"]
-# MIRA-U at the same scale: ViT teacher 64-d, 2 layers, 2 heads (seed: 256, 4, 4), student base 8
-# (seed: 32); the seed's M = 20, kappa, tau_u, lambdas and gamma unchanged. Two settings scaled to the
-# short run, found in a first pass (seed 0, 10%) where the seed's values failed: 4x4 patches (8x8
-# patches leave a 6x6 token grid at 48x48 and the teacher head fell to Dice 0 by epoch 4; the seed
-# has a 32x32 grid at 256x256), and EMA decay 0.99 (0.999 with the warm-up averages all 400 steps'
-# weights nearly uniformly, so the EMA student stayed at Dice 0.17 while the student reached 0.28;
-# the seed's ~24k steps make 0.999 a short horizon).
-MIRA_U = ["mira_u.embed_dim=64", "mira_u.depth=2", "mira_u.num_heads=2", "mira_u.student_base_channels=8",
-          "mira_u.student_swin_depth=2", "mira_u.mim_epochs=20", "mira_u.rampup_epochs=5",
-          "mira_u.patch_size=4", "mira_u.ema_decay=0.99"]
-QUICK = ["train.epochs=6", "train.steps_per_epoch=30", "mean_teacher.rampup_epochs=3", "mixmatch.rampup_epochs=3",
-         "mira_u.mim_epochs=6", "mira_u.rampup_epochs=3"]
-PLAN = {"supervised": (0.1, 0.3, 1.0), "mean_teacher": (0.1, 0.3), "mixmatch": (0.1, 0.3), "mira_u": (0.1, 0.3)}
-GOAL_POINTS = 2.0
+from semiseg import config  # noqa: E402  (no TensorFlow)
+
+FRACTIONS = {"supervised": (0.1, 0.3, 1.0)}
+SSL_FRACTIONS = (0.1, 0.3)
+TUNE_FRACTION, TUNE_SEED, TUNE_FACTORS = 0.1, 0, (0.1, 1.0, 10.0)
+# Tiny settings for --quick: the harness end to end in minutes, numbers meaningless.
+QUICK = ["data.image_size=32", "data.synthetic_cases=60", "model.base_filters=4", "model.depth=2",
+         "train.epochs=2", "train.steps_per_epoch=3", "train.patience=0", "mira_u.mim_epochs=1",
+         "mira_u.embed_dim=16", "mira_u.depth=1", "mira_u.num_heads=2", "mira_u.student_base_channels=4",
+         "mira_u.student_swin_depth=1", "mira_u.mc_samples=2", "mira_u.patch_size=8"]
+KEPT_FILES = ("config.yaml", "history.csv", "metrics.json", "per_case.csv", "run_info.json", "export.json",
+              "splits.json", "mim_history.csv", "eval/test_latest/metrics.json", "eval/test_latest/per_case.csv")
 
 
-def run_one(out: Path, method: str, fraction: float, seed: int, overrides: list[str], suffix: str = "") -> Path:
-    from semiseg import cli as main
-    run = out / f"{method}-{round(100 * fraction)}pct-seed{seed}{suffix}"
-    if (run / "metrics.json").exists():
-        print(f"[bench] reuse {run}", flush=True)
-        return run
-    if run.exists():        # an interrupted run: start it again from scratch
-        import shutil
-        shutil.rmtree(run)
-    t0 = time.time()
-    if method == "mira_u":
-        overrides = MIRA_U + overrides
-        shared = sorted(out.glob(f"mira_u-*pct-seed{seed}/teacher_mim.keras"))
-        if shared:             # same seed = same training images: one stage 1 serves every fraction
-            overrides = overrides + [f"mira_u.teacher_checkpoint={shared[0]}"]
-    code = main.main(["train", "--method", method, "--preset", "cpu", "--out", str(run), "--no-progress",
-                      "--set", f"seed={seed}", f"data.labeled_fraction={fraction}", *overrides])
+def fraction_tag(fraction: float) -> str:
+    return f"{round(100 * fraction)}pct"
+
+
+def run_name(method: str, fraction: float, seed: int, weight: tuple | None = None) -> str:
+    name = f"{method}-{fraction_tag(fraction)}-seed{seed}"
+    return name if weight is None else f"{name}-{weight[0].split('.', 1)[1]}={weight[1]:g}"
+
+
+def default_weight(method: str) -> tuple | None:
+    """(dotted key, default value) of the method's unlabelled-loss weight; None for supervised."""
+    key = config.METHODS[method].unsup_weight
+    if not key:
+        return None
+    section, field = key.split(".")
+    return key, float(getattr(getattr(config.Config(), section), field))
+
+
+def train_run(results: Path, out: Path, name: str, method: str, fraction: float, seed: int,
+              overrides: list[str], log=print) -> Path:
+    """Train (unless --results already holds it), score the last checkpoint, keep the small files."""
+    kept = results / "runs" / name
+    if (kept / "metrics.json").exists():
+        log(f"[bench] reuse {name}")
+        return kept
+    from semiseg import cli
+    run = out / name
+    if run.exists():            # an interrupted run: resume it (its checkpoints are exact)
+        code = cli.main(["train", "--out", str(run), "--resume", "--no-progress"])
+    else:
+        t0 = time.time()
+        code = cli.main(["train", "--method", method, "--preset", "bench", "--out", str(run), "--no-progress",
+                         "--set", f"seed={seed}", f"data.labeled_fraction={fraction}", *overrides])
+        log(f"[bench] {name}: {time.time() - t0:.0f} s")
     if code != 0:
-        raise SystemExit(f"[bench] {method} {fraction} seed {seed} failed with exit code {code}")
-    print(f"[bench] {run.name}: {time.time() - t0:.0f} s", flush=True)
-    return run
+        raise SystemExit(f"[bench] {name} failed with exit code {code} (run folder {run})")
+    if cli.main(["evaluate", str(run), "--checkpoint", "latest", "--no-progress"]) != 0:
+        raise SystemExit(f"[bench] scoring the last checkpoint of {run} failed")
+    partial = kept.with_name(kept.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    for rel in KEPT_FILES:
+        if (run / rel).exists():
+            (partial / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(run / rel, partial / rel)
+    partial.rename(kept)        # all of a run's files or none
+    return kept
 
 
-def summarize(out: Path, runs: list[Path]) -> str:
+def best_val(run: Path) -> float:
+    import pandas as pd
+    return float(pd.read_csv(run / "history.csv")["val_dice"].max())
+
+
+def tune(results: Path, out: Path, methods: list[str], overrides: list[str], log=print) -> dict:
+    """The tuning budget: 3 weights per method at 10% labels, seed 0, chosen on validation Dice."""
+    chosen = {}
+    for method in methods:
+        weight = default_weight(method)
+        if weight is None:
+            continue
+        key, default = weight
+        scores = {}
+        for factor in TUNE_FACTORS:
+            value = default * factor
+            name = run_name(method, TUNE_FRACTION, TUNE_SEED, None if factor == 1.0 else (key, value))
+            run = train_run(results, out, name, method, TUNE_FRACTION, TUNE_SEED,
+                            overrides + [f"{key}={value:g}"], log)
+            scores[value] = best_val(run)
+        best = max(scores, key=lambda v: (scores[v], v == default))     # ties keep the paper's value
+        chosen[method] = {"key": key, "paper": default, "tuned": best,
+                          "best_val_dice": {f"{v:g}": round(s, 4) for v, s in scores.items()}}
+        log(f"[bench] tuned {key}: {best:g} (validation Dice {scores})")
+    return chosen
+
+
+def plan(methods: list[str], fractions, seeds: int, tuning: dict) -> list[tuple]:
+    """(name, method, fraction, seed, overrides) of every table run."""
+    runs = []
+    for seed in range(seeds):
+        for method in methods:
+            for fraction in FRACTIONS.get(method, SSL_FRACTIONS):
+                if fractions and fraction not in fractions:
+                    continue
+                runs.append((run_name(method, fraction, seed), method, fraction, seed, []))
+                t = tuning.get(method)
+                if t and t["tuned"] != t["paper"]:
+                    runs.append((run_name(method, fraction, seed, (t["key"], t["tuned"])), method, fraction, seed,
+                                 [f"{t['key']}={t['tuned']:g}"]))
+    return runs
+
+
+# ------------------------------------------------------------------ the table
+def paired_rows(runs) -> list[dict]:
+    """One row per (method, setting, fraction): test Dice of the best and the last checkpoint, steps,
+    the paired difference to supervised per seed, and a Wilcoxon signed-rank test over every
+    (seed, test case) pair. `runs` are analysis.runs.Run objects; the last checkpoint's scores are
+    read from RUN/eval/test_latest/metrics.json."""
     import numpy as np
+    import pandas as pd
+    from analysis.compare import Grouping, wilcoxon_p
+    grouping = Grouping(runs)
+    baseline = {grouping.pairing(r): r for r in runs if r.method == "supervised"}
+    groups: dict = {}
+    for run in runs:
+        groups.setdefault(grouping.group(run), []).append(run)
+
+    def last_dice(run):
+        path = run.path / "eval" / "test_latest" / "metrics.json"
+        return json.loads(path.read_text())["dice"] if path.exists() else math.nan
+
+    rows = []
+    for (method, fraction, setting), members in groups.items():
+        members = sorted(members, key=lambda r: r.seed)
+        dice = np.array([r.metrics["dice"] for r in members])
+        row = {"method": method, "setting": setting, "labeled_fraction": fraction, "seeds": [r.seed for r in members],
+               "dice_mean": dice.mean(), "dice_std": dice.std(ddof=1) if len(dice) > 1 else math.nan,
+               "last_dice_mean": float(np.mean([last_dice(r) for r in members])),
+               "steps_mean": float(np.mean([r.history["step"].iloc[-1] for r in members])),
+               "diff_points": [], "n_pairs": 0, "p_wilcoxon": math.nan}
+        if method != "supervised":
+            pairs = []
+            for run in members:
+                base = baseline.get(grouping.pairing(run))
+                if base is None:
+                    continue
+                row["diff_points"].append(round(100 * (run.metrics["dice"] - base.metrics["dice"]), 2))
+                merged = run.per_case[["case_id", "dice"]].merge(
+                    base.per_case[["case_id", "dice"]].rename(columns={"dice": "base"}), on="case_id")
+                pairs.append(merged)
+            if pairs:
+                pooled = pd.concat(pairs)          # seeds x cases: each (seed, case) is one pair
+                row["n_pairs"] = len(pooled)
+                row["p_wilcoxon"] = wilcoxon_p(pooled["dice"], pooled["base"])
+        rows.append(row)
+    rows.sort(key=lambda r: (r["labeled_fraction"], r["method"] != "supervised", r["method"], r["setting"]))
+    return rows
+
+
+def summary_markdown(rows: list[dict]) -> str:
+    lines = ["| Method | Setting | Labeled | Seeds | Test Dice, best val (mean ± std) | Test Dice, last | Steps |"
+             " Δ vs supervised per seed (points) | mean Δ | p (Wilcoxon, seeds × cases) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        spread = "" if math.isnan(r["dice_std"]) else f" ± {r['dice_std']:.3f}"
+        cells = [r["method"], r["setting"] or "paper", f"{100 * r['labeled_fraction']:g}%", str(len(r["seeds"])),
+                 f"{r['dice_mean']:.3f}{spread}", f"{r['last_dice_mean']:.3f}", f"{r['steps_mean']:.0f}"]
+        diffs, p = r["diff_points"], r["p_wilcoxon"]
+        if diffs:
+            p_text = "–" if math.isnan(p) else ("<0.001" if p < 0.001 else f"{p:.3f}")
+            cells += [" ".join(f"{d:+.1f}" for d in diffs), f"{sum(diffs) / len(diffs):+.1f}", f"{p_text} (n={r['n_pairs']})"]
+        else:
+            cells += ["–", "–", "–"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def summarize(results: Path) -> str:
     from analysis import compare, figures
     from analysis.label_efficiency import label_efficiency_figure
-    from analysis.runs import load_run
-    loaded = [load_run(r) for r in runs]
-    compare.write_tables(loaded, out)
-    figure = label_efficiency_figure(loaded, "dice", band="std")
-    figures.save_figure(figure, out, "label_efficiency", ("png",))
+    from analysis.runs import find_runs
+    runs = [r for r in find_runs([results / "runs"]) if r.metrics is not None]
+    compare.write_tables(runs, results)
+    figure = label_efficiency_figure(runs, "dice", band="std")
+    figures.save_figure(figure, results, "label_efficiency", ("png",))
     figures.close(figure)
-    groups: dict = {}
-    for run in loaded:
-        probe = np.nan
-        # analysis.runs reads older runs' pseudo_target_dice as pseudo_dice too.
-        column = "pseudo_dice" if run.history is not None and "pseudo_dice" in run.history else None
-        if column:
-            probe = float(run.history[column].iloc[-1])
-        groups.setdefault((run.method, run.labeled_fraction), []).append((run.metrics["dice"], probe, run.seed))
-    lines = ["| Method | Labeled | Seeds | Test Dice (mean ± std) | Pseudo-target Dice, last epoch |",
-             "|---|---|---|---|---|"]
-    for (method, fraction), rows in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0] != "supervised")):
-        dice = np.array([r[0] for r in rows])
-        probe = np.array([r[1] for r in rows])
-        spread = f" ± {dice.std(ddof=1):.3f}" if len(dice) > 1 else ""
-        probe_text = "–" if np.all(np.isnan(probe)) else f"{np.nanmean(probe):.3f}"
-        lines.append(f"| {method} | {100 * fraction:g}% | {len(rows)} | {dice.mean():.3f}{spread} | {probe_text} |")
-    lines.append("")
-    # Gains are paired by seed (a seed fixes the labelled subset), over the seeds both have run.
-    base = {seed: dice for dice, _, seed in groups.get(("supervised", 0.1), [])}
-    for method in ("mean_teacher", "mixmatch", "mira_u"):
-        pairs = [(dice, base[seed]) for dice, _, seed in groups.get((method, 0.1), []) if seed in base]
-        if pairs:
-            gain = 100 * float(np.mean([d - b for d, b in pairs]))
-            verdict = "meets" if gain >= GOAL_POINTS else "misses"
-            lines.append(f"- {method} at 10%: {gain:+.1f} Dice points vs supervised on the same {len(pairs)} "
-                         f"seed(s) ({verdict} the +{GOAL_POINTS:g} goal)")
-    text = "\n".join(lines) + "\n"
-    (out / "summary.md").write_text(text)
+    text = summary_markdown(paired_rows(runs))
+    from semiseg.runs import atomic_write
+    atomic_write.write_text(results / "summary.md", text)
     return text
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="runs/bench_label_efficiency", help="folder of run folders and tables")
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--quick", action="store_true", help="1 seed (unless --seeds) and shorter runs")
-    parser.add_argument("--methods", nargs="*", default=list(PLAN), choices=list(PLAN))
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="runs/bench_label_efficiency", help="run folders (models included)")
+    parser.add_argument("--results", default=str(REPO / "bench" / "results" / "label_efficiency"),
+                        help="the kept files of every run and the tables (committed; reused on the next call)")
+    parser.add_argument("--stage", choices=("all", "tune", "table", "summary"), default="all",
+                        help="tune: the tuning budget only; table: the table's runs (tuned values from "
+                             "tuning.json); summary: tables from the runs already kept")
+    parser.add_argument("--seeds", type=int, default=3, help="run seeds 0..N-1")
+    parser.add_argument("--methods", nargs="*", default=list(config.METHODS), choices=list(config.METHODS),
+                        help="default: every registered method")
     parser.add_argument("--fractions", nargs="*", type=float, default=None, help="subset of 0.1 0.3 1.0")
-    config.add_set_argument(parser, help="extra overrides for every run")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes and 1 seed: a check of the harness")
+    config.add_set_argument(parser, help="extra overrides for every run; runs are named without them, so "
+                                         "give another --results folder for another setting")
     args = parser.parse_args(argv)
-    seeds = 1 if args.quick and "--seeds" not in (argv or sys.argv) else args.seeds
-    overrides = BENCH + (QUICK if args.quick else []) + args.set
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    runs = []
-    for seed in range(seeds):
-        for method in args.methods:
-            for fraction in PLAN[method]:
-                if args.fractions is None or fraction in args.fractions:
-                    runs.append(run_one(out, method, fraction, seed, overrides))
-    print(summarize(out, runs))
-    print(f"[bench] tables and plot in {out}")
+    results, out = Path(args.results), Path(args.out)
+    seeds = 1 if args.quick else args.seeds
+    overrides = (QUICK if args.quick else []) + args.set
+    results.mkdir(parents=True, exist_ok=True)
+    tuning_path = results / "tuning.json"
+    tuning = json.loads(tuning_path.read_text()) if tuning_path.exists() else {}
+    if args.stage in ("all", "tune"):
+        tuning.update(tune(results, out, args.methods, overrides))
+        from semiseg.runs import atomic_write
+        atomic_write.write_text(tuning_path, json.dumps(tuning, indent=1))
+    if args.stage in ("all", "table"):
+        for name, method, fraction, seed, extra in plan(args.methods, args.fractions, seeds, tuning):
+            train_run(results, out, name, method, fraction, seed, overrides + extra)
+    text = summarize(results)
+    print(text)
+    print(f"[bench] tables and plot in {results}")
     return 0
 
 

@@ -1,0 +1,104 @@
+"""bench/label_efficiency.py: run names, the plan (every registered method, paper and tuned rows), and
+the table's values - paired differences per seed and the Wilcoxon test over seeds x cases - on a
+fixed toy input of hand-written run folders.
+
+    python -m pytest tests/test_bench_label_efficiency.py -q
+"""
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from scipy import stats
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+import label_efficiency as bench  # noqa: E402
+
+from analysis.runs import find_runs  # noqa: E402
+from semiseg import config  # noqa: E402
+
+CASES = [f"c{i}" for i in range(6)]
+
+
+def toy_run(root: Path, name: str, method: str, fraction: float, seed: int, dice: list, last: float, steps: int,
+            consistency: float | None = None) -> None:
+    run = root / name
+    (run / "eval" / "test_latest").mkdir(parents=True)
+    cfg = {"method": method, "seed": seed, "data": {"labeled_fraction": fraction, "image_size": 64},
+           "model": {"base_filters": 16}}
+    if consistency is not None:
+        cfg["mean_teacher"] = {"consistency": consistency}
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    pd.DataFrame({"epoch": [1, 2], "step": [steps // 2, steps], "val_dice": [0.5, 0.6]}).to_csv(run / "history.csv", index=False)
+    pd.DataFrame({"case_id": CASES, "dice": dice}).to_csv(run / "per_case.csv", index=False)
+    (run / "metrics.json").write_text(json.dumps({"dice": float(np.mean(dice))}))
+    (run / "eval" / "test_latest" / "metrics.json").write_text(json.dumps({"dice": last}))
+
+
+@pytest.fixture
+def toy(tmp_path):
+    sup = {0: [0.5, 0.6, 0.7, 0.4, 0.5, 0.6], 1: [0.55, 0.6, 0.65, 0.45, 0.5, 0.55]}
+    for seed, dice in sup.items():
+        toy_run(tmp_path, f"sup-{seed}", "supervised", 0.1, seed, dice, last=0.5, steps=800)
+    # Mean Teacher with the paper's weight: +0.1 on every case of seed 0, +0.02..0.07 on seed 1.
+    mt = {0: [d + 0.1 for d in sup[0]], 1: [d + 0.01 * (i + 2) for i, d in enumerate(sup[1])]}
+    for seed, dice in mt.items():
+        toy_run(tmp_path, f"mt-{seed}", "mean_teacher", 0.1, seed, dice, last=0.6, steps=1200 + 400 * seed,
+                consistency=0.1)
+    # A tuned weight: a separate row, paired with the same supervised runs.
+    toy_run(tmp_path, "mt-tuned-0", "mean_teacher", 0.1, 0, [d - 0.05 for d in sup[0]], last=0.4, steps=400,
+            consistency=1.0)
+    return tmp_path, sup, mt
+
+
+def test_table_pairs_by_seed_and_tests_over_seeds_times_cases(toy):
+    root, sup, mt = toy
+    rows = bench.paired_rows(find_runs([root]))
+    assert [(r["method"], r["setting"], r["seeds"]) for r in rows] == [
+        ("supervised", "", [0, 1]), ("mean_teacher", "mean_teacher.consistency=0.1", [0, 1]),
+        ("mean_teacher", "mean_teacher.consistency=1.0", [0])]
+    base, paper, tuned = rows
+    assert base["dice_mean"] == pytest.approx(np.mean([np.mean(sup[0]), np.mean(sup[1])]))
+    assert base["dice_std"] == pytest.approx(np.std([np.mean(sup[0]), np.mean(sup[1])], ddof=1))
+    assert base["last_dice_mean"] == 0.5 and base["steps_mean"] == 800 and np.isnan(base["p_wilcoxon"])
+    # Paired differences per seed, in Dice points.
+    assert paper["diff_points"] == [10.0, pytest.approx(100 * np.mean([0.01 * (i + 2) for i in range(6)]))]
+    assert paper["steps_mean"] == 1400 and paper["last_dice_mean"] == 0.6
+    # Wilcoxon over the 12 (seed, case) pairs, not over 6 case means.
+    expected = stats.wilcoxon(mt[0] + mt[1], sup[0] + sup[1]).pvalue
+    assert paper["n_pairs"] == 12 and paper["p_wilcoxon"] == pytest.approx(expected)
+    assert tuned["diff_points"] == [-5.0] and tuned["n_pairs"] == 6
+    text = bench.summary_markdown(rows)
+    assert "| mean_teacher | mean_teacher.consistency=0.1 | 10% | 2 |" in text
+    assert "| +10.0 +4.5 | +7.2 |" in text and "(n=12)" in text
+    assert "| supervised | paper | 10% | 2 | 0.550 ± 0.000 | 0.500 | 800 | – | – | – |" in text
+
+
+def test_plan_covers_every_registered_method_with_paper_and_tuned_rows():
+    tuning = {"mean_teacher": {"key": "mean_teacher.consistency", "paper": 0.1, "tuned": 1.0},
+              "mixmatch": {"key": "mixmatch.lambda_u", "paper": 75.0, "tuned": 75.0}}
+    runs = bench.plan(list(config.METHODS), None, 2, tuning)
+    names = [r[0] for r in runs]
+    assert len(names) == len(set(names))
+    for method in config.METHODS:
+        fractions = (0.1, 0.3, 1.0) if method == "supervised" else (0.1, 0.3)
+        for seed in (0, 1):
+            for fraction in fractions:
+                assert bench.run_name(method, fraction, seed) in names
+    assert "mean_teacher-10pct-seed1-consistency=1" in names           # tuned differs: its own rows
+    assert not any(n.startswith("mixmatch") and "lambda_u" in n for n in names)   # tuned = paper: none
+    assert ("mean_teacher-30pct-seed0-consistency=1", "mean_teacher", 0.3, 0, ["mean_teacher.consistency=1"]) in runs
+
+
+def test_every_ssl_method_names_the_weight_it_is_tuned_on():
+    for name, info in config.METHODS.items():
+        if name == "supervised":
+            assert bench.default_weight(name) is None
+            continue
+        key, value = bench.default_weight(name)
+        section, field = key.split(".")
+        assert section == name and value == getattr(getattr(config.Config(), section), field) > 0
