@@ -16,7 +16,8 @@ labelled subset and the initialisation.
 Methods are every registered method (semiseg.config.METHODS): supervised at 10/30/100% labels, the
 others at 10/30%, each with its paper's settings (the method's defaults plus the `bench` preset's
 ramps). Tuning budget (Oliver et al. 2018): on validation, at 10% labels and seed 0, each method
-tries its unlabelled-loss weight (MethodInfo.unsup_weight) at 1/10, 1 and 10 times its default; the
+tries its unlabelled-loss weight (MethodInfo.unsup_weight) at 3 factors of its default
+(MethodInfo.tune_factors: 1/10, 1 and 10 unless the method says otherwise); the
 best validation Dice wins, and the table has both a "paper" and a "tuned" row when they differ.
 Test data is never used to choose.
 
@@ -47,7 +48,7 @@ from semiseg import config  # noqa: E402  (no TensorFlow)
 
 FRACTIONS = {"supervised": (0.1, 0.3, 1.0)}
 SSL_FRACTIONS = (0.1, 0.3)
-TUNE_FRACTION, TUNE_SEED, TUNE_FACTORS = 0.1, 0, (0.1, 1.0, 10.0)
+TUNE_FRACTION, TUNE_SEED = 0.1, 0
 # Tiny settings for --quick: the harness end to end in minutes, numbers meaningless.
 QUICK = ["data.image_size=32", "data.synthetic_cases=60", "model.base_filters=4", "model.depth=2",
          "train.epochs=2", "train.steps_per_epoch=3", "train.patience=0", "mira_u.mim_epochs=1",
@@ -119,8 +120,8 @@ def tune(results: Path, out: Path, methods: list[str], overrides: list[str], log
             continue
         key, default = weight
         scores = {}
-        for factor in TUNE_FACTORS:
-            value = default * factor
+        for factor in config.METHODS[method].tune_factors:
+            value = float(f"{default * factor:.6g}")     # 0.1 * 0.1 is 0.010000000000000002
             name = run_name(method, TUNE_FRACTION, TUNE_SEED, None if factor == 1.0 else (key, value))
             run = train_run(results, out, name, method, TUNE_FRACTION, TUNE_SEED,
                             overrides + [f"{key}={value:g}"], log)
@@ -128,7 +129,8 @@ def tune(results: Path, out: Path, methods: list[str], overrides: list[str], log
         best = max(scores, key=lambda v: (scores[v], v == default))     # ties keep the paper's value
         chosen[method] = {"key": key, "paper": default, "tuned": best,
                           "best_val_dice": {f"{v:g}": round(s, 4) for v, s in scores.items()}}
-        log(f"[bench] tuned {key}: {best:g} (validation Dice {scores})")
+        log(f"[bench] tuned {key}: {best:g} (best validation Dice: "
+            f"{', '.join(f'{v:g} -> {s:.4f}' for v, s in scores.items())})")
     return chosen
 
 
