@@ -23,7 +23,7 @@ from analysis.runs import main as runs_main
 REPO = Path(__file__).resolve().parent.parent
 CASE_IDS = [f"case_{index:03d}" for index in range(8)]
 EXTRA_COLUMNS = {"supervised": [], "mean_teacher": ["loss_unsup", "val_dice_student", "rampup"],
-                 "mira_u": ["loss_unsup", "loss_ent", "pseudo_dice", "rampup"]}
+                 "mira_u": ["loss_unsup", "loss_ent", "pseudo_dice", "rampup", "val_dice_teacher"]}
 # How far the fake prediction's centre strays (pixels): SSL methods stray less.
 METHOD_ERROR = {"supervised": 3.0, "mean_teacher": 2.0, "mira_u": 1.5}
 
@@ -133,7 +133,7 @@ def test_curves_overlay_runs_with_a_panel_per_logged_quantity(sweep, tmp_path):
     mira = curves.curves_figure(find_runs([sweep / "mira_u" / "lf10"]))
     mira_titles = {axis.get_title() for axis in mira.axes if axis.get_visible()}
     assert not mira_titles & set(EXTRA_COLUMNS["mira_u"]), mira_titles
-    assert {"Pseudo-label Dice vs hidden truth", "Validation Dice (teacher)"} <= mira_titles
+    assert {"Pseudo-target Dice vs hidden truth", "Validation Dice (teacher)"} <= mira_titles
     paths = curves.main([str(sweep / "mira_u" / "lf10" / "seed0"), "--out", str(tmp_path)])
     assert [p.name for p in paths] == ["curves.png"] and paths[0].stat().st_size > 1000
 
