@@ -164,3 +164,13 @@ def test_pancreas_presets_hold_the_seed_settings():
     # 281 labelled volumes: 28 test, 56 validation, 197 training, of which the seed's 30 keep labels.
     n_train = 281 - round(0.1 * 281) - round(0.2 * 281)
     assert (n_train, round(mt.data.labeled_fraction * n_train), round(sup.data.labeled_fraction * n_train)) == (197, 30, 197)
+
+
+def test_the_probe_is_traced_once_per_run():
+    trainer = _trainer()
+    first = trainer.epoch_diagnostics(1)
+    fn = trainer._probe_fn
+    traces = fn.experimental_get_tracing_count()        # one per batch shape of the probe
+    second = trainer.epoch_diagnostics(2)
+    assert trainer._probe_fn is fn and 0 <= first["pseudo_dice"] <= 1 and 0 <= second["pseudo_dice"] <= 1
+    assert fn.experimental_get_tracing_count() == traces <= 2
