@@ -151,16 +151,26 @@ def test_val_dice_is_the_exported_networks(tmp_path):
     assert json.loads((out / "metrics.json").read_text())["network"] == "student"
 
 
-def test_pancreas_presets_hold_the_seed_settings():
-    sup = config.resolve("pancreas_supervised")
-    assert (sup.data.image_size, sup.train.batch_size, sup.model.base_filters, sup.train.epochs,
-            sup.train.patience) == (256, 8, 32, 100, 15)
-    mt = config.resolve("pancreas_mean_teacher")
-    assert (mt.train.batch_size, mt.model.base_filters, mt.mean_teacher.ema_decay, mt.mean_teacher.consistency) == \
-        (4, 16, 0.99, 50.0)
-    mm = config.resolve("pancreas_mixmatch")
-    assert (mm.train.batch_size, mm.train.epochs, mm.mixmatch.temperature, mm.mixmatch.alpha, mm.mixmatch.k) == \
-        (4, 150, 0.5, 0.75, 2)
+def test_pancreas_presets_are_one_fair_family_with_the_seeds_method_settings():
+    """Every pancreas_* preset trains the seed's supervised network, batch and budget; they differ
+    only in the labelled fraction and the method's own section (the seed's values)."""
+    sup, mt, mm = (config.resolve(f"pancreas_{m}") for m in ("supervised", "mean_teacher", "mixmatch"))
+    for cfg in (sup, mt, mm):
+        assert (cfg.data.image_size, cfg.train.batch_size, cfg.model.base_filters, cfg.train.epochs,
+                cfg.train.patience, cfg.train.lr, cfg.train.schedule) == (256, 8, 32, 100, 15, sup.train.lr, sup.train.schedule)
+    assert (mt.mean_teacher.ema_decay, mt.mean_teacher.consistency) == (0.99, 50.0)
+    assert (mm.mixmatch.temperature, mm.mixmatch.alpha, mm.mixmatch.k) == (0.5, 0.75, 2)
+    assert mt.data.labeled_fraction == mm.data.labeled_fraction == 30 / 197 and sup.data.labeled_fraction == 1.0
     # 281 labelled volumes: 28 test, 56 validation, 197 training, of which the seed's 30 keep labels.
     n_train = 281 - round(0.1 * 281) - round(0.2 * 281)
     assert (n_train, round(mt.data.labeled_fraction * n_train), round(sup.data.labeled_fraction * n_train)) == (197, 30, 197)
+
+
+def test_the_probe_is_traced_once_per_run():
+    trainer = _trainer()
+    first = trainer.epoch_diagnostics(1)
+    fn = trainer._probe_fn
+    traces = fn.experimental_get_tracing_count()        # one per batch shape of the probe
+    second = trainer.epoch_diagnostics(2)
+    assert trainer._probe_fn is fn and 0 <= first["pseudo_dice"] <= 1 and 0 <= second["pseudo_dice"] <= 1
+    assert fn.experimental_get_tracing_count() == traces <= 2

@@ -242,3 +242,17 @@ def test_train_smoke_runs_both_stages_then_reuses_the_teacher(tmp_path, capsys):
     assert "stage 1 skipped: teacher loaded from" in out and "stage 1 epoch" not in out
     assert not (second / "mim_history.csv").exists() and not (second / "teacher_mim.keras").exists()
     assert json.loads((second / "metrics.json").read_text())["n_cases"] > 0
+
+
+def test_pseudo_dice_obeys_the_hidden_label_gate(trainer):
+    """Real data's held-back labels may score pseudo labels only with data.hide_labels=true, for
+    MIRA-U as for every method (it once read splits['hidden_truth'] directly)."""
+    assert "pseudo_dice" in trainer.epoch_diagnostics(1)          # the embedded data: always allowed
+    fmt, hide = trainer.data.fmt, trainer.cfg.data.hide_labels
+    try:
+        trainer.data.fmt, trainer.cfg.data.hide_labels = "folders", False
+        assert trainer.epoch_diagnostics(1) == {}
+        trainer.cfg.data.hide_labels = True
+        assert "pseudo_dice" in trainer.epoch_diagnostics(1)
+    finally:
+        trainer.data.fmt, trainer.cfg.data.hide_labels = fmt, hide

@@ -161,8 +161,4 @@ class MeanTeacher(Trainer):
         return tf.sigmoid(tf.cast(logits, tf.float32))
 
     def epoch_diagnostics(self, epoch: int) -> dict:
-        cases = probe.probe_case_ids(self.cfg, self.data, self.cfg.mean_teacher.probe_cases)
-        if not cases:
-            return {}
-        fn = tf.function(self.pseudo_targets, reduce_retracing=True)
-        return {"pseudo_dice": probe.pseudo_target_dice(fn, self.data, cases, self.cfg.train.eval_batch_size)}
+        return probe.epoch_pseudo_dice(self, self.cfg.mean_teacher.probe_cases)

@@ -72,6 +72,7 @@ from semiseg.runs import run_dir as rundir
 from semiseg.models.networks import model_variables
 from semiseg.models.transformer import mc_dropout_stats, mim_l1_loss, patchify, random_patch_mask
 from semiseg.methods.mean_teacher import ema_weights
+from semiseg.methods import probe
 from semiseg.training.trainer import (EpochLogSums, Trainer, _augment_fn, _save_model_atomic, ema_update, register_method,
                            save_checkpoint, sigmoid_rampup)
 
@@ -226,7 +227,8 @@ class MiraU(Trainer):
         return {**first, "student": self.models["student"], "teacher": self.models["teacher"]}
 
     def epoch_diagnostics(self, epoch: int) -> dict:
-        cases = self.data.splits.get("hidden_truth", [])[: self.cfg.mira_u.probe_cases]
+        # The same hidden-label gate as every method: synthetic data, or data.hide_labels=true.
+        cases = probe.probe_case_ids(self.cfg, self.data, self.cfg.mira_u.probe_cases)
         if not cases:
             return {}
         if getattr(self, "_pseudo_label_fn", None) is None:

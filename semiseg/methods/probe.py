@@ -37,3 +37,17 @@ def pseudo_target_dice(target_fn, bundle, case_ids, batch: int = 16) -> float:
     The same per-case score as validation (`evaluation.mean_case_dice`; both-empty cases score 1).
     """
     return evaluation.mean_case_dice(lambda images: target_fn(images)[..., 0], bundle, None, batch, case_ids)
+
+
+def epoch_pseudo_dice(trainer, n_cases: int) -> dict:
+    """{'pseudo_dice': ...}: `trainer.pseudo_targets` scored on the fixed probe, or {} where no
+    hidden truth may be used. The traced function is built once per trainer (a new tf.function
+    each epoch retraced every epoch, and TensorFlow warned about it)."""
+    cases = probe_case_ids(trainer.cfg, trainer.data, n_cases)
+    if not cases:
+        return {}
+    fn = getattr(trainer, "_probe_fn", None)
+    if fn is None:
+        import tensorflow as tf
+        fn = trainer._probe_fn = tf.function(trainer.pseudo_targets, reduce_retracing=True)
+    return {"pseudo_dice": pseudo_target_dice(fn, trainer.data, cases, trainer.cfg.train.eval_batch_size)}
