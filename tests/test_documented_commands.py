@@ -150,7 +150,8 @@ def test_linear_lr_scaling_is_relative_to_the_reference_batch():
     assert effective_lr(cfg.train) == cfg.train.lr                 # the preset's own batch: unchanged
     cfg = config.resolve("pancreas_mean_teacher", "", ["train.lr_scaling=linear", "train.batch_size=64"],
                          "mean_teacher")
-    assert abs(effective_lr(cfg.train) - 16 * cfg.train.lr) < 1e-12
+    assert cfg.train.lr_reference_batch == 8                         # the preset family's batch
+    assert abs(effective_lr(cfg.train) - 8 * cfg.train.lr) < 1e-12
     try:
         config.resolve("cpu", "", ["train.lr_scaling=linear"], "supervised")
     except config.ConfigError as err:
