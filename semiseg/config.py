@@ -54,7 +54,14 @@ class DataConfig:
     slice_axis: int = 2                # after reorientation to RAS+ : 2 = axial
     modality: str = "auto"             # auto (from dataset.json) | ct | mri
     ct_window: typing.List[float] = field(default_factory=lambda: [-125.0, 275.0])  # HU, abdomen
-    label_set: typing.List[int] = field(default_factory=lambda: [1, 2])  # labels merged into foreground
+    label_set: typing.List[int] = field(default_factory=lambda: [1, 2])  # one class: these labels merge into
+                                       # the foreground; K classes: exactly K labels, label_set[i] -> class i+1
+    # The segmented structures, background (class 0) implicit. One name = binary (sigmoid, one output
+    # channel); K >= 2 names = K + 1 classes (softmax). Names label per-class metric columns.
+    classes: typing.List[str] = field(default_factory=lambda: ["foreground"])
+    split_file: str = ""               # YAML/JSON with train/val/test (optionally labeled) patient or case
+                                       # ids that fixes the split exactly; empty = split by the fractions
+    labeled_cases: int = 0             # labelled training patients (groups) to draw; 0 = labeled_fraction
     foreground_only: bool = False      # keep slices with foreground plus background_ratio of the rest
     background_ratio: float = 0.1
     unlabeled_test_images: bool = True  # MSD imagesTs serve as unlabelled training data
@@ -414,7 +421,7 @@ RANGES: dict[str, tuple] = {
     "data.shuffle_buffer": _AT_LEAST_1, "data.shuffle_buffer_mb": _AT_LEAST_0, "data.synthetic_cases": _AT_LEAST_1,
     "data.synthetic_size": (lambda v: v >= 16, ">= 16 (the generator's minimum)"), "data.synthetic_difficulty": _AT_LEAST_0,
     "data.synthetic_seed": _AT_LEAST_0, "data.split_seed": _AT_LEAST_0, "data.slice_axis": (lambda v: v in (0, 1, 2), "0, 1 or 2"),
-    "data.background_ratio": _FRACTION,
+    "data.background_ratio": _FRACTION, "data.labeled_cases": (lambda v: v >= 0, ">= 0 (0 = labeled_fraction)"),
     "model.base_filters": _AT_LEAST_1, "model.depth": _AT_LEAST_1, "model.dropout": _DECAY,
     "model.bn_momentum": _DECAY,
     "train.epochs": _AT_LEAST_1, "train.steps_per_epoch": (lambda v: v >= 0, ">= 0 (0 = one pass over the data)"),
@@ -506,6 +513,32 @@ def _validate_data(cfg: Config) -> None:
            f"must be [low, high] with low < high (HU), got {d.ct_window}")
     _check(len(d.label_set) >= 1 and all(v >= 1 for v in d.label_set), "data.label_set",
            f"must list one or more foreground labels >= 1 (0 is background), got {d.label_set}")
+    _check(len(d.label_set) == len(set(d.label_set)), "data.label_set", f"lists a label twice: {d.label_set}")
+    names = [c.strip() for c in d.classes]
+    _check(len(names) >= 1 and all(names), "data.classes",
+           f"must name one or more structures (non-empty names; background is implicit), got {d.classes}")
+    _check(len(set(names)) == len(names), "data.classes", f"names must be unique, got {d.classes}")
+    _check(all(n.lower() != "background" for n in names), "data.classes",
+           f"class 0 is the implicit background: do not list it, got {d.classes}")
+    # One name keeps today's meaning (every label_set value is foreground); K names need one label each.
+    _check(len(names) == 1 or len(d.label_set) == len(names), "data.label_set",
+           f"data.classes names {len(names)} structures {names}: label_set must list exactly {len(names)} "
+           f"labels (label_set[i] -> class i+1), got {d.label_set}")
+
+
+def num_classes(data_cfg) -> int:
+    """C, the number of classes including background: 2 for binary, K + 1 for K named structures."""
+    return len(data_cfg.classes) + 1
+
+
+def is_multiclass(data_cfg) -> bool:
+    """K >= 2 named structures: softmax over C channels (binary stays one sigmoid channel)."""
+    return len(data_cfg.classes) >= 2
+
+
+def output_channels(data_cfg) -> int:
+    """Network output channels: 1 (sigmoid) for binary, C (softmax logits) for multi-class."""
+    return num_classes(data_cfg) if is_multiclass(data_cfg) else 1
 
 
 def _validate_train(cfg: Config) -> None:
