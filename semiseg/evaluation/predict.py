@@ -253,7 +253,9 @@ def _teacher_uncertainty_fn(run: Path, cfg):
 
     @tf.function(reduce_retracing=True)
     def sigma(images):
-        _, std = mc_dropout_stats(teacher, images, m.mc_samples, m.mc_chunk or None, seed=[cfg.seed, 7])
+        mean, std = mc_dropout_stats(teacher, images, m.mc_samples, m.mc_chunk or None, seed=[cfg.seed, 7])
+        if std.shape[-1] > 1:       # multi-class: the std of the predicted class's probability (as training weighs it)
+            return tf.reduce_sum(std * tf.one_hot(tf.argmax(mean, axis=-1), std.shape[-1]), axis=-1)
         return std[..., 0]
     return sigma
 

@@ -148,9 +148,10 @@ class Trainer:
         self.steps_per_epoch = steps_per_epoch(cfg, data)
         # C classes with background; binary (C = 2) keeps one sigmoid channel and its loss names.
         self.n_classes, self.multiclass = num_classes(cfg.data), is_multiclass(cfg.data)
-        # history.csv: the cross-entropy term is `loss_bce` for binary (as before) and `loss_ce`
-        # for multi-class (categorical), so a column never changes its meaning.
-        self.ce_key = "loss_ce" if self.multiclass else "loss_bce"
+        # history.csv: the cross-entropy term is `loss_bce` for binary (as before) and `loss_sup_ce`
+        # for multi-class (categorical; not `loss_ce`, which older MIRA-U histories used for their
+        # unlabelled CE and analysis/ renames to loss_unsup_ce), so a column never changes its meaning.
+        self.ce_key = "loss_sup_ce" if self.multiclass else "loss_bce"
         self.total_steps = self.steps_per_epoch * t.epochs
         with strategy.scope():
             self.models = self.build_models()
