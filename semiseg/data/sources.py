@@ -39,7 +39,7 @@ class Case:
 @dataclass
 class LoadedCase:
     image: np.ndarray              # [S, H, W, C] float32 in [0, 1]; S = 1 for 2D images
-    label: Optional[np.ndarray]    # [S, H, W] uint8 in {0, 1}, or None
+    label: Optional[np.ndarray]    # [S, H, W] uint8 class indices (binary: {0, 1}), or None
     spacing: tuple                 # (row, col, slice) in mm, or (1, 1, 1) pixels when unknown
     spacing_unit: str = "px"       # mm | px
     meta: dict = field(default_factory=dict)
@@ -134,9 +134,32 @@ def read_picture(path, channels: int = 0) -> np.ndarray:
     return arr
 
 
-def read_mask_picture(path) -> np.ndarray:
-    """Read a mask picture as [H, W] uint8 {0, 1}: any non-zero pixel is foreground (0/255 masks)."""
+# Picture modes whose pixel values are the stored numbers themselves (palette PNGs: the indices),
+# so they can hold a label map; RGB(A) masks have no one value per pixel.
+LABEL_MAP_MODES = ("L", "P", "I", "I;16", "1")
+
+
+def read_label_picture(path) -> np.ndarray:
+    """The raw pixel values of a single-channel mask picture as [H, W] int64 (palette: indices)."""
     from PIL import Image, UnidentifiedImageError
+    try:
+        with Image.open(path) as img:
+            if img.mode not in LABEL_MAP_MODES:
+                raise DataError(f"{path}: a multi-class mask must be a single-channel label map (grey or "
+                                f"palette PNG whose values are the labels), got mode {img.mode}")
+            return np.asarray(img).astype(np.int64)
+    except (OSError, UnidentifiedImageError) as err:
+        raise DataError(f"{path}: unreadable or truncated mask ({err})") from None
+
+
+def read_mask_picture(path, data_cfg=None) -> np.ndarray:
+    """Read a mask picture as [H, W] uint8 class indices. One class (the default): {0, 1}, any
+    non-zero pixel is foreground (0/255 masks). K classes (data.classes): pixel values are label
+    values, mapped as volumes are (label_set[i] -> class i + 1, others background)."""
+    from PIL import Image, UnidentifiedImageError
+    if data_cfg is not None and len(data_cfg.classes) >= 2:
+        from semiseg.data import volumes
+        return volumes.map_labels(read_label_picture(path), data_cfg.label_set)
     try:
         with Image.open(path) as img:
             arr = np.asarray(img.convert("L"))
@@ -149,7 +172,7 @@ def load_picture_case(case: Case, data_cfg) -> LoadedCase:
     image = read_picture(case.image, data_cfg.channels)
     label = None
     if case.label is not None:
-        label = read_mask_picture(case.label)
+        label = read_mask_picture(case.label, data_cfg)
         if label.shape != image.shape[:2]:
             raise DataError(f"label {case.label} has shape {label.shape} but image {case.image} "
                             f"has shape {image.shape[:2]}")
@@ -274,10 +297,17 @@ register_source("isic", list_isic_cases, load_picture_case, detect_isic, isic_or
 
 # ---------------------------------------------------------------- the embedded synthetic data set
 def list_synthetic_cases(root, data_cfg) -> list[Case]:
+    """The 2D set in the ISIC layout, or (data.synthetic_kind=3d) the CT-like volumes in the Decathlon one."""
+    if (Path(root) / "dataset.json").is_file():
+        return list_msd_cases(root, data_cfg)
     return list_isic_cases(root, data_cfg)
 
 
-register_source("synthetic", list_synthetic_cases, load_picture_case)
+def load_synthetic_case(case: Case, data_cfg) -> LoadedCase:
+    return load_any_case(case, data_cfg)
+
+
+register_source("synthetic", list_synthetic_cases, load_synthetic_case)
 
 
 # ---------------------------------------------------------------- NIfTI volumes
