@@ -368,3 +368,18 @@ def test_script_help_describes_it_in_whole_sentences(script, capsys):
     text = capsys.readouterr().out
     description = " ".join(text.split("\n\n")[1].split())
     assert description.endswith("."), description
+
+
+def test_compare_shows_per_class_dice_of_multiclass_runs(tmp_path):
+    """Runs whose metrics.json lists classes get a 'Dice <class>' column per class: mean over seeds."""
+    for seed, (rv, lv) in enumerate([(0.6, 0.8), (0.7, 0.9)]):
+        run = write_fake_run(tmp_path / f"mc-s{seed}", "supervised", 0.1, seed, previews=False)
+        payload = json.loads((run / "metrics.json").read_text())
+        payload.update(classes=["RV", "LV"], dice_RV=rv, dice_LV=lv)
+        (run / "metrics.json").write_text(json.dumps(payload))
+    table = compare.summary_table(find_runs([tmp_path]))
+    assert table.attrs["metrics"][-2:] == ("dice_RV", "dice_LV")
+    assert table["dice_RV_mean"].iloc[0] == pytest.approx(0.65) and table["dice_LV_mean"].iloc[0] == pytest.approx(0.85)
+    header = compare.to_markdown(table).splitlines()[0]
+    assert "| Dice RV | Dice LV |" in header
+    assert "0.650 ± 0.071" in compare.to_markdown(table)
