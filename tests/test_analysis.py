@@ -383,3 +383,14 @@ def test_compare_shows_per_class_dice_of_multiclass_runs(tmp_path):
     header = compare.to_markdown(table).splitlines()[0]
     assert "| Dice RV | Dice LV |" in header
     assert "0.650 ± 0.071" in compare.to_markdown(table)
+
+
+def test_curves_name_the_multiclass_columns(tmp_path):
+    run = write_fake_run(tmp_path / "mc", "mean_teacher", 0.1, 0, previews=False)
+    history = pd.read_csv(run / "history.csv")
+    history["loss_sup_ce"], history["pseudo_dice"], history["pseudo_dice_RV"] = 0.5, 0.4, 0.3
+    history.to_csv(run / "history.csv", index=False)
+    columns = curves.plotted_columns(find_runs([run]))
+    assert columns.index("pseudo_dice_RV") == columns.index("pseudo_dice") + 1
+    assert curves.panel_names("pseudo_dice_RV") == ("Pseudo-target Dice vs hidden truth: RV", "Dice")
+    assert curves.panel_names("loss_sup_ce")[0] == "Supervised CE loss (multi-class)"
