@@ -87,6 +87,11 @@ def test_every_method_trains_with_four_classes(method, heart_data, tmp_path):
     if method != "supervised":
         probe = [float(history[-1][f"pseudo_dice_{c}"]) for c in CLASSES]
         assert float(history[-1]["pseudo_dice"]) == pytest.approx(np.mean(probe), abs=1e-5)
+    if method == "mira_u":      # --uncertainty: the MC std of the predicted class's probability, per voxel
+        src = heart_data / "images" / "test" / "test0.nii.gz"
+        assert main.main(["predict", str(run), str(src), str(tmp_path / "m.nii.gz"), "--uncertainty", "--no-progress"]) == 0
+        sigma = nib.load(str(tmp_path / "m_uncertainty.nii.gz")).get_fdata()
+        assert sigma.shape == (32, 32, 4) and 0.0 <= sigma.min() and sigma.max() <= 0.5
     # Validation Dice (sharded counts, every epoch) is the same score evaluate gives on val.
     assert main.main(["evaluate", str(run), "--split", "val", "--no-progress"]) == 0
     val = json.loads(next((run / "eval").rglob("metrics.json")).read_text())
