@@ -330,7 +330,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default="best", choices=["best", "latest"],
                    help="best_model.keras, or the newest checkpoint in RUN_DIR/checkpoints")
     p.add_argument("--data", default=None, help="an external labelled data set (all its cases: split 'external')")
-    p.add_argument("--format", default=None, help="format of --data: msd|isic|ph2|folders|auto")
+    p.add_argument("--format", default=None, help="format of --data: msd|acdc|isic|ph2|folders|auto")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only; batch jobs)")
     p.set_defaults(fn=cmd_evaluate)
 
