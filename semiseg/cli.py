@@ -339,7 +339,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("input", help="a picture, a NIfTI volume (.nii/.nii.gz), or a folder of them")
     p.add_argument("output", help="a mask file for one input, else a folder (never overwritten)")
     p.add_argument("--tta", action="store_true", help="average over flips (test-time augmentation)")
-    p.add_argument("--threshold", type=float, default=0.5, help="foreground where probability >= this")
+    p.add_argument("--threshold", type=float, default=0.5, help="foreground where probability >= this (binary runs; multi-class runs take the argmax class)")
     p.add_argument("--save-probabilities", action="store_true",
                    help="also write NAME_prob.npy (pictures) / NAME_prob.nii.gz (volumes), float32")
     p.add_argument("--uncertainty", action="store_true",

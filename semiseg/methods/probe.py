@@ -11,9 +11,14 @@ so the probe is the same every epoch and on every resume).
 The truth is read here, from the evaluation stream, and only here: the unlabelled training
 stream is built with `with_mask=False`, so no hidden label can reach a loss
 (tests/test_hidden_labels.py proves the trained weights do not depend on them).
+Multi-class: the pseudo label is the argmax of the target, scored per class against the hidden
+truth (`pseudo_dice_<class>`), and `pseudo_dice` is the mean over the foreground classes.
 """
 from __future__ import annotations
 
+import numpy as np
+
+from semiseg.config import is_multiclass
 from semiseg.evaluation import evaluate as evaluation
 
 
@@ -28,6 +33,20 @@ def probe_case_ids(cfg, bundle, n_cases: int) -> list[str]:
     if n_cases <= 0 or not hidden_truth_available(cfg, bundle):
         return []
     return sorted(bundle.splits["hidden_truth"])[:n_cases]
+
+
+def pseudo_dice_logs(target_fn, cfg, bundle, case_ids, batch: int = 16) -> dict:
+    """history.csv columns of the probe: {'pseudo_dice': ...} for binary; for multi-class the mean
+    over the foreground classes plus 'pseudo_dice_<class>' for each (data.classes names).
+
+    target_fn: images -> binary probabilities [B,H,W,1], or class scores [B,H,W,C] whose argmax is
+    the pseudo label (an all-zero row is background: MIRA-U's dropped pixels)."""
+    if not is_multiclass(cfg.data):
+        return {"pseudo_dice": pseudo_target_dice(target_fn, bundle, case_ids, batch)}
+    per_case = evaluation.case_class_dice(target_fn, bundle, None, batch, case_ids)      # [cases, K]
+    by_class = per_case.mean(axis=0) if len(per_case) else [float("nan")] * len(cfg.data.classes)
+    return {"pseudo_dice": float(np.mean(by_class)),
+            **{f"pseudo_dice_{name}": float(v) for name, v in zip(cfg.data.classes, by_class)}}
 
 
 def pseudo_target_dice(target_fn, bundle, case_ids, batch: int = 16) -> float:
