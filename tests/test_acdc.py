@@ -169,3 +169,45 @@ def test_acdc_through_check_data_cache_and_streams(tmp_path):
     assert seen[4] == 0 and (seen[:4] > 0).all()
     image, mask = next(iter(bundle.train_dataset("labeled", 4, None, 0, None)))
     assert mask.shape == (4, 16, 16, 1) and set(np.unique(mask.numpy())) <= {0.0, 1.0, 2.0, 3.0}
+
+
+def test_documented_acdc_command_resolves_the_ssl4mis_protocol(tmp_path, capsys, monkeypatch):
+    """README: `train --method mean_teacher --preset acdc_7 --data PATH/ACDC`, as a dry run on a tiny
+    ACDC download of patients 1-100 (small images, a small network: the preset's protocol otherwise)."""
+    from semiseg import cli
+    monkeypatch.chdir(tmp_path)
+    root = make_acdc(tmp_path / "ACDC", patients=range(1, 101), shape=(12, 12, 3))
+    out = tmp_path / "never"
+    assert cli.main(["train", "--method", "mean_teacher", "--preset", "acdc_7", "--data", str(root), "--out", str(out),
+                     "--dry-run", "--dry-run-steps", "1", "--no-progress", "--set", f"data.cache_dir={tmp_path / 'c'}",
+                     "data.image_size=16", "model.depth=2", "model.base_filters=4"]) == 0
+    text = capsys.readouterr().out
+    assert not out.exists()
+    # 7 labelled patients (14 frames), 63 unlabelled, 10 val and 20 test patients; 3 slices a frame.
+    assert "splits (cases): labeled 14, unlabeled 126, val 20, test 40" in text
+    assert "slices: labeled 42, unlabeled 378, val 60, test 120" in text
+    assert "global batch 12 labelled + 12 unlabelled" in text and "total steps: 30,000 (150 epochs x 200)" in text
+
+
+@pytest.mark.parametrize("method", ["supervised", "mean_teacher", "mixmatch", "mira_u"])
+def test_every_method_trains_on_acdc_with_four_classes(method, tmp_path):
+    """The ACDC path end to end (layout, split file by patient, C = 4 class-index masks) for every
+    method: one short epoch, then the per-class metrics of the test patients' frames."""
+    from semiseg import cli
+    root = make_acdc(tmp_path / "ACDC", patients=range(1, 9), testing=(101,), shape=(16, 16, 3))
+    split = tmp_path / "split.yaml"
+    split.write_text("train: [patient001, patient002, patient003, patient004, patient005]\n"
+                     "val: [patient006]\ntest: [patient007, patient008]\n")
+    out = tmp_path / "run"
+    assert cli.main(["train", "--method", method, "--preset", "smoke_multiclass", "--out", str(out), "--no-progress",
+                     "--set", f"data.cache_dir={tmp_path / 'c'}", f"data.path={root}", *ACDC_SETS,
+                     f"data.split_file={split}", "data.labeled_cases=2", "data.image_size=16", "train.epochs=1",
+                     "train.steps_per_epoch=2", "train.steps_per_loop=2", "mira_u.mim_epochs=1"]) == 0
+    splits = json.loads((out / "splits.json").read_text())
+    assert splits["test"] == [f"patient00{p}_frame{f:02d}" for p, f in ((7, 1), (7, 10), (8, 1), (8, 11))]
+    assert len(splits["labeled"]) == 4 and len({c[:10] for c in splits["labeled"]}) == 2
+    assert splits["not_in_split_file"] == ["patient101_frame01", "patient101_frame09"]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["n_cases"] == 4
+    per_class = [metrics[f"dice_{name}"] for name in ("RV", "MYO", "LV")]
+    assert all(0.0 <= d <= 1.0 for d in per_class) and metrics["dice"] == pytest.approx(np.mean(per_class))
