@@ -1,6 +1,6 @@
 """Validate a data set before it is cached or trained on, and print a table of its problems.
 
-    python main.py check-data --data PATH [--format msd|isic|ph2|folders]
+    python main.py check-data --data PATH [--format msd|acdc|isic|ph2|folders]
 
 Checks: cases found; images without labels and labels without images; image/label shape or affine
 mismatches (the message names both files); label values that are not integers, not in
