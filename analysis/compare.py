@@ -15,6 +15,9 @@ shared settings (same data, network and schedule; a method's own section may dif
 on case_id. Over seeds, a case's
 Dice is first averaged over the seeds where it was paired, so a test case shared by all seeds
 counts once (the test is on cases, not on case-seed repeats).
+
+Multi-class runs (metrics.json lists "classes"): Dice etc. are the means over the foreground
+classes, and a `Dice <class>` column per class follows the others.
 """
 from __future__ import annotations
 
@@ -39,6 +42,17 @@ TABLE_METRICS = ("dice", "iou", "precision", "recall", "hd95", "asd")
 HEADERS = {"dice": "Dice", "iou": "IoU", "precision": "Precision", "recall": "Recall",
            "hd95": "HD95", "asd": "ASD"}
 DISTANCES = ("hd95", "asd")
+
+
+def table_metrics(runs) -> tuple:
+    """TABLE_METRICS, plus a `dice_<class>` column for every class a multi-class run's metrics.json
+    names (its "classes" list), in the order first seen."""
+    names = dict.fromkeys(c for run in runs for c in ((run.metrics or {}).get("classes") or []))
+    return TABLE_METRICS + tuple(f"dice_{c}" for c in names)
+
+
+def header(name: str) -> str:
+    return HEADERS.get(name) or (f"Dice {name[len('dice_'):]}" if name.startswith("dice_") else name)
 
 
 def _group_order(key):
@@ -141,12 +155,13 @@ def summary_table(runs: list[Run]) -> pd.DataFrame:
     tests = wilcoxon_table(runs)
     over_seeds = tests[tests["seed"] == "all"].set_index(["method", "labeled_fraction", "setting"])
     rows = []
+    metrics_shown = table_metrics(runs)
     for key in sorted(groups, key=_group_order):
         method, fraction, setting = key
         members = groups[key]
         row = dict(method=method, labeled_fraction=fraction, setting=setting, n_seeds=len(members),
                    seeds=" ".join(str(run.seed) for run in members))
-        for name in TABLE_METRICS:
+        for name in metrics_shown:
             values = np.array([np.nan if run.metrics.get(name) is None else run.metrics[name]
                                for run in members], dtype=float)
             values = values[~np.isnan(values)]
@@ -158,6 +173,7 @@ def summary_table(runs: list[Run]) -> pd.DataFrame:
         row["p_wilcoxon"] = over_seeds.loc[key, "p_value"] if key in over_seeds.index else math.nan
         rows.append(row)
     table = pd.DataFrame(rows)
+    table.attrs["metrics"] = metrics_shown
     units = {run.distance_unit() for run in runs}
     table.attrs["distance_unit"] = units.pop() if len(units) == 1 else "mixed units"
     return table
@@ -178,18 +194,19 @@ def _p_text(p):
 def display_rows(table: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
     unit = table.attrs.get("distance_unit", "px")
     with_setting = bool(table["setting"].astype(bool).any()) if len(table) else False
-    header = ["Method"] + (["Setting"] if with_setting else []) + ["Labeled", "Seeds"] + [
-        f"{HEADERS[name]} ({unit})" if name in DISTANCES else HEADERS[name] for name in TABLE_METRICS
+    shown = table.attrs.get("metrics", TABLE_METRICS)
+    head = ["Method"] + (["Setting"] if with_setting else []) + ["Labeled", "Seeds"] + [
+        f"{header(name)} ({unit})" if name in DISTANCES else header(name) for name in shown
     ] + ["p (Dice vs supervised)"]
     body = []
     for _, row in table.iterrows():
         cells = [row["method"]] + ([row["setting"] or "–"] if with_setting else []) + [
             percent(row["labeled_fraction"]), str(row["n_seeds"])]
-        for name in TABLE_METRICS:
+        for name in shown:
             cells.append(_mean_std(row[f"{name}_mean"], row[f"{name}_std"], 2 if name in DISTANCES else 3))
         cells.append(_p_text(row["p_wilcoxon"]))
         body.append(cells)
-    return header, body
+    return head, body
 
 
 def to_markdown(table: pd.DataFrame) -> str:

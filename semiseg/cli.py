@@ -295,8 +295,10 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                 + "), else supervised (the other presets, pancreas_* included, name none)"))
         p.add_argument("--preset", default="", help=(
             f"named settings, one of: {', '.join(sorted(config.PRESETS))} (smoke: seconds, for wiring checks; "
+            f"smoke_multiclass: the same with 2 classes on synthetic CT volumes; "
             f"cpu: a small first run on a CPU; pancreas_*: the pancreas runs on MSD Task07; isic2016_*: MIRA-U "
-            f"on ISIC-2016 at 10-50%% labels). Applied first, then --config, then --set"))
+            f"on ISIC-2016 at 10-50%% labels; acdc_3, acdc_7: ACDC at 3 or 7 labelled patients, SSL4MIS's "
+            f"protocol). Applied first, then --config, then --set"))
         p.add_argument("--config", default="", metavar="FILE.yaml",
                        help="YAML file of overrides in config.yaml's layout (applied after --preset)")
         config.add_set_argument(p)
@@ -330,7 +332,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default="best", choices=["best", "latest"],
                    help="best_model.keras, or the newest checkpoint in RUN_DIR/checkpoints")
     p.add_argument("--data", default=None, help="an external labelled data set (all its cases: split 'external')")
-    p.add_argument("--format", default=None, help="format of --data: msd|isic|ph2|folders|auto")
+    p.add_argument("--format", default=None, help="format of --data: msd|acdc|isic|ph2|folders|auto")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only; batch jobs)")
     p.set_defaults(fn=cmd_evaluate)
 
@@ -339,7 +341,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("input", help="a picture, a NIfTI volume (.nii/.nii.gz), or a folder of them")
     p.add_argument("output", help="a mask file for one input, else a folder (never overwritten)")
     p.add_argument("--tta", action="store_true", help="average over flips (test-time augmentation)")
-    p.add_argument("--threshold", type=float, default=0.5, help="foreground where probability >= this")
+    p.add_argument("--threshold", type=float, default=0.5, help="foreground where probability >= this (binary runs; multi-class runs take the argmax class)")
     p.add_argument("--save-probabilities", action="store_true",
                    help="also write NAME_prob.npy (pictures) / NAME_prob.nii.gz (volumes), float32")
     p.add_argument("--uncertainty", action="store_true",

@@ -25,7 +25,7 @@ import yaml
 
 @dataclass
 class DataConfig:
-    format: str = "synthetic"          # synthetic | isic | ph2 | msd | folders | auto
+    format: str = "synthetic"          # synthetic | isic | ph2 | msd | acdc | folders | auto
     path: str = ""                     # data root; empty with format=synthetic = the embedded set
     cache_dir: str = ""                # slice-cache root; empty = $SEMISEG_CACHE or ~/.cache/semiseg
     image_size: int = 64               # slices/images are resized to image_size x image_size
@@ -50,11 +50,20 @@ class DataConfig:
                                        # At 1.5 the mix, not blur, is what 10% labels cover poorly: supervised
                                        # scored 12 Dice points below all labels there (3 seeds), 5 at 1.0.
     synthetic_seed: int = 0            # the data set's identity; run seeds vary splits and init, not the data
+    synthetic_kind: str = "2d"         # 2d: dermoscopy-like lesions (binary) | 3d: CT-like volumes (synthetic_cases
+                                       # volumes of synthetic_size^2 x 24 voxels, organ 1 + lesion 2; multi-class)
     # Volumes (NIfTI): how 3D scans become 2D training slices.
     slice_axis: int = 2                # after reorientation to RAS+ : 2 = axial
     modality: str = "auto"             # auto (from dataset.json) | ct | mri
     ct_window: typing.List[float] = field(default_factory=lambda: [-125.0, 275.0])  # HU, abdomen
-    label_set: typing.List[int] = field(default_factory=lambda: [1, 2])  # labels merged into foreground
+    label_set: typing.List[int] = field(default_factory=lambda: [1, 2])  # one class: these labels merge into
+                                       # the foreground; K classes: exactly K labels, label_set[i] -> class i+1
+    # The segmented structures, background (class 0) implicit. One name = binary (sigmoid, one output
+    # channel); K >= 2 names = K + 1 classes (softmax). Names label per-class metric columns.
+    classes: typing.List[str] = field(default_factory=lambda: ["foreground"])
+    split_file: str = ""               # YAML/JSON with train/val/test (optionally labeled) patient or case
+                                       # ids that fixes the split exactly; empty = split by the fractions
+    labeled_cases: int = 0             # labelled training patients (groups) to draw; 0 = labeled_fraction
     foreground_only: bool = False      # keep slices with foreground plus background_ratio of the rest
     background_ratio: float = 0.1
     unlabeled_test_images: bool = True  # MSD imagesTs serve as unlabelled training data
@@ -211,6 +220,19 @@ PRESETS: dict[str, dict] = {
         "mira_u": {"mim_epochs": 1, "mim_batch_size": 4, "embed_dim": 32, "depth": 1, "num_heads": 2,
                    "student_base_channels": 4, "student_swin_depth": 1, "mc_samples": 3, "rampup_epochs": 1.0, "patch_size": 8},
     },
+    # Seconds, multi-class: the embedded CT-like volumes (organ 1, lesion 2 inside it) as two classes,
+    # so the C = 3 path (softmax, per-class metrics, label-map predictions) runs without any download.
+    "smoke_multiclass": {
+        "data": {"format": "synthetic", "synthetic_kind": "3d", "synthetic_cases": 8, "synthetic_size": 48,
+                 "image_size": 32, "classes": ["organ", "lesion"], "label_set": [1, 2], "labeled_fraction": 0.34,
+                 "shuffle_buffer": 64},
+        "model": {"base_filters": 4, "depth": 2},
+        "train": {"epochs": 2, "steps_per_epoch": 3, "batch_size": 4, "steps_per_loop": 3, "eval_batch_size": 8},
+        "mean_teacher": {"rampup_epochs": 1.0},
+        "mixmatch": {"rampup_epochs": 1.0},
+        "mira_u": {"mim_epochs": 1, "mim_batch_size": 4, "embed_dim": 32, "depth": 1, "num_heads": 2,
+                   "student_base_channels": 4, "student_swin_depth": 1, "mc_samples": 3, "rampup_epochs": 1.0, "patch_size": 8},
+    },
     # The README's first real run on a CPU: 12 epochs x 40 steps at 64x64 (measured times: docs/benchmarks.md).
     "cpu": {
         "data": {"image_size": 64, "labeled_fraction": 0.1},
@@ -265,6 +287,28 @@ for _fraction in (10, 20, 30, 50):
                    "lambda_u": 1.0, "lambda_c": 0.1, "gamma": 0.01},
     }
 
+
+# ACDC with the semi-supervised literature's protocol, as SSL4MIS (github.com/HiLab-git/SSL4MIS) runs it
+# for its ACDC table (the 3 and 7 labelled-patient columns that BCP, ABD and UniMatch re-runs report):
+# its 70/10/20 patient split and labelled patients (data.split_file acdc_ssl4mis, shipped), RV/MYO/LV
+# as classes 1/2/3, 2D slices resized to 256x256, 24 images a step of which 12 labelled (here
+# batch_size 12 + unlabeled_ratio 1), 30k iterations (150 epochs x 200 steps: validation every 200
+# iterations, as there), SGD lr 0.01 with momentum 0.9 and weight decay 1e-4, poly decay (power 0.9),
+# a U-Net of 16-256 channels, loss 0.5 CE + 0.5 Dice, Mean Teacher EMA 0.99 with consistency 0.1 ramped
+# up over the whole run (SSL4MIS: 200 ramp units of 150 iterations). Pass --data PATH/ACDC.
+# Deviations: MRI slices are scaled per volume between the 0.5/99.5 percentiles (SSL4MIS: min-max),
+# the poly schedule ends at 1% of lr (SSL4MIS: 0), the U-Net's dropout is 0.1 throughout (SSL4MIS:
+# 0.05-0.5 by depth), and supervised runs train on the 12 labelled images a step only.
+for _patients in (3, 7):
+    PRESETS[f"acdc_{_patients}"] = {
+        "data": {"format": "acdc", "split_file": "acdc_ssl4mis", "labeled_cases": _patients, "image_size": 256,
+                 "classes": ["RV", "MYO", "LV"], "label_set": [1, 2, 3], "modality": "mri"},
+        "model": {"base_filters": 16, "depth": 4},
+        "train": {"epochs": 150, "steps_per_epoch": 200, "batch_size": 12, "unlabeled_ratio": 1,
+                  "optimizer": "sgd", "lr": 0.01, "momentum": 0.9, "weight_decay": 1e-4, "schedule": "poly",
+                  "clip_norm": 0.0, "lambda_dice": 0.5, "lambda_bce": 0.5},
+        "mean_teacher": {"ema_decay": 0.99, "consistency": 0.1, "rampup_epochs": 150.0},
+    }
 
 def _field_types(cls) -> dict[str, typing.Any]:
     return typing.get_type_hints(cls)
@@ -421,7 +465,7 @@ METHODS: dict[str, MethodInfo] = {
     "mira_u": MethodInfo(("student", "teacher"), True, "mira_u.lambda_u"),
 }
 MODEL_NAMES = ("unet", "hybrid")                  # models_tf2.MODELS (test-checked)
-DATA_FORMATS = ("synthetic", "isic", "ph2", "msd", "folders", "auto")   # data_sources.SOURCES + auto
+DATA_FORMATS = ("synthetic", "isic", "ph2", "msd", "acdc", "folders", "auto")   # data_sources.SOURCES + auto
 
 # Valid range of every int/float field, checked at resolution: (test, wording). A test asserts
 # that each numeric field of every section has an entry, so a new field cannot skip its check.
@@ -435,7 +479,7 @@ RANGES: dict[str, tuple] = {
     "data.shuffle_buffer": _AT_LEAST_1, "data.shuffle_buffer_mb": _AT_LEAST_0, "data.synthetic_cases": _AT_LEAST_1,
     "data.synthetic_size": (lambda v: v >= 16, ">= 16 (the generator's minimum)"), "data.synthetic_difficulty": _AT_LEAST_0,
     "data.synthetic_seed": _AT_LEAST_0, "data.split_seed": _AT_LEAST_0, "data.slice_axis": (lambda v: v in (0, 1, 2), "0, 1 or 2"),
-    "data.background_ratio": _FRACTION,
+    "data.background_ratio": _FRACTION, "data.labeled_cases": (lambda v: v >= 0, ">= 0 (0 = labeled_fraction)"),
     "model.base_filters": _AT_LEAST_1, "model.depth": _AT_LEAST_1, "model.dropout": _DECAY,
     "model.bn_momentum": _DECAY,
     "train.epochs": _AT_LEAST_1, "train.steps_per_epoch": (lambda v: v >= 0, ">= 0 (0 = one pass over the data)"),
@@ -466,7 +510,7 @@ RANGES: dict[str, tuple] = {
 }
 CHOICES: dict[str, tuple] = {
     "method": tuple(METHODS), "model.name": MODEL_NAMES, "data.format": DATA_FORMATS,
-    "data.modality": ("auto", "ct", "mri"), "model.activation": ("relu", "leaky_relu"),
+    "data.modality": ("auto", "ct", "mri"), "data.synthetic_kind": ("2d", "3d"), "model.activation": ("relu", "leaky_relu"),
     "train.lr_scaling": ("none", "linear"), "train.schedule": ("constant", "cosine", "poly"),
     "train.optimizer": ("adam", "sgd"), "train.precision": ("float32", "mixed_float16", "mixed_bfloat16"),
     "train.distribution": ("auto", "none", "mirrored", "multi_worker"), "train.export": ("auto", "student", "teacher", "ema"),
@@ -527,6 +571,32 @@ def _validate_data(cfg: Config) -> None:
            f"must be [low, high] with low < high (HU), got {d.ct_window}")
     _check(len(d.label_set) >= 1 and all(v >= 1 for v in d.label_set), "data.label_set",
            f"must list one or more foreground labels >= 1 (0 is background), got {d.label_set}")
+    _check(len(d.label_set) == len(set(d.label_set)), "data.label_set", f"lists a label twice: {d.label_set}")
+    names = [c.strip() for c in d.classes]
+    _check(len(names) >= 1 and all(names), "data.classes",
+           f"must name one or more structures (non-empty names; background is implicit), got {d.classes}")
+    _check(len(set(names)) == len(names), "data.classes", f"names must be unique, got {d.classes}")
+    _check(all(n.lower() != "background" for n in names), "data.classes",
+           f"class 0 is the implicit background: do not list it, got {d.classes}")
+    # One name keeps today's meaning (every label_set value is foreground); K names need one label each.
+    _check(len(names) == 1 or len(d.label_set) == len(names), "data.label_set",
+           f"data.classes names {len(names)} structures {names}: label_set must list exactly {len(names)} "
+           f"labels (label_set[i] -> class i+1), got {d.label_set}")
+
+
+def num_classes(data_cfg) -> int:
+    """C, the number of classes including background: 2 for binary, K + 1 for K named structures."""
+    return len(data_cfg.classes) + 1
+
+
+def is_multiclass(data_cfg) -> bool:
+    """K >= 2 named structures: softmax over C channels (binary stays one sigmoid channel)."""
+    return len(data_cfg.classes) >= 2
+
+
+def output_channels(data_cfg) -> int:
+    """Network output channels: 1 (sigmoid) for binary, C (softmax logits) for multi-class."""
+    return num_classes(data_cfg) if is_multiclass(data_cfg) else 1
 
 
 def _validate_train(cfg: Config) -> None:

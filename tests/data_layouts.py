@@ -150,3 +150,47 @@ def make_folders_numbered_per_split(root, counts=(("train", 6), ("val", 2), ("te
             Image.fromarray(image).save(root / "images" / subset / f"{name}.png")
             Image.fromarray(mask).save(root / "labels" / subset / f"{name}_mask.png")
     return root
+
+
+def acdc_frame(shape=(20, 24, 5), seed=0, systole=False):
+    """(cine MRI float32, labels uint8: 1 RV, 2 MYO, 3 LV) of one frame: a bright LV disc in a
+    myocardium ring, the RV beside it; the cavities shrink at end-systole."""
+    rng = np.random.default_rng(seed)
+    xx, yy = np.mgrid[:shape[0], :shape[1]]
+    cx, cy = shape[0] / 2 + rng.uniform(-1, 1), shape[1] / 2 + 2 + rng.uniform(-1, 1)
+    r_lv = (3.0 if systole else 4.5) + rng.uniform(-0.3, 0.3)
+    dist = np.sqrt((xx - cx) ** 2 + (yy - cy) ** 2)
+    rv = np.sqrt((xx - cx) ** 2 + (yy - (cy - r_lv - 5)) ** 2) < (2.5 if systole else 3.5)
+    plane = np.zeros(shape[:2], np.uint8)
+    plane[rv] = 1
+    plane[(dist >= r_lv) & (dist < r_lv + 2)] = 2
+    plane[dist < r_lv] = 3
+    labels = np.zeros(shape, np.uint8)
+    for z in range(1, shape[2] - 1):          # base and apex slices without heart, as in real stacks
+        labels[..., z] = plane
+    intensity = np.choose(labels, [80.0, 300.0, 120.0, 320.0])
+    image = (intensity + rng.normal(0, 15, shape)).astype(np.float32)
+    return image, labels
+
+
+def make_acdc(root, patients=(1, 2, 3, 4, 5, 6), testing=(), shape=(20, 24, 5), testing_labels=True):
+    """ACDC layout: training/patientNNN/{Info.cfg, patientNNN_frameMM.nii.gz, ..._gt.nii.gz} for the
+    ED and ES frames (ED frame 1, ES frame 8 + NNN % 5), testing/ the same; real affines (flipped
+    axes, scanner origin, 1.5625 x 1.5625 x 10 mm) as the release's short-axis stacks."""
+    root = Path(root)
+    for subset, numbers in (("training", patients), ("testing", testing)):
+        for number in numbers:
+            name = f"patient{number:03d}"
+            folder = root / subset / name
+            folder.mkdir(parents=True)
+            ed, es = 1, 8 + number % 5
+            (folder / "Info.cfg").write_text(f"ED: {ed}\nES: {es}\nGroup: NOR\nHeight: 180.0\nNbFrame: 20\n"
+                                             f"Weight: 75.0\n")
+            affine = np.array([[-1.5625, 0, 0, 180.0], [0, -1.5625, 0, 150.0], [0, 0, 10.0, -40.0], [0, 0, 0, 1]])
+            for frame in (ed, es):
+                image, labels = acdc_frame(shape, seed=number * 100 + frame, systole=frame == es)
+                write_nifti(folder / f"{name}_frame{frame:02d}.nii.gz", image, affine)
+                if subset == "training" or testing_labels:
+                    write_nifti(folder / f"{name}_frame{frame:02d}_gt.nii.gz", labels, affine)
+            write_nifti(folder / f"{name}_4d.nii.gz", np.zeros(shape + (2,), np.float32), affine)
+    return root

@@ -100,6 +100,8 @@ BAD = [
     ("supervised", ["data.val_fraction=0.6", "data.test_fraction=0.5"], "data.val_fraction"),
     ("supervised", ["data.ct_window=[300,100]"], "data.ct_window"),
     ("supervised", ["data.format=nifti"], "data.format"),
+    ("supervised", ["data.classes=[RV,MYO,LV]", "data.label_set=[1,2]"], "data.label_set"),
+    ("supervised", ["data.labeled_cases=-1"], "data.labeled_cases"),
     ("supervised", ["seed=-1"], "seed"),
     ("supervised", ["train.epochs=many"], "train.epochs"),
     ("supervised", ["train.batch_size=2.5"], "train.batch_size"),
@@ -131,6 +133,33 @@ def test_hybrid_honours_bn_momentum_and_sync_batchnorm():
     norms = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
     assert len(norms) > 10
     assert {(n.momentum, n.synchronized) for n in norms} == {(0.8, True)}
+
+
+CLASS_RULES = [
+    (["data.classes=[]"], "data.classes", "one or more"),
+    (["data.classes=[a,'']"], "data.classes", "non-empty"),
+    (["data.classes=[RV,RV]", "data.label_set=[1,2]"], "data.classes", "unique"),
+    (["data.classes=[background,RV]", "data.label_set=[1,2]"], "data.classes", "implicit background"),
+    (["data.classes=[RV,MYO,LV]", "data.label_set=[1,2]"], "data.label_set", "exactly 3"),
+    (["data.classes=[RV,MYO]", "data.label_set=[1,0]"], "data.label_set", ">= 1"),
+    (["data.classes=[RV,MYO]", "data.label_set=[2,2]"], "data.label_set", "twice"),
+]
+
+
+@pytest.mark.parametrize("sets, key, words", CLASS_RULES)
+def test_class_rules_name_the_key(sets, key, words):
+    with pytest.raises(ConfigError) as err:
+        config.resolve("smoke", overrides=sets)
+    assert str(err.value).startswith(key) and words in str(err.value)
+
+
+def test_class_count_helpers():
+    binary = config.resolve("smoke").data
+    assert binary.classes == ["foreground"] and binary.label_set == [1, 2]     # today's default: 1 and 2 merge
+    assert (config.num_classes(binary), config.is_multiclass(binary), config.output_channels(binary)) == (2, False, 1)
+    three = config.resolve("smoke", overrides=["data.classes=RV,MYO,LV", "data.label_set=[1,2,3]"]).data
+    assert three.classes == ["RV", "MYO", "LV"]
+    assert (config.num_classes(three), config.is_multiclass(three), config.output_channels(three)) == (4, True, 4)
 
 
 # Runs main.main in a fresh interpreter: is TensorFlow loaded by the time the error is reported?

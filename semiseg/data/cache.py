@@ -10,7 +10,8 @@ A cache is built in a private `*.partial-HOST-PID` folder and renamed into place
 (manifest written last), so a killed preprocess is never read, and two jobs racing to build the
 same cache both end up reading one complete copy.
 
-One record per slice, every slice of every case: image (float16 [H, W, C]), mask (uint8 [H, W]),
+One record per slice, every slice of every case: image (float16 [H, W, C]), mask (uint8 [H, W]
+class indices: {0, 1} with one class, 0..K with K classes in data.classes),
 has_label, case id, slice index, and train_keep (1 if the slice is used for training: with
 data.foreground_only only foreground slices plus a share of empty ones; evaluation reads all).
 The manifest lists per case n_slices, n_train_slices, train_slices, spacing, original_shape, meta,
@@ -43,7 +44,11 @@ CACHE_VERSION = 2
 SHARD_BYTES = 128 * 2 ** 20          # a shard holds whole cases, up to about this much
 # DataConfig fields that do not change the cached slices (splits and streaming only).
 _NOT_IN_KEY = {"labeled_fraction", "val_fraction", "test_fraction", "hide_labels", "shuffle_buffer", "shuffle_buffer_mb",
-               "shard_policy", "cache_dir", "unlabeled_test_images"}
+               "shard_policy", "cache_dir", "unlabeled_test_images", "split_file", "labeled_cases"}
+# Fields added after caches existed, left out of the key at the value that reproduces the old
+# slices, so a binary data set keeps its cache (and its key): one class of any name (masks merge
+# label_set as before) and the embedded 2D set.
+_KEY_ONLY_WHEN = {"classes": lambda v: len(v) >= 2, "synthetic_kind": lambda v: v != "2d"}
 
 
 def cache_root(data_cfg) -> Path:
@@ -53,7 +58,8 @@ def cache_root(data_cfg) -> Path:
 
 def key_settings(data_cfg) -> dict:
     """The data.* settings a cache key hashes (recorded in the manifest to explain a miss)."""
-    return {k: v for k, v in dataclasses.asdict(data_cfg).items() if k not in _NOT_IN_KEY}
+    return {k: v for k, v in dataclasses.asdict(data_cfg).items()
+            if k not in _NOT_IN_KEY and _KEY_ONLY_WHEN.get(k, lambda _: True)(v)}
 
 
 def _file_stamps(cases: list[Case]) -> list[bytes]:
@@ -92,9 +98,12 @@ def key_of(path: Path) -> str:
     return Path(path).name.rsplit("-", 1)[-1]
 
 
-def resize_slices(image: np.ndarray, label, size: int):
-    """[S, H, W, C] float and [S, H, W] uint8 -> size x size. Masks are resized as float and
-    thresholded at 0.5, which keeps thin structures that nearest-neighbour sampling can drop."""
+def resize_slices(image: np.ndarray, label, size: int, num_classes: int = 2):
+    """[S, H, W, C] float and [S, H, W] uint8 class indices -> size x size. Binary masks are resized
+    as float and thresholded at 0.5, which keeps thin structures that nearest-neighbour sampling can
+    drop. With more classes each class's indicator is resized the same way and every pixel takes the
+    class of largest weight (background on ties): never an index between two classes (resizing the
+    indices themselves would turn an RV/LV border into MYO), and thin structures survive as in binary."""
     from PIL import Image
     s, h, w, c = image.shape
     if (h, w) == (size, size):
@@ -108,14 +117,18 @@ def resize_slices(image: np.ndarray, label, size: int):
         for ch in range(c):
             out[i, :, :, ch] = resize(image[i, :, :, ch])
     out_label = None
-    if label is not None:
+    if label is not None and num_classes > 2:
+        out_label = np.stack([np.argmax(np.stack([resize((label[i] == k).astype(np.float32))
+                                                  for k in range(num_classes)]), axis=0).astype(np.uint8)
+                              for i in range(s)])
+    elif label is not None:
         out_label = np.stack([(resize(label[i]) >= 0.5).astype(np.uint8) for i in range(s)])
     return np.clip(out, 0.0, 1.0), out_label
 
 
 def train_keep_flags(loaded: LoadedCase, data_cfg, case_id: str) -> np.ndarray:
     """Per slice: 1 if the slice is used for *training*, else 0. All slices, unless foreground_only:
-    then the foreground slices plus a seeded random `background_ratio` share of the empty ones
+    then the foreground slices (any class > 0) plus a seeded random `background_ratio` share of the empty ones
     (pancreas is small; most slices are empty). Evaluation always reads every slice: metrics are
     per whole volume."""
     n = loaded.image.shape[0]
@@ -314,7 +327,7 @@ def write_chunk(task, tick) -> dict:
         for case in cases:
             loaded = source.load_case(case, data_cfg)
             keep = train_keep_flags(loaded, data_cfg, case.case_id)
-            image, label = resize_slices(loaded.image, loaded.label, data_cfg.image_size)
+            image, label = resize_slices(loaded.image, loaded.label, data_cfg.image_size, config.num_classes(data_cfg))
             channels = int(image.shape[-1])
             if part["channels"] is None:
                 part["channels"] = channels

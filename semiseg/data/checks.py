@@ -1,10 +1,11 @@
 """Validate a data set before it is cached or trained on, and print a table of its problems.
 
-    python main.py check-data --data PATH [--format msd|isic|ph2|folders]
+    python main.py check-data --data PATH [--format msd|acdc|isic|ph2|folders]
 
 Checks: cases found; images without labels and labels without images; image/label shape or affine
 mismatches (the message names both files); label values that are not integers, not in
-data.label_set, or not binary (pictures); empty masks; unreadable or truncated files; NaN/Inf
+data.label_set (per file: with K classes they become background), or not binary (pictures, one
+class); multi-class picture masks that are not single-channel label maps; empty masks; unreadable or truncated files; NaN/Inf
 voxels; channel counts that differ between cases; voxel spacings far from the data set's median.
 Errors make the data set unusable (check-data exits 2, training stops before any run folder or
 cache is touched); warnings are printed and training goes on. Cases are checked on worker
@@ -132,14 +133,24 @@ def _check_label_values(path: str, values: np.ndarray, data_cfg) -> list:
         return [Problem("error", path, f"negative label value {int(ints.min())}")]
     counts = np.bincount(ints.ravel()) if ints.size and ints.max() < 2 ** 16 else None
     present = np.flatnonzero(counts) if counts is not None else np.unique(ints)
+    return _unexpected_values(path, present, data_cfg, "voxel")
+
+
+def _unexpected_values(path: str, present, data_cfg, unit: str) -> list:
+    """Warnings for label values outside data.label_set (background then) and for empty masks."""
     label_set = {int(v) for v in data_cfg.label_set}
     problems = []
     others = sorted(int(v) for v in present if v != 0 and v not in label_set)
     if others:
-        problems.append(Problem("warning", path, f"label values {others} are not in data.label_set "
-                                                 f"{sorted(label_set)}: they count as background"))
+        if len(data_cfg.classes) >= 2:
+            mapping = ", ".join(f"{label}->{name}" for label, name in zip(data_cfg.label_set, data_cfg.classes))
+            problems.append(Problem("warning", path, f"unexpected label values {others}: data.label_set maps only "
+                                                     f"{mapping}; these count as background"))
+        else:
+            problems.append(Problem("warning", path, f"label values {others} are not in data.label_set "
+                                                     f"{sorted(label_set)}: they count as background"))
     if not any(int(v) in label_set for v in present):
-        problems.append(Problem("warning", path, f"empty mask: no voxel labelled {sorted(label_set)}"))
+        problems.append(Problem("warning", path, f"empty mask: no {unit} labelled {sorted(label_set)}"))
     return problems
 
 
@@ -180,6 +191,12 @@ def _check_picture(case: Case, data_cfg) -> tuple[list, dict]:
                                 f"label {case.label} has shape {(mask.height, mask.width)} but image {case.image} "
                                 f"has shape {(img.height, img.width)}"))
         return problems, info
+    if len(data_cfg.classes) >= 2:        # a label map: pixel values are labels (sources.read_mask_picture)
+        from semiseg.data.sources import LABEL_MAP_MODES
+        if mask.mode not in LABEL_MAP_MODES:
+            return problems + [Problem("error", case.label, f"a multi-class mask must be a single-channel label map "
+                                                            f"(grey or palette PNG of label values), got mode {mask.mode}")], info
+        return problems + _unexpected_values(case.label, np.unique(np.asarray(mask)), data_cfg, "pixel"), info
     values = np.unique(np.asarray(mask.convert("L")))
     if not (set(values.tolist()) <= {0, 1} or set(values.tolist()) <= {0, 255}):
         shown = ", ".join(str(v) for v in values[:6]) + (" ..." if len(values) > 6 else "")
@@ -210,7 +227,7 @@ def check_chunk(task, tick) -> list:
 
 # ---------------------------------------------------------------- the whole data set
 def _unlabelled_notes(fmt: str, cases: list) -> list:
-    if fmt == "msd":          # imagesTs are unlabelled by design
+    if fmt in ("msd", "synthetic"):   # imagesTs (the 3D synthetic set's too) are unlabelled by design
         return []
     notes = []
     for case in cases:

@@ -34,10 +34,12 @@ TRAIN_FILTERED_SPLITS = ("labeled",)
 
 
 def data_set_name(data_cfg, fmt: str = "") -> str:
-    """How outputs name the data set: 'synthetic v2' (the embedded set and its generator version),
+    """How outputs name the data set: 'synthetic v2' (the embedded set and its generator version; "synthetic 3d v1" for the volumes),
     else the data folder's absolute path."""
     if (fmt or data_cfg.format) == "synthetic":
-        from semiseg.data.synthetic import GENERATOR_VERSION
+        from semiseg.data.synthetic import GENERATOR_VERSION, GENERATOR_VERSION_3D
+        if data_cfg.synthetic_kind == "3d":
+            return f"synthetic 3d {GENERATOR_VERSION_3D}"
         return f"synthetic {GENERATOR_VERSION}"
     return str(Path(data_cfg.path).expanduser().resolve())
 
@@ -59,6 +61,18 @@ class DataBundle:
     @property
     def channels(self) -> int:
         return int(self.manifest["channels"])
+
+    @property
+    def num_classes(self) -> int:
+        """C, classes including background: 2 for binary masks {0, 1}, K + 1 for K named structures
+        (masks then hold class indices 0..K)."""
+        from semiseg import config
+        return config.num_classes(self.data_cfg)
+
+    @property
+    def class_names(self) -> list:
+        """The structures of classes 1..K (data.classes); background (0) is implicit."""
+        return list(self.data_cfg.classes)
 
     def n_slices(self, split: str) -> int:
         """Records the split's stream yields per pass: the training-kept slices for 'labeled'
@@ -165,7 +179,8 @@ class DataBundle:
         return ds.map(self.parse_record, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True) if decode else ds
 
     def parse_record(self, record):
-        """A serialized cache record -> {'image' [H,W,C], 'mask' [H,W,1] (float32), 'case', 'index'}."""
+        """A serialized cache record -> {'image' [H,W,C], 'mask' [H,W,1] (float32 class index: 0./1.
+        binary, 0..K multi-class), 'case', 'index'}."""
         import tensorflow as tf
         size, ch = self.image_size, self.channels
         f = tf.io.parse_single_example(record, _record_features())

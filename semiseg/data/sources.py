@@ -1,6 +1,6 @@
 """Data sources: turn a data-set folder into a list of cases, and read one case as normalised slices.
 
-    python main.py check-data --data PATH [--format msd|isic|ph2|folders]   # lists and checks the cases
+    python main.py check-data --data PATH [--format msd|acdc|isic|ph2|folders]   # lists and checks the cases
 
 A *source* is registered by format name and provides:
   list_cases(root, data_cfg) -> list[Case]         (paths only, nothing decoded: cheap)
@@ -8,7 +8,7 @@ A *source* is registered by format name and provides:
   detect(root) -> bool                             (optional: does this folder have my layout?)
   find_orphans(root, data_cfg) -> [(path, what)]   (optional: files that pair with nothing)
 Everything downstream (splits, the slice cache, tf.data) works on these, whatever the format.
-Formats (layouts drawn in docs/data.md): msd, isic, ph2, folders, and the embedded synthetic set.
+Formats (layouts drawn in docs/data.md): msd, acdc, isic, ph2, folders, and the embedded synthetic set.
 No TensorFlow here: sources run in preprocessing worker processes.
 """
 from __future__ import annotations
@@ -34,12 +34,14 @@ class Case:
     subset: Optional[str] = None   # split fixed by the data set's own layout (train/val/test), else None
     kind: str = "2d"               # 2d | 3d
     modality: Optional[str] = None  # ct | mri for volumes when the data set says so (MSD dataset.json)
+    group: Optional[str] = None    # cases of one patient (ACDC: its ED and ES frames) share it; splits keep a
+                                   # group on one side. None = the case is its own group
 
 
 @dataclass
 class LoadedCase:
     image: np.ndarray              # [S, H, W, C] float32 in [0, 1]; S = 1 for 2D images
-    label: Optional[np.ndarray]    # [S, H, W] uint8 in {0, 1}, or None
+    label: Optional[np.ndarray]    # [S, H, W] uint8 class indices (binary: {0, 1}), or None
     spacing: tuple                 # (row, col, slice) in mm, or (1, 1, 1) pixels when unknown
     spacing_unit: str = "px"       # mm | px
     meta: dict = field(default_factory=dict)
@@ -134,9 +136,32 @@ def read_picture(path, channels: int = 0) -> np.ndarray:
     return arr
 
 
-def read_mask_picture(path) -> np.ndarray:
-    """Read a mask picture as [H, W] uint8 {0, 1}: any non-zero pixel is foreground (0/255 masks)."""
+# Picture modes whose pixel values are the stored numbers themselves (palette PNGs: the indices),
+# so they can hold a label map; RGB(A) masks have no one value per pixel.
+LABEL_MAP_MODES = ("L", "P", "I", "I;16", "1")
+
+
+def read_label_picture(path) -> np.ndarray:
+    """The raw pixel values of a single-channel mask picture as [H, W] int64 (palette: indices)."""
     from PIL import Image, UnidentifiedImageError
+    try:
+        with Image.open(path) as img:
+            if img.mode not in LABEL_MAP_MODES:
+                raise DataError(f"{path}: a multi-class mask must be a single-channel label map (grey or "
+                                f"palette PNG whose values are the labels), got mode {img.mode}")
+            return np.asarray(img).astype(np.int64)
+    except (OSError, UnidentifiedImageError) as err:
+        raise DataError(f"{path}: unreadable or truncated mask ({err})") from None
+
+
+def read_mask_picture(path, data_cfg=None) -> np.ndarray:
+    """Read a mask picture as [H, W] uint8 class indices. One class (the default): {0, 1}, any
+    non-zero pixel is foreground (0/255 masks). K classes (data.classes): pixel values are label
+    values, mapped as volumes are (label_set[i] -> class i + 1, others background)."""
+    from PIL import Image, UnidentifiedImageError
+    if data_cfg is not None and len(data_cfg.classes) >= 2:
+        from semiseg.data import volumes
+        return volumes.map_labels(read_label_picture(path), data_cfg.label_set)
     try:
         with Image.open(path) as img:
             arr = np.asarray(img.convert("L"))
@@ -149,7 +174,7 @@ def load_picture_case(case: Case, data_cfg) -> LoadedCase:
     image = read_picture(case.image, data_cfg.channels)
     label = None
     if case.label is not None:
-        label = read_mask_picture(case.label)
+        label = read_mask_picture(case.label, data_cfg)
         if label.shape != image.shape[:2]:
             raise DataError(f"label {case.label} has shape {label.shape} but image {case.image} "
                             f"has shape {image.shape[:2]}")
@@ -274,10 +299,17 @@ register_source("isic", list_isic_cases, load_picture_case, detect_isic, isic_or
 
 # ---------------------------------------------------------------- the embedded synthetic data set
 def list_synthetic_cases(root, data_cfg) -> list[Case]:
+    """The 2D set in the ISIC layout, or (data.synthetic_kind=3d) the CT-like volumes in the Decathlon one."""
+    if (Path(root) / "dataset.json").is_file():
+        return list_msd_cases(root, data_cfg)
     return list_isic_cases(root, data_cfg)
 
 
-register_source("synthetic", list_synthetic_cases, load_picture_case)
+def load_synthetic_case(case: Case, data_cfg) -> LoadedCase:
+    return load_any_case(case, data_cfg)
+
+
+register_source("synthetic", list_synthetic_cases, load_synthetic_case)
 
 
 # ---------------------------------------------------------------- NIfTI volumes
@@ -507,3 +539,118 @@ def detect_folders(root: Path) -> bool:
 register_source("folders", list_folder_cases, load_any_case, detect_folders, folder_orphans,
                 "  images/{train,val,test}/NAME + labels/{train,val,test}/NAME (pictures or NIfTI; "
                 "or images/ + labels/ without subfolders)")
+
+
+# ---------------------------------------------------------------- ACDC (cardiac cine MRI)
+ACDC_SUBSETS = (("training", None), ("testing", "test"))
+_ACDC_PATIENT = re.compile(r"^patient\d+$")
+_ACDC_FRAME = re.compile(r"^(patient\d+)_frame(\d+)$")
+ACDC_LAYOUT = ("  training/patientNNN/patientNNN_frameMM.nii.gz + patientNNN_frameMM_gt.nii.gz (+ Info.cfg with ED/ES), "
+               "testing/... the same (also under database/)")
+
+
+def _acdc_base(root: Path) -> Path:
+    """The folder holding training/ and testing/: the root, or root/database (the 2021+ download)."""
+    if not any((root / sub).is_dir() for sub, _ in ACDC_SUBSETS) and (root / "database").is_dir():
+        return root / "database"
+    return root
+
+
+def _acdc_patients(base: Path) -> list:
+    return [(subset, p) for sub, subset in ACDC_SUBSETS if (base / sub).is_dir()
+            for p in sorted((base / sub).iterdir()) if p.is_dir() and _ACDC_PATIENT.match(p.name)]
+
+
+def read_acdc_info(path: Path) -> dict:
+    """Info.cfg ('ED: 1', 'ES: 12', 'Group: DCM', ...) as a dict of strings; DataError naming the file."""
+    info = {}
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise DataError(f"{path}: unreadable ({err})") from None
+    for line in lines:
+        if ":" in line:
+            key, value = line.split(":", 1)
+            info[key.strip()] = value.strip()
+    return info
+
+
+def _acdc_frames(patient: Path) -> list:
+    """The patient's end-diastole and end-systole frame numbers from Info.cfg, else every
+    patientNNN_frameMM.nii.gz present (older copies without Info.cfg)."""
+    from semiseg.data import volumes
+    cfg = patient / "Info.cfg"
+    if cfg.is_file():
+        info = read_acdc_info(cfg)
+        frames = []
+        for key in ("ED", "ES"):
+            try:
+                frames.append(int(float(info[key])))
+            except (KeyError, ValueError):
+                raise DataError(f"{cfg}: needs '{key}: FRAME' (an integer frame number), got "
+                                f"{info.get(key, 'nothing')!r}") from None
+        return sorted(set(frames))
+    return sorted(int(m.group(2)) for m in (_ACDC_FRAME.match(volumes.nifti_stem(p)) for p in _niftis(patient))
+                  if m and m.group(1) == patient.name)
+
+
+def _acdc_file(patient: Path, stem: str) -> Optional[Path]:
+    for suffix in (".nii.gz", ".nii"):
+        if (patient / f"{stem}{suffix}").is_file():
+            return patient / f"{stem}{suffix}"
+    return None
+
+
+def list_acdc_cases(root, data_cfg) -> list[Case]:
+    """ACDC: each patient's ED and ES frames (Info.cfg) are two cases, patientNNN_frameMM, of one
+    group (the patient), so no split puts a patient's two frames on two sides. training/ cases are
+    split by the fractions (or data.split_file); testing/ cases form the test split (an unlabelled
+    testing frame, as in the 2017 release, is unlabelled training data when
+    data.unlabeled_test_images, else left out). Cine MRI: scaled by percentiles like any MRI."""
+    root = Path(root)
+    base = _acdc_base(root)
+    patients = _acdc_patients(base)
+    if not patients:
+        raise DataError(f"{root}: no ACDC patients (expected:\n{ACDC_LAYOUT})")
+    cases = []
+    for subset, patient in patients:
+        for frame in _acdc_frames(patient):
+            stem = f"{patient.name}_frame{frame:02d}"
+            image = _acdc_file(patient, stem)
+            if image is None:
+                raise DataError(f"{patient / 'Info.cfg'}: frame {frame} is listed but {stem}.nii.gz is missing")
+            label = _acdc_file(patient, f"{stem}_gt")
+            if label is None and subset == "test":
+                if not data_cfg.unlabeled_test_images:
+                    continue
+                subset = None
+            cases.append(Case(stem, str(image), str(label) if label else None, subset=subset, kind="3d",
+                              modality="mri", group=patient.name))
+    return cases
+
+
+def acdc_orphans(root, data_cfg) -> list:
+    """Ground truths without their frame, and frames with a ground truth that Info.cfg does not list."""
+    from semiseg.data import volumes
+    found = []
+    for _, patient in _acdc_patients(_acdc_base(Path(root))):
+        try:
+            listed = set(_acdc_frames(patient))
+        except DataError:
+            listed = set()
+        for path in _niftis(patient):
+            stem = volumes.nifti_stem(path)
+            if stem.endswith("_gt"):
+                match = _ACDC_FRAME.match(stem[:-3])
+                if _acdc_file(patient, stem[:-3]) is None:
+                    found.append((str(path), "ground truth without its frame: ignored"))
+                elif match and int(match.group(2)) not in listed:
+                    found.append((str(path), f"frame {int(match.group(2))} is not ED or ES in Info.cfg: ignored"))
+    return found
+
+
+def detect_acdc(root: Path) -> bool:
+    return bool(_acdc_patients(_acdc_base(root))[:1])
+
+
+register_source("acdc", list_acdc_cases, load_any_case, detect_acdc, acdc_orphans, ACDC_LAYOUT)

@@ -730,10 +730,19 @@ def ensure_synthetic(root, kind="2d", **params) -> Path:
     return final
 
 
+SYNTHETIC_3D_SLICES = 24     # slices per volume of the embedded 3D set (generate_3d's default depth)
+
+
 def synthetic_root(data_cfg) -> Path:
     """The embedded data set of a DataConfig (data.synthetic_*), generated on first use under
-    <cache home>/synthetic (semiseg.config.cache_home: next to the slice caches) and reused."""
+    <cache home>/synthetic (semiseg.config.cache_home: next to the slice caches) and reused.
+    data.synthetic_kind=3d: the CT-like volumes (Decathlon layout), synthetic_cases labelled
+    volumes of synthetic_size x synthetic_size x 24 voxels plus 2 unlabelled ones."""
     from semiseg import config
+    if getattr(data_cfg, "synthetic_kind", "2d") == "3d":
+        return ensure_synthetic(config.cache_home(data_cfg) / "synthetic", kind="3d", n_cases=data_cfg.synthetic_cases,
+                                shape=(data_cfg.synthetic_size, data_cfg.synthetic_size, SYNTHETIC_3D_SLICES),
+                                seed=data_cfg.synthetic_seed)
     return ensure_synthetic(config.cache_home(data_cfg) / "synthetic", kind="2d", n_cases=data_cfg.synthetic_cases,
                             size=data_cfg.synthetic_size, seed=data_cfg.synthetic_seed,
                             difficulty=data_cfg.synthetic_difficulty)

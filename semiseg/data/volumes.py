@@ -8,8 +8,9 @@ API (NumPy and nibabel only; runs in preprocessing worker processes):
       scl_slope/scl_inter applied (get_fdata), reoriented to the closest canonical RAS+ axes,
       sliced along data_cfg.slice_axis (2 = axial), CT clipped to data_cfg.ct_window and scaled,
       MRI scaled between its 0.5 and 99.5 percentiles (per volume and channel); 4D keeps channels.
-  load_label_volume(path, data_cfg) -> (label [S, H, W] uint8 {0, 1}, meta)
-      labels listed in data_cfg.label_set merge into one foreground; all others are background.
+  load_label_volume(path, data_cfg) -> (label [S, H, W] uint8 class indices, meta)
+      one class (data.classes): labels listed in data_cfg.label_set merge into one foreground {0, 1};
+      K classes: label_set[i] becomes class i + 1 (0..K); all other values are background.
   restore_orientation(mask_slices [S, H, W], meta) -> array in the file's own voxel order/shape
       (mask_slices at the original in-plane size H, W, i.e. resized back from image_size first).
   mask_to_nifti(mask_slices, meta) -> nib.Nifti1Image  /  save_mask_nifti(mask_slices, meta, out_path)
@@ -143,15 +144,32 @@ def merge_labels(values: np.ndarray, label_set) -> np.ndarray:
     return np.isin(np.rint(values).astype(np.int64), [int(v) for v in label_set]).astype(np.uint8)
 
 
+def map_labels(values: np.ndarray, label_set) -> np.ndarray:
+    """uint8 class indices 0..K: label_set[i] -> i + 1, every other (rounded) value -> 0 (background).
+    Kept apart, e.g. pancreas 1 -> class 1 and tumour 2 -> class 2, or ACDC's RV/MYO/LV 1/2/3."""
+    values = np.rint(values).astype(np.int64)
+    out = np.zeros(values.shape, np.uint8)
+    for index, label in enumerate(label_set, start=1):
+        out[values == int(label)] = index
+    return out
+
+
+def class_map(values: np.ndarray, data_cfg) -> np.ndarray:
+    """The label map of a DataConfig: merged {0, 1} with one class (data.classes), else 0..K."""
+    if len(data_cfg.classes) >= 2:
+        return map_labels(values, data_cfg.label_set)
+    return merge_labels(values, data_cfg.label_set)
+
+
 def load_label_volume(path, data_cfg):
-    """(label [S, H, W] uint8 {0, 1}, meta): reoriented and sliced like `load_volume`."""
+    """(label [S, H, W] uint8 class indices (`class_map`), meta): reoriented and sliced like `load_volume`."""
     canonical, meta = _canonical(path)
     values = read_voxels(canonical, path)
     if values.ndim == 4 and values.shape[-1] == 1:
         values = values[..., 0]
     if values.ndim != 3:
         raise DataError(f"{path}: a label volume must be 3D, got shape {values.shape}")
-    label = np.ascontiguousarray(_to_slices(merge_labels(values, data_cfg.label_set), data_cfg.slice_axis))
+    label = np.ascontiguousarray(_to_slices(class_map(values, data_cfg), data_cfg.slice_axis))
     meta.update({"slice_axis": int(data_cfg.slice_axis), "slice_shape": [int(n) for n in label.shape]})
     return label, meta
 

@@ -1,4 +1,4 @@
-"""Segmentation metrics on binary masks, their aggregation over cases, and the files they go to.
+"""Segmentation metrics on binary masks and multi-class label maps, their aggregation over cases, and the files they go to.
 
 Plain NumPy/SciPy (no TensorFlow), so runs can be scored and re-scored anywhere:
 
@@ -28,6 +28,9 @@ Definitions (see docs/evaluation.md):
   (MedPy 0.4 averaged the two directed means; they differ when the surfaces differ in size.)
 - Both masks empty: Dice = IoU = 1, HD95 = ASD = 0. Exactly one empty: Dice = IoU = 0 and
   HD95 = ASD = NaN (undefined), which `aggregate` excludes from its statistics and counts.
+- Multi-class label maps (`multiclass_case_metrics`): every class 1..K scored as its own binary
+  pair with the rules above (per class), keys `<metric>_<class name>`, and the plain keys the mean
+  over the K classes.
 """
 from __future__ import annotations
 
@@ -157,22 +160,70 @@ def case_metrics(pred, truth, spacing=None) -> dict:
     return result
 
 
+def class_key(key: str, name: str) -> str:
+    """The per-class name of a metric: dice + 'LV' -> 'dice_LV' (metrics.json, per_case.csv)."""
+    return f"{key}_{name}"
+
+
+def multiclass_case_metrics(pred, truth, class_names, spacing=None) -> dict:
+    """Metrics of one case of integer label maps (0 = background, class i = class_names[i - 1]).
+
+    Each class c is scored as the binary pair (pred == c, truth == c) by `case_metrics`, with the
+    empty-structure rule per class (both empty: Dice 1, distances 0; one empty: Dice 0, distances
+    NaN); keys `<metric>_<name>`. The plain keys (`dice`, `hd95`, ...) hold the mean over the
+    classes, NaN distances left out (NaN only when every class's distance is undefined)."""
+    pred, truth = np.asarray(pred), np.asarray(truth)
+    if pred.shape != truth.shape or pred.ndim not in (2, 3):
+        raise ValueError(f"pred and truth must be 2D or 3D label maps of equal shape; got pred shape "
+                         f"{pred.shape} and truth shape {truth.shape}")
+    n = len(class_names)
+    for name, array in (("pred", pred), ("truth", truth)):
+        bad = np.setdiff1d(np.unique(array), np.arange(n + 1))
+        if bad.size:
+            raise ValueError(f"{name} holds values {bad[:5].tolist()} outside the classes 0..{n} "
+                             f"(0 = background, {', '.join(class_names)})")
+    result, per_class = {}, []
+    for index, name in enumerate(class_names, start=1):
+        scores = case_metrics(pred == index, truth == index, spacing)
+        per_class.append(scores)
+        result.update({class_key(k, name): v for k, v in scores.items()})
+    means = {}
+    for key in METRIC_KEYS:
+        values = np.array([scores[key] for scores in per_class], dtype=float)
+        values = values[~np.isnan(values)]
+        means[key] = float(values.mean()) if values.size else math.nan
+    # Column order: the means, then metric by metric each class (dice_RV, dice_MYO, dice_LV, iou_RV, ...).
+    return {**means, **{k: result[k] for k in per_class_keys(class_names)}}
+
+
+def per_class_keys(class_names) -> list[str]:
+    """per_case.csv's per-class columns, metric by metric: dice_<each class>, iou_<each class>, ..."""
+    return [class_key(k, name) for k in METRIC_KEYS for name in class_names]
+
+
 def _json_number(value):
     value = float(value)
     return None if math.isnan(value) or math.isinf(value) else value
 
 
-def aggregate(rows: list[dict]) -> dict:
+def aggregate(rows: list[dict], class_names=None) -> dict:
     """The metrics.json payload for per-case rows from `case_metrics` (extra keys are ignored).
 
     For each metric key: the mean over cases; "std" (sample std, ddof=1) and "median" hold the
     same keys. NaN distances (one mask empty) are left out of mean/std/median; their count is
     "n_distance_undefined". Statistics without values are None (JSON null).
+
+    Multi-class (`class_names`, rows from `multiclass_case_metrics`): the same statistics for every
+    `<metric>_<class>` key, and each plain key's mean becomes the mean over the classes of the
+    per-class means (the ACDC tables' "mean" column; for Dice it equals the mean of the rows'
+    class means, for distances each class leaves out its own undefined cases). std and median of a
+    plain key are over the rows' class means. `n_distance_undefined_<class>` counts per class.
     """
     if not rows:
         raise ValueError("aggregate needs at least one case row; got none")
+    class_names = list(class_names or [])
     payload, std, median = {}, {}, {}
-    for key in METRIC_KEYS:
+    for key in list(METRIC_KEYS) + per_class_keys(class_names):
         missing = [i for i, row in enumerate(rows) if key not in row]
         if missing:
             raise ValueError(f"case row {missing[0]} has no metric {key!r}")
@@ -181,8 +232,15 @@ def aggregate(rows: list[dict]) -> dict:
         payload[key] = _json_number(values.mean()) if values.size else None
         std[key] = _json_number(values.std(ddof=1)) if values.size > 1 else None
         median[key] = _json_number(np.median(values)) if values.size else None
+    for key in METRIC_KEYS if class_names else ():
+        means = [payload[class_key(key, name)] for name in class_names]
+        means = [m for m in means if m is not None]
+        payload[key] = _json_number(np.mean(means)) if means else None
     payload["n_cases"] = len(rows)
     payload["n_distance_undefined"] = int(sum(math.isnan(float(row["hd95"])) for row in rows))
+    for name in class_names:
+        payload[f"n_distance_undefined_{name}"] = int(sum(math.isnan(float(row[class_key("hd95", name)]))
+                                                          for row in rows))
     payload["std"] = std
     payload["median"] = median
     return payload

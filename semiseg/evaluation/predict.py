@@ -16,6 +16,11 @@ the run's image_size by the slice cache's own resize, predicted, and the *probab
 back to the input's size before thresholding (thresholding at image_size first would give a
 blocky mask). A volume's slices are stacked and turned back into the file's voxel order, so the
 mask has the input's affine, header and shape.
+Multi-class runs (data.classes with K >= 2 names) write integer label maps instead: NIfTI uint8
+class indices with the input's affine; pictures as palette PNGs whose pixel values are the class
+indices (0 black, 1 red, 2 green, 3 blue, ...: LABEL_PALETTE); `--save-probabilities` writes the
+softmax probabilities per class ([H,W,C] .npy; a 4D NIfTI [X,Y,Z,C]); TTA averages the softmax
+probabilities of the flipped views; --threshold does not apply.
 The run's network comes from semiseg.runs.load (no training code); `external_bundle` (another
 labelled data set as the split 'external') serves `main.py evaluate` as well.
 """
@@ -121,10 +126,14 @@ def as_float_images(array, channels: int):
 
 
 def resize_probabilities(prob: np.ndarray, height: int, width: int) -> np.ndarray:
-    """[S, h, w] -> [S, height, width] by bilinear interpolation (the inverse of the input resize)."""
+    """[S, h, w] -> [S, height, width] by bilinear interpolation (the inverse of the input resize);
+    class probabilities [S, h, w, C] channel by channel (each stays in [0, 1]; the argmax is taken
+    after resizing, as the binary threshold is)."""
     from PIL import Image
-    if prob.shape[1:] == (height, width):
+    if prob.shape[1:3] == (height, width):
         return prob.astype(np.float32)
+    if prob.ndim == 4:
+        return np.stack([resize_probabilities(prob[..., c], height, width) for c in range(prob.shape[-1])], axis=-1)
     return np.stack([np.asarray(Image.fromarray(p.astype(np.float32), mode="F").resize((width, height), Image.BILINEAR))
                      for p in prob]).clip(0.0, 1.0)
 
@@ -142,26 +151,41 @@ class Predictor:
         self.tta, self.threshold = tta, float(threshold)
         self.batch_size = int(batch_size or self.cfg.train.eval_batch_size)
         self._predict = evaluation.make_predict_fn(self.model, tta)      # traced once, reused
+        # Multi-class runs (data.classes with K >= 2 names): softmax probabilities [.., C], argmax labels.
+        self.classes = list(getattr(self.cfg.data, "classes", ["foreground"]))
+        self.multiclass = len(self.classes) >= 2
         # uncertainty=True loads the MIRA-U teacher now, so a run without one fails before any output
         self._uncertainty = _teacher_uncertainty_fn(self.run_dir, self.cfg) if uncertainty else None
 
     def _map_slices(self, fn, images: np.ndarray, progress=None) -> np.ndarray:
-        """fn([b, size, size, C]) -> [b, size, size] maps, batched over [S,H,W,C] and resized back."""
+        """fn([b, size, size, C]) -> [b, size, size] (or [b, size, size, classes]) maps, batched over
+        [S,H,W,C] and resized back."""
         import tensorflow as tf
         from semiseg.data.cache import resize_slices
         s, h, w, _ = images.shape
-        out = np.empty((s, h, w), np.float32)
+        out = None
         for start in range(0, s, self.batch_size):
             chunk = images[start:start + self.batch_size]
             small, _ = resize_slices(chunk, None, self.image_size)
-            out[start:start + len(chunk)] = resize_probabilities(fn(tf.constant(small, tf.float32)).numpy(), h, w)
+            maps = resize_probabilities(fn(tf.constant(small, tf.float32)).numpy(), h, w)
+            if out is None:
+                out = np.empty((s,) + maps.shape[1:], np.float32)
+            out[start:start + len(chunk)] = maps
             if progress is not None:
                 progress.update(len(chunk))
         return out
 
     def predict_slices(self, images: np.ndarray, progress=None) -> np.ndarray:
-        """[S,H,W,C] float32 in [0,1] -> probabilities [S,H,W] at the same H, W."""
+        """[S,H,W,C] float32 in [0,1] -> probabilities [S,H,W] at the same H, W (multi-class: class
+        probabilities [S,H,W,classes])."""
         return self._map_slices(self._predict, images, progress)
+
+    def labels(self, prob: np.ndarray) -> np.ndarray:
+        """uint8 label map from `predict_slices` probabilities: 0/1 at the threshold (binary), the
+        argmax class index 0..K (multi-class; the threshold does not apply)."""
+        if self.multiclass:
+            return prob.argmax(-1).astype(np.uint8)
+        return (prob >= self.threshold).astype(np.uint8)
 
     def uncertainty_slices(self, images: np.ndarray) -> np.ndarray:
         """[S,H,W,C] -> MIRA-U's per-pixel uncertainty [S,H,W]: the standard deviation of the
@@ -173,7 +197,8 @@ class Predictor:
         return self._map_slices(self._uncertainty, images)
 
     def predict(self, array) -> np.ndarray:
-        """Foreground probabilities at the input's size: [H,W] for one image, [B,H,W] for a batch."""
+        """Foreground probabilities at the input's size: [H,W] for one image, [B,H,W] for a batch
+        (multi-class: class probabilities [H,W,classes] / [B,H,W,classes]; `labels` makes the map)."""
         images, batched = as_float_images(array, self.channels)
         prob = self.predict_slices(images)
         return prob if batched else prob[0]
@@ -206,10 +231,11 @@ class Predictor:
         return prob, meta
 
     def predict_volume(self, path, progress: bool = False):
-        """(uint8 mask in the file's voxel order and shape, the file's affine [4,4])."""
+        """(uint8 mask in the file's voxel order and shape, the file's affine [4,4]); multi-class: the
+        label map of class indices."""
         from semiseg.data import volumes
         prob, meta = self.volume_probabilities(path, progress)
-        mask = volumes.restore_orientation((prob >= self.threshold).astype(np.uint8), meta)
+        mask = volumes.restore_orientation(self.labels(prob), meta)
         return mask, np.asarray(meta["affine"], dtype=float)
 
 
@@ -227,7 +253,9 @@ def _teacher_uncertainty_fn(run: Path, cfg):
 
     @tf.function(reduce_retracing=True)
     def sigma(images):
-        _, std = mc_dropout_stats(teacher, images, m.mc_samples, m.mc_chunk or None, seed=[cfg.seed, 7])
+        mean, std = mc_dropout_stats(teacher, images, m.mc_samples, m.mc_chunk or None, seed=[cfg.seed, 7])
+        if std.shape[-1] > 1:       # multi-class: the std of the predicted class's probability (as training weighs it)
+            return tf.reduce_sum(std * tf.one_hot(tf.argmax(mean, axis=-1), std.shape[-1]), axis=-1)
         return std[..., 0]
     return sigma
 
@@ -282,10 +310,29 @@ def plan_outputs(inputs: list[Path], output: Path, single: bool, save_probabilit
     return plan
 
 
-def write_mask_picture(mask: np.ndarray, path: Path) -> None:
+# Multi-class picture masks: palette ("P") images whose pixel values are the class indices, shown in
+# these colours: 0 background black, then red, green, blue, yellow, magenta, cyan, orange, purple,
+# ... (index i > 9 repeats i % 9 + 1). Read back with PIL, np.asarray(Image.open(path)) gives the indices.
+LABEL_PALETTE = [(0, 0, 0), (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (255, 0, 255),
+                 (0, 255, 255), (255, 128, 0), (128, 0, 255), (128, 128, 128)]
+
+
+def palette_bytes() -> list[int]:
+    """The 256-entry RGB palette of multi-class picture masks (LABEL_PALETTE, then repeated)."""
+    colours = [LABEL_PALETTE[0]] + [LABEL_PALETTE[(i - 1) % (len(LABEL_PALETTE) - 1) + 1] for i in range(1, 256)]
+    return [c for rgb in colours for c in rgb]
+
+
+def write_mask_picture(mask: np.ndarray, path: Path, multiclass: bool = False) -> None:
+    """Binary: 0/255 grey. Multi-class: the class indices in a palette image (LABEL_PALETTE); BMP and
+    TIFF keep the palette too."""
     from PIL import Image
     fmt = {".png": "PNG", ".bmp": "BMP", ".tif": "TIFF", ".tiff": "TIFF"}[path.suffix.lower()]
-    picture = Image.fromarray((mask > 0).astype(np.uint8) * 255, mode="L")
+    if multiclass:
+        picture = Image.fromarray(np.asarray(mask, np.uint8), mode="P")
+        picture.putpalette(palette_bytes())
+    else:
+        picture = Image.fromarray((mask > 0).astype(np.uint8) * 255, mode="L")
     atomic_write.write_with(path, lambda tmp: picture.save(tmp, format=fmt))
 
 
@@ -298,7 +345,11 @@ def _probability_nifti(prob_slices: np.ndarray, meta: dict):
     """float32 maps (probabilities, uncertainty) in the file's voxel order, with the input's affine and header."""
     import nibabel as nib
     from semiseg.data import volumes
-    data = volumes.restore_orientation(prob_slices.astype(np.float32), meta)
+    if prob_slices.ndim == 4:       # class probabilities [S,H,W,C] -> a 4D image [X,Y,Z,C], class last
+        data = np.stack([volumes.restore_orientation(prob_slices[..., c].astype(np.float32), meta)
+                         for c in range(prob_slices.shape[-1])], axis=-1)
+    else:
+        data = volumes.restore_orientation(prob_slices.astype(np.float32), meta)
     affine = np.asarray(meta["affine"], dtype=float)
     header = nib.load(meta["path"]).header.copy()
     img = nib.Nifti1Image(data, affine, header=header)
@@ -329,7 +380,7 @@ def run_prediction(run_dir, input_path, output_path, tta: bool = False, threshol
             from semiseg.data import volumes
             volume = predictor.read_volume(src)          # read once for probabilities and uncertainty
             prob, meta = predictor.volume_probabilities(src, progress, volume)
-            mask_img = volumes.mask_to_nifti((prob >= threshold).astype(np.uint8), meta)
+            mask_img = volumes.mask_to_nifti(predictor.labels(prob), meta)
             atomic_write.write_with(mask_path, lambda tmp: nib.save(mask_img, str(tmp)))
             if prob_path is not None:
                 prob_img = _probability_nifti(prob, meta)
@@ -340,13 +391,14 @@ def run_prediction(run_dir, input_path, output_path, tta: bool = False, threshol
         else:
             images = read_picture(src, predictor.channels)[None]
             prob = predictor.predict_slices(images)[0]
-            write_mask_picture(prob >= threshold, mask_path)
+            write_mask_picture(predictor.labels(prob), mask_path, predictor.multiclass)
             if prob_path is not None:
                 atomic_write.write_with(prob_path, lambda tmp: _save_npy(tmp, prob))
             if sigma_path is not None:
                 sigma = predictor.uncertainty_slices(images)[0]
                 atomic_write.write_with(sigma_path, lambda tmp: _save_npy(tmp, sigma))
         written += [p for p in (mask_path, prob_path, sigma_path) if p is not None]
+    rule = (f"argmax over {len(predictor.classes) + 1} classes" if predictor.multiclass else f"threshold {threshold}")
     log(f"predict: {len(plan)} input(s) -> {output} ({predictor.network} network, "
-        f"{'TTA, ' if tta else ''}threshold {threshold})")
+        f"{'TTA, ' if tta else ''}{rule})")
     return written

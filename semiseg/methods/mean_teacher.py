@@ -44,6 +44,9 @@ the teacher by default), `val_dice_student`, `loss_unsup` (the unweighted consis
 `rampup`, `unsup_weight` (= w(t)) and, where hidden truth exists, `pseudo_dice`: the target as the
 loss sees it - the teacher in the mode it trains in (training mode with teacher_bn=batch, its moving
 statistics untouched) on a noised view (a fixed draw) - thresholded at 0.5 and scored against the truth.
+Multi-class (data.classes with K >= 2 names): p_s, p_t are softmax probabilities over the C classes and
+the MSE runs over every class's probability; pseudo_dice is the mean per-class Dice of the teacher's
+argmax (plus `pseudo_dice_<class>` columns).
 """
 from __future__ import annotations
 
@@ -52,6 +55,7 @@ import tensorflow as tf
 from semiseg.data import augment
 from semiseg.methods import probe
 from semiseg.models.batchnorm import frozen_bn_statistics
+from semiseg.models.outputs import probabilities
 from semiseg.training.registry import register_method
 from semiseg.training.trainer import Trainer, ema_update, sigmoid_rampup
 
@@ -114,11 +118,12 @@ class MeanTeacher(Trainer):
         first = 0 if mt.consistency_on_labeled else n_lab
         # Squared error between probabilities (the paper's choice for its classifiers), mean over
         # pixels per image, then the global-batch mean; the teacher is a constant target.
-        squared = tf.square(tf.sigmoid(logits[first:]) - tf.stop_gradient(tf.sigmoid(teacher_logits[first:])))
+        # Multi-class: the squared error of every class's softmax probability (SSL4MIS's MSE).
+        squared = tf.square(probabilities(logits[first:]) - tf.stop_gradient(probabilities(teacher_logits[first:])))
         cons = self.global_mean(tf.reduce_mean(squared, axis=[1, 2, 3]))
         weight = self.consistency_weight(self.epoch_float(step))
         loss = sup + weight * cons
-        return loss, {"loss": loss, "loss_sup": sup, "loss_dice": dice, "loss_bce": bce, "loss_unsup": cons}
+        return loss, {"loss": loss, "loss_sup": sup, "loss_dice": dice, self.ce_key: bce, "loss_unsup": cons}
 
     def noised(self, images, seed):
         """images + s * clip(N(0, noise_std), +-noise_clip), s = each image's (per channel) intensity
@@ -158,7 +163,7 @@ class MeanTeacher(Trainer):
                 logits = teacher(view, training=True)
         else:
             logits = teacher(view, training=False)
-        return tf.sigmoid(tf.cast(logits, tf.float32))
+        return probabilities(logits)
 
     def epoch_diagnostics(self, epoch: int) -> dict:
         return probe.epoch_pseudo_dice(self, self.cfg.mean_teacher.probe_cases)

@@ -54,6 +54,13 @@ loss_ent, loss_head, rampup and unsup_weight (both beta at the epoch's end), kep
 with w >= tau_u), mean_confidence (mean w), and pseudo_dice: Dice of the binarised pseudo labels
 (y~ >= 0.5, dropped pixels as background) against the hidden truth of up to `mira_u.probe_cases`
 unlabeled cases.
+
+Multi-class (data.classes with K >= 2 names; every head and the student end in C softmax logits):
+mu, sigma are per class; the pseudo label is argmax_c mu; the pixel's uncertainty is the std of the
+predicted class's probability; w = exp(-sigma/kappa) weighs the pixel's CE to its pseudo label
+(dropped where w < tau_u); L_cons is the squared error mean over the C class probabilities; L_ent
+the entropy over classes; L_sup and L_head multi-class Dice + CE; pseudo_dice the mean per-class
+Dice of the kept pseudo labels (dropped pixels as background) plus `pseudo_dice_<class>`.
 """
 from __future__ import annotations
 
@@ -67,12 +74,12 @@ import keras
 
 from semiseg.runs import atomic_write
 from semiseg.data import augment
-from semiseg.evaluation import evaluate as evaluation
 from semiseg.runs import run_dir as rundir
+from semiseg.methods import probe
 from semiseg.models.networks import model_variables
+from semiseg.models.outputs import probabilities
 from semiseg.models.transformer import mc_dropout_stats, mim_l1_loss, patchify, random_patch_mask
 from semiseg.methods.mean_teacher import ema_weights
-from semiseg.methods import probe
 from semiseg.training.trainer import (EpochLogSums, Trainer, _augment_fn, _save_model_atomic, ema_update, register_method,
                            save_checkpoint, sigmoid_rampup)
 
@@ -95,6 +102,28 @@ def confidence_targets(mu, sigma, kappa, tau_u):
     w = tf.exp(-sigma / kappa)
     keep = tf.cast(w >= tau_u, tf.float32)
     return w, keep, w * mu
+
+
+def multiclass_confidence_targets(mu, sigma, kappa, tau_u):
+    """(w, keep, target) for C classes: mu, sigma [B,H,W,C] are the MC mean and std of the softmax.
+    The pseudo label is argmax_c mu (target: its one-hot); the pixel's uncertainty is the std of the
+    *predicted class's* probability (the sigma the binary rule reads, for the class it labels: a
+    pixel is uncertain when the passes disagree about the label given, not about unlikely classes);
+    w = exp(-sigma/kappa) [B,H,W,1], keep = w >= tau_u. The CE to the label is weighted by w (the
+    binary rule's soft label w*mu weighs its foreground the same way)."""
+    label = tf.argmax(mu, axis=-1)
+    target = tf.one_hot(label, tf.shape(mu)[-1], dtype=tf.float32)
+    sigma_label = tf.reduce_sum(sigma * target, axis=-1, keepdims=True)
+    w = tf.exp(-sigma_label / kappa)
+    return w, tf.cast(w >= tau_u, tf.float32), target
+
+
+def entropy_from_logits(logits):
+    """Per-pixel entropy [B,H,W,1]: binary entropy for one channel, -sum_c p_c log p_c over C."""
+    if int(logits.shape[-1]) == 1:
+        return binary_entropy_from_logits(logits)
+    log_p = tf.nn.log_softmax(logits, axis=-1)
+    return -tf.reduce_sum(tf.exp(log_p) * log_p, axis=-1, keepdims=True)
 
 
 def binary_entropy_from_logits(logits):
@@ -128,7 +157,9 @@ def load_teacher_into(teacher, path):
     want, got = teacher.config_values, getattr(loaded, "config_values", None)
     if got is None:
         raise ValueError(f"mira_u.teacher_checkpoint: {path} is not a MIM teacher")
-    diff = {k: (got.get(k), v) for k, v in want.items() if got.get(k) != v}
+    def saved(key):     # a teacher saved before heads had out_channels had one channel (binary)
+        return got.get(key, 1 if key == "out_channels" else None)
+    diff = {k: (saved(k), v) for k, v in want.items() if saved(k) != v}
     if diff:
         raise ValueError(f"mira_u.teacher_checkpoint: {path} was built with other settings "
                          f"(saved, wanted): {diff}")
@@ -172,29 +203,37 @@ class MiraU(Trainer):
         mu, sigma = mc_dropout_stats(teacher, weak, m.mc_samples, m.mc_chunk or None,
                                      seed=self.replica_seed(step, _STREAM_MC))
         mu, sigma = tf.stop_gradient(mu), tf.stop_gradient(sigma)
-        w, keep, target = confidence_targets(mu, sigma, m.kappa, m.tau_u)
+        if self.multiclass:
+            w, keep, target = multiclass_confidence_targets(mu, sigma, m.kappa, m.tau_u)
+        else:
+            w, keep, target = confidence_targets(mu, sigma, m.kappa, m.tau_u)
 
         logits = all_logits[1]
-        prob = tf.sigmoid(logits)
+        prob = probabilities(logits)
         if own_weak:            # the seed's Student(x^_j), as trained (batch BN), stop-gradient
             weak_logits = all_logits[2]
         else:                   # the EMA student; BN on this batch's statistics, updating its own
             # moving statistics (as Mean Teacher's teacher_bn=batch: EMA'd statistics do not fit EMA'd weights)
             weak_logits = self.models["student_ema"](weak, training=True)
-        p_weak = tf.stop_gradient(tf.sigmoid(tf.cast(weak_logits, tf.float32)))
+        p_weak = tf.stop_gradient(probabilities(weak_logits))
 
         # Masked means divide by the *global* kept count, so summing replica shares gives the
         # global-batch mean (a filtered loss needs the count all-reduced, docs/design.md section 4).
         n_pixels = tf.cast(tf.size(keep), tf.float32) * self.n_replicas
         n_kept = self.all_reduce_sum(tf.reduce_sum(keep))
-        ce = tf.nn.sigmoid_cross_entropy_with_logits(labels=target, logits=logits)
+        if self.multiclass:     # CE to the argmax label, weighted by its confidence; L2 mean over classes
+            ce = w * tf.nn.softmax_cross_entropy_with_logits(labels=target, logits=logits)[..., None]
+            squared = tf.reduce_mean(tf.square(prob - p_weak), axis=-1, keepdims=True)
+        else:
+            ce = tf.nn.sigmoid_cross_entropy_with_logits(labels=target, logits=logits)
+            squared = tf.square(prob - p_weak)
         loss_ce = tf.reduce_sum(ce * keep) / tf.maximum(n_kept, 1.0)
-        loss_cons = tf.reduce_sum(tf.square(prob - p_weak) * keep) / tf.maximum(n_kept, 1.0)
-        loss_ent = tf.reduce_sum(binary_entropy_from_logits(logits)) / n_pixels
+        loss_cons = tf.reduce_sum(squared * keep) / tf.maximum(n_kept, 1.0)
+        loss_ent = tf.reduce_sum(entropy_from_logits(logits)) / n_pixels
         loss_unsup = m.lambda_u * loss_ce + m.lambda_c * loss_cons
         beta = sigmoid_rampup(self.epoch_float(step), m.rampup_epochs)
         loss = loss_sup + beta * loss_unsup + m.gamma * loss_ent + loss_head
-        return loss, {"loss": loss, "loss_sup": loss_sup, "loss_dice": dice, "loss_bce": bce,
+        return loss, {"loss": loss, "loss_sup": loss_sup, "loss_dice": dice, self.ce_key: bce,
                       "loss_unsup": loss_unsup, "loss_unsup_ce": loss_ce, "loss_unsup_cons": loss_cons,
                       "loss_ent": loss_ent, "loss_head": loss_head,
                       "kept_fraction": tf.reduce_sum(keep) / n_pixels,
@@ -239,11 +278,14 @@ class MiraU(Trainer):
                 # A fixed MC seed, so the probe changes only because the teacher's head changed.
                 mu, sigma = mc_dropout_stats(teacher, images, m.mc_samples, m.mc_chunk or None,
                                              seed=[self.cfg.seed, 7])
+                if self.multiclass:     # dropped pixels as background: an all-zero row's argmax is 0
+                    _, keep, target = multiclass_confidence_targets(mu, sigma, m.kappa, m.tau_u)
+                    return target * keep
                 _, keep, target = confidence_targets(mu, sigma, m.kappa, m.tau_u)
-                return (target * keep)[..., 0]
+                return target * keep
             self._pseudo_label_fn = pseudo_label
-        return {"pseudo_dice": evaluation.mean_case_dice(self._pseudo_label_fn, self.data, None,
-                                                         self.cfg.train.eval_batch_size, cases)}
+        return probe.pseudo_dice_logs(self._pseudo_label_fn, self.cfg, self.data, cases,
+                                      self.cfg.train.eval_batch_size)
 
     # ------------------------------------------------------------------ stage 1 + stage 2
     def _fit(self, run: Path, is_chief: bool = True, ckpt_dir: Path | None = None, progress: bool = True) -> str:

@@ -1,4 +1,4 @@
-"""MixMatch (Berthelot et al., NeurIPS 2019) for binary segmentation, on the shared Trainer loop.
+"""MixMatch (Berthelot et al., NeurIPS 2019) for binary and multi-class segmentation, on the shared Trainer loop.
 
     python main.py train --method mixmatch --preset cpu
     python main.py train --method mixmatch --preset smoke --set mixmatch.lambda_u=10
@@ -27,6 +27,12 @@ Gamma(alpha) draws (TF has no stateless Beta).
 history.csv (names shared by every method, docs/outputs.md) gets `loss_unsup` (the unweighted L2),
 `rampup`, `unsup_weight` (= lambda_u * ramp) and, where hidden truth exists, `pseudo_dice`: the
 sharpened guess (>= 0.5) on a fixed probe vs the hidden truth.
+
+Multi-class (data.classes with K >= 2 names): guesses are the mean softmax over the K views,
+sharpened over the classes (p_c^(1/T) / sum_k p_k^(1/T), the paper's Sharpen); labels enter MixUp
+one-hot, so mixed targets are class distributions; the L2 runs over every class's probability and
+the supervised term is multi-class Dice + CE on the mixed soft targets; pseudo_dice is the mean
+per-class Dice of the guess's argmax (plus `pseudo_dice_<class>`).
 """
 from __future__ import annotations
 
@@ -37,14 +43,21 @@ from semiseg.methods import probe
 from semiseg.training.registry import register_method
 from semiseg.methods.mean_teacher import ema_decay_at, ema_weights
 from semiseg.models.batchnorm import frozen_bn_statistics
+from semiseg.models.outputs import probabilities
 from semiseg.training.trainer import Trainer, ema_update, linear_rampup, sigmoid_rampup
 
 VIEW_STREAM, SHUFFLE_STREAM, BETA_STREAM = 20, 40, 41
 PROBE_SEED = (12345, 0)     # the probe's K views: fixed, so epochs are scored on the same views
 
 
-def sharpen(probs, temperature: float):
-    """Per-pixel two-class sharpening: p^(1/T) / (p^(1/T) + (1-p)^(1/T)); T -> 0 gives a step."""
+def sharpen(probs, temperature: float, over_classes: bool = False):
+    """Per-pixel two-class sharpening of foreground probabilities: p^(1/T) / (p^(1/T) + (1-p)^(1/T));
+    T -> 0 gives a step. over_classes: `probs` hold class distributions on the last axis (multi-class
+    softmax), sharpened in the paper's own form p_c^(1/T) / sum_k p_k^(1/T)."""
+    if over_classes:
+        p = tf.clip_by_value(tf.cast(probs, tf.float32), 1e-7, 1.0)
+        # softmax(log p / T) = p^(1/T) / sum p^(1/T), in log space for the same underflow reason.
+        return tf.nn.softmax(tf.math.log(p) / temperature, axis=-1)
     p = tf.clip_by_value(tf.cast(probs, tf.float32), 1e-7, 1.0 - 1e-7)
     # In log space: p^(1/T) underflows for small p and T.
     a, b = tf.math.log(p) / temperature, tf.math.log(1.0 - p) / temperature
@@ -70,7 +83,7 @@ def guess_labels(model, images, seed, k: int, temperature: float, photometric: b
     """Sharpened mean of the model's probabilities over K flipped (+ jittered) views of `images`;
     `training`: the network in training mode, its BN moving statistics untouched.
 
-    Returns (guess [B,H,W,1] aligned with `images`, views: list of (view images, flips)).
+    Returns (guess [B,H,W,1] (multi-class: [B,H,W,C]) aligned with `images`, views: list of (view images, flips)).
     """
     views, total = [], 0.0
     for i, view_seed in enumerate(tf.unstack(tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), k))):
@@ -84,8 +97,8 @@ def guess_labels(model, images, seed, k: int, temperature: float, photometric: b
                 logits = model(view, training=True)
         else:
             logits = model(view, training=False)
-        total += augment.undo_flips(tf.sigmoid(tf.cast(logits, tf.float32)), flips)
-    return tf.stop_gradient(sharpen(total / k, temperature)), views
+        total += augment.undo_flips(probabilities(logits), flips)
+    return tf.stop_gradient(sharpen(total / k, temperature, over_classes=int(total.shape[-1]) > 1)), views
 
 
 @register_method("mixmatch")
@@ -125,7 +138,8 @@ class MixMatch(Trainer):
         u_images = tf.concat([v for v, _ in views], axis=0)
         u_targets = tf.concat([augment.apply_flips(guess, flips) for _, flips in views], axis=0)
         all_images = tf.concat([images, u_images], axis=0)
-        all_targets = tf.concat([masks, u_targets], axis=0)
+        # Multi-class: one-hot labels, so MixUp mixes class distributions like the guesses.
+        all_targets = tf.concat([self.targets(masks), u_targets], axis=0)
         n_all, n_lab = tf.shape(all_images)[0], tf.shape(images)[0]
         order = tf.random.experimental.stateless_shuffle(tf.range(n_all), self.replica_seed(step, SHUFFLE_STREAM))
         lam = sample_mixup_lambda(n_all, mm.alpha, self.replica_seed(step, BETA_STREAM))
@@ -133,10 +147,10 @@ class MixMatch(Trainer):
                                             tf.gather(all_targets, order), lam)
         logits = tf.cast(model(mixed_images, training=True), tf.float32)
         sup, dice, bce = self.supervised_loss(logits[:n_lab], mixed_targets[:n_lab])
-        squared = tf.square(tf.sigmoid(logits[n_lab:]) - mixed_targets[n_lab:])
+        squared = tf.square(probabilities(logits[n_lab:]) - mixed_targets[n_lab:])
         loss_u = self.global_mean(tf.reduce_mean(squared, axis=[1, 2, 3]))
         loss = sup + self.unlabeled_weight(self.epoch_float(step)) * loss_u
-        return loss, {"loss": loss, "loss_sup": sup, "loss_dice": dice, "loss_bce": bce, "loss_unsup": loss_u}
+        return loss, {"loss": loss, "loss_sup": sup, "loss_dice": dice, self.ce_key: bce, "loss_unsup": loss_u}
 
     def schedule_logs(self, epoch_float: float) -> dict:
         return {"rampup": self.ramp(epoch_float),

@@ -11,9 +11,14 @@ so the probe is the same every epoch and on every resume).
 The truth is read here, from the evaluation stream, and only here: the unlabelled training
 stream is built with `with_mask=False`, so no hidden label can reach a loss
 (tests/test_hidden_labels.py proves the trained weights do not depend on them).
+Multi-class: the pseudo label is the argmax of the target, scored per class against the hidden
+truth (`pseudo_dice_<class>`), and `pseudo_dice` is the mean over the foreground classes.
 """
 from __future__ import annotations
 
+import numpy as np
+
+from semiseg.config import is_multiclass
 from semiseg.evaluation import evaluate as evaluation
 
 
@@ -30,6 +35,20 @@ def probe_case_ids(cfg, bundle, n_cases: int) -> list[str]:
     return sorted(bundle.splits["hidden_truth"])[:n_cases]
 
 
+def pseudo_dice_logs(target_fn, cfg, bundle, case_ids, batch: int = 16) -> dict:
+    """history.csv columns of the probe: {'pseudo_dice': ...} for binary; for multi-class the mean
+    over the foreground classes plus 'pseudo_dice_<class>' for each (data.classes names).
+
+    target_fn: images -> binary probabilities [B,H,W,1], or class scores [B,H,W,C] whose argmax is
+    the pseudo label (an all-zero row is background: MIRA-U's dropped pixels)."""
+    if not is_multiclass(cfg.data):
+        return {"pseudo_dice": pseudo_target_dice(target_fn, bundle, case_ids, batch)}
+    per_case = evaluation.case_class_dice(target_fn, bundle, None, batch, case_ids)      # [cases, K]
+    by_class = per_case.mean(axis=0) if len(per_case) else [float("nan")] * len(cfg.data.classes)
+    return {"pseudo_dice": float(np.mean(by_class)),
+            **{f"pseudo_dice_{name}": float(v) for name, v in zip(cfg.data.classes, by_class)}}
+
+
 def pseudo_target_dice(target_fn, bundle, case_ids, batch: int = 16) -> float:
     """Mean per-case Dice between target_fn(images) >= 0.5 and the hidden truth.
 
@@ -40,7 +59,7 @@ def pseudo_target_dice(target_fn, bundle, case_ids, batch: int = 16) -> float:
 
 
 def epoch_pseudo_dice(trainer, n_cases: int) -> dict:
-    """{'pseudo_dice': ...}: `trainer.pseudo_targets` scored on the fixed probe, or {} where no
+    """pseudo_dice_logs of `trainer.pseudo_targets` on the fixed probe, or {} where no
     hidden truth may be used. The traced function is built once per trainer (a new tf.function
     each epoch retraced every epoch, and TensorFlow warned about it)."""
     cases = probe_case_ids(trainer.cfg, trainer.data, n_cases)
@@ -50,4 +69,4 @@ def epoch_pseudo_dice(trainer, n_cases: int) -> dict:
     if fn is None:
         import tensorflow as tf
         fn = trainer._probe_fn = tf.function(trainer.pseudo_targets, reduce_retracing=True)
-    return {"pseudo_dice": pseudo_target_dice(fn, trainer.data, cases, trainer.cfg.train.eval_batch_size)}
+    return pseudo_dice_logs(fn, trainer.cfg, trainer.data, cases, trainer.cfg.train.eval_batch_size)

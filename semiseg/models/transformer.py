@@ -17,6 +17,8 @@ import tensorflow as tf
 import keras
 from keras import layers
 
+from semiseg.models.outputs import probabilities
+
 # BatchNorm moving-statistics momentum: PyTorch's 0.1 update (= Keras 0.9), what the seed's PyTorch
 # networks use. Keras' default 0.99 left the teacher head's and the EMA student's inference-mode
 # statistics hundreds of steps stale in the label-efficiency benchmark (val Dice 0.17 while the
@@ -203,12 +205,14 @@ class ViTBlock(layers.Layer):
 
 @register
 class SegmentationHead(layers.Layer):
-    """Token grid [B, g, g, D] -> logits [B, g*p, g*p, 1]: a 1x1 reduction, then log2(p) stages of
-    (bilinear x2, 3x3 conv, BN, ReLU) halving the width, MC dropout, and a float32 1x1 conv."""
+    """Token grid [B, g, g, D] -> logits [B, g*p, g*p, out_channels]: a 1x1 reduction, then log2(p)
+    stages of (bilinear x2, 3x3 conv, BN, ReLU) halving the width, MC dropout, and a float32 1x1 conv
+    (out_channels 1: binary, sigmoid; C: multi-class logits, softmax)."""
 
-    def __init__(self, patch_size, channels=64, dropout=0.1, salt=1000, **kwargs):
+    def __init__(self, patch_size, channels=64, dropout=0.1, salt=1000, out_channels=1, **kwargs):
         super().__init__(**kwargs)
         self.patch_size, self.channels = int(patch_size), int(channels)
+        self.out_channels = int(out_channels)
         self.dropout, self.salt = float(dropout), int(salt)
         stages = int(round(math.log2(patch_size)))
         self.widths = [max(channels // 2 ** (i + 1), 8) for i in range(stages)]
@@ -220,7 +224,7 @@ class SegmentationHead(layers.Layer):
                       for i, c in enumerate(self.widths)]
         self.norms = [layers.BatchNormalization(momentum=BN_MOMENTUM, name=f"bn{i}") for i in range(stages)]
         self.drop = MCDropout(dropout, salt=salt, name="drop")
-        self.out = layers.Conv2D(1, 1, dtype="float32", name="logits")
+        self.out = layers.Conv2D(self.out_channels, 1, dtype="float32", name="logits")
 
     def build(self, input_shape):
         b, g, _, _ = input_shape
@@ -242,7 +246,8 @@ class SegmentationHead(layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "patch_size": self.patch_size,
-                "channels": self.channels, "dropout": self.dropout, "salt": self.salt}
+                "channels": self.channels, "dropout": self.dropout, "salt": self.salt,
+                "out_channels": self.out_channels}
 
 
 @register
@@ -253,7 +258,7 @@ class MIMTeacher(keras.Model):
 
     def __init__(self, image_size=256, channels=3, patch_size=8, embed_dim=256, depth=4,
                  num_heads=4, mlp_ratio=1.0, decoder_dim=256, head_channels=64, dropout=0.1,
-                 **kwargs):
+                 out_channels=1, **kwargs):
         super().__init__(**kwargs)
         if image_size % patch_size or patch_size & (patch_size - 1) or embed_dim % num_heads:
             raise ValueError(
@@ -263,7 +268,8 @@ class MIMTeacher(keras.Model):
         self.config_values = dict(
             image_size=image_size, channels=channels, patch_size=patch_size,
             embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
-            decoder_dim=decoder_dim, head_channels=head_channels, dropout=dropout)
+            decoder_dim=decoder_dim, head_channels=head_channels, dropout=dropout,
+            out_channels=out_channels)
         self.image_size, self.channels, self.patch_size = image_size, channels, patch_size
         self.embed_dim = embed_dim
         self.grid = image_size // patch_size
@@ -276,7 +282,8 @@ class MIMTeacher(keras.Model):
         self.decoder_hidden = layers.Dense(decoder_dim, activation="gelu", name="mim_decoder_1")
         self.decoder_out = layers.Dense(patch_size * patch_size * channels, dtype="float32",
                                         name="mim_decoder_2")
-        self.seg_head = SegmentationHead(patch_size, head_channels, dropout, name="seg_head")
+        self.seg_head = SegmentationHead(patch_size, head_channels, dropout, out_channels=out_channels,
+                                         name="seg_head")
         self.build((None, image_size, image_size, channels))
 
     def build(self, input_shape):
@@ -312,7 +319,7 @@ class MIMTeacher(keras.Model):
         return self.decoder_out(self.decoder_hidden(self.encode(images, mask, training)))
 
     def segment(self, images, training=False, mc_dropout=False, seed=None):
-        """Stage 2: logits [B, H, W, 1] float32.  mc_dropout=True forces dropout on (with `seed`,
+        """Stage 2: logits [B, H, W, out_channels] float32.  mc_dropout=True forces dropout on (with `seed`,
         an int or int32 pair) while normalisation stays in inference mode."""
         mc_seeds = None
         if mc_dropout:
@@ -352,10 +359,10 @@ class MIMTeacher(keras.Model):
 
 def build_mim_teacher(image_size=256, channels=3, patch_size=8, embed_dim=256, depth=4,
                       num_heads=4, mlp_ratio=1.0, decoder_dim=256, head_channels=64,
-                      dropout=0.1, name="mim_teacher"):
+                      dropout=0.1, name="mim_teacher", out_channels=1):
     """The MIRA-U teacher; the defaults are the seed's configuration (about 2.2M parameters)."""
     return MIMTeacher(image_size, channels, patch_size, embed_dim, depth, num_heads, mlp_ratio,
-                      decoder_dim, head_channels, dropout, name=name)
+                      decoder_dim, head_channels, dropout, out_channels, name=name)
 
 
 def _stats(probs):
@@ -364,7 +371,8 @@ def _stats(probs):
 
 
 def mc_dropout_stats(teacher, images, passes=20, chunk=None, seed=0):
-    """Per-pixel mean and std (ddof=0) of sigmoid(teacher) over `passes` MC-dropout passes.
+    """Per-pixel mean and std (ddof=0) of the teacher's probabilities over `passes` MC-dropout passes
+    (sigmoid of one logit channel; softmax over C channels for a multi-class head, per class).
 
     The passes run as one batched forward of the batch tiled `passes` times, or `chunk` passes at
     a time to bound memory; chunk statistics are merged with Chan et al.'s parallel variance
@@ -395,7 +403,7 @@ def mc_dropout_stats_loop(teacher, images, passes=20, seed=0):
     same per-pass seeds, so both return the same numbers."""
     seeds = mc_pass_seeds(seed, passes)
     probs = tf.stack([
-        tf.sigmoid(tf.cast(teacher.segment(images, mc_dropout=True, seed=seeds[m]), tf.float32))
+        probabilities(teacher.segment(images, mc_dropout=True, seed=seeds[m]))
         for m in range(passes)])
     mean, m2 = _stats(probs)
     return mean, tf.sqrt(m2 / passes)
@@ -562,10 +570,11 @@ def _conv_block(x, width, name, bn):
 def build_hybrid_student(image_size=256, channels=3, base_channels=32, window_size=8,
                          num_heads=(4, 8, 16), swin_depth=2, mlp_ratio=4.0, dropout=0.0,
                          relative_position_bias=True, bn_momentum=BN_MOMENTUM, sync_batchnorm=False,
-                         name="hybrid_student"):
+                         name="hybrid_student", out_channels=1):
     """The MIRA-U student: a U-Net whose encoder runs a CNN branch and a Swin branch side by side
     at 1/4, 1/8 and 1/16 resolution, joined at each of those stages by bidirectional windowed
-    cross-attention; a conv decoder with skip connections; float32 logits [B, H, W, 1].
+    cross-attention; a conv decoder with skip connections; float32 logits [B, H, W, out_channels]
+    (1: binary; C: multi-class).
 
     image_size must be a multiple of 16.  Each Swin stage uses the largest window <= window_size
     that tiles its grid (image_size/4, /8, /16), and shifts windows only when the grid is larger
@@ -608,7 +617,7 @@ def build_hybrid_student(image_size=256, channels=3, base_channels=32, window_si
         x = layers.Conv2DTranspose(width, 2, strides=2, name=f"dec{level}_up")(x)
         x = layers.Concatenate(name=f"dec{level}_concat")([x, skip])
         x = _conv_block(x, width, f"dec{level}", bn)
-    logits = layers.Conv2D(1, 1, dtype="float32", name="logits")(x)
+    logits = layers.Conv2D(out_channels, 1, dtype="float32", name="logits")(x)
     return keras.Model(inputs, logits, name=name)
 
 
@@ -623,11 +632,11 @@ from semiseg.models.registry import register_model  # noqa: E402  (the registry 
 
 
 @register_model("hybrid")
-def build_hybrid(cfg, image_size: int, channels: int, name: str = "hybrid") -> keras.Model:
+def build_hybrid(cfg, image_size: int, channels: int, name: str = "hybrid", out_channels: int = 1) -> keras.Model:
     """The MIRA-U student as an ordinary network: `--set model.name=hybrid` trains it with any method
     (the supervised baseline that tells MIRA-U's architecture from its semi-supervision apart).
     Base channels = model.base_filters; two Swin blocks per stage and no dropout, as in MIRA-U;
     model.bn_momentum and model.sync_batchnorm as for the U-Net. config.validate refuses the model.*
     settings it cannot honour (dropout, batchnorm=false, activation) and sizes not a multiple of 16."""
     return build_hybrid_student(image_size, channels, cfg.base_filters, bn_momentum=cfg.bn_momentum,
-                                sync_batchnorm=cfg.sync_batchnorm, name=name)
+                                sync_batchnorm=cfg.sync_batchnorm, name=name, out_channels=out_channels)

@@ -15,14 +15,17 @@ from keras import layers
 from semiseg.models.registry import MODELS, register_model  # noqa: E402,F401  (re-exported; a leaf)
 
 
-def build_model(model_cfg, image_size: int, channels: int, name: str | None = None) -> keras.Model:
-    """Build the network that `model_cfg.name` names, for square `image_size` inputs."""
+def build_model(model_cfg, image_size: int, channels: int, name: str | None = None,
+                out_channels: int = 1) -> keras.Model:
+    """Build the network that `model_cfg.name` names, for square `image_size` inputs, ending in
+    `out_channels` float32 logit maps (1: binary, sigmoid; C: multi-class, softmax;
+    semiseg.config.output_channels)."""
     key = model_cfg.name
     if key not in MODELS:
         from semiseg.models import transformer  # noqa: F401  registers 'hybrid'; only loaded when asked for
     if key not in MODELS:
         raise ValueError(f"model.name: unknown model '{key}' (known: {', '.join(sorted(MODELS))})")
-    return MODELS[key](model_cfg, image_size, channels, name=name or key)
+    return MODELS[key](model_cfg, image_size, channels, name=name or key, out_channels=out_channels)
 
 
 def _conv_block(x, filters: int, cfg, prefix: str):
@@ -42,7 +45,7 @@ def _conv_block(x, filters: int, cfg, prefix: str):
 
 
 @register_model("unet")
-def build_unet(cfg, image_size: int, channels: int, name: str = "unet") -> keras.Model:
+def build_unet(cfg, image_size: int, channels: int, name: str = "unet", out_channels: int = 1) -> keras.Model:
     """The seed project's U-Net ("PancreasSeg"): `depth` max-pool down blocks, a bottleneck,
     `depth` transposed-conv up blocks with skip concatenations, filters base * 2**level.
 
@@ -65,7 +68,7 @@ def build_unet(cfg, image_size: int, channels: int, name: str = "unet") -> keras
         x = _conv_block(x, filters, cfg, f"up{level}")
         if cfg.dropout > 0 and level > 0:
             x = layers.Dropout(cfg.dropout / 2, name=f"up{level}_dropout")(x)
-    logits = layers.Conv2D(1, 1, dtype="float32", name="logits")(x)
+    logits = layers.Conv2D(out_channels, 1, dtype="float32", name="logits")(x)
     return keras.Model(inputs, logits, name=name)
 
 

@@ -31,7 +31,9 @@ from semiseg.training import distribute
 from semiseg.evaluation import evaluate as evaluation
 from semiseg.runs import run_dir as rundir
 from semiseg.data.loader import steps_per_epoch
+from semiseg.config import is_multiclass, num_classes
 from semiseg.models.networks import method_networks, model_variables  # noqa: F401  (model_variables: the trainer's API)
+from semiseg.models.outputs import one_hot_masks, probabilities
 
 from semiseg.training.registry import METHODS, register_method  # noqa: F401  (re-exported; a leaf)
 
@@ -144,6 +146,12 @@ class Trainer:
         self.per_replica_batch = t.batch_size // self.n_replicas
         self.global_unlabeled_batch = t.batch_size * t.unlabeled_ratio
         self.steps_per_epoch = steps_per_epoch(cfg, data)
+        # C classes with background; binary (C = 2) keeps one sigmoid channel and its loss names.
+        self.n_classes, self.multiclass = num_classes(cfg.data), is_multiclass(cfg.data)
+        # history.csv: the cross-entropy term is `loss_bce` for binary (as before) and `loss_sup_ce`
+        # for multi-class (categorical; not `loss_ce`, which older MIRA-U histories used for their
+        # unlabelled CE and analysis/ renames to loss_unsup_ce), so a column never changes its meaning.
+        self.ce_key = "loss_sup_ce" if self.multiclass else "loss_bce"
         self.total_steps = self.steps_per_epoch * t.epochs
         with strategy.scope():
             self.models = self.build_models()
@@ -180,7 +188,7 @@ class Trainer:
         images, masks = labeled
         logits = self.models["student"](images, training=True)
         loss, dice, bce = self.supervised_loss(logits, masks)
-        return loss, {"loss": loss, "loss_sup": loss, "loss_dice": dice, "loss_bce": bce}
+        return loss, {"loss": loss, "loss_sup": loss, "loss_dice": dice, self.ce_key: bce}
 
     def on_step_end(self, step):
         """Called in the replica context after the optimizer update (EMA teachers go here)."""
@@ -237,9 +245,36 @@ class Trainer:
         inter, p, t = tf.unstack(self.all_reduce_sum(sums))
         return (1.0 - (2.0 * inter + eps) / (p + t + eps)) / self.n_replicas
 
+    def multiclass_dice_loss(self, probs, targets, eps=1e-5):
+        """Mean over the foreground classes 1..C-1 of 1 - 2|P_c.T_c| / (|P_c| + |T_c|), each class's
+        sums over the whole global batch (all-reduced), divided by the replica count (as above).
+        Background is left out: it covers most pixels and would flatter the loss (nnU-Net and the
+        ACDC literature score foreground structures only)."""
+        sums = tf.stack([tf.reduce_sum(probs * targets, [0, 1, 2]), tf.reduce_sum(probs, [0, 1, 2]),
+                         tf.reduce_sum(targets, [0, 1, 2])])                    # [3, C]
+        inter, p, t = tf.unstack(self.all_reduce_sum(sums)[:, 1:])
+        return tf.reduce_mean(1.0 - (2.0 * inter + eps) / (p + t + eps)) / self.n_replicas
+
+    def targets(self, masks):
+        """Masks as per-channel targets: binary masks as they are; class-index masks [B,H,W,1] ->
+        one-hot [B,H,W,C] for multi-class (soft targets, e.g. MixMatch's mixed ones, pass through)."""
+        if not self.multiclass or masks.shape[-1] == self.n_classes:
+            return masks
+        return one_hot_masks(masks, self.n_classes)
+
     def supervised_loss(self, logits, masks):
-        """L_sup = lambda_dice * Dice + lambda_bce * BCE on float32 logits (the seed's 0.5 / 0.5)."""
+        """L_sup = lambda_dice * Dice + lambda_bce * BCE on float32 logits (the seed's 0.5 / 0.5).
+        Multi-class (C logit channels): Dice mean over the foreground classes of the softmax
+        probabilities vs one-hot targets + categorical cross-entropy, the same two weights; `masks`
+        may be class indices [B,H,W,1] or (soft) targets [B,H,W,C]."""
         logits = tf.cast(logits, tf.float32)
+        if self.multiclass:
+            targets = self.targets(masks)
+            ce_map = tf.nn.softmax_cross_entropy_with_logits(labels=targets, logits=logits)     # [B,H,W]
+            ce = self.global_mean(tf.reduce_mean(ce_map, axis=[1, 2]))
+            dice = self.multiclass_dice_loss(probabilities(logits), targets)
+            t = self.cfg.train
+            return t.lambda_dice * dice + t.lambda_bce * ce, dice, ce
         bce_map = tf.nn.sigmoid_cross_entropy_with_logits(labels=masks, logits=logits)
         bce = self.global_mean(tf.reduce_mean(bce_map, axis=[1, 2, 3]))
         dice = self.soft_dice_loss(tf.sigmoid(logits), masks)

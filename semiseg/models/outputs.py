@@ -1,0 +1,31 @@
+"""What a network's logits mean: one sigmoid channel (binary) or C softmax channels (multi-class).
+
+    python -c "import tensorflow as tf; from semiseg.models.outputs import probabilities; print(probabilities(tf.zeros([1, 2, 2, 4]))[0, 0, 0])"
+
+Every network ends in float32 logits with `semiseg.config.output_channels(data)` channels: 1 for a
+binary task (the default, data.classes = ['foreground']) and C = K + 1 for K named structures. The
+channel count alone says which: losses, methods, evaluation and prediction all turn logits into
+probabilities here, so they agree. A leaf: it imports TensorFlow and nothing of semiseg.
+"""
+from __future__ import annotations
+
+import tensorflow as tf
+
+
+def is_multiclass_logits(logits) -> bool:
+    """True for C > 1 channels (a static shape: the channel axis is always known)."""
+    return int(logits.shape[-1]) > 1
+
+
+def probabilities(logits):
+    """sigmoid for one channel (the foreground probability), softmax over the channels otherwise."""
+    logits = tf.cast(logits, tf.float32)
+    return tf.nn.softmax(logits, axis=-1) if is_multiclass_logits(logits) else tf.sigmoid(logits)
+
+
+def one_hot_masks(masks, n_classes: int):
+    """Class-index masks [B,H,W,1] (float class indices, as the data streams yield them) -> one-hot
+    [B,H,W,C] float32."""
+    index = tf.cast(tf.round(tf.cast(masks[..., 0], tf.float32)), tf.int32)
+    return tf.one_hot(index, n_classes, dtype=tf.float32)
+

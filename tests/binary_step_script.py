@@ -1,0 +1,40 @@
+"""One optimizer step of each method on the binary smoke preset; prints loss and weight digests as JSON.
+
+    python tests/binary_step_script.py supervised mean_teacher mixmatch mira_u
+
+Used by tests/test_binary_unchanged.py, which compares the output with values computed on the code
+before multi-class support existed (tolerance 0): the binary path must stay bit-for-bit.
+"""
+import hashlib
+import json
+import sys
+
+import numpy as np
+
+
+def main(methods):
+    import keras
+    import tensorflow as tf
+    tf.config.experimental.enable_op_determinism()
+    from semiseg import config
+    from semiseg.data import loader
+    from semiseg.methods import get_method
+    from semiseg.training import distribute
+    strategy, info = distribute.make_strategy("auto")
+    results = {}
+    for method in methods:
+        cfg = config.resolve("smoke", "", ["train.steps_per_epoch=2", "train.epochs=1"], method)
+        keras.utils.set_random_seed(cfg.seed)
+        bundle = loader.prepare_data(cfg, log=lambda m: None, progress=False)
+        trainer = get_method(method)(cfg, bundle, strategy, info, log=lambda m: None)
+        loop = trainer._make_loop(*trainer._iterators(0))
+        logs = {k: float(v) for k, v in loop(tf.constant(1)).items()}
+        weights = [np.asarray(keras.ops.convert_to_numpy(w), np.float32) for w in trainer.trainable_variables()]
+        digest = hashlib.sha256(b"".join(w.tobytes() for w in weights)).hexdigest()
+        results[method] = {"loss": logs["loss"], "loss_hex": float(logs["loss"]).hex(),
+                           "weights_sha256": digest, "weights_sum": float(sum(float(w.astype(np.float64).sum()) for w in weights))}
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

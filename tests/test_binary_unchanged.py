@@ -1,0 +1,40 @@
+"""Binary runs are unchanged by multi-class support, bit for bit: one optimizer step of every method
+on the binary smoke preset gives the same loss and the same updated weights as the code before
+data.classes existed (commit ffc6614, computed there with tests/binary_step_script.py).
+
+    python -m pytest tests/test_binary_unchanged.py -q
+
+Tolerance 0: the loss as a float's hex and a SHA-256 of the trainable weights' float32 bytes. The
+values are this machine's (TensorFlow 2.21.0 on CPU, deterministic ops, the embedded synthetic data);
+another TensorFlow or another device sums in another order, so the test runs only on TF 2.21.0
+without a GPU. Rerun the script on the old commit to refresh them for another platform.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# method -> (loss.hex(), sha256 of the trainable weights after the step)
+EXPECTED = {
+    "supervised": ("0x1.a235b80000000p-1", "c53e1cab83b5d28cfeb196e2da0ed76fef0377527afdbedd3f64b213495e87fe"),
+    "mean_teacher": ("0x1.b8a6e80000000p-1", "b3aabb8b190944610d38a771e03a171946a3372f76cb27b758c7f542a4a150c7"),
+    "mixmatch": ("0x1.8435540000000p-1", "4de15a214bf1c73ac0f2908bf73d922af17b950703d97d759174524f7d0207b7"),
+    "mira_u": ("0x1.6cb8720000000p+0", "9861fbff9d2d279b103e3fa3f68293341e184f1db09344c384664f5d29374e29"),
+}
+
+
+def test_binary_step_bit_for_bit(tmp_path):
+    tf = pytest.importorskip("tensorflow")
+    if tf.__version__ != "2.21.0" or tf.config.list_physical_devices("GPU"):
+        pytest.skip("reference values were computed with TensorFlow 2.21.0 on CPU")
+    env = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="",
+               SEMISEG_CACHE=os.environ.get("SEMISEG_CACHE", str(tmp_path / "cache")))
+    out = subprocess.run([sys.executable, os.path.join(REPO, "tests", "binary_step_script.py"), *EXPECTED],
+                         env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads([line for line in out.stdout.splitlines() if line.startswith("{")][-1])
+    for method, (loss_hex, digest) in EXPECTED.items():
+        assert (got[method]["loss_hex"], got[method]["weights_sha256"]) == (loss_hex, digest), method
