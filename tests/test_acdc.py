@@ -156,6 +156,8 @@ def test_acdc_through_check_data_cache_and_streams(tmp_path):
     cfg = _cfg(tmp_path, root)
     fmt, _, cases = sources.resolve_source(cfg.data, log=lambda *a: None)
     report = checks.check_data(fmt, root, cases, cfg.data)
+    assert report.summary().startswith(f"{root} (acdc): 18 cases of 9 patients, 18 with labels, 0 without "
+                                       f"(subsets: test 2); 0 errors, 1 warnings")
     assert [(p.path, p.message) for p in report.warnings] == [
         (str(stray), "unexpected label values [4]: data.label_set maps only 1->RV, 2->MYO, 3->LV; these count "
                      "as background")]
