@@ -561,6 +561,9 @@ def _validate_data(cfg: Config) -> None:
     _check(len(names) == 1 or len(d.label_set) == len(names), "data.label_set",
            f"data.classes names {len(names)} structures {names}: label_set must list exactly {len(names)} "
            f"labels (label_set[i] -> class i+1), got {d.label_set}")
+    _check(len(names) == 1 or d.format != "synthetic" or d.synthetic_kind == "3d", "data.classes",
+           f"the embedded 2D set has one structure (0/255 masks); {len(names)} classes need data.synthetic_kind=3d "
+           f"(organ 1, lesion 2: --preset smoke_multiclass) or a multi-label data set")
 
 
 def num_classes(data_cfg) -> int:

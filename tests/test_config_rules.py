@@ -143,6 +143,7 @@ CLASS_RULES = [
     (["data.classes=[RV,MYO,LV]", "data.label_set=[1,2]"], "data.label_set", "exactly 3"),
     (["data.classes=[RV,MYO]", "data.label_set=[1,0]"], "data.label_set", ">= 1"),
     (["data.classes=[RV,MYO]", "data.label_set=[2,2]"], "data.label_set", "twice"),
+    (["data.classes=[RV,MYO]", "data.label_set=[1,2]"], "data.classes", "embedded 2D set has one structure"),
 ]
 
 
@@ -157,7 +158,7 @@ def test_class_count_helpers():
     binary = config.resolve("smoke").data
     assert binary.classes == ["foreground"] and binary.label_set == [1, 2]     # today's default: 1 and 2 merge
     assert (config.num_classes(binary), config.is_multiclass(binary), config.output_channels(binary)) == (2, False, 1)
-    three = config.resolve("smoke", overrides=["data.classes=RV,MYO,LV", "data.label_set=[1,2,3]"]).data
+    three = config.resolve("smoke", overrides=["data.format=acdc", "data.classes=RV,MYO,LV", "data.label_set=[1,2,3]"]).data
     assert three.classes == ["RV", "MYO", "LV"]
     assert (config.num_classes(three), config.is_multiclass(three), config.output_channels(three)) == (4, True, 4)
 
