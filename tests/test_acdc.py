@@ -65,6 +65,14 @@ def test_acdc_unlabelled_testing_frames(tmp_path):
     assert {c.subset for c in unlabelled} == {None}                      # unlabelled training data
     kept = sources.list_acdc_cases(root, config.DataConfig(unlabeled_test_images=False))
     assert [c.case_id for c in kept] == [c.case_id for c in cases if c.label is not None]
+    # A testing patient with one frame's ground truth: that frame stays in test, its patient's other
+    # frame is not drawn as unlabelled training data (the patient would be on two sides).
+    write_nifti(root / "testing" / "patient101" / "patient101_frame09_gt.nii.gz", np.zeros((20, 24, 5), np.uint8))
+    cases = sources.list_acdc_cases(root, config.DataConfig())
+    assert [(c.case_id, c.subset, c.label is None) for c in cases if c.group == "patient101"] == [
+        ("patient101_frame01", None, True), ("patient101_frame09", "test", False)]
+    s = make_splits(cases, config.DataConfig(labeled_fraction=0.5, val_fraction=0.5), 0)
+    assert s["test"] == ["patient101_frame09"] and "patient101_frame01" not in s["unlabeled"]
 
 
 def _acdc_cases(patients, frames=("01", "12")):
