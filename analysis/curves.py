@@ -28,6 +28,9 @@ from analysis.runs import Run, find_runs, run_cli, summary  # noqa: E402
 KNOWN_COLUMNS = {
     "loss": ("Total loss", "Loss"),
     "loss_sup": ("Supervised loss", "Loss"),
+    "loss_dice": ("Supervised Dice loss", "Loss"),
+    "loss_bce": ("Supervised BCE loss", "Loss"),
+    "loss_sup_ce": ("Supervised CE loss (multi-class)", "Loss"),
     "loss_unsup": ("Unlabelled loss (unweighted)", "Loss"),
     "loss_unsup_ce": ("Pseudo-label CE loss (MIRA-U)", "Loss"),
     "loss_unsup_cons": ("Consistency loss (MIRA-U)", "Loss"),
@@ -44,7 +47,19 @@ KNOWN_COLUMNS = {
     "rampup": ("Ramp-up factor", "Weight"),
     "unsup_weight": ("Weight of the unlabelled loss", "Weight"),
 }
+# Multi-class runs add a column per class: pseudo_dice_<class> (docs/outputs.md).
+PER_CLASS_COLUMNS = {"pseudo_dice_": ("Pseudo-target Dice vs hidden truth: {}", "Dice")}
 NOT_PLOTTED = {"epoch", "step", "time_s", "images_per_s", "step_ms", "gpu_mem_peak_mb"}   # timings
+
+
+def panel_names(column: str) -> tuple[str, str]:
+    """(panel title, y-axis label) of a history column; an unknown column is titled by its name."""
+    if column in KNOWN_COLUMNS:
+        return KNOWN_COLUMNS[column]
+    for prefix, (title, y_label) in PER_CLASS_COLUMNS.items():
+        if column.startswith(prefix):
+            return title.format(column[len(prefix):]), y_label
+    return column, column
 
 
 def plotted_columns(runs: list[Run]) -> list[str]:
@@ -59,6 +74,9 @@ def plotted_columns(runs: list[Run]) -> list[str]:
         known = list(KNOWN_COLUMNS)
         if column in KNOWN_COLUMNS:
             return (known.index(column), column)
+        prefix = next((p for p in PER_CLASS_COLUMNS if column.startswith(p)), None)
+        if prefix:          # next to its mean (pseudo_dice_RV after pseudo_dice)
+            return (known.index(prefix[:-1]) + 0.1, column)
         # An unknown loss term sits after the known losses, anything else at the end.
         last_loss = max(i for i, k in enumerate(known) if k.startswith("loss"))
         return (last_loss + 0.5 if column.startswith("loss") else len(known), column)
@@ -90,7 +108,7 @@ def curves_figure(runs: list[Run], title: str | None = None):
                                 squeeze=False, constrained_layout=True)
     styles = line_styles(runs)
     for panel, column in zip(axes.flat, columns):
-        panel_title, y_label = KNOWN_COLUMNS.get(column, (column, column))
+        panel_title, y_label = panel_names(column)
         for run, style in zip(runs, styles):
             if column in run.history.columns:
                 panel.plot(run.history["epoch"], run.history[column], label=run.label,

@@ -368,3 +368,29 @@ def test_script_help_describes_it_in_whole_sentences(script, capsys):
     text = capsys.readouterr().out
     description = " ".join(text.split("\n\n")[1].split())
     assert description.endswith("."), description
+
+
+def test_compare_shows_per_class_dice_of_multiclass_runs(tmp_path):
+    """Runs whose metrics.json lists classes get a 'Dice <class>' column per class: mean over seeds."""
+    for seed, (rv, lv) in enumerate([(0.6, 0.8), (0.7, 0.9)]):
+        run = write_fake_run(tmp_path / f"mc-s{seed}", "supervised", 0.1, seed, previews=False)
+        payload = json.loads((run / "metrics.json").read_text())
+        payload.update(classes=["RV", "LV"], dice_RV=rv, dice_LV=lv)
+        (run / "metrics.json").write_text(json.dumps(payload))
+    table = compare.summary_table(find_runs([tmp_path]))
+    assert table.attrs["metrics"][-2:] == ("dice_RV", "dice_LV")
+    assert table["dice_RV_mean"].iloc[0] == pytest.approx(0.65) and table["dice_LV_mean"].iloc[0] == pytest.approx(0.85)
+    header = compare.to_markdown(table).splitlines()[0]
+    assert "| Dice RV | Dice LV |" in header
+    assert "0.650 ± 0.071" in compare.to_markdown(table)
+
+
+def test_curves_name_the_multiclass_columns(tmp_path):
+    run = write_fake_run(tmp_path / "mc", "mean_teacher", 0.1, 0, previews=False)
+    history = pd.read_csv(run / "history.csv")
+    history["loss_sup_ce"], history["pseudo_dice"], history["pseudo_dice_RV"] = 0.5, 0.4, 0.3
+    history.to_csv(run / "history.csv", index=False)
+    columns = curves.plotted_columns(find_runs([run]))
+    assert columns.index("pseudo_dice_RV") == columns.index("pseudo_dice") + 1
+    assert curves.panel_names("pseudo_dice_RV") == ("Pseudo-target Dice vs hidden truth: RV", "Dice")
+    assert curves.panel_names("loss_sup_ce")[0] == "Supervised CE loss (multi-class)"

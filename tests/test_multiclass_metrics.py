@@ -93,7 +93,7 @@ def test_sharpen_over_classes_and_multiclass_dice_loss():
     import tensorflow as tf
     from semiseg.methods.mixmatch import sharpen
     p = tf.constant([[[[0.5, 0.3, 0.2]]]])
-    got = sharpen(p, 0.5).numpy()[0, 0, 0]
+    got = sharpen(p, 0.5, over_classes=True).numpy()[0, 0, 0]
     want = np.array([0.25, 0.09, 0.04]) / 0.38                  # p^2 / sum p^2
     np.testing.assert_allclose(got, want, rtol=1e-5)
     assert sharpen(tf.constant([[[[0.7]]]]), 0.5).numpy()[0, 0, 0, 0] == pytest.approx(0.49 / (0.49 + 0.09), rel=1e-5)
@@ -106,3 +106,17 @@ def test_sharpen_over_classes_and_multiclass_dice_loss():
     targets = tf.constant([[[[0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]]])
     loss = float(Trainer.multiclass_dice_loss(one_replica, probs, targets))
     assert loss == pytest.approx(((1 - 0.8) + (1 - 2 / 3)) / 2, rel=1e-4)
+
+
+def test_mira_u_multiclass_targets_and_entropy():
+    """The pseudo label is the argmax of the MC mean; its confidence reads the std of that class."""
+    import tensorflow as tf
+    from semiseg.methods.mira_u import entropy_from_logits, multiclass_confidence_targets
+    mu = tf.constant([[[[0.7, 0.2, 0.1], [0.1, 0.3, 0.6]]]])
+    sigma = tf.constant([[[[0.05, 0.3, 0.3], [0.01, 0.02, 0.25]]]])
+    w, keep, target = multiclass_confidence_targets(mu, sigma, kappa=0.5, tau_u=0.8)
+    np.testing.assert_allclose(w.numpy()[0, 0, :, 0], [np.exp(-0.1), np.exp(-0.5)], rtol=1e-6)
+    assert keep.numpy()[0, 0, :, 0].tolist() == [1.0, 0.0]            # exp(-0.5) = 0.61 < 0.8
+    assert target.numpy()[0, 0].tolist() == [[1, 0, 0], [0, 0, 1]]
+    ent = entropy_from_logits(tf.zeros([1, 1, 1, 4])).numpy()
+    assert ent.shape == (1, 1, 1, 1) and ent[0, 0, 0, 0] == pytest.approx(np.log(4), rel=1e-6)

@@ -157,9 +157,9 @@ def load_teacher_into(teacher, path):
     want, got = teacher.config_values, getattr(loaded, "config_values", None)
     if got is None:
         raise ValueError(f"mira_u.teacher_checkpoint: {path} is not a MIM teacher")
-    # A teacher saved before heads had out_channels had one channel (binary).
-    diff = {k: (got.get(k, 1 if k == "out_channels" else None), v) for k, v in want.items()
-            if got.get(k, 1 if k == "out_channels" else None) != v}
+    def saved(key):     # a teacher saved before heads had out_channels had one channel (binary)
+        return got.get(key, 1 if key == "out_channels" else None)
+    diff = {k: (saved(k), v) for k, v in want.items() if saved(k) != v}
     if diff:
         raise ValueError(f"mira_u.teacher_checkpoint: {path} was built with other settings "
                          f"(saved, wanted): {diff}")

@@ -50,11 +50,11 @@ VIEW_STREAM, SHUFFLE_STREAM, BETA_STREAM = 20, 40, 41
 PROBE_SEED = (12345, 0)     # the probe's K views: fixed, so epochs are scored on the same views
 
 
-def sharpen(probs, temperature: float):
-    """Per-pixel two-class sharpening: p^(1/T) / (p^(1/T) + (1-p)^(1/T)); T -> 0 gives a step.
-    With C > 1 channels (multi-class softmax probabilities), the paper's own form over the classes:
-    p_c^(1/T) / sum_k p_k^(1/T)."""
-    if int(probs.shape[-1]) > 1:
+def sharpen(probs, temperature: float, over_classes: bool = False):
+    """Per-pixel two-class sharpening of foreground probabilities: p^(1/T) / (p^(1/T) + (1-p)^(1/T));
+    T -> 0 gives a step. over_classes: `probs` hold class distributions on the last axis (multi-class
+    softmax), sharpened in the paper's own form p_c^(1/T) / sum_k p_k^(1/T)."""
+    if over_classes:
         p = tf.clip_by_value(tf.cast(probs, tf.float32), 1e-7, 1.0)
         # softmax(log p / T) = p^(1/T) / sum p^(1/T), in log space for the same underflow reason.
         return tf.nn.softmax(tf.math.log(p) / temperature, axis=-1)
@@ -98,7 +98,7 @@ def guess_labels(model, images, seed, k: int, temperature: float, photometric: b
         else:
             logits = model(view, training=False)
         total += augment.undo_flips(probabilities(logits), flips)
-    return tf.stop_gradient(sharpen(total / k, temperature)), views
+    return tf.stop_gradient(sharpen(total / k, temperature, over_classes=int(total.shape[-1]) > 1)), views
 
 
 @register_method("mixmatch")

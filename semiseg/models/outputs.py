@@ -29,9 +29,3 @@ def one_hot_masks(masks, n_classes: int):
     index = tf.cast(tf.round(tf.cast(masks[..., 0], tf.float32)), tf.int32)
     return tf.one_hot(index, n_classes, dtype=tf.float32)
 
-
-def hard_labels(probs):
-    """Per-pixel class index [..., H, W] int32: argmax over C channels; probability >= 0.5 for one."""
-    if is_multiclass_logits(probs):
-        return tf.argmax(probs, axis=-1, output_type=tf.int32)
-    return tf.cast(probs[..., 0] >= 0.5, tf.int32)
