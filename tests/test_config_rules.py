@@ -138,6 +138,7 @@ def test_hybrid_honours_bn_momentum_and_sync_batchnorm():
 CLASS_RULES = [
     (["data.classes=[]"], "data.classes", "one or more"),
     (["data.classes=[a,'']"], "data.classes", "non-empty"),
+    (["data.format=msd", "data.classes=[RV,'my o']", "data.label_set=[1,2]"], "data.classes", "letters, digits"),
     (["data.classes=[RV,RV]", "data.label_set=[1,2]"], "data.classes", "unique"),
     (["data.classes=[background,RV]", "data.label_set=[1,2]"], "data.classes", "implicit background"),
     (["data.classes=[RV,MYO,LV]", "data.label_set=[1,2]"], "data.label_set", "exactly 3"),
