@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 import sys
 import typing
 from dataclasses import dataclass, field
@@ -310,6 +311,7 @@ for _patients in (3, 7):
         "mean_teacher": {"ema_decay": 0.99, "consistency": 0.1, "rampup_epochs": 150.0},
     }
 
+
 def _field_types(cls) -> dict[str, typing.Any]:
     return typing.get_type_hints(cls)
 
@@ -571,10 +573,12 @@ def _validate_data(cfg: Config) -> None:
            f"must be [low, high] with low < high (HU), got {d.ct_window}")
     _check(len(d.label_set) >= 1 and all(v >= 1 for v in d.label_set), "data.label_set",
            f"must list one or more foreground labels >= 1 (0 is background), got {d.label_set}")
-    _check(len(d.label_set) == len(set(d.label_set)), "data.label_set", f"lists a label twice: {d.label_set}")
-    names = [c.strip() for c in d.classes]
+    names = list(d.classes)
     _check(len(names) >= 1 and all(names), "data.classes",
            f"must name one or more structures (non-empty names; background is implicit), got {d.classes}")
+    # Names become metric columns (dice_RV) and file headers: no spaces or separators.
+    _check(all(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", n) for n in names), "data.classes",
+           f"names may hold letters, digits, '_' and '-' only (they name metric columns), got {d.classes}")
     _check(len(set(names)) == len(names), "data.classes", f"names must be unique, got {d.classes}")
     _check(all(n.lower() != "background" for n in names), "data.classes",
            f"class 0 is the implicit background: do not list it, got {d.classes}")
@@ -582,6 +586,11 @@ def _validate_data(cfg: Config) -> None:
     _check(len(names) == 1 or len(d.label_set) == len(names), "data.label_set",
            f"data.classes names {len(names)} structures {names}: label_set must list exactly {len(names)} "
            f"labels (label_set[i] -> class i+1), got {d.label_set}")
+    _check(len(names) == 1 or len(d.label_set) == len(set(d.label_set)), "data.label_set",
+           f"lists a label twice: {d.label_set} (with several classes each label is one class)")
+    _check(len(names) == 1 or d.format != "synthetic" or d.synthetic_kind == "3d", "data.classes",
+           f"the embedded 2D set has one structure (0/255 masks); {len(names)} classes need data.synthetic_kind=3d "
+           f"(organ 1, lesion 2: --preset smoke_multiclass) or a multi-label data set")
 
 
 def num_classes(data_cfg) -> int:

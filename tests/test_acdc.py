@@ -65,6 +65,14 @@ def test_acdc_unlabelled_testing_frames(tmp_path):
     assert {c.subset for c in unlabelled} == {None}                      # unlabelled training data
     kept = sources.list_acdc_cases(root, config.DataConfig(unlabeled_test_images=False))
     assert [c.case_id for c in kept] == [c.case_id for c in cases if c.label is not None]
+    # A testing patient with one frame's ground truth: that frame stays in test, its patient's other
+    # frame is not drawn as unlabelled training data (the patient would be on two sides).
+    write_nifti(root / "testing" / "patient101" / "patient101_frame09_gt.nii.gz", np.zeros((20, 24, 5), np.uint8))
+    cases = sources.list_acdc_cases(root, config.DataConfig())
+    assert [(c.case_id, c.subset, c.label is None) for c in cases if c.group == "patient101"] == [
+        ("patient101_frame01", None, True), ("patient101_frame09", "test", False)]
+    s = make_splits(cases, config.DataConfig(labeled_fraction=0.5, val_fraction=0.5), 0)
+    assert s["test"] == ["patient101_frame09"] and "patient101_frame01" not in s["unlabeled"]
 
 
 def _acdc_cases(patients, frames=("01", "12")):
@@ -156,6 +164,8 @@ def test_acdc_through_check_data_cache_and_streams(tmp_path):
     cfg = _cfg(tmp_path, root)
     fmt, _, cases = sources.resolve_source(cfg.data, log=lambda *a: None)
     report = checks.check_data(fmt, root, cases, cfg.data)
+    assert report.summary().startswith(f"{root} (acdc): 18 cases of 9 patients, 18 with labels, 0 without "
+                                       f"(subsets: test 2); 0 errors, 1 warnings")
     assert [(p.path, p.message) for p in report.warnings] == [
         (str(stray), "unexpected label values [4]: data.label_set maps only 1->RV, 2->MYO, 3->LV; these count "
                      "as background")]
@@ -189,10 +199,11 @@ def test_documented_acdc_command_resolves_the_ssl4mis_protocol(tmp_path, capsys,
     assert "global batch 12 labelled + 12 unlabelled" in text and "total steps: 30,000 (150 epochs x 200)" in text
 
 
-@pytest.mark.parametrize("method", ["supervised", "mean_teacher", "mixmatch", "mira_u"])
-def test_every_method_trains_on_acdc_with_four_classes(method, tmp_path):
-    """The ACDC path end to end (layout, split file by patient, C = 4 class-index masks) for every
-    method: one short epoch, then the per-class metrics of the test patients' frames."""
+def test_a_run_on_acdc_follows_the_split_file(tmp_path):
+    """The ACDC path end to end (layout, split file by patient, C = 4 class-index masks): one short
+    supervised epoch, its splits.json, and the per-class metrics of the test patients' frames.
+    (tests/test_multiclass_train.py trains every method on this layout.)"""
+    method = "supervised"
     from semiseg import cli
     root = make_acdc(tmp_path / "ACDC", patients=range(1, 9), testing=(101,), shape=(16, 16, 3))
     split = tmp_path / "split.yaml"

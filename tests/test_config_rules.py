@@ -138,11 +138,13 @@ def test_hybrid_honours_bn_momentum_and_sync_batchnorm():
 CLASS_RULES = [
     (["data.classes=[]"], "data.classes", "one or more"),
     (["data.classes=[a,'']"], "data.classes", "non-empty"),
+    (["data.format=msd", "data.classes=[RV,'my o']", "data.label_set=[1,2]"], "data.classes", "letters, digits"),
     (["data.classes=[RV,RV]", "data.label_set=[1,2]"], "data.classes", "unique"),
     (["data.classes=[background,RV]", "data.label_set=[1,2]"], "data.classes", "implicit background"),
     (["data.classes=[RV,MYO,LV]", "data.label_set=[1,2]"], "data.label_set", "exactly 3"),
     (["data.classes=[RV,MYO]", "data.label_set=[1,0]"], "data.label_set", ">= 1"),
     (["data.classes=[RV,MYO]", "data.label_set=[2,2]"], "data.label_set", "twice"),
+    (["data.classes=[RV,MYO]", "data.label_set=[1,2]"], "data.classes", "embedded 2D set has one structure"),
 ]
 
 
@@ -157,7 +159,7 @@ def test_class_count_helpers():
     binary = config.resolve("smoke").data
     assert binary.classes == ["foreground"] and binary.label_set == [1, 2]     # today's default: 1 and 2 merge
     assert (config.num_classes(binary), config.is_multiclass(binary), config.output_channels(binary)) == (2, False, 1)
-    three = config.resolve("smoke", overrides=["data.classes=RV,MYO,LV", "data.label_set=[1,2,3]"]).data
+    three = config.resolve("smoke", overrides=["data.format=acdc", "data.classes=RV,MYO,LV", "data.label_set=[1,2,3]"]).data
     assert three.classes == ["RV", "MYO", "LV"]
     assert (config.num_classes(three), config.is_multiclass(three), config.output_channels(three)) == (4, True, 4)
 

@@ -69,7 +69,7 @@ def test_binary_cache_key_settings_are_unchanged():
     # A single class of another name is still binary: same slices, same key.
     renamed = config.resolve("smoke", overrides=["data.classes=[lesion]", "data.split_file=x.yaml", "data.labeled_cases=3"])
     assert slice_cache.key_settings(renamed.data) == OLD_KEY_SETTINGS
-    multi = config.resolve("smoke", overrides=["data.classes=[a,b]"]).data
+    multi = config.resolve("smoke", overrides=["data.format=msd", "data.classes=[a,b]"]).data
     assert slice_cache.key_settings(multi)["classes"] == ["a", "b"]
 
 
@@ -77,7 +77,7 @@ def test_label_maps_keep_classes_apart():
     values = np.array([[0, 1, 2], [3, 4, 2.0000001]])
     assert volumes.map_labels(values, [3, 1]).tolist() == [[0, 2, 0], [1, 0, 0]]
     binary = config.resolve("smoke").data
-    two = config.resolve("smoke", overrides=["data.classes=[pancreas,tumour]", "data.label_set=[1,2]"]).data
+    two = config.resolve("smoke", overrides=["data.format=msd", "data.classes=[pancreas,tumour]", "data.label_set=[1,2]"]).data
     assert volumes.class_map(values, binary).tolist() == [[0, 1, 1], [0, 0, 1]]      # today's merge
     assert volumes.class_map(values, two).tolist() == [[0, 1, 2], [0, 0, 2]]
 
@@ -115,7 +115,7 @@ def test_picture_masks_map_label_values(tmp_path):
     palette.putpalette([0, 0, 0, 255, 0, 0, 0, 255, 0] + [9] * (256 * 3 - 9))
     palette.save(tmp_path / "palette.png")
     Image.fromarray(np.stack([values * 30] * 3, -1), mode="RGB").save(tmp_path / "rgb.png")
-    two = config.resolve("smoke", overrides=["data.classes=[a,b]", "data.label_set=[1,2]"]).data
+    two = config.resolve("smoke", overrides=["data.format=folders", "data.classes=[a,b]", "data.label_set=[1,2]"]).data
     for name in ("grey.png", "palette.png"):
         assert sources.read_mask_picture(tmp_path / name, two).tolist() == [[0, 1, 2], [0, 2, 0]]
     # Binary keeps today's rule: 0/255 masks, so with values above 1 only pixels > 127 are foreground.

@@ -223,6 +223,11 @@ def test_pip_install_gives_the_semiseg_command(installed):
     location, generic = json.loads(where.stdout)
     assert Path(location).is_relative_to(venv) and "site-packages" in location
     assert generic == []
+    # Package data: the shipped split files (data.split_file=acdc_ssl4mis) are installed too.
+    shipped = _run([str(venv / "bin" / "python"), "-c", "from semiseg.data.splits import load_split_file; "
+                    "path, spec = load_split_file('acdc_ssl4mis'); print(path, len(spec['train']))"], cwd=elsewhere, env=env)
+    assert shipped.returncode == 0 and shipped.stdout.split()[1] == "70", shipped.stderr[-2000:]
+    assert Path(shipped.stdout.split()[0]).is_relative_to(venv)
     # Usage lines name the command the user typed (argparse's prog from argv[0]).
     usage = _run([str(venv / "bin" / "semiseg"), "--help"], cwd=elsewhere, env=env)
     assert usage.returncode == 0 and usage.stdout.startswith("usage: semiseg [-h]"), usage.stdout[:200]

@@ -51,7 +51,9 @@ class CheckReport:
         n_lab = sum(c.label is not None for c in self.cases)
         subsets = sorted({c.subset for c in self.cases if c.subset})
         by_subset = ", ".join(f"{s} {sum(c.subset == s for c in self.cases)}" for s in subsets)
-        return (f"{self.root} ({self.fmt}): {len(self.cases)} cases, {n_lab} with labels, "
+        groups = {c.group for c in self.cases if c.group}
+        patients = f" of {len(groups)} patients" if groups else ""
+        return (f"{self.root} ({self.fmt}): {len(self.cases)} cases{patients}, {n_lab} with labels, "
                 f"{len(self.cases) - n_lab} without" + (f" (subsets: {by_subset})" if by_subset else "")
                 + f"; {len(self.errors)} errors, {len(self.warnings)} warnings")
 

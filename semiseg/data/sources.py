@@ -620,11 +620,12 @@ def list_acdc_cases(root, data_cfg) -> list[Case]:
             if image is None:
                 raise DataError(f"{patient / 'Info.cfg'}: frame {frame} is listed but {stem}.nii.gz is missing")
             label = _acdc_file(patient, f"{stem}_gt")
+            case_subset = subset
             if label is None and subset == "test":
                 if not data_cfg.unlabeled_test_images:
                     continue
-                subset = None
-            cases.append(Case(stem, str(image), str(label) if label else None, subset=subset, kind="3d",
+                case_subset = None
+            cases.append(Case(stem, str(image), str(label) if label else None, subset=case_subset, kind="3d",
                               modality="mri", group=patient.name))
     return cases
 
