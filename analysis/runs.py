@@ -112,11 +112,12 @@ def run_settings(run: "Run") -> dict:
 
 
 def setting_keys(runs: list["Run"]) -> list[str]:
-    """The settings whose values differ between runs (a key one run lacks counts as differing):
-    data set, network, schedule, a method's weight... Comparisons group by them, never merging."""
+    """The settings whose values differ between the runs that have them: data set, network,
+    schedule, a method's weight... Comparisons group by them, never merging. A key only some runs
+    have (a method's own section) differs only if those runs disagree on it."""
     settings = [run_settings(run) for run in runs]
     keys = set().union(*settings) if settings else set()
-    return sorted(key for key in keys if len({repr(each.get(key)) for each in settings}) > 1)
+    return sorted(key for key in keys if len({repr(each[key]) for each in settings if key in each}) > 1)
 
 
 def variant(run: "Run", keys: list[str]) -> str:

@@ -203,7 +203,7 @@ def summary_markdown(rows: list[dict]) -> str:
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         spread = "" if math.isnan(r["dice_std"]) else f" ± {r['dice_std']:.3f}"
-        cells = [r["method"], r["setting"] or "paper", f"{100 * r['labeled_fraction']:g}%", str(len(r["seeds"])),
+        cells = [r["method"], r["setting"] or "–", f"{100 * r['labeled_fraction']:g}%", str(len(r["seeds"])),
                  f"{r['dice_mean']:.3f}{spread}", f"{r['last_dice_mean']:.3f}", f"{r['steps_mean']:.0f}"]
         diffs, p = r["diff_points"], r["p_wilcoxon"]
         if diffs:

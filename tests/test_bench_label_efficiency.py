@@ -75,7 +75,7 @@ def test_table_pairs_by_seed_and_tests_over_seeds_times_cases(toy):
     text = bench.summary_markdown(rows)
     assert "| mean_teacher | mean_teacher.consistency=0.1 | 10% | 2 |" in text
     assert "| +10.0 +4.5 | +7.2 |" in text and "(n=12)" in text
-    assert "| supervised | paper | 10% | 2 | 0.550 ± 0.000 | 0.500 | 800 | – | – | – |" in text
+    assert "| supervised | – | 10% | 2 | 0.550 ± 0.000 | 0.500 | 800 | – | – | – |" in text
 
 
 def test_plan_covers_every_registered_method_with_paper_and_tuned_rows():
