@@ -208,31 +208,29 @@ _PANCREAS = {
     "train": {"epochs": 100, "batch_size": 8, "lr_reference_batch": 8, "patience": 15},
 }
 
+# Tiny images and a handful of steps, for wiring checks (the tests); smoke_multiclass shares it.
+_SMOKE = {
+    "data": {"image_size": 32, "synthetic_cases": 48, "synthetic_size": 48, "labeled_fraction": 0.25,
+             "shuffle_buffer": 64},
+    "model": {"base_filters": 4, "depth": 2},
+    "train": {"epochs": 2, "steps_per_epoch": 3, "batch_size": 4, "steps_per_loop": 3, "eval_batch_size": 8},
+    "mean_teacher": {"rampup_epochs": 1.0},
+    "mixmatch": {"rampup_epochs": 1.0},
+    "mira_u": {"mim_epochs": 1, "mim_batch_size": 4, "embed_dim": 32, "depth": 1, "num_heads": 2,
+               "student_base_channels": 4, "student_swin_depth": 1, "mc_samples": 3, "rampup_epochs": 1.0, "patch_size": 8},
+}
+
 # Presets are plain override mappings, so they read like the YAML a user would write.
 PRESETS: dict[str, dict] = {
     # Seconds: tiny images and a handful of steps; used by the tests and for wiring checks.
-    "smoke": {
-        "data": {"image_size": 32, "synthetic_cases": 48, "synthetic_size": 48, "labeled_fraction": 0.25,
-                 "shuffle_buffer": 64},
-        "model": {"base_filters": 4, "depth": 2},
-        "train": {"epochs": 2, "steps_per_epoch": 3, "batch_size": 4, "steps_per_loop": 3, "eval_batch_size": 8},
-        "mean_teacher": {"rampup_epochs": 1.0},
-        "mixmatch": {"rampup_epochs": 1.0},
-        "mira_u": {"mim_epochs": 1, "mim_batch_size": 4, "embed_dim": 32, "depth": 1, "num_heads": 2,
-                   "student_base_channels": 4, "student_swin_depth": 1, "mc_samples": 3, "rampup_epochs": 1.0, "patch_size": 8},
-    },
+    "smoke": _SMOKE,
     # Seconds, multi-class: the embedded CT-like volumes (organ 1, lesion 2 inside it) as two classes,
     # so the C = 3 path (softmax, per-class metrics, label-map predictions) runs without any download.
     "smoke_multiclass": {
+        **_SMOKE,
         "data": {"format": "synthetic", "synthetic_kind": "3d", "synthetic_cases": 8, "synthetic_size": 48,
                  "image_size": 32, "classes": ["organ", "lesion"], "label_set": [1, 2], "labeled_fraction": 0.34,
                  "shuffle_buffer": 64},
-        "model": {"base_filters": 4, "depth": 2},
-        "train": {"epochs": 2, "steps_per_epoch": 3, "batch_size": 4, "steps_per_loop": 3, "eval_batch_size": 8},
-        "mean_teacher": {"rampup_epochs": 1.0},
-        "mixmatch": {"rampup_epochs": 1.0},
-        "mira_u": {"mim_epochs": 1, "mim_batch_size": 4, "embed_dim": 32, "depth": 1, "num_heads": 2,
-                   "student_base_channels": 4, "student_swin_depth": 1, "mc_samples": 3, "rampup_epochs": 1.0, "patch_size": 8},
     },
     # The README's first real run on a CPU: 12 epochs x 40 steps at 64x64 (measured times: docs/benchmarks.md).
     "cpu": {
