@@ -5,7 +5,7 @@
     python bench/label_efficiency.py --seeds 1 --fractions 0.1 --methods supervised mean_teacher
     python bench/label_efficiency.py --quick --out /tmp/le  # tiny sizes: checks the harness in minutes
 
-Every run is `main.py train --preset bench` (64x64 images, U-Net 16-128 of depth 4, batch 8 labelled
+Every run is `main.py train --preset bench` (64x64 images, U-Net 16-256 of depth 4, batch 8 labelled
 + 8 unlabelled, 40 steps per epoch, cosine LR from 2e-3): the same network, batch, schedule and
 budget for every method. A run stops when validation Dice has not improved for `train.patience`
 (10) epochs, or at the 40-epoch cap (1600 steps); the table reports the steps each run used and
