@@ -21,23 +21,11 @@ if __package__ in (None, ""):  # run as `python analysis/collect.py`: make `anal
 import pandas as pd  # noqa: E402
 
 from semiseg.runs import atomic_write  # noqa: E402
-from analysis.runs import Run, find_runs, run_cli, summary, unique_names  # noqa: E402
+from analysis.runs import Run, find_runs, flat_config, run_cli, summary, unique_names  # noqa: E402
 
 IDENTITY_KEYS = ("method", "preset", "seed", "data.labeled_fraction")
 # metrics.json keys that repeat config.yaml or the run's name: the config columns already say them.
 REPEATED_IN_CONFIG = {"run", "method", "preset", "seed", "labeled_fraction"}
-
-
-def flatten(config: dict, prefix: str = "") -> dict:
-    """{'train': {'lr': 0.001}} -> {'train.lr': 0.001}; lists become their text (one cell each)."""
-    flat = {}
-    for key, value in config.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{name}."))
-        else:
-            flat[name] = str(value) if isinstance(value, (list, tuple)) else value
-    return flat
 
 
 def differing_keys(configs: list[dict]) -> list[str]:
@@ -63,7 +51,7 @@ def run_row(run: Run, name: str, config_keys: list[str], flat: dict) -> dict:
 def collect(runs: list[Run]) -> pd.DataFrame:
     if not runs:
         raise ValueError("no run folders given")
-    flats = [flatten(run.config) for run in runs]
+    flats = [flat_config(run.config) for run in runs]
     keys = list(IDENTITY_KEYS) + [k for k in differing_keys(flats) if k not in IDENTITY_KEYS]
     for run in runs:
         if run.metrics is None:

@@ -90,16 +90,11 @@ RUN_IDENTITY_KEYS = ("method", "seed", "data.labeled_fraction", "data.path", "da
                      "train.keep_checkpoints", "train.end_time_margin_s", "train.progress")
 
 
-def flat_config(config: dict, prefix: str = "") -> dict:
-    """{'train.lr': 0.001, ...} from the nested config mapping (lists become tuples: hashable)."""
-    flat = {}
-    for key, value in config.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(flat_config(value, name + "."))
-        else:
-            flat[name] = tuple(value) if isinstance(value, list) else value
-    return flat
+def flat_config(config: dict) -> dict:
+    """{'train.lr': 0.001, ...} from a run's nested config mapping; lists become their text (one
+    comparable value, one CSV cell)."""
+    from semiseg.config import flat_dict        # no TensorFlow
+    return {key: str(value) if isinstance(value, (list, tuple)) else value for key, value in flat_dict(config).items()}
 
 
 def run_settings(run: "Run") -> dict:

@@ -158,7 +158,7 @@ def paired_rows(runs) -> list[dict]:
     read from RUN/eval/test_latest/metrics.json."""
     import numpy as np
     import pandas as pd
-    from analysis.compare import Grouping, wilcoxon_p
+    from analysis.compare import Grouping, paired_dice, wilcoxon_p
     grouping = Grouping(runs)
     baseline = {grouping.pairing(r): r for r in runs if r.method == "supervised"}
     groups: dict = {}
@@ -185,13 +185,11 @@ def paired_rows(runs) -> list[dict]:
                 if base is None:
                     continue
                 row["diff_points"].append(round(100 * (run.metrics["dice"] - base.metrics["dice"]), 2))
-                merged = run.per_case[["case_id", "dice"]].merge(
-                    base.per_case[["case_id", "dice"]].rename(columns={"dice": "base"}), on="case_id")
-                pairs.append(merged)
+                pairs.append(paired_dice(run, base))
             if pairs:
                 pooled = pd.concat(pairs)          # seeds x cases: each (seed, case) is one pair
                 row["n_pairs"] = len(pooled)
-                row["p_wilcoxon"] = wilcoxon_p(pooled["dice"], pooled["base"])
+                row["p_wilcoxon"] = wilcoxon_p(pooled["dice"], pooled["dice_baseline"])
         rows.append(row)
     rows.sort(key=lambda r: (r["labeled_fraction"], r["method"] != "supervised", r["method"], r["setting"]))
     return rows

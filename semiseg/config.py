@@ -397,6 +397,17 @@ def add_set_argument(parser: argparse.ArgumentParser, help: str = "section.key=v
     parser.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE", help=help)
 
 
+def flat_dict(mapping: dict, prefix: str = "") -> dict:
+    """{'train': {'lr': 0.001}} -> {'train.lr': 0.001}: the dotted keys of --set, for comparing configs."""
+    flat = {}
+    for key, value in mapping.items():
+        if isinstance(value, dict):
+            flat.update(flat_dict(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 

@@ -100,18 +100,8 @@ def _same_path(a: str, b: str) -> bool:
     return a == b or (bool(b) and Path(a).expanduser().resolve() == Path(b).expanduser().resolve())
 
 
-def _flatten(mapping: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in mapping.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def _diff(old_cfg, new_cfg) -> dict:
-    old, new = _flatten(config.to_dict(old_cfg)), _flatten(config.to_dict(new_cfg))
+    old, new = config.flat_dict(config.to_dict(old_cfg)), config.flat_dict(config.to_dict(new_cfg))
     return {k: [old[k], new[k]] for k in old if old[k] != new[k]}
 
 
