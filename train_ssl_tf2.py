@@ -5,4 +5,6 @@
 """
 from semiseg.training.trainer import *  # noqa: F401,F403  (the public API, unchanged)
 from semiseg.methods import get_method  # noqa: F401
-from semiseg.methods.supervised import Supervised  # noqa: F401
+from semiseg.methods.supervised.trainer import Supervised  # noqa: F401
+from semiseg.training.ema import ema_update  # noqa: F401  (moved out of the trainer module)
+from semiseg.training.ramps import linear_rampup, sigmoid_rampup  # noqa: F401  (moved out of the trainer module)

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import yaml
 
+from semiseg import rules
+
 
 @dataclass
 class DataConfig:
@@ -115,86 +117,26 @@ class TrainConfig:
     end_time_margin_s: float = 300.0   # stop + checkpoint this long before SLURM_JOB_END_TIME; 0 = ignore it
 
 
-@dataclass
-class MeanTeacherConfig:
-    ema_decay: float = 0.99            # seed project; the MIRA-U seed uses 0.999
-    consistency: float = 0.1           # maximum consistency weight (SSL4MIS; MSE over probabilities)
-    rampup_epochs: float = 10.0        # sigmoid ramp exp(-5(1-t/T)^2)
-    noise_std: float = 0.1             # Gaussian input noise, in units of each image's intensity std
-    noise_clip: float = 0.2            # noise clamped to +-noise_clip (SSL4MIS); 0 = not clamped
-    noise_on: str = "teacher"          # teacher: only the teacher's view is noised, the student sees the
-                                       # image (SSL4MIS, the segmentation reference code); both: independent
-                                       # draws for both views (the paper's classifiers)
-    evaluate_teacher: bool = True      # score (and select/export) the teacher; false = the student only
-    ema_warmup: bool = True            # decay min(1 - 1/(n+1), ema_decay) after n updates (the paper's code)
-    consistency_on_labeled: bool = True  # consistency on labelled images too (the paper: on all images)
-    probe_cases: int = 32              # hidden-truth cases scoring the teacher's targets per epoch; 0 = off
-    student_view: str = "noise"        # noise | strong: the student's view gets photometric strong
-                                       # augmentation (jitter, blur, noise, cutout) on top of its noise
-    teacher_bn: str = "batch"          # batch (the paper's code): teacher BN on batch statistics during
-                                       # training, its own moving statistics (for evaluation) from them;
-                                       # moving: inference mode on the EMA of the student's statistics
-                                       # (the teacher then trailed the student: label-efficiency bench)
-
-
-@dataclass
-class MixMatchConfig:
-    temperature: float = 0.5
-    alpha: float = 0.75
-    k: int = 2
-    lambda_u: float = 75.0             # maximum weight of the unlabelled L2 loss (the paper: 75 on CIFAR-10,
-                                       # range 75-100; the L2 is per pixel over the 2 classes' probabilities)
-    rampup_epochs: float = 10.0
-    ramp: str = "linear"               # linear (the paper) | sigmoid exp(-5(1-t/T)^2)
-    guess_mode: str = "train"          # train (the paper's code): guesses from the network in training mode
-                                       # (batch statistics, dropout) without updating BN moving statistics;
-                                       # inference: moving statistics, no dropout
-    ema_decay: float = 0.999           # the paper evaluates an EMA of the weights; 0 = no EMA network
-    photometric_views: bool = True     # the K guess views: flips + photometric jitter (false: flips only)
-    probe_cases: int = 32              # hidden-truth cases scoring the sharpened guesses per epoch; 0 = off
-
-
-@dataclass
-class MiraUConfig:
-    teacher_checkpoint: str = ""       # a stage-1 teacher (.keras) to start stage 2 from
-    mim_epochs: int = 50
-    mim_lr: float = 1e-3
-    mim_batch_size: int = 16
-    mask_ratio: float = 0.8
-    patch_size: int = 8
-    embed_dim: int = 256
-    depth: int = 4
-    num_heads: int = 4
-    teacher_dropout: float = 0.1
-    student_base_channels: int = 32
-    student_swin_depth: int = 2        # Swin blocks per student stage (1 makes tests trace faster)
-    mc_samples: int = 20               # M
-    mc_chunk: int = 0                  # 0 = all M passes in one batched forward
-    kappa: float = 0.5
-    tau_u: float = 0.15
-    lambda_u: float = 1.0
-    lambda_c: float = 0.1
-    gamma: float = 0.01
-    rampup_epochs: float = 80.0
-    ema_decay: float = 0.999
-    ema_target: str = "student_ema"    # student_ema | teacher_head  (see docs/mira_u.md)
-    probe_cases: int = 32              # hidden-truth unlabeled cases scored for pseudo-label Dice per epoch; 0 = off
-
-
-@dataclass
-class Config:
-    method: str = "supervised"
-    preset: str = ""
-    seed: int = 0
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    mean_teacher: MeanTeacherConfig = field(default_factory=MeanTeacherConfig)
-    mixmatch: MixMatchConfig = field(default_factory=MixMatchConfig)
-    mira_u: MiraUConfig = field(default_factory=MiraUConfig)
-
-
+from semiseg import methods as _methods  # noqa: E402  (method specs: no TensorFlow)
 from semiseg.errors import ConfigError  # noqa: E402  (defined with the other errors)
+
+# Every method's spec (semiseg/methods/<name>/__init__.py), by name: its section, rules, networks.
+METHODS = _methods.specs()
+
+# The configuration: the core sections, then one section per method that declares one, named after
+# the method (mean_teacher.*, mixmatch.*, ...). Built from the specs, so a new method's section
+# joins config files, --set, presets and validation without an edit here.
+Config = dataclasses.make_dataclass("Config", [
+    ("method", str, field(default="supervised")),
+    ("preset", str, field(default="")),
+    ("seed", int, field(default=0)),
+    ("data", DataConfig, field(default_factory=DataConfig)),
+    ("model", ModelConfig, field(default_factory=ModelConfig)),
+    ("train", TrainConfig, field(default_factory=TrainConfig)),
+    *[(name, spec.config, field(default_factory=spec.config)) for name, spec in METHODS.items() if spec.config],
+])
+Config.__module__ = __name__
+Config.__doc__ = "A run's whole configuration: method, preset, seed, data, model, train and the methods' sections."
 
 
 # The seed project's pancreas runs (MSD Task07, 281 labelled CT volumes; pass --data PATH). The seed
@@ -214,10 +156,6 @@ _SMOKE = {
              "shuffle_buffer": 64},
     "model": {"base_filters": 4, "depth": 2},
     "train": {"epochs": 2, "steps_per_epoch": 3, "batch_size": 4, "steps_per_loop": 3, "eval_batch_size": 8},
-    "mean_teacher": {"rampup_epochs": 1.0},
-    "mixmatch": {"rampup_epochs": 1.0},
-    "mira_u": {"mim_epochs": 1, "mim_batch_size": 4, "embed_dim": 32, "depth": 1, "num_heads": 2,
-               "student_base_channels": 4, "student_swin_depth": 1, "mc_samples": 3, "rampup_epochs": 1.0, "patch_size": 8},
 }
 
 # Presets are plain override mappings, so they read like the YAML a user would write.
@@ -237,29 +175,17 @@ PRESETS: dict[str, dict] = {
         "data": {"image_size": 64, "labeled_fraction": 0.1},
         "model": {"base_filters": 16, "depth": 4},
         "train": {"epochs": 12, "batch_size": 8, "steps_per_epoch": 40, "lr": 2e-3, "schedule": "cosine"},
-        "mean_teacher": {"rampup_epochs": 5.0},
-        "mixmatch": {"rampup_epochs": 5.0},
     },
     # The label-efficiency benchmark (bench/label_efficiency.py): the cpu preset's data, network, batch
     # and schedule for every method, trained to convergence: early stopping after 10 epochs without a
     # better validation Dice, a 40-epoch cap (1600 steps) that is also the cosine schedule's horizon.
-    # Ramps as the papers set them, scaled to the cap: Mean Teacher ramps over the whole run (SSL4MIS:
-    # 200 of 200 ramp epochs), MIRA-U over 80/150 of it (its seed); MixMatch's paper ramps over 16k of 1M
-    # steps (1.6%), which here would be 26 steps of guesses from a network that cannot segment yet:
-    # 5 epochs (12.5%) instead. MIRA-U's networks scaled as the U-Net is (seed: 256-d ViT, 4 layers,
-    # 8x8 patches at 256 px; here 64-d, 2 layers, 4x4 patches at 64 px: a 16x16 token grid). EMA decays
-    # 0.99 for a 1600-step run (MIRA-U's 0.999 fits its ~24k steps, MixMatch's its 1M): with 0.999 and
-    # the warm-up the EMA network is a plain average of every step's weights up to step 1000, and
-    # MixMatch's selected its best epoch at epoch 2 and stopped early (measured, seed 0).
+    # Each method's section values for it (ramps scaled to the cap, EMA decays for a 1600-step run) are
+    # in its spec (semiseg/methods/<name>/__init__.py, preset_sections["bench"]), with the reasons.
     "bench": {
         "data": {"image_size": 64, "labeled_fraction": 0.1},
         "model": {"base_filters": 16, "depth": 4},
         "train": {"epochs": 40, "patience": 10, "batch_size": 8, "steps_per_epoch": 40, "lr": 2e-3,
                   "schedule": "cosine"},
-        "mean_teacher": {"rampup_epochs": 40.0},
-        "mixmatch": {"rampup_epochs": 5.0, "ema_decay": 0.99},
-        "mira_u": {"embed_dim": 64, "depth": 2, "num_heads": 2, "patch_size": 4, "student_base_channels": 16,
-                   "mim_epochs": 20, "rampup_epochs": 21.0, "ema_decay": 0.99},
     },
     # One family, fair by construction: every pancreas_* preset trains the same network (the seed's
     # supervised U-Net, base 32), batch, schedule and budget (100 epochs, early stopping after 15);
@@ -270,22 +196,6 @@ PRESETS: dict[str, dict] = {
     "pancreas_mean_teacher": {**_PANCREAS, "mean_teacher": {"ema_decay": 0.99, "consistency": 50.0}},
     "pancreas_mixmatch": {**_PANCREAS, "mixmatch": {"temperature": 0.5, "alpha": 0.75, "k": 2}},
 }
-
-# MIRA-U on ISIC-2016 with the seed's hyperparameters (docs/mira_u.md). The seed splits 80% train /
-# 20% test; validation (model selection) is carved out of that 80% (10% of all images, so 70%
-# train), and the labeled fraction is of the remaining training images. Pass --data ISIC_ROOT.
-for _fraction in (10, 20, 30, 50):
-    PRESETS[f"isic2016_{_fraction}"] = {
-        "method": "mira_u",
-        "data": {"format": "isic", "image_size": 256, "channels": 3, "labeled_fraction": _fraction / 100,
-                 "test_fraction": 0.2, "val_fraction": 0.1},
-        "train": {"epochs": 150, "batch_size": 4, "lr_reference_batch": 4, "lr": 1e-3, "lambda_dice": 0.5, "lambda_bce": 0.5,
-                  "unlabeled_ratio": 1},
-        "mira_u": {"mim_epochs": 50, "mim_lr": 1e-3, "mim_batch_size": 16, "mask_ratio": 0.8, "patch_size": 8,
-                   "mc_samples": 20, "kappa": 0.5, "tau_u": 0.15, "ema_decay": 0.999, "rampup_epochs": 80.0,
-                   "lambda_u": 1.0, "lambda_c": 0.1, "gamma": 0.01},
-    }
-
 
 # ACDC with the semi-supervised literature's protocol, as SSL4MIS (github.com/HiLab-git/SSL4MIS) runs it
 # for its ACDC table (the 3 and 7 labelled-patient columns that BCP, ABD and UniMatch re-runs report):
@@ -308,6 +218,24 @@ for _patients in (3, 7):
                   "clip_norm": 0.0, "lambda_dice": 0.5, "lambda_bce": 0.5},
         "mean_teacher": {"ema_decay": 0.99, "consistency": 0.1, "rampup_epochs": 150.0},
     }
+
+
+def _merge_method_presets() -> None:
+    """Each method's values in the shared presets, and its own presets (MethodSpec.preset_sections,
+    .presets): a method sets what it needs without an edit here."""
+    for name, spec in METHODS.items():
+        for preset, values in spec.preset_sections.items():
+            if preset not in PRESETS:
+                raise ConfigError(f"method {name}: preset_sections names preset '{preset}', which does not exist "
+                                  f"(known: {', '.join(sorted(PRESETS))})")
+            PRESETS[preset] = {**PRESETS[preset], name: {**PRESETS[preset].get(name, {}), **values}}
+        for preset, mapping in spec.presets.items():
+            if preset in PRESETS:
+                raise ConfigError(f"method {name}: its preset '{preset}' is already defined")
+            PRESETS[preset] = mapping
+
+
+_merge_method_presets()
 
 
 def _field_types(cls) -> dict[str, typing.Any]:
@@ -454,34 +382,13 @@ def from_dict(mapping: dict) -> Config:
     return cfg
 
 
-# What config resolution must know of each method without importing TensorFlow: the networks its
-# Trainer builds that `train.export` may name, and whether its step draws unlabelled images (then
-# train.unlabeled_ratio must be >= 1). tests/test_config_rules.py keeps this equal to the registered
-# Trainer classes (train_ssl_tf2.METHODS), so a new method cannot be added to one and not the other.
-@dataclass(frozen=True)
-class MethodInfo:
-    networks: typing.Tuple[str, ...]
-    uses_unlabeled: bool
-    unsup_weight: str = ""      # the dotted key of the unlabelled loss's weight (what a tuning budget varies)
-    # The tuning budget's 3 values of that weight, as factors of its default (bench/label_efficiency.py).
-    tune_factors: typing.Tuple[float, ...] = (0.1, 1.0, 10.0)
-
-
-METHODS: dict[str, MethodInfo] = {
-    "supervised": MethodInfo(("student",), False),
-    "mean_teacher": MethodInfo(("student", "teacher"), True, "mean_teacher.consistency"),
-    # MixMatch downwards only: lambda_u = 75 (the paper's) already collapsed the student to a constant
-    # prediction on the embedded benchmark (validation Dice 0.51 from the first epoch; 750: 0.0).
-    "mixmatch": MethodInfo(("student", "ema"), True, "mixmatch.lambda_u", (0.01, 0.1, 1.0)),
-    "mira_u": MethodInfo(("student", "teacher"), True, "mira_u.lambda_u"),
-}
 MODEL_NAMES = ("unet", "hybrid")                  # models_tf2.MODELS (test-checked)
 DATA_FORMATS = ("synthetic", "isic", "ph2", "msd", "acdc", "folders", "auto")   # data_sources.SOURCES + auto
 
 # Valid range of every int/float field, checked at resolution: (test, wording). A test asserts
 # that each numeric field of every section has an entry, so a new field cannot skip its check.
-_AT_LEAST_0, _AT_LEAST_1, _POSITIVE = (lambda v: v >= 0, ">= 0"), (lambda v: v >= 1, ">= 1"), (lambda v: v > 0, "> 0")
-_FRACTION, _DECAY = (lambda v: 0 <= v <= 1, "in [0, 1]"), (lambda v: 0 <= v < 1, "in [0, 1)")
+# Each method's section adds its own (MethodSpec.ranges), prefixed with its name.
+_AT_LEAST_0, _AT_LEAST_1, _POSITIVE, _FRACTION, _DECAY = rules.AT_LEAST_0, rules.AT_LEAST_1, rules.POSITIVE, rules.FRACTION, rules.DECAY
 RANGES: dict[str, tuple] = {
     "seed": _AT_LEAST_0,
     "data.image_size": _AT_LEAST_1, "data.channels": _AT_LEAST_0,
@@ -502,33 +409,17 @@ RANGES: dict[str, tuple] = {
     "train.checkpoint_every": (lambda v: v >= 0, ">= 0 (0 = every epoch)"), "train.keep_checkpoints": _AT_LEAST_1,
     "train.eval_batch_size": _AT_LEAST_1, "train.end_time_margin_s": _AT_LEAST_0,
     "train.lr_reference_batch": _AT_LEAST_0,
-    "mean_teacher.ema_decay": _DECAY, "mean_teacher.consistency": _AT_LEAST_0,
-    "mean_teacher.rampup_epochs": _AT_LEAST_0, "mean_teacher.noise_std": _AT_LEAST_0, "mean_teacher.noise_clip": _AT_LEAST_0,
-    "mean_teacher.probe_cases": _AT_LEAST_0,
-    "mixmatch.temperature": _POSITIVE, "mixmatch.alpha": _POSITIVE, "mixmatch.k": _AT_LEAST_1,
-    "mixmatch.lambda_u": _AT_LEAST_0, "mixmatch.ema_decay": _DECAY, "mixmatch.rampup_epochs": _AT_LEAST_0, "mixmatch.probe_cases": _AT_LEAST_0,
-    "mira_u.mim_epochs": _AT_LEAST_0, "mira_u.mim_lr": _POSITIVE, "mira_u.mim_batch_size": _AT_LEAST_1,
-    "mira_u.mask_ratio": (lambda v: 0 < v < 1, "in (0, 1)"),
-    "mira_u.patch_size": (lambda v: v >= 1 and not v & (v - 1), "a power of two"),
-    "mira_u.embed_dim": _AT_LEAST_1, "mira_u.depth": _AT_LEAST_1, "mira_u.num_heads": _AT_LEAST_1,
-    "mira_u.teacher_dropout": _DECAY, "mira_u.student_base_channels": _AT_LEAST_1,
-    "mira_u.student_swin_depth": _AT_LEAST_1,
-    # One MC pass has no spread: sigma = 0 and every pixel counts as certain.
-    "mira_u.mc_samples": (lambda v: v >= 2, ">= 2"), "mira_u.mc_chunk": (lambda v: v >= 0, ">= 0 (0 = all at once)"),
-    "mira_u.kappa": _POSITIVE, "mira_u.tau_u": _FRACTION, "mira_u.lambda_u": _AT_LEAST_0,
-    "mira_u.lambda_c": _AT_LEAST_0, "mira_u.gamma": _AT_LEAST_0, "mira_u.rampup_epochs": _AT_LEAST_0,
-    "mira_u.ema_decay": _DECAY, "mira_u.probe_cases": _AT_LEAST_0,
+    **{f"{name}.{key}": rule for name, spec in METHODS.items() for key, rule in spec.ranges.items()},
 }
 CHOICES: dict[str, tuple] = {
     "method": tuple(METHODS), "model.name": MODEL_NAMES, "data.format": DATA_FORMATS,
     "data.modality": ("auto", "ct", "mri"), "data.synthetic_kind": ("2d", "3d"), "model.activation": ("relu", "leaky_relu"),
     "train.lr_scaling": ("none", "linear"), "train.schedule": ("constant", "cosine", "poly"),
     "train.optimizer": ("adam", "sgd"), "train.precision": ("float32", "mixed_float16", "mixed_bfloat16"),
-    "train.distribution": ("auto", "none", "mirrored", "multi_worker"), "train.export": ("auto", "student", "teacher", "ema"),
+    "train.distribution": ("auto", "none", "mirrored", "multi_worker"),
+    "train.export": ("auto",) + tuple(dict.fromkeys(r for spec in METHODS.values() for r in spec.networks)),
     "train.collective": ("auto", "nccl", "ring"), "data.shard_policy": ("record", "file"),
-    "mixmatch.ramp": ("linear", "sigmoid"), "mixmatch.guess_mode": ("train", "inference"),
-    "mean_teacher.student_view": ("noise", "strong"), "mean_teacher.noise_on": ("teacher", "both"), "mean_teacher.teacher_bn": ("batch", "moving"),
-    "mira_u.ema_target": ("student_ema", "teacher_head"),
+    **{f"{name}.{key}": allowed for name, spec in METHODS.items() for key, allowed in spec.choices.items()},
 }
 # model.* settings the hybrid network cannot honour, with the values it accepts (the default, and
 # the value that says what the network really does) and why.
@@ -640,15 +531,12 @@ def _validate_train(cfg: Config) -> None:
 
 
 def _validate_networks(cfg: Config) -> None:
-    """Image size vs each network's down-sampling, and model.* settings a network would ignore."""
-    size, m, mu = cfg.data.image_size, cfg.model, cfg.mira_u
-    if cfg.method == "mira_u":
-        # MIRA-U builds its own networks from mira_u.* (hybrid student, ViT teacher), not from model.*.
-        _check(size % 16 == 0, "data.image_size", f"{size} must be a multiple of 16 (MIRA-U's hybrid student)")
-        _check(size % mu.patch_size == 0, "data.image_size",
-               f"{size} must be a multiple of mira_u.patch_size = {mu.patch_size} (MIRA-U's ViT teacher)")
-        _check(mu.embed_dim % mu.num_heads == 0, "mira_u.embed_dim",
-               f"{mu.embed_dim} must be a multiple of mira_u.num_heads = {mu.num_heads}")
+    """Image size vs each network's down-sampling, model.* settings a network would ignore, and the
+    method's own rules between fields (MethodSpec.validate)."""
+    size, m, spec = cfg.data.image_size, cfg.model, METHODS[cfg.method]
+    if spec.validate is not None:
+        spec.validate(cfg)
+    if not spec.uses_model_config:      # its networks are built from its own section (MIRA-U)
         return
     if m.name == "hybrid":
         _check(size % 16 == 0, "data.image_size", f"{size} must be a multiple of 16 (model.name=hybrid)")

@@ -18,11 +18,13 @@ from test_equivalence import SUBPROCESS_TIMEOUT_S, python_env
 
 
 def test_method_table_agrees_with_registered_trainers():
-    """config.METHODS (read without TensorFlow) must say what each Trainer class really builds."""
-    from semiseg.methods import get_method
+    """Each method's spec (read without TensorFlow) must say what its Trainer class really builds,
+    and every method package registers both halves under its folder's name."""
+    from semiseg import methods
     from semiseg.training import registry as train_ssl_tf2
-    get_method("supervised")              # imports methods/, which registers the rest
-    assert set(config.METHODS) == set(train_ssl_tf2.METHODS)
+    for name in methods.names():
+        assert methods.get_method(name).method_name == name
+    assert set(config.METHODS) == set(train_ssl_tf2.METHODS) == set(methods.names())
     exportable = set(config.CHOICES["train.export"]) - {"auto"}     # what train.export can name
     variants = {"mean_teacher": [[], ["mean_teacher.evaluate_teacher=false"]],
                 "mixmatch": [[], ["mixmatch.ema_decay=0"]],

@@ -11,13 +11,14 @@ from semiseg.data import loader as data_loader_tf2
 from semiseg import cli as main
 from semiseg.runs import run_dir
 from semiseg.training import trainer as train_ssl_tf2
-from semiseg.methods import mean_teacher
+from semiseg.training import ema as mean_teacher
+from semiseg.training import ramps
 
 
 def test_ema_update_is_exact():
     teacher = [tf.Variable([1.0, 2.0, -4.0]), tf.Variable([[0.5]])]
     student = [tf.Variable([3.0, 5.0, 0.0]), tf.Variable([[1.5]])]
-    train_ssl_tf2.ema_update(teacher, student, 0.9)
+    mean_teacher.ema_update(teacher, student, 0.9)
     np.testing.assert_allclose(teacher[0].numpy(), [0.9 * 1 + 0.1 * 3, 0.9 * 2 + 0.1 * 5, 0.9 * -4], rtol=1e-7)
     np.testing.assert_allclose(teacher[1].numpy(), [[0.9 * 0.5 + 0.1 * 1.5]], rtol=1e-7)
     np.testing.assert_array_equal(student[0].numpy(), [3.0, 5.0, 0.0])     # the student is untouched
@@ -32,7 +33,7 @@ def test_ema_decay_warmup_follows_the_paper():
 
 @pytest.mark.parametrize("as_tensor", [False, True])
 def test_sigmoid_rampup_values(as_tensor):
-    ramp = train_ssl_tf2.sigmoid_rampup
+    ramp = ramps.sigmoid_rampup
     value = (lambda t: float(ramp(tf.constant(t), 8.0))) if as_tensor else (lambda t: ramp(t, 8.0))
     assert value(0.0) == pytest.approx(math.exp(-5.0), rel=1e-6)
     assert value(4.0) == pytest.approx(math.exp(-1.25), rel=1e-6)

@@ -18,7 +18,7 @@ from semiseg.runs import run_dir
 from semiseg.data import synthetic as synthetic_data
 from semiseg.training import trainer as train_ssl_tf2
 from semiseg.methods import get_method
-from semiseg.methods import mira_u
+from semiseg.methods.mira_u import trainer as mira_u
 from semiseg.models.transformer import patchify
 from semiseg.evaluation.predict import Predictor
 from test_run_loading import check_loaded, load_in_fresh_process
@@ -63,7 +63,7 @@ def test_binary_entropy_from_logits_matches_direct_formula():
 
 
 def test_beta_ramp_values():
-    ramp = train_ssl_tf2.sigmoid_rampup
+    from semiseg.training.ramps import sigmoid_rampup as ramp
     assert ramp(0, 80) == pytest.approx(math.exp(-5))
     assert ramp(40, 80) == pytest.approx(math.exp(-1.25))
     assert ramp(72, 80) == pytest.approx(math.exp(-5 * 0.01))
@@ -154,7 +154,7 @@ def _assert_half_way(ema_vars, before, source_vars):
 
 def test_one_stage2_step_student_ema_reading(trainer):
     # The EMA covers the weights; BN moving statistics are the EMA student's own (batch mode).
-    from semiseg.methods.mean_teacher import ema_weights
+    from semiseg.training.ema import ema_weights
     ema, student = (ema_weights(trainer.models[k], "batch") for k in ("student_ema", "student"))
     np.testing.assert_array_equal(ema[0].numpy(), student[0].numpy())    # starts as a copy
     initial = _values(ema)

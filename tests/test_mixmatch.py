@@ -10,7 +10,7 @@ from semiseg import config
 from semiseg.data import loader as data_loader_tf2
 from semiseg import cli as main
 from semiseg.runs import run_dir
-from semiseg.methods import mixmatch
+from semiseg.methods.mixmatch import trainer as mixmatch
 
 
 def test_sharpen_known_probabilities():
@@ -101,6 +101,6 @@ def test_guesses_in_training_mode_leave_bn_moving_statistics_alone():
 
 
 def test_linear_ramp_reaches_lambda_u_at_rampup_epochs():
-    from semiseg.training.trainer import linear_rampup
+    from semiseg.training.ramps import linear_rampup
     assert [linear_rampup(e, 4.0) for e in (0, 1, 4, 9)] == [0.0, 0.25, 1.0, 1.0]
     assert float(linear_rampup(tf.constant(2.0), 4.0)) == pytest.approx(0.5)

@@ -42,7 +42,10 @@ _SCRIPT = textwrap.dedent("""
     out["predict_shape"] = list(predictor.predict(picture).shape)
     if uncertainty:
         out["sigma_max"] = float(predictor.uncertainty_slices(picture[None]).max())
-    out["training_modules"] = sorted(m for m in sys.modules if m.startswith(("semiseg.training", "semiseg.methods")))
+    # The methods' specs (semiseg/methods/<name>/__init__.py: config sections, network builders) are
+    # not training code; their trainer modules and semiseg.training are.
+    out["training_modules"] = sorted(m for m in sys.modules if m.startswith("semiseg.training")
+                                     or (m.startswith("semiseg.methods.") and m.endswith(".trainer")))
     print(json.dumps(out))
 """)
 

@@ -29,3 +29,18 @@ def one_hot_masks(masks, n_classes: int):
     index = tf.cast(tf.round(tf.cast(masks[..., 0], tf.float32)), tf.int32)
     return tf.one_hot(index, n_classes, dtype=tf.float32)
 
+
+
+def main_output(model):
+    """`model` itself when it has one output; else a model over the same layers returning its first
+    (main) output, built once and kept on the model: what validation, export and prediction use of a
+    network whose training view returns several tensors (deep supervision, features)."""
+    outputs = getattr(model, "outputs", None)
+    if not outputs or len(outputs) == 1:
+        return model
+    view = getattr(model, "_semiseg_main_output", None)
+    if view is None:
+        import keras
+        view = keras.Model(model.inputs, outputs[0], name=model.name)
+        model._semiseg_main_output = view
+    return view

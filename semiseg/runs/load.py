@@ -94,6 +94,7 @@ def load_run_model(run_dir, checkpoint: str = "best"):
         raise RunDirError(f"--checkpoint must be best or latest, got {checkpoint!r}")
     import tensorflow as tf
     from semiseg.models.networks import method_networks, model_variables
+    from semiseg.models.outputs import main_output
     latest = tf.train.latest_checkpoint(str(run / "checkpoints"))
     if latest is None:
         raise RunDirError(f"{run / 'checkpoints'}: no checkpoint found")
@@ -108,7 +109,7 @@ def load_run_model(run_dir, checkpoint: str = "best"):
     # through model_variables: through the networks alone some variables would be missed.
     tf.train.Checkpoint(model_variables=model_variables(networks)).restore(latest).expect_partial()
     name, key = exported_network(run, cfg, list(networks))
-    return cfg, networks[key], name
+    return cfg, main_output(networks[key]), name
 
 
 def model_channels(model) -> int:

@@ -4,9 +4,14 @@
 
 The Trainer owns the strategy scope, the networks, optimizer and LR schedule, the distributed step
 (`strategy.run` inside a `tf.function` that runs `steps_per_loop` steps per call, as in Orbit),
-checkpoints, early stopping, preemption and logging. A method is a registered subclass that
-overrides `compute_loss` (and maybe `build_models`, `on_step_end`, `epoch_diagnostics`); the base
-never asks which method it is running.
+checkpoints, early stopping, preemption and logging. A method is a registered subclass in
+semiseg/methods/<name>/trainer.py that overrides `compute_loss` (and maybe `build_models`,
+`build_state`, `on_step_end`, `pseudo_targets`, `eval_models`, `schedule_logs`); the base never asks
+which method it is running. What every method needs is public here or beside it: losses whose
+normalisation is all-reduced (`global_mean`, `masked_mean`, `pixel_mean`, the supervised loss),
+ramps (semiseg.training.ramps), EMA with warm-up (semiseg.training.ema), the pseudo-target probe
+(`pseudo_targets`, scored once per epoch by semiseg.training.probe) and checkpointed scalars
+(`self.state`, from `build_state`).
 
 Loss scaling under tf.distribute: every loss a method returns is this replica's share of the
 global-batch mean, so the all-reduced (summed) gradient equals one replica's gradient on the whole
@@ -33,37 +38,12 @@ from semiseg.runs import run_dir as rundir
 from semiseg.data.loader import steps_per_epoch
 from semiseg.config import is_multiclass, num_classes
 from semiseg.models.networks import method_networks, model_variables  # noqa: F401  (model_variables: the trainer's API)
-from semiseg.models.outputs import one_hot_masks, probabilities
+from semiseg.models.outputs import main_output, one_hot_masks, probabilities
+from semiseg.training import probe
 
 from semiseg.training.registry import METHODS, register_method  # noqa: F401  (re-exported; a leaf)
 
 EXIT_PREEMPTED = distribute.PREEMPTED_EXIT_CODE   # 75, EX_TEMPFAIL: the sbatch scripts requeue on it
-
-
-def sigmoid_rampup(epoch, rampup_epochs):
-    """exp(-5 (1 - t/T)^2) for t < T, then 1 (Laine & Aila; Tarvainen & Valpola; MIRA-U's beta)."""
-    if rampup_epochs <= 0:
-        return tf.constant(1.0) if tf.is_tensor(epoch) else 1.0
-    if tf.is_tensor(epoch):
-        t = tf.clip_by_value(tf.cast(epoch, tf.float32) / rampup_epochs, 0.0, 1.0)
-        return tf.exp(-5.0 * tf.square(1.0 - t))
-    t = min(max(float(epoch) / rampup_epochs, 0.0), 1.0)
-    return math.exp(-5.0 * (1.0 - t) ** 2)
-
-
-def linear_rampup(epoch, rampup_epochs):
-    """t/T for t < T, then 1 (MixMatch's ramp of lambda_u)."""
-    if rampup_epochs <= 0:
-        return tf.constant(1.0) if tf.is_tensor(epoch) else 1.0
-    if tf.is_tensor(epoch):
-        return tf.clip_by_value(tf.cast(epoch, tf.float32) / rampup_epochs, 0.0, 1.0)
-    return min(max(float(epoch) / rampup_epochs, 0.0), 1.0)
-
-
-def ema_update(teacher_vars, student_vars, decay):
-    """teacher <- decay * teacher + (1 - decay) * student, for every weight (BN statistics too)."""
-    for t, s in zip(teacher_vars, student_vars):
-        t.assign(decay * t + (1.0 - decay) * tf.cast(s, t.dtype))
 
 
 class Preemption:
@@ -155,6 +135,9 @@ class Trainer:
         self.total_steps = self.steps_per_epoch * t.epochs
         with strategy.scope():
             self.models = self.build_models()
+            # Learned or running scalars a method keeps besides its networks (e.g. a threshold's
+            # posterior): checkpointed with the networks, so a resumed run continues them.
+            self.state = dict(self.build_state())
             # Steps taken, in the checkpoint: the stream position, resume point, epoch and LR schedule
             # derive from it. Not optimizer.iterations: a float16 loss-scale step skipped for
             # overflowing gradients does not advance that, and the stream would repeat batches.
@@ -183,6 +166,15 @@ class Trainer:
     def trainable_variables(self):
         return self.models["student"].trainable_variables
 
+    def build_state(self) -> dict:
+        """{name: tf.Variable} of the method's own state (called in the strategy scope); checkpointed."""
+        return {}
+
+    @property
+    def section(self):
+        """The method's own config section (cfg.<method name>), or None where it has none."""
+        return getattr(self.cfg, self.method_name, None)
+
     def compute_loss(self, labeled, unlabeled, step):
         """(loss, logs): loss is this replica's share; each log value sums over replicas to its global value."""
         images, masks = labeled
@@ -196,19 +188,24 @@ class Trainer:
 
     def eval_models(self) -> dict:
         """Networks scored on validation each epoch; the first one drives model selection."""
-        return {"student": self.models["student"]}
+        return {"student": self.inference_network("student")}
+
+    def inference_network(self, role: str):
+        """The network of `role` as validation, export and prediction see it: its main (first) output
+        only, where its training view returns several (deep supervision, features)."""
+        return main_output(self.models[role])
 
     def export_model(self):
         choice = self.cfg.train.export
         if choice == "auto":
             return next(iter(self.eval_models().items()))
-        return choice, self.models[choice]
+        return choice, self.inference_network(choice)
 
     def export_record(self) -> dict:
         """What RUN/export.json records: the network `export_model` picks, the checkpoint attribute
         it is restored from, and why; built from the same calls training uses, so they agree."""
         name, model = self.export_model()
-        key = next((k for k, m in self.models.items() if m is model), name)
+        key = next((k for k, m in self.models.items() if m is model or main_output(m) is model), name)
         validated = list(self.eval_models())
         choice = self.cfg.train.export
         reason = (f"train.export=auto: the first network {self.method_name} validates ({', '.join(validated)}), "
@@ -219,11 +216,21 @@ class Trainer:
 
     def save_best(self, run: Path) -> None:
         """RUN/best_model.keras = the exported network; a method may write companions beside it."""
-        _save_model_atomic(self.export_model()[1], run / "best_model.keras")
+        save_model_atomic(self.export_model()[1], run / "best_model.keras")
+
+    def pseudo_targets(self, images):
+        """What the method trains its unlabelled images towards, as its loss sees them: probabilities
+        [B,H,W,1] (binary) or class scores [B,H,W,C]. A method that defines it gets `pseudo_dice`
+        (and per class) in history.csv, scored against hidden truth by one traced probe."""
+        raise NotImplementedError
 
     def epoch_diagnostics(self, epoch: int) -> dict:
-        """Extra history.csv columns per epoch (e.g. Dice of pseudo targets vs hidden truth)."""
-        return {}
+        """Extra history.csv columns per epoch: by default the probe of `pseudo_targets` on the
+        section's `probe_cases` hidden-truth cases (where the method defines both)."""
+        cases = getattr(self.section, "probe_cases", 0)
+        if type(self).pseudo_targets is Trainer.pseudo_targets or not cases:
+            return {}
+        return probe.epoch_pseudo_dice(self, cases)
 
     def schedule_logs(self, epoch_float: float) -> dict:
         """Replica-independent values to log (ramp weights), computed in Python per epoch."""
@@ -233,6 +240,20 @@ class Trainer:
     def global_mean(self, per_example):
         """Mean over the global batch of per-example values (this replica's share)."""
         return tf.nn.compute_average_loss(per_example, global_batch_size=tf.shape(per_example)[0] * self.n_replicas)
+
+    def masked_mean(self, values, mask):
+        """sum(values * mask) / sum(mask) over the whole global batch (the mask's sum all-reduced),
+        this replica's share: the mean over the pixels a mask keeps (e.g. confident pseudo labels).
+        Broadcasts mask against values; 0 where the mask keeps nothing anywhere."""
+        values, mask = tf.cast(values, tf.float32), tf.cast(mask, tf.float32)
+        weighted = values * mask
+        count = self.all_reduce_sum(tf.reduce_sum(mask * tf.ones_like(values)))
+        return tf.reduce_sum(weighted) / tf.maximum(count, 1e-8)
+
+    def pixel_mean(self, values):
+        """The mean over every pixel (and channel) of the global batch, this replica's share."""
+        values = tf.cast(values, tf.float32)
+        return self.global_mean(tf.reduce_mean(values, axis=list(range(1, len(values.shape)))))
 
     def all_reduce_sum(self, value):
         ctx = tf.distribute.get_replica_context()
@@ -400,13 +421,13 @@ class Trainer:
         return tf.function(loop)
 
     def _iterators(self, start_step: int):
-        augment = _augment_fn(self.labeled_augment)
+        augment = augment_fn(self.labeled_augment)
         b, ub = self.per_replica_batch, self.per_replica_batch * self.cfg.train.unlabeled_ratio
         lab = self.strategy.distribute_datasets_from_function(
             lambda ctx: self.data.train_dataset("labeled", b, ctx, start_step, augment, stream_id=1, log=self.log))
         unl = None
         if self.uses_unlabeled:
-            uaug = _augment_fn(self.unlabeled_augment)
+            uaug = augment_fn(self.unlabeled_augment)
             unl = iter(self.strategy.distribute_datasets_from_function(
                 lambda ctx: self.data.train_dataset("unlabeled", ub, ctx, start_step, uaug, stream_id=2,
                                                     with_mask=False, log=self.log)))
@@ -414,10 +435,21 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def checkpoint(self) -> tf.train.Checkpoint:
+        self._check_state_is_checkpointed()
         return tf.train.Checkpoint(optimizer=self.optimizer, step=self.steps_taken, epoch=self.epoch,
                                    best_score=self.best_score,
                                    bad_epochs=self.bad_epochs, model_variables=model_variables(self.models),
-                                   epoch_log_sums=self.epoch_log_sums.variable, **self.models)
+                                   epoch_log_sums=self.epoch_log_sums.variable, state=dict(self.state), **self.models)
+
+    def _check_state_is_checkpointed(self) -> None:
+        """A tf.Variable a method keeps as an attribute would silently restart from its initial
+        value on resume: such state belongs in `build_state`."""
+        known = {id(v) for v in (self.steps_taken, self.epoch, self.best_score, self.bad_epochs,
+                                 self.epoch_log_sums.variable, *self.state.values())}
+        stray = [name for name, value in vars(self).items() if isinstance(value, tf.Variable) and id(value) not in known]
+        if stray:
+            raise TypeError(f"{type(self).__name__} keeps tf.Variable attribute(s) {', '.join(sorted(stray))} outside "
+                            f"the checkpoint: return them from build_state() (self.state[...]) instead")
 
     def restore_latest(self, ckpt: tf.train.Checkpoint, folder: Path) -> int:
         """Restore the chief's newest checkpoint in `folder` on every worker; returns its number (its
@@ -678,10 +710,10 @@ def _op_error_reason(err: tf.errors.OpError) -> str:
     return re.sub(r"\s*\[Op:\w+\]$", "", text).splitlines()[0] if text else type(err).__name__
 
 
-def _augment_fn(kind: str):
+def augment_fn(kind: str):
     from semiseg.data import augment
     return {"weak": augment.weak_augment, "strong": augment.strong_augment, "none": None}[kind]
 
 
-def _save_model_atomic(model, path: Path) -> None:
+def save_model_atomic(model, path: Path) -> None:
     atomic_write.write_with(path, model.save)      # the temporary name keeps `.keras` for Keras

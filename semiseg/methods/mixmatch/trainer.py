@@ -39,12 +39,12 @@ from __future__ import annotations
 import tensorflow as tf
 
 from semiseg.data import augment
-from semiseg.methods import probe
 from semiseg.training.registry import register_method
-from semiseg.methods.mean_teacher import ema_decay_at, ema_weights
+from semiseg.training.ema import ema_decay_at, ema_update, ema_weights
 from semiseg.models.batchnorm import frozen_bn_statistics
 from semiseg.models.outputs import probabilities
-from semiseg.training.trainer import Trainer, ema_update, linear_rampup, sigmoid_rampup
+from semiseg.training.ramps import linear_rampup, sigmoid_rampup
+from semiseg.training.trainer import Trainer
 
 VIEW_STREAM, SHUFFLE_STREAM, BETA_STREAM = 20, 40, 41
 PROBE_SEED = (12345, 0)     # the probe's K views: fixed, so epochs are scored on the same views
@@ -162,6 +162,3 @@ class MixMatch(Trainer):
         guess, _ = guess_labels(self.models["student"], images, tf.constant(PROBE_SEED, tf.int64), mm.k,
                                 mm.temperature, mm.photometric_views, training=mm.guess_mode == "train")
         return guess
-
-    def epoch_diagnostics(self, epoch: int) -> dict:
-        return probe.epoch_pseudo_dice(self, self.cfg.mixmatch.probe_cases)

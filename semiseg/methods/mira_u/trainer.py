@@ -75,13 +75,14 @@ import keras
 from semiseg.runs import atomic_write
 from semiseg.data import augment
 from semiseg.runs import run_dir as rundir
-from semiseg.methods import probe
+from semiseg.training import probe
 from semiseg.models.networks import model_variables
 from semiseg.models.outputs import probabilities
 from semiseg.models.transformer import mc_dropout_stats, mim_l1_loss, patchify, random_patch_mask
-from semiseg.methods.mean_teacher import ema_weights
-from semiseg.training.trainer import (EpochLogSums, Trainer, _augment_fn, _save_model_atomic, ema_update, register_method,
-                           save_checkpoint, sigmoid_rampup)
+from semiseg.training.ema import ema_update, ema_weights
+from semiseg.training.ramps import sigmoid_rampup
+from semiseg.training.registry import register_method
+from semiseg.training.trainer import EpochLogSums, Trainer, augment_fn, save_checkpoint, save_model_atomic
 
 TEACHER_FILE = "teacher_mim.keras"
 # The teacher as it stood at the best epoch (MIM encoder + trained head): `predict --uncertainty`
@@ -259,7 +260,7 @@ class MiraU(Trainer):
 
     def save_best(self, run: Path) -> None:
         super().save_best(run)
-        _save_model_atomic(self.models["teacher"], Path(run) / TEACHER_BEST_FILE)
+        save_model_atomic(self.models["teacher"], Path(run) / TEACHER_BEST_FILE)
 
     def eval_models(self) -> dict:
         first = {"student_ema": self.models["student_ema"]} if "student_ema" in self.models else {}
@@ -299,7 +300,7 @@ class MiraU(Trainer):
             if self.pretrain_teacher(Path(run), is_chief, ckpt_dir) == "preempted":
                 return "preempted"
             if is_chief and not saved.exists():
-                _save_model_atomic(teacher, saved)
+                save_model_atomic(teacher, saved)
                 self.log(f"stage 1 done: teacher saved to {saved}")
         return super()._fit(run, is_chief, ckpt_dir, progress)
 
@@ -331,7 +332,7 @@ class MiraU(Trainer):
             raise ValueError(f"mira_u.mim_batch_size={m.mim_batch_size} must be divisible by the "
                              f"{self.n_replicas} replicas")
         bundle, per_replica = self.mim_dataset_bundle(), m.mim_batch_size // self.n_replicas
-        weak = _augment_fn("weak")
+        weak = augment_fn("weak")
         it = iter(strategy.distribute_datasets_from_function(
             lambda ctx: bundle.train_dataset("mim_train", per_replica, ctx, start_step, weak, stream_id=3,
                                              with_mask=False, log=self.log)))

@@ -53,30 +53,15 @@ from __future__ import annotations
 import tensorflow as tf
 
 from semiseg.data import augment
-from semiseg.methods import probe
 from semiseg.models.batchnorm import frozen_bn_statistics
 from semiseg.models.outputs import probabilities
 from semiseg.training.registry import register_method
-from semiseg.training.trainer import Trainer, ema_update, sigmoid_rampup
+from semiseg.training.ema import ema_decay_at, ema_update, ema_weights
+from semiseg.training.ramps import sigmoid_rampup
+from semiseg.training.trainer import Trainer
 
 STUDENT_NOISE_STREAM, TEACHER_NOISE_STREAM, STUDENT_STRONG_STREAM = 11, 12, 13
 PROBE_NOISE_SEED = (12345, 1)     # the probe's noise draw: fixed, so epochs are scored on the same view
-
-
-def ema_weights(model, teacher_bn: str = "moving") -> list:
-    """The weights the teacher averages: all of them (BN moving stats too) except RNG counters;
-    with teacher_bn="batch" only the trainable ones (the teacher keeps its own BN statistics)."""
-    averaged_stats = teacher_bn != "batch"
-    return [v for v in model.weights if "seed_generator_state" not in v.path
-            and (averaged_stats or not v.path.endswith(("moving_mean", "moving_variance")))]
-
-
-def ema_decay_at(n_updates, ema_decay: float, warmup: bool):
-    """a for the n-th update (n >= 1): min(1 - 1/(n+1), ema_decay) with warm-up, else ema_decay."""
-    if not warmup:
-        return tf.constant(ema_decay, tf.float32)
-    n = tf.cast(n_updates, tf.float32)
-    return tf.minimum(1.0 - 1.0 / (n + 1.0), ema_decay)
 
 
 @register_method("mean_teacher")
@@ -164,6 +149,3 @@ class MeanTeacher(Trainer):
         else:
             logits = teacher(view, training=False)
         return probabilities(logits)
-
-    def epoch_diagnostics(self, epoch: int) -> dict:
-        return probe.epoch_pseudo_dice(self, self.cfg.mean_teacher.probe_cases)
