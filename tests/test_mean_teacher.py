@@ -11,24 +11,24 @@ from semiseg.data import loader as data_loader_tf2
 from semiseg import cli as main
 from semiseg.runs import run_dir
 from semiseg.training import trainer as train_ssl_tf2
-from semiseg.training import ema as mean_teacher
-from semiseg.training import ramps
+from semiseg.methods.mean_teacher import trainer as mean_teacher
+from semiseg.training import ema, ramps
 
 
 def test_ema_update_is_exact():
     teacher = [tf.Variable([1.0, 2.0, -4.0]), tf.Variable([[0.5]])]
     student = [tf.Variable([3.0, 5.0, 0.0]), tf.Variable([[1.5]])]
-    mean_teacher.ema_update(teacher, student, 0.9)
+    ema.ema_update(teacher, student, 0.9)
     np.testing.assert_allclose(teacher[0].numpy(), [0.9 * 1 + 0.1 * 3, 0.9 * 2 + 0.1 * 5, 0.9 * -4], rtol=1e-7)
     np.testing.assert_allclose(teacher[1].numpy(), [[0.9 * 0.5 + 0.1 * 1.5]], rtol=1e-7)
     np.testing.assert_array_equal(student[0].numpy(), [3.0, 5.0, 0.0])     # the student is untouched
 
 
 def test_ema_decay_warmup_follows_the_paper():
-    assert float(mean_teacher.ema_decay_at(1, 0.99, True)) == pytest.approx(0.5)
-    assert float(mean_teacher.ema_decay_at(9, 0.99, True)) == pytest.approx(0.9)
-    assert float(mean_teacher.ema_decay_at(10_000, 0.99, True)) == pytest.approx(0.99)
-    assert float(mean_teacher.ema_decay_at(1, 0.99, False)) == pytest.approx(0.99)
+    assert float(ema.ema_decay_at(1, 0.99, True)) == pytest.approx(0.5)
+    assert float(ema.ema_decay_at(9, 0.99, True)) == pytest.approx(0.9)
+    assert float(ema.ema_decay_at(10_000, 0.99, True)) == pytest.approx(0.99)
+    assert float(ema.ema_decay_at(1, 0.99, False)) == pytest.approx(0.99)
 
 
 @pytest.mark.parametrize("as_tensor", [False, True])
@@ -60,7 +60,7 @@ def _trainer(*overrides):
 def test_one_step_moves_student_and_teacher_by_the_ema_rule(warmup, decay):
     # teacher_bn=moving: every weight, BN moving statistics included, follows the EMA rule.
     trainer = _trainer(f"mean_teacher.ema_warmup={warmup}", "mean_teacher.ema_decay=0.9", "mean_teacher.teacher_bn=moving")
-    student, teacher = (mean_teacher.ema_weights(trainer.models[k]) for k in ("student", "teacher"))
+    student, teacher = (ema.ema_weights(trainer.models[k]) for k in ("student", "teacher"))
     s0 = [v.numpy().copy() for v in student]
     t0 = [v.numpy().copy() for v in teacher]
     for a, b in zip(s0, t0):            # the teacher starts as a copy of the student
@@ -80,15 +80,15 @@ def test_batch_statistics_teacher_keeps_its_own_bn_statistics():
     teacher's own forward pass on its batch, not averaged from the student's."""
     trainer = _trainer("mean_teacher.teacher_bn=batch", "mean_teacher.ema_decay=0.9", "mean_teacher.ema_warmup=false")
     teacher, student = trainer.models["teacher"], trainer.models["student"]
-    averaged = mean_teacher.ema_weights(teacher, "batch")
+    averaged = ema.ema_weights(teacher, "batch")
     stats = [v for v in teacher.weights if v.path.endswith(("moving_mean", "moving_variance"))]
     assert stats and not {v.path for v in stats} & {v.path for v in averaged}
-    s0 = [v.numpy().copy() for v in mean_teacher.ema_weights(student, "batch")]
+    s0 = [v.numpy().copy() for v in ema.ema_weights(student, "batch")]
     t0 = [v.numpy().copy() for v in averaged]
     stats0 = [v.numpy().copy() for v in stats]
     student_stats = [v for v in student.weights if v.path.endswith(("moving_mean", "moving_variance"))]
     trainer._make_loop(*trainer._iterators(0))(tf.constant(1))
-    for before, s, t in zip(t0, mean_teacher.ema_weights(student, "batch"), averaged):
+    for before, s, t in zip(t0, ema.ema_weights(student, "batch"), averaged):
         np.testing.assert_allclose(t.numpy(), 0.9 * before + 0.1 * s.numpy(), rtol=1e-5, atol=1e-7)
     moved = [not np.allclose(a, v.numpy()) for a, v in zip(stats0, stats)]
     assert all(moved)                                   # updated by the teacher's own forward

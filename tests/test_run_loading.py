@@ -81,18 +81,18 @@ def test_mean_teacher_run_loads_its_teacher_without_training_code(tmp_path):
 
 
 def test_every_method_has_its_networks_for_loading():
-    """A method trains the networks semiseg.models.networks builds for it, the ones loading
-    builds to restore its checkpoints: one table, covering every registered method."""
-    from semiseg import config
+    """A method trains the networks its spec builds, the ones loading builds to restore its
+    checkpoints: one builder per method package, covering every method."""
+    from semiseg import config, methods
     from semiseg.methods import get_method
     from semiseg.models import networks
-    from semiseg.training.registry import METHODS
-    get_method("supervised")                    # imports (registers) every method
-    assert set(networks.NETWORKS) == set(METHODS)
+    for name in methods.names():
+        assert get_method(name).build_networks.__func__ is not None
+        assert methods.spec(name).build_networks is not None
     cfg = config.resolve("smoke", overrides=["mira_u.student_swin_depth=1"], method="mira_u")
     built = get_method("mira_u").build_networks(cfg, 32, 1)
     assert sorted(built) == ["student", "student_ema", "teacher"]
-    with pytest.raises(config.ConfigError, match="no networks"):
+    with pytest.raises(config.ConfigError, match="unknown method 'not_a_method'"):
         networks.method_networks("not_a_method", cfg, 32, 1)
 
 

@@ -56,7 +56,7 @@ from semiseg.data import augment
 from semiseg.models.batchnorm import frozen_bn_statistics
 from semiseg.models.outputs import probabilities
 from semiseg.training.registry import register_method
-from semiseg.training.ema import ema_decay_at, ema_update, ema_weights
+from semiseg.training.ema import copy_weights, ema_decay_at, ema_update, ema_weights
 from semiseg.training.ramps import sigmoid_rampup
 from semiseg.training.trainer import Trainer
 
@@ -72,8 +72,7 @@ class MeanTeacher(Trainer):
     def build_models(self) -> dict:
         models = super().build_models()
         # The teacher starts as an exact copy of the student (the paper's initialisation).
-        for t, s in zip(ema_weights(models["teacher"]), ema_weights(models["student"])):
-            t.assign(s)
+        copy_weights(models["teacher"], models["student"])
         # Keras runs the BN of a non-trainable model in inference mode even when called with
         # training=True, so a batch-statistics teacher stays "trainable" (the optimizer only ever
         # gets the student's variables either way).

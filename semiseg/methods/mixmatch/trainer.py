@@ -40,7 +40,7 @@ import tensorflow as tf
 
 from semiseg.data import augment
 from semiseg.training.registry import register_method
-from semiseg.training.ema import ema_decay_at, ema_update, ema_weights
+from semiseg.training.ema import copy_weights, ema_decay_at, ema_update, ema_weights
 from semiseg.models.batchnorm import frozen_bn_statistics
 from semiseg.models.outputs import probabilities
 from semiseg.training.ramps import linear_rampup, sigmoid_rampup
@@ -108,8 +108,7 @@ class MixMatch(Trainer):
 
     def build_models(self) -> dict:
         models = super().build_models()
-        for e, s in zip(ema_weights(models["ema"]), ema_weights(models["student"])):    # starts as a copy
-            e.assign(s)
+        copy_weights(models["ema"], models["student"])      # starts as a copy
         models["ema"].trainable = False
         return models
 
