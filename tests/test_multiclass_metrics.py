@@ -91,7 +91,7 @@ def test_class_dice_argmax_and_binary():
 
 def test_sharpen_over_classes_and_multiclass_dice_loss():
     import tensorflow as tf
-    from semiseg.methods.mixmatch import sharpen
+    from semiseg.methods.mixmatch.trainer import sharpen
     p = tf.constant([[[[0.5, 0.3, 0.2]]]])
     got = sharpen(p, 0.5, over_classes=True).numpy()[0, 0, 0]
     want = np.array([0.25, 0.09, 0.04]) / 0.38                  # p^2 / sum p^2
@@ -111,7 +111,7 @@ def test_sharpen_over_classes_and_multiclass_dice_loss():
 def test_mira_u_multiclass_targets_and_entropy():
     """The pseudo label is the argmax of the MC mean; its confidence reads the std of that class."""
     import tensorflow as tf
-    from semiseg.methods.mira_u import entropy_from_logits, multiclass_confidence_targets
+    from semiseg.methods.mira_u.trainer import entropy_from_logits, multiclass_confidence_targets
     mu = tf.constant([[[[0.7, 0.2, 0.1], [0.1, 0.3, 0.6]]]])
     sigma = tf.constant([[[[0.05, 0.3, 0.3], [0.01, 0.02, 0.25]]]])
     w, keep, target = multiclass_confidence_targets(mu, sigma, kappa=0.5, tau_u=0.8)

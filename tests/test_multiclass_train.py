@@ -17,10 +17,11 @@ import numpy as np
 import pytest
 
 from semiseg import cli as main
+from semiseg import config
 from data_layouts import make_acdc
 
 CLASSES = ["RV", "MYO", "LV"]
-METHODS = ["supervised", "mean_teacher", "mixmatch", "mira_u"]
+METHODS = list(config.METHODS)      # every registered method, new ones included
 
 
 AFFINE = np.array([[-1.5625, 0, 0, 180.0], [0, -1.5625, 0, 150.0], [0, 0, 10.0, -40.0], [0, 0, 0, 1]])  # make_acdc's

@@ -22,7 +22,7 @@ SCRIPT = textwrap.dedent("""
     import keras, tensorflow as tf
     from semiseg.data import loader as data_loader_tf2
     from semiseg.methods import get_method
-    from semiseg.methods.mixmatch import sample_mixup_lambda
+    from semiseg.methods.mixmatch.trainer import sample_mixup_lambda
     from semiseg.training.ema import ema_weights
     out = {"replicas": strategy.num_replicas_in_sync}
     cfg = config.resolve("smoke", "", ["train.steps_per_epoch=2", "train.epochs=1",

@@ -20,7 +20,6 @@ global batch. Per-example terms use `global_mean`; batch-level Dice all-reduces 
 from __future__ import annotations
 
 import json
-import math
 import re
 import shutil
 import signal
