@@ -309,7 +309,10 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         p.add_argument("--format", default=None, metavar="|".join(config.DATA_FORMATS),
                        help="layout of --data (default: inferred from the folder; docs/data.md draws each)")
 
-    p = sub.add_parser("train", help="train a model (a new run folder, or --resume one)")
+    methods_text = "methods (--method; each one package semiseg/methods/NAME/, its section NAME.* in the config):\n" + "\n".join(
+        f"  {name:<14} {spec.summary}\n  {'':<14} [{spec.paper}]" for name, spec in config.METHODS.items())
+    p = sub.add_parser("train", help="train a model (a new run folder, or --resume one)", epilog=methods_text,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     config_args(p)
     data_args(p)
     p.add_argument("--out", default=None, metavar="RUN_DIR",

@@ -100,7 +100,7 @@ _ISIC = {
 SPEC = register(MethodSpec(
     name="mira_u", summary="MIM-pretrained ViT teacher, MC-dropout uncertainty-weighted soft pseudo labels, "
                            "hybrid CNN-transformer student, EMA teacher",
-    paper="MIRA-U (2025), docs/mira_u.md", build_networks=build_networks, networks=("student", "teacher"),
+    paper="Qamar, arXiv:2510.15354, 2025 (MIRA-U)", build_networks=build_networks, networks=("student", "teacher"),
     uses_unlabeled=True, config=MiraUConfig, validate=validate, uses_model_config=False,
     ranges={"mim_epochs": AT_LEAST_0, "mim_lr": POSITIVE, "mim_batch_size": AT_LEAST_1,
             "mask_ratio": (lambda v: 0 < v < 1, "in (0, 1)"),
