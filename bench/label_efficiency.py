@@ -16,8 +16,8 @@ labelled subset and the initialisation.
 Methods are every registered method (semiseg.config.METHODS): supervised at 10/30/100% labels, the
 others at 10/30%, each with its paper's settings (the method's defaults plus the `bench` preset's
 ramps). Tuning budget (Oliver et al. 2018): on validation, at 10% labels and seed 0, each method
-tries its unlabelled-loss weight (MethodInfo.unsup_weight) at 3 factors of its default
-(MethodInfo.tune_factors: 1/10, 1 and 10 unless the method says otherwise); the
+tries its unlabelled-loss weight (MethodSpec.unsup_weight) at 3 factors of its default
+(MethodSpec.tune_factors: 1/10, 1 and 10 unless the method says otherwise); the
 best validation Dice wins, and the table has both a "paper" and a "tuned" row when they differ.
 Test data is never used to choose.
 
