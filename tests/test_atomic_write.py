@@ -127,7 +127,7 @@ def test_append_csv_row_adds_rows_and_new_columns(tmp_path):
 
 
 def test_mira_u_mim_history_is_written_through_the_atomic_append(tmp_path):
-    from semiseg.methods import mira_u
+    from semiseg.methods.mira_u import trainer as mira_u
     path = tmp_path / mira_u.MIM_HISTORY
     mira_u._append_csv(path, {"epoch": 1, "step": 3, "loss_mim": 0.123456789})
     mira_u._append_csv(path, {"epoch": 2, "step": 6, "loss_mim": 0.1, "time_s": 1.25})
