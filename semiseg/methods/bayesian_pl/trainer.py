@@ -22,6 +22,8 @@ E_q[log p(Y_u | X_u, T)] - KL(q || p). Per step, with labelled (x, y) and unlabe
     r(t) = clip((t / E - rampup_start) / rampup_length, 0, 1), t = epoch (float), E = train.epochs:
     EMSSL's linear ramp, 0 for the first 40% of the run, 1 after 50%; lambda_u = 1 (alpha * beta),
     kl_weight = 0.1 (its `0.1 * alpha(t) * KL`).
+The ramp is in fractions of the run (the reference's), so raising train.epochs on --resume (allowed
+with the constant LR schedule) stretches the ramp of the steps to come as it would the run's.
 mu and log(sigma) are two learned scalars (`self.state`, checkpointed, trained by the same optimizer
 as the network: `trainable_variables`), initialised at the prior.
 
