@@ -46,7 +46,8 @@ Deviations from the paper and its code, all stated:
 - No gates: the reference drops L_u where pseudo labels have < 0.05% foreground and drops L_u and KL
   for a step whose T falls outside (0, 1). Here a T >= 1 keeps no pixel (L_u = 0), a T below the
   smallest confidence keeps all, and the KL term always applies.
-- Optimizer, schedule and augmentation are the project's (train.*), not EMSSL's AdamW with lr 1e-3.
+- Optimizer, schedule and augmentation are the project's (train.*), not EMSSL's AdamW with lr 1e-3;
+  train.weight_decay > 0 decays mu and log sigma too (as EMSSL's AdamW decays its threshold head).
 
 history.csv (names shared by every method, docs/outputs.md): `loss_unsup` (L_u unweighted), `loss_kl`
 (KL unweighted), `threshold_sample` (the epoch's mean of the drawn T), `pseudo_kept` (fraction of
