@@ -14,10 +14,8 @@ from dataclasses import dataclass
 
 from semiseg.errors import ConfigError
 from semiseg.methods.spec import MethodSpec, register
+from semiseg.methods.urpc.kinds import PERTURBATION_KINDS, unknown_kinds
 from semiseg.rules import AT_LEAST_0, AT_LEAST_1, DECAY, FRACTION
-
-# What may stand in front of an auxiliary head (SSL4MIS's three kinds, and none).
-PERTURBATION_KINDS = ("feature_noise", "feature_dropout", "dropout", "none")
 
 
 @dataclass
@@ -39,18 +37,9 @@ class URPCConfig:
     probe_cases: int = 32              # hidden-truth cases scoring the scales' mean (the target) per epoch
 
 
-def perturbation_kinds(text: str, n_heads: int) -> list[str]:
-    """The kind of each of `n_heads` auxiliary heads, finest first (the list's last kind repeats)."""
-    kinds = [k.strip() for k in text.split(",") if k.strip()]
-    if not kinds:
-        raise ConfigError("urpc.perturbations: empty; name one kind per auxiliary head "
-                          f"({', '.join(PERTURBATION_KINDS)}), e.g. feature_noise,feature_dropout,dropout")
-    return [kinds[min(i, len(kinds) - 1)] for i in range(n_heads)]
-
-
 def validate(cfg) -> None:
     u, m = cfg.urpc, cfg.model
-    bad = [k for k in perturbation_kinds(u.perturbations, 1 + u.perturbations.count(",")) if k not in PERTURBATION_KINDS]
+    bad = unknown_kinds(u.perturbations)
     if bad:
         raise ConfigError(f"urpc.perturbations: unknown kind(s) {', '.join(bad)} (known: {', '.join(PERTURBATION_KINDS)})")
     if u.feature_dropout_low > u.feature_dropout_high:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import keras
 from keras import layers, ops
 
-from semiseg.methods.urpc import perturbation_kinds
+from semiseg.methods.urpc.kinds import perturbation_kinds
 from semiseg.models.networks import configured_network
 
 

@@ -12,8 +12,8 @@ batch mixes both, so BatchNorm sees both):
             loss at every scale; SSL4MIS: (CE + Dice) summed over its 4 outputs / 8 = 0.5/0.5 here)
     on u, per pixel v, with class probabilities p_s = softmax(z_s) (binary: the 2-class form
     (1 - sigmoid(z_s), sigmoid(z_s))) and their mean over scales p_c = 1/S sum_s p_s:
-    D_s(v) = sum_c p_c,c(v) log(p_c,c(v) / p_s,c(v)) = KL(p_c || p_s)   (SSL4MIS's code:
-             KLDivLoss(log p_s, target p_c) summed over classes)
+    D_s(v) = sum_c p_c,c(v) log(p_c,c(v) / p_s,c(v)) = KL(p_c || p_s)   (the direction of SSL4MIS's
+             code: KLDivLoss(input log p_s, target p_c) summed over the classes)
     w_s(v) = exp(-D_s(v))
     L_s    = mean_{v,c}(w_s (p_s - p_c)^2) / (mean_v(w_s) + 1e-8) + mean_v(D_s)
            (means over every unlabelled pixel v of the global batch and over the C classes; binary:
