@@ -41,6 +41,9 @@ def main_output(model):
     view = getattr(model, "_semiseg_main_output", None)
     if view is None:
         import keras
-        view = keras.Model(model.inputs, outputs[0], name=model.name)
+        # One input as a tensor, not a one-element list: Keras warns when a list-input model is called
+        # with a tensor (validation and prediction call it so).
+        inputs = model.inputs[0] if len(model.inputs) == 1 else model.inputs
+        view = keras.Model(inputs, outputs[0], name=model.name)
         model._semiseg_main_output = view
     return view
