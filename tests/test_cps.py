@@ -113,9 +113,11 @@ def test_one_step_loss_is_the_papers_equation(preset, on_labeled, rampup, step):
     assert l_cps > 0.1 and (weight < 1.5) == bool(rampup)        # the terms are real, the ramp acts
 
 
-def test_cutmix_loss_trains_mixed_images_on_mixed_pseudo_labels_of_the_unmixed():
-    trainer = _trainer("smoke", "cps.cutmix=true")
-    images, masks, unlabeled = _batch(2, n=2, seed=1)
+@pytest.mark.parametrize("preset", ["smoke", "smoke_multiclass"])
+def test_cutmix_loss_trains_mixed_images_on_mixed_pseudo_labels_of_the_unmixed(preset):
+    trainer = _trainer(preset, "cps.cutmix=true")
+    k = trainer.n_classes
+    images, masks, unlabeled = _batch(k, n=2, seed=1)
     step = tf.constant(5, tf.int64)
     c = trainer.cfg.cps
     # The boxes are the step's input (drawn from its seed); everything after is the paper's equation.
@@ -127,12 +129,12 @@ def test_cutmix_loss_trains_mixed_images_on_mixed_pseudo_labels_of_the_unmixed()
     x = np.concatenate([images, mixed])
     nets = trainer.models["student"], trainer.models["student2"]
     z = [net(x, training=True).numpy().astype(np.float64) for net in nets]
-    plain = [_hard(net(unlabeled, training=True).numpy(), 2) for net in nets]
-    labels = [np.concatenate([_hard(zk[:2], 2), p * (1 - boxes) + np.roll(p, 1, axis=0) * boxes])
+    plain = [_hard(net(unlabeled, training=True).numpy(), k) for net in nets]
+    labels = [np.concatenate([_hard(zk[:2], k), p * (1 - boxes) + np.roll(p, 1, axis=0) * boxes])
               for zk, p in zip(z, plain)]
     loss, logs = trainer.compute_loss((tf.constant(images), tf.constant(masks)), tf.constant(unlabeled), step)
-    l_cps = _pseudo_ce(z[0], labels[1], 2) + _pseudo_ce(z[1], labels[0], 2)
-    sups = [_supervised(zk[:2], masks, trainer.cfg.train, 2) for zk in z]
+    l_cps = _pseudo_ce(z[0], labels[1], k) + _pseudo_ce(z[1], labels[0], k)
+    sups = [_supervised(zk[:2], masks, trainer.cfg.train, k) for zk in z]
     assert float(logs["loss_unsup"]) == pytest.approx(l_cps, rel=1e-5)
     assert float(loss) == pytest.approx(sum(sups) + 1.5 * l_cps, rel=1e-5)
 
