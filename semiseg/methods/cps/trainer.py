@@ -46,6 +46,10 @@ history.csv also gets `loss_sup` (network 1's supervised loss), `loss_sup2` (net
 `loss_unsup` (L_cps, both directions, unweighted), `rampup`, `unsup_weight` (= w(t)) and, where hidden
 truth exists, `pseudo_dice`: network 2's hard pseudo labels for network 1, as the loss sees them
 (network 2 in training mode, its moving statistics untouched), scored against the hidden truth.
+Measured (--preset cpu: 64x64, 10% labels, 480 steps; seed 0, one run each, on a loaded 2-core CPU):
+supervised test Dice 0.609 (best val 0.615); CPS 0.581 (best val 0.591; network 2 val 0.597 at the
+end), 370 ms/step against supervised's 80; with cps.rampup_epochs=6, 0.575 (best val 0.644). One seed
+of a short run: no gain shown here; compare over seeds at convergence (bench) before concluding.
 Randomness: the CutMix boxes are stateless draws seeded with `replica_seed`, so every replica and
 step draws its own and a resumed run draws the same.
 """
