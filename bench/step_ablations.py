@@ -8,7 +8,7 @@ today ("base": fused BatchNorm, global-norm clipping on) and with one thing chan
 
   keras_bn : Keras 3's BatchNormalization instead of the fused kernel (semiseg.models.fused_batchnorm)
   no_clip  : train.clip_norm=0 (clipping costs a global norm over all gradients each step)
-  xla      : train.jit_compile=true (full runs only: compiling takes minutes on 2 cores)
+  xla      : train.jit_compile=true (with --xla only: compiling takes minutes on 2 cores)
   auto     : train.precision=auto, i.e. what semiseg.training.precision picks on this machine, vs
              float32 (the same candidate as base when auto picks float32)
 
@@ -49,14 +49,14 @@ def verdict(change: str, saved_ms: float, base_ms: float) -> str:
         return "kept (fused BN)" if -frac > NOISE else ("rejected: Keras BN faster" if frac > NOISE else
                                                         "within noise; fused kept (same weights)")
     if change == "no_clip":
-        return f"kept on (training setting; costs {-saved_ms:+.1f} ms/step)" if abs(frac) > NOISE else \
+        return f"kept on (training setting; costs {saved_ms:.1f} ms/step)" if abs(frac) > NOISE else \
             "kept on (cost within noise)"
     if change == "auto":
         return "auto is float32 here" if saved_ms == 0 else f"auto: x{base_ms / (base_ms - saved_ms):.2f} vs float32"
     return "kept" if frac > NOISE else "rejected"
 
 
-def run(quick: bool, size: int = 0, methods=None) -> dict:
+def run(quick: bool, size: int = 0, methods=None, xla: bool = False) -> dict:
     os.environ.setdefault("SEMISEG_CACHE", str(Path(tempfile.gettempdir()) / "semiseg-bench-cache"))
     from semiseg.training import precision
     size = size or (64 if quick else 128)
@@ -72,7 +72,7 @@ def run(quick: bool, size: int = 0, methods=None) -> dict:
             cands[f"{policy}/base"] = candidate(method, policy, size)
             cands[f"{policy}/keras_bn"] = candidate(method, policy, size, keras_bn=True)
             cands[f"{policy}/no_clip"] = candidate(method, policy, size, ["train.clip_norm=0"])
-            if not quick:
+            if xla:
                 cands[f"{policy}/xla"] = candidate(method, policy, size, ["train.jit_compile=true"])
         timed = common.interleaved(cands, rounds)
         rows = []
@@ -103,10 +103,11 @@ def main(argv=None) -> int:
     parser.add_argument("--size", type=int, default=0, help="image size (default 64 with --quick, else 128)")
     parser.add_argument("--methods", default="", help="comma-separated (default: supervised with --quick, "
                                                       "else supervised,mean_teacher)")
+    parser.add_argument("--xla", action="store_true", help="also time train.jit_compile=true")
     parser.add_argument("--out", default=str(common.BENCH_DIR / "results_step_ablations.json"))
     args = parser.parse_args(argv)
     common.use_repo(args.repo)
-    result = run(args.quick, args.size, [m for m in args.methods.split(",") if m] or None)
+    result = run(args.quick, args.size, [m for m in args.methods.split(",") if m] or None, args.xla)
     print(f"auto -> {result['auto_precision']} ({result['auto_reason']})")
     for method, block in result["by_method"].items():
         print(f"\n[{method} {result['image_size']}px] load {block['load_avg_1min']}")
