@@ -9,7 +9,7 @@ today ("base": fused BatchNorm, global-norm clipping on) and with one thing chan
   keras_bn : Keras 3's BatchNormalization instead of the fused kernel (semiseg.models.fused_batchnorm)
   no_clip  : train.clip_norm=0 (clipping costs a global norm over all gradients each step)
   xla      : train.jit_compile=true (with --xla only: compiling takes minutes on 2 cores)
-  auto     : train.precision=auto, i.e. what semiseg.training.precision picks on this machine, vs
+  auto     : train.precision=auto, i.e. what semiseg.precision picks on this machine, vs
              float32 (the same candidate as base when auto picks float32)
 
 in float32 and, where bfloat16 is native (auto would pick it), mixed_bfloat16. Candidates run in
@@ -58,7 +58,7 @@ def verdict(change: str, saved_ms: float, base_ms: float) -> str:
 
 def run(quick: bool, size: int = 0, methods=None, xla: bool = False) -> dict:
     os.environ.setdefault("SEMISEG_CACHE", str(Path(tempfile.gettempdir()) / "semiseg-bench-cache"))
-    from semiseg.training import precision
+    from semiseg import precision
     size = size or (64 if quick else 128)
     rounds = 3 if quick else 5
     methods = methods or (["supervised"] if quick else ["supervised", "mean_teacher"])

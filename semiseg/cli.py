@@ -116,7 +116,7 @@ def cmd_train(args) -> int:
     from semiseg.training.trainer import EXIT_PREEMPTED
     from semiseg.evaluation import evaluate as evaluation
 
-    from semiseg.training import precision as precisions
+    from semiseg import precision as precisions
     policy, why = precisions.resolve(cfg.train.precision)
     keras.mixed_precision.set_global_policy(policy)
     keras.utils.set_random_seed(cfg.seed)

@@ -108,7 +108,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     precision: str = "auto"            # auto | float32 | mixed_float16 | mixed_bfloat16; auto: bfloat16 where
                                        # the hardware runs it natively (AVX512_BF16/AMX CPUs, GPUs >= 8.0),
-                                       # else float32 (semiseg.training.precision); run_info.json records it
+                                       # else float32 (semiseg.precision); run_info.json records it
     distribution: str = "auto"         # auto | none | mirrored | multi_worker
     collective: str = "auto"           # multi-worker all-reduce: auto (NCCL with GPUs, else ring) | nccl | ring
     jit_compile: bool = False          # XLA on the replica step; CPU: one replica only, and slower, so off

@@ -56,7 +56,7 @@ def test_step_ablations_tiny_rows_and_readme_lines(tmp_path):
                           env={**os.environ, "PYTHONPATH": str(REPO)})
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(out.read_text())
-    from semiseg.training import precision
+    from semiseg import precision
     assert result["auto_precision"] == precision.resolve("auto")[0] and result["image_size"] == 16
     rows = {r["candidate"]: r for r in result["by_method"]["supervised"]["rows"]}
     policies = ["float32"] + (["mixed_bfloat16"] if result["auto_precision"] == "mixed_bfloat16" else [])

@@ -50,7 +50,7 @@ def test_smoke_trains_in_mixed_precision(tmp_path, restore_policy, precision, co
     ({"avx2"}, [(8, 0), (7, 5)], "float32"),                            # not every GPU has it
 ])
 def test_auto_precision_decision(flags, gpus, want):
-    from semiseg.training import precision
+    from semiseg import precision
     got, why = precision.choose("auto", flags, gpus)
     assert got == want and why.startswith("auto: ")
     # float16 only when asked; an explicit request is never second-guessed.
@@ -59,7 +59,7 @@ def test_auto_precision_decision(flags, gpus, want):
 
 
 def test_cpu_flags_read_from_cpuinfo(tmp_path):
-    from semiseg.training import precision
+    from semiseg import precision
     info = tmp_path / "cpuinfo"
     info.write_text("processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu avx2 avx512_bf16 sse\n\n"
                     "processor\t: 1\nflags\t\t: fpu\n")
@@ -69,7 +69,7 @@ def test_cpu_flags_read_from_cpuinfo(tmp_path):
 
 def test_smoke_train_with_auto_records_the_choice(tmp_path, restore_policy, capsys):
     import yaml
-    from semiseg.training import precision
+    from semiseg import precision
     out = tmp_path / "auto"
     assert main.main(["train", "--method", "supervised", "--preset", "smoke", "--out", str(out), "--no-progress",
                       "--set", "train.precision=auto", "train.epochs=1"]) == 0

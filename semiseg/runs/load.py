@@ -120,7 +120,7 @@ def run_precision(run: Path, cfg) -> str:
         recorded = None
     if recorded:
         return recorded
-    from semiseg.training import precision
+    from semiseg import precision
     return precision.resolve(cfg.train.precision)[0]
 
 

@@ -1,6 +1,6 @@
 """`train.precision=auto`: bfloat16 where the hardware runs it natively, else float32.
 
-    python -m semiseg.training.precision          # what auto picks on this machine, and why
+    python -m semiseg.precision          # what auto picks on this machine, and why
 
 bfloat16 halves the bytes every convolution moves and, on hardware with bfloat16 arithmetic, runs
 the matmuls at up to twice the float32 rate: the yardstick's Mean Teacher step at 128x128 ran
