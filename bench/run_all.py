@@ -80,7 +80,8 @@ def summary_lines(results: dict) -> list[str]:
                 for x in block["rows"]:
                     if "verdict" in x:
                         row(name, f"{method} {r['image_size']}px {x['candidate']}",
-                            f"{x['ms_per_step']} ms; {x['ms_saved']:+} ms saved vs base", "ms saved",
+                            f"{x['ms_per_step']} ms (CPU {x['cpu_ms_per_step']} ms); saved vs base "
+                            f"{x['ms_saved']:+} ms wall, {x['cpu_ms_saved']:+} ms CPU", "ms saved",
                             x["verdict"])
         elif name == "method_throughput":
             for x in r["rows"]:
