@@ -73,4 +73,4 @@ def test_step_ablations_tiny_rows_and_readme_lines(tmp_path):
     import run_all
     lines = run_all.summary_lines({"machine": result["machine"], "quick": True, "gpu": "no GPU",
                                    "benchmarks": {"step_ablations": {"status": "ok", "result": result}}})
-    assert sum("step_ablations" in line for line in lines) == 2 * len(policies)
+    assert sum("step_ablations" in line for line in lines) == 2 * len(policies) + 1     # + the auto row
