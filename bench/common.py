@@ -105,7 +105,8 @@ def build_trainer(method: str, overrides: list[str], preset: str = ""):
     from semiseg.data import loader as data_loader_tf2
     from semiseg.methods import get_method
     method_cls = get_method(method)
-    keras.mixed_precision.set_global_policy(cfg.train.precision)
+    from semiseg import precision
+    keras.mixed_precision.set_global_policy(precision.resolve(cfg.train.precision)[0])
     keras.utils.set_random_seed(cfg.seed)
     bundle = data_loader_tf2.prepare_data(cfg, log=lambda m: None, progress=False)
     return method_cls(cfg, bundle, strategy, info, log=lambda m: None)

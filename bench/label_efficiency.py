@@ -90,7 +90,10 @@ def train_run(results: Path, out: Path, name: str, method: str, fraction: float,
     else:
         t0 = time.time()
         code = cli.main(["train", "--method", method, "--preset", "bench", "--out", str(run), "--no-progress",
-                         "--set", f"seed={seed}", f"data.labeled_fraction={fraction}", *overrides])
+                         # float32 unless overridden (precision_dice.py): the stored runs are float32,
+                         # and train.precision's default (auto) would pick bfloat16 on some CPUs.
+                         "--set", f"seed={seed}", f"data.labeled_fraction={fraction}", "train.precision=float32",
+                         *overrides])
         log(f"[bench] {name}: {time.time() - t0:.0f} s")
     if code != 0:
         raise SystemExit(f"[bench] {name} failed with exit code {code} (run folder {run})")

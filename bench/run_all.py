@@ -25,7 +25,7 @@ import common  # noqa: E402
 
 # In the order; numbers are the item numbers.
 BENCHMARKS = [
-    ("step_vs_yardstick", 0), ("method_throughput", 1), ("pipeline_headroom", 2), ("mc_dropout", 3),
+    ("step_vs_yardstick", 0), ("step_ablations", "0b"), ("method_throughput", 1), ("pipeline_headroom", 2), ("mc_dropout", 3),
     ("preprocess_memory", 4), ("train_memory", 5), ("machine_limit", 6),
 ]
 
@@ -75,6 +75,14 @@ def summary_lines(results: dict) -> list[str]:
                         row(name, f"{x['candidate']} {policy}", f"{x['ms_per_step']} ms; x{x['ratio_vs_yardstick']} "
                             f"wall, x{x['cpu_ratio_vs_yardstick']} CPU", "<= x1.05",
                             "yes" if x["ratio_vs_yardstick"] <= 1.05 else "no")
+        elif name == "step_ablations":
+            for method, block in r["by_method"].items():
+                for x in block["rows"]:
+                    if "verdict" in x:
+                        row(name, f"{method} {r['image_size']}px {x['candidate']}",
+                            f"{x['ms_per_step']} ms (CPU {x['cpu_ms_per_step']} ms); saved vs base "
+                            f"{x['ms_saved']:+} ms wall, {x['cpu_ms_saved']:+} ms CPU", "ms saved",
+                            x["verdict"])
         elif name == "method_throughput":
             for x in r["rows"]:
                 ratio = (f"time x{x['time_ratio']} vs work x{x['work_ratio']}" if "time_ratio" in x
@@ -96,7 +104,9 @@ def summary_lines(results: dict) -> list[str]:
         elif name == "machine_limit":
             for x in r["rows"]:
                 row(name, f"{x['what']} {x['policy']}", f"{x['achieved_gflops']} of {x['peak_gflops']} GFLOP/s "
-                    f"({x['fraction_of_peak']:.0%})", "as close as possible", "")
+                    f"({x['fraction_of_peak']:.0%})" + (f"; backward+update {x['backward_update_over_forward']}x "
+                                                        f"the forward" if "backward_update_over_forward" in x else ""),
+                    "as close as possible", "")
         elif name == "mc_dropout":
             by = {x["variant"]: x for x in r["results"]}
             eager = by.get("loop_eager", {}).get("seconds")

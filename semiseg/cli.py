@@ -116,11 +116,13 @@ def cmd_train(args) -> int:
     from semiseg.training.trainer import EXIT_PREEMPTED
     from semiseg.evaluation import evaluate as evaluation
 
-    keras.mixed_precision.set_global_policy(cfg.train.precision)
+    from semiseg import precision as precisions
+    policy, why = precisions.resolve(cfg.train.precision)
+    keras.mixed_precision.set_global_policy(policy)
     keras.utils.set_random_seed(cfg.seed)
     method_cls = get_method(cfg.method)
     _log(f"semiseg: method={cfg.method} preset={cfg.preset or '-'} strategy={info.get('strategy')} "
-         f"replicas={strategy.num_replicas_in_sync} global_batch={cfg.train.batch_size} precision={cfg.train.precision}")
+         f"replicas={strategy.num_replicas_in_sync} global_batch={cfg.train.batch_size} precision={policy} ({why})")
     # Data first: an unusable data set stops here, before a run folder exists.
     bundle = data_loader_tf2.prepare_data(cfg, run_dir=run, log=_log if chief else (lambda m: None),
                                           progress=chief and not args.no_progress)
@@ -148,7 +150,9 @@ def cmd_train(args) -> int:
         rundir.start_run_info(run, {**rundir.provenance(args.argv, devices, info),
                                     **rundir.run_fields(run, cfg, bundle.fmt, data_set, None),
                                     "data": {"format": bundle.fmt, "path": data_set, "cache": str(bundle.cache_dir),
-                                             **{f"n_{s}": len(bundle.splits[s]) for s in data_splits.SPLITS}}},
+                                             **{f"n_{s}": len(bundle.splits[s]) for s in data_splits.SPLITS}},
+                                    # config.yaml keeps what was asked ("auto"); this is what ran
+                                    "precision": policy, "precision_reason": why},
                               changed=plan.changes if plan is not None else None)
     _log(f"run folder: {run}  (labeled {len(bundle.splits['labeled'])}, unlabeled {len(bundle.splits['unlabeled'])}, "
          f"val {len(bundle.splits['val'])}, test {len(bundle.splits['test'])} cases)")

@@ -108,7 +108,9 @@ class TrainConfig:
     steps_per_loop: int = 10           # optimizer steps per tf.function call (Orbit-style)
     checkpoint_every: int = 0          # steps between 'latest' checkpoints; 0 = every epoch
     keep_checkpoints: int = 2
-    precision: str = "float32"         # float32 | mixed_float16 | mixed_bfloat16
+    precision: str = "auto"            # auto | float32 | mixed_float16 | mixed_bfloat16; auto: bfloat16 where
+                                       # the hardware runs it natively (AVX512_BF16/AMX CPUs, GPUs >= 8.0),
+                                       # else float32 (semiseg.precision); run_info.json records it
     distribution: str = "auto"         # auto | none | mirrored | multi_worker
     collective: str = "auto"           # multi-worker all-reduce: auto (NCCL with GPUs, else ring) | nccl | ring
     jit_compile: bool = False          # XLA on the replica step; CPU: one replica only, and slower, so off
@@ -155,7 +157,9 @@ _SMOKE = {
     "data": {"image_size": 32, "synthetic_cases": 48, "synthetic_size": 48, "labeled_fraction": 0.25,
              "shuffle_buffer": 64},
     "model": {"base_filters": 4, "depth": 2},
-    "train": {"epochs": 2, "steps_per_epoch": 3, "batch_size": 4, "steps_per_loop": 3, "eval_batch_size": 8},
+    # float32, not auto: the tests compare values, which must not depend on the CPU's bfloat16 support.
+    "train": {"epochs": 2, "steps_per_epoch": 3, "batch_size": 4, "steps_per_loop": 3, "eval_batch_size": 8,
+              "precision": "float32"},
 }
 
 # Presets are plain override mappings, so they read like the YAML a user would write.
@@ -415,7 +419,7 @@ CHOICES: dict[str, tuple] = {
     "method": tuple(METHODS), "model.name": MODEL_NAMES, "data.format": DATA_FORMATS,
     "data.modality": ("auto", "ct", "mri"), "data.synthetic_kind": ("2d", "3d"), "model.activation": ("relu", "leaky_relu"),
     "train.lr_scaling": ("none", "linear"), "train.schedule": ("constant", "cosine", "poly"),
-    "train.optimizer": ("adam", "sgd"), "train.precision": ("float32", "mixed_float16", "mixed_bfloat16"),
+    "train.optimizer": ("adam", "sgd"), "train.precision": ("auto", "float32", "mixed_float16", "mixed_bfloat16"),
     "train.distribution": ("auto", "none", "mirrored", "multi_worker"),
     "train.export": ("auto",) + tuple(dict.fromkeys(r for spec in METHODS.values() for r in spec.networks)),
     "train.collective": ("auto", "nccl", "ring"), "data.shard_policy": ("record", "file"),

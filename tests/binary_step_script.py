@@ -4,6 +4,9 @@
 
 Used by tests/test_binary_unchanged.py, which compares the output with values computed on the code
 before multi-class support existed (tolerance 0): the binary path must stay bit-for-bit.
+The networks are built with Keras' own BatchNormalization, as then: the fused kernel the networks use
+now (semiseg.models.fused_batchnorm) sums in another order, and tests/test_fused_batchnorm.py checks
+it against Keras BN within float32 round-off.
 """
 import hashlib
 import json
@@ -19,6 +22,7 @@ def main(methods):
     from semiseg import config
     from semiseg.data import loader
     from semiseg.methods import get_method
+    from semiseg.models.fused_batchnorm import keras_batchnorm
     from semiseg.training import distribute
     strategy, info = distribute.make_strategy("auto")
     results = {}
@@ -26,7 +30,8 @@ def main(methods):
         cfg = config.resolve("smoke", "", ["train.steps_per_epoch=2", "train.epochs=1"], method)
         keras.utils.set_random_seed(cfg.seed)
         bundle = loader.prepare_data(cfg, log=lambda m: None, progress=False)
-        trainer = get_method(method)(cfg, bundle, strategy, info, log=lambda m: None)
+        with keras_batchnorm():
+            trainer = get_method(method)(cfg, bundle, strategy, info, log=lambda m: None)
         loop = trainer._make_loop(*trainer._iterators(0))
         logs = {k: float(v) for k, v in loop(tf.constant(1)).items()}
         weights = [np.asarray(keras.ops.convert_to_numpy(w), np.float32) for w in trainer.trainable_variables()]

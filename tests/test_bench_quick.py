@@ -46,3 +46,31 @@ def test_step_vs_yardstick_tiny_writes_ratios(tmp_path):
     assert any(d.startswith("supervised spl10_memory") for d in block["diagnosis"])
     if "mean_teacher is not registered" not in " ".join(result["notes"]):
         assert "mean_teacher_spl10_memory" in rows
+
+
+@pytest.mark.slow   # builds 3-6 trainers in a subprocess; a harness check, not a value check of semiseg
+def test_step_ablations_tiny_rows_and_readme_lines(tmp_path):
+    out = tmp_path / "abl.json"
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "step_ablations.py"), "--quick", "--size", "16",
+                           "--out", str(out)], capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    from semiseg import precision
+    assert result["auto_precision"] == precision.resolve("auto")[0] and result["image_size"] == 16
+    rows = {r["candidate"]: r for r in result["by_method"]["supervised"]["rows"]}
+    policies = ["float32"] + (["mixed_bfloat16"] if result["auto_precision"] == "mixed_bfloat16" else [])
+    for policy in policies:
+        base = rows[f"{policy}/base"]["ms_per_step"]
+        assert base > 0
+        for change in ("keras_bn", "no_clip"):
+            r = rows[f"{policy}/{change}"]
+            assert r["ms_saved"] == pytest.approx(base - r["ms_per_step"], abs=0.02) and r["verdict"]
+    auto = rows[f"auto ({result['auto_precision']})"]
+    assert auto["speedup_vs_float32"] == pytest.approx(rows["float32/base"]["ms_per_step"] / auto["ms_per_step"],
+                                                       rel=1e-2)
+    sys.path.insert(0, str(REPO / "bench"))
+    import run_all
+    lines = run_all.summary_lines({"machine": result["machine"], "quick": True, "gpu": "no GPU",
+                                   "benchmarks": {"step_ablations": {"status": "ok", "result": result}}})
+    assert sum("step_ablations" in line for line in lines) == 2 * len(policies) + 1     # + the auto row

@@ -36,3 +36,51 @@ def test_smoke_trains_in_mixed_precision(tmp_path, restore_policy, precision, co
     assert all(w.dtype == "float32" for w in model.weights)        # float32 master weights
     logits = model(np.zeros((1, *model.input_shape[1:]), "float32"))
     assert keras.backend.standardize_dtype(logits.dtype) == "float32"
+
+
+# ----------------------------------------------------------------------------- train.precision=auto
+@pytest.mark.parametrize("flags,gpus,want", [
+    ({"fma", "avx512f", "avx512_bf16"}, [], "mixed_bfloat16"),          # Cooper Lake / Zen 4
+    ({"fma", "amx_bf16", "amx_tile"}, [], "mixed_bfloat16"),            # Sapphire Rapids
+    ({"fma", "avx2", "avx512f"}, [], "float32"),                        # bfloat16 only emulated
+    (set(), [], "float32"),                                             # no /proc/cpuinfo
+    ({"avx2"}, [(8, 0)], "mixed_bfloat16"),                              # A100
+    ({"avx2"}, [(9, 0), (8, 6)], "mixed_bfloat16"),
+    ({"avx512_bf16"}, [(7, 0)], "float32"),                             # V100: the GPU decides, no bf16
+    ({"avx2"}, [(8, 0), (7, 5)], "float32"),                            # not every GPU has it
+])
+def test_auto_precision_decision(flags, gpus, want):
+    from semiseg import precision
+    got, why = precision.choose("auto", flags, gpus)
+    assert got == want and why.startswith("auto: ")
+    # float16 only when asked; an explicit request is never second-guessed.
+    for asked in ("float32", "mixed_float16", "mixed_bfloat16"):
+        assert precision.choose(asked, flags, gpus) == (asked, f"train.precision={asked} as asked")
+
+
+def test_cpu_flags_read_from_cpuinfo(tmp_path):
+    from semiseg import precision
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu avx2 avx512_bf16 sse\n\n"
+                    "processor\t: 1\nflags\t\t: fpu\n")
+    assert precision.cpu_flags(info) == {"fpu", "avx2", "avx512_bf16", "sse"}
+    assert precision.cpu_flags(tmp_path / "missing") == frozenset()
+
+
+def test_smoke_train_with_auto_records_the_choice(tmp_path, restore_policy, capsys):
+    import yaml
+    from semiseg import precision
+    out = tmp_path / "auto"
+    assert main.main(["train", "--method", "supervised", "--preset", "smoke", "--out", str(out), "--no-progress",
+                      "--set", "train.precision=auto", "train.epochs=1"]) == 0
+    want, why = precision.resolve("auto")
+    info = json.loads((out / "run_info.json").read_text())
+    assert (info["precision"], info["precision_reason"]) == (want, why)
+    assert info["sessions"][0]["precision"] == want
+    assert yaml.safe_load((out / "config.yaml").read_text())["train"]["precision"] == "auto"
+    assert f"precision={want} ({why})" in capsys.readouterr().out     # printed at start-up
+    # The 'latest' checkpoint is rebuilt in the precision that ran, not re-resolved from "auto".
+    from semiseg.runs.load import load_run_model
+    _, model, _ = load_run_model(out, "latest")
+    compute = {"mixed_bfloat16": "bfloat16", "float32": "float32"}[want]
+    assert compute in {layer.dtype_policy.compute_dtype for layer in model.layers if layer.weights}

@@ -18,6 +18,7 @@ import keras
 from keras import layers
 
 from semiseg.models.outputs import probabilities
+from semiseg.models.fused_batchnorm import batch_normalization
 
 # BatchNorm moving-statistics momentum: PyTorch's 0.1 update (= Keras 0.9), what the seed's PyTorch
 # networks use. Keras' default 0.99 left the teacher head's and the EMA student's inference-mode
@@ -217,12 +218,12 @@ class SegmentationHead(layers.Layer):
         stages = int(round(math.log2(patch_size)))
         self.widths = [max(channels // 2 ** (i + 1), 8) for i in range(stages)]
         self.reduce = layers.Conv2D(channels, 1, use_bias=False, name="reduce")
-        self.reduce_norm = layers.BatchNormalization(momentum=BN_MOMENTUM, name="reduce_bn")
+        self.reduce_norm = batch_normalization(momentum=BN_MOMENTUM, name="reduce_bn")
         self.ups = [layers.UpSampling2D(2, interpolation="bilinear", name=f"up{i}")
                     for i in range(stages)]
         self.convs = [layers.Conv2D(c, 3, padding="same", use_bias=False, name=f"conv{i}")
                       for i, c in enumerate(self.widths)]
-        self.norms = [layers.BatchNormalization(momentum=BN_MOMENTUM, name=f"bn{i}") for i in range(stages)]
+        self.norms = [batch_normalization(momentum=BN_MOMENTUM, name=f"bn{i}") for i in range(stages)]
         self.drop = MCDropout(dropout, salt=salt, name="drop")
         self.out = layers.Conv2D(self.out_channels, 1, dtype="float32", name="logits")
 
@@ -562,7 +563,7 @@ def _conv_block(x, width, name, bn):
     """Two (3x3 conv, BN, ReLU): the U-Net unit; `bn` holds BatchNormalization's keyword arguments."""
     for i in (1, 2):
         x = layers.Conv2D(width, 3, padding="same", use_bias=False, name=f"{name}_conv{i}")(x)
-        x = layers.BatchNormalization(**bn, name=f"{name}_bn{i}")(x)
+        x = batch_normalization(**bn, name=f"{name}_bn{i}")(x)
         x = layers.ReLU(name=f"{name}_relu{i}")(x)
     return x
 
@@ -608,7 +609,7 @@ def build_hybrid_student(image_size=256, channels=3, base_channels=32, window_si
         cnn, vit = WindowCrossAttention(width, heads, ws, name=f"{stage}_cross")([cnn, vit])
         fused = layers.Concatenate(name=f"{stage}_concat")([cnn, vit])
         fused = layers.Conv2D(width, 1, use_bias=False, name=f"{stage}_fuse")(fused)
-        fused = layers.BatchNormalization(**bn, name=f"{stage}_fuse_bn")(fused)
+        fused = batch_normalization(**bn, name=f"{stage}_fuse_bn")(fused)
         skips.append(layers.ReLU(name=f"{stage}_fuse_relu")(fused))
     x = skips.pop()
     for level in range(len(skips), 0, -1):

@@ -100,7 +100,7 @@ def load_run_model(run_dir, checkpoint: str = "best"):
         raise RunDirError(f"{run / 'checkpoints'}: no checkpoint found")
     channels = _run_channels(run, cfg)
     previous = keras.mixed_precision.global_policy()
-    keras.mixed_precision.set_global_policy(cfg.train.precision)   # build the networks as trained
+    keras.mixed_precision.set_global_policy(run_precision(run, cfg))   # build the networks as trained
     try:
         networks = method_networks(cfg.method, cfg, cfg.data.image_size, channels)
     finally:
@@ -110,6 +110,19 @@ def load_run_model(run_dir, checkpoint: str = "best"):
     tf.train.Checkpoint(model_variables=model_variables(networks)).restore(latest).expect_partial()
     name, key = exported_network(run, cfg, list(networks))
     return cfg, main_output(networks[key]), name
+
+
+def run_precision(run: Path, cfg) -> str:
+    """The dtype policy a run trained with: run_info.json's resolved `precision` (config.yaml may say
+    "auto", which another machine would resolve differently), else config.yaml's value resolved here."""
+    try:
+        recorded = json.loads((Path(run) / "run_info.json").read_text()).get("precision")
+    except (OSError, ValueError):
+        recorded = None
+    if recorded:
+        return recorded
+    from semiseg import precision
+    return precision.resolve(cfg.train.precision)[0]
 
 
 def model_channels(model) -> int:

@@ -140,7 +140,8 @@ def start_run_info(run: Path, info: dict, changed: dict | None = None) -> dict:
     path = run / "run_info.json"
     previous = json.loads(path.read_text()) if path.exists() else {}
     now = dt.datetime.now().isoformat(timespec="seconds")
-    session = {"start": now, "command": info["command"], "host": info["host"]}
+    session = {"start": now, "command": info["command"], "host": info["host"],
+               **({"precision": info["precision"]} if "precision" in info else {})}
     if changed:
         session["changed"] = changed
     sessions = previous.get("sessions", []) + [session]

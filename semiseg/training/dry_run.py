@@ -47,14 +47,19 @@ def layer_output_elements(model) -> int:
     return total
 
 
+def _element_bytes() -> int:
+    """Bytes of an activation under the global policy (set from train.precision, `auto` resolved)."""
+    import keras
+    return 2 if keras.mixed_precision.global_policy().compute_dtype in ("float16", "bfloat16") else 4
+
+
 def memory_estimate(trainer) -> dict:
     """Bytes per replica: {'weights', 'gradients', 'optimizer', 'activations', 'total'}."""
-    cfg = trainer.cfg
     weights = _bytes([v for m in trainer.models.values() for v in m.weights])
     gradients = _bytes(trainer.trainable_variables())
     optimizer = _bytes(trainer.optimizer.variables)
     trained = {id(v) for v in trainer.trainable_variables()}
-    element = 2 if cfg.train.precision.startswith("mixed") else 4
+    element = _element_bytes()
     images = trainer.images_per_step() // trainer.n_replicas
     activations = sum(layer_output_elements(m) for m in trainer.models.values()
                       if any(id(v) in trained for v in m.trainable_variables)) * images * element * 2
@@ -136,7 +141,7 @@ def report(cfg, bundle, strategy, info: dict, method_cls, steps: int = 3, log=pr
         "parameters: " + ", ".join(f"{name} {n:,}" for name, n in params.items()),
         f"memory estimate per replica: {_mb(memory['total'])} = weights, gradients and optimizer slots "
         f"{_mb(state)} + activations of one step {_mb(memory['activations'])} (layer outputs x "
-        f"{trainer.images_per_step() // trainer.n_replicas} images x {2 if t.precision.startswith('mixed') else 4} "
+        f"{trainer.images_per_step() // trainer.n_replicas} images x {_element_bytes()} "
         f"bytes x 2)"
         + (f"; measured GPU peak {gpu_peak:,.0f} MB" if gpu_peak is not None
            else f"; this process's peak resident memory {_mb(result['peak_rss_bytes'])}"),
