@@ -404,18 +404,24 @@ class MimStage(Stage):
 
     def start(self, step: int) -> str | None:
         folder = self.controller.run / "checkpoints" / MIM_CHECKPOINTS
-        if step >= self.epochs * self.steps_per_epoch:
+        if step:
+            self.sums.load()
+        epoch = self.current_epoch(step)
+        if epoch is None:
             self.trainer.log(f"stage 1 skipped: done in {folder / f'ckpt-{step}'} (resumed run)")
             return "completed"
         if step:
-            self.sums.load()
             self.trainer.log(f"stage 1 resumed from {folder / f'ckpt-{step}'} (step {step})")
         if self.controller.is_chief:
-            _keep_csv_rows(self.history, step // self.steps_per_epoch)
+            _keep_csv_rows(self.history, epoch)
         return None
 
     def current_epoch(self, step: int) -> int | None:
-        return step // self.steps_per_epoch if step < self.epochs * self.steps_per_epoch else None
+        # The epoch began `sums.steps` steps ago (they are reset once its row is written). Not
+        # step // steps_per_epoch: a preemption at an epoch's last step saves that step before the
+        # epoch's row, and the resumed stage must still write it (the epoch in progress, not the next).
+        epoch = (step - self.sums.steps) // self.steps_per_epoch
+        return epoch if epoch < self.epochs else None
 
     def nan_message(self, value: float, step: int, epoch: int) -> str:
         return f"stage 1: L_MIM became {value} in epoch {epoch + 1}; lower mira_u.mim_lr"
