@@ -218,18 +218,18 @@ class MiraU(Trainer):
             weak_logits = self.models["student_ema"](weak, training=True)
         p_weak = tf.stop_gradient(probabilities(weak_logits))
 
-        # Masked means divide by the *global* kept count, so summing replica shares gives the
-        # global-batch mean (a filtered loss needs the count all-reduced, docs/design.md section 4).
         n_pixels = tf.cast(tf.size(keep), tf.float32) * self.n_replicas
-        n_kept = self.all_reduce_sum(tf.reduce_sum(keep))
         if self.multiclass:     # CE to the argmax label, weighted by its confidence; L2 mean over classes
             ce = w * tf.nn.softmax_cross_entropy_with_logits(labels=target, logits=logits)[..., None]
             squared = tf.reduce_mean(tf.square(prob - p_weak), axis=-1, keepdims=True)
         else:
             ce = tf.nn.sigmoid_cross_entropy_with_logits(labels=target, logits=logits)
             squared = tf.square(prob - p_weak)
-        loss_ce = tf.reduce_sum(ce * keep) / tf.maximum(n_kept, 1.0)
-        loss_cons = tf.reduce_sum(squared * keep) / tf.maximum(n_kept, 1.0)
+        # Means over the kept pixels of the whole global batch (the base's masked_mean: the kept
+        # count all-reduced, so summing replica shares gives the global-batch mean). The count is a
+        # whole number, so its floor (1e-8 there, 1 here before) changes nothing: 0/0 is 0 either way.
+        loss_ce = self.masked_mean(ce, keep)
+        loss_cons = self.masked_mean(squared, keep)
         loss_ent = tf.reduce_sum(entropy_from_logits(logits)) / n_pixels
         loss_unsup = m.lambda_u * loss_ce + m.lambda_c * loss_cons
         beta = sigmoid_rampup(self.epoch_float(step), m.rampup_epochs)
