@@ -111,16 +111,16 @@ def _peak_rss_bytes() -> int:
 def report(cfg, bundle, strategy, info: dict, method_cls, steps: int = 3, log=print) -> dict:
     """Build a throwaway trainer, time `steps` steps, print the report; returns its numbers."""
     from semiseg.data.loader import SPLITS
-    from semiseg.training import trainer as training
+    from semiseg.training import controller as training
     t = cfg.train
     trainer = method_cls(cfg, bundle, strategy, info, log=lambda m: None)
     splits = {s: len(bundle.splits[s]) for s in SPLITS}
     slices = {s: bundle.n_slices(s) for s in SPLITS}
     params = {name: int(m.count_params()) for name, m in trainer.models.items()}
     memory = memory_estimate(trainer)
-    training._reset_gpu_peak()
+    training.reset_gpu_peak()
     seconds = time_steps(trainer, max(1, steps))
-    gpu_peak = training._gpu_peak_mb()
+    gpu_peak = training.gpu_peak_mb()
     total_steps = trainer.total_steps
     result = {"splits": splits, "slices": slices, "steps_per_epoch": trainer.steps_per_epoch, "epochs": t.epochs,
               "total_steps": total_steps, "parameters": params, "memory_bytes": memory,

@@ -3,10 +3,13 @@
     python main.py train --method supervised --preset cpu
 
 The Trainer owns the strategy scope, the networks, optimizer and LR schedule, the distributed step
-(`strategy.run` inside a `tf.function` that runs `steps_per_loop` steps per call, as in Orbit),
-checkpoints, early stopping, preemption and logging. A method is a registered subclass in
+(`strategy.run` inside a `tf.function` that runs `steps_per_loop` steps per call, as in Orbit) and
+the method hooks. The cadence around the step (epochs, checkpoints, resume, preemption, the NaN
+guard, validation, early stopping, export, history.csv, TensorBoard) is semiseg.training.controller's,
+as Orbit's Controller: `fit` hands the run to it. A method is a registered subclass in
 semiseg/methods/<name>/trainer.py that overrides `compute_loss` (and maybe `build_models`,
-`build_state`, `on_step_end`, `pseudo_targets`, `eval_models`, `schedule_logs`); the base never asks
+`build_state`, `on_step_end`, `pseudo_targets`, `eval_models`, `schedule_logs`, `save_best`,
+`pretrain` for stages before training); the base never asks
 which method it is running. What every method needs is public here or beside it: losses whose
 normalisation is all-reduced (`global_mean`, `masked_mean`, `pixel_mean`, the supervised loss),
 ramps (semiseg.training.ramps), EMA with warm-up (semiseg.training.ema), the pseudo-target probe
@@ -19,21 +22,15 @@ global batch. Per-example terms use `global_mean`; batch-level Dice all-reduces 
 """
 from __future__ import annotations
 
-import json
-import re
-import shutil
-import signal
-import time
 from pathlib import Path
 
-import numpy as np
 import tensorflow as tf
 import keras
 
 from semiseg.runs import atomic_write
 from semiseg.training import distribute
-from semiseg.evaluation import evaluate as evaluation
-from semiseg.runs import run_dir as rundir
+from semiseg.training.controller import (  # noqa: F401  (EpochLogSums, Preemption, save_checkpoint: re-exported)
+    Controller, EpochLogSums, Preemption, restore_latest, save_checkpoint)
 from semiseg.data.loader import steps_per_epoch
 from semiseg.config import is_multiclass, num_classes
 from semiseg.models.networks import method_networks, model_variables  # noqa: F401  (model_variables: the trainer's API)
@@ -43,67 +40,6 @@ from semiseg.training import probe
 from semiseg.training.registry import METHODS, register_method  # noqa: F401  (re-exported; a leaf)
 
 EXIT_PREEMPTED = distribute.PREEMPTED_EXIT_CODE   # 75, EX_TEMPFAIL: the sbatch scripts requeue on it
-
-
-class Preemption:
-    """SIGTERM / SIGUSR1 set a flag; the loop checkpoints at the next loop boundary and exits 75.
-    `restore()` puts back the handlers found at install time: after training, a SIGTERM must end
-    the process again (test evaluation, a notebook, a caller's own handler)."""
-
-    def __init__(self):
-        self.signal = distribute.early_signal()      # one that arrived during start-up
-        self._previous = {}
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            try:
-                self._previous[sig] = distribute.handler_to_restore(sig, signal.signal(sig, self._handle))
-            except ValueError:          # not the main thread (e.g. inside some test runners)
-                pass
-
-    def _handle(self, signum, _frame):
-        self.signal = signal.Signals(signum).name
-
-    def restore(self):
-        for sig, handler in self._previous.items():
-            # None: installed from C, not Python; the default action is the closest we can restore.
-            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
-        self._previous = {}
-
-
-class EpochLogSums:
-    """An epoch's running log sums (per key, weighted by steps) and its step count, mirrored into a
-    string variable that checkpoints carry: a run resumed mid-epoch, from a periodic checkpoint
-    after kill -9 or from a preemption one, then reports the whole epoch, not only its own steps.
-
-    JSON in one tf.string variable because the keys are whatever a method's `compute_loss` returns,
-    known only once its step has run, while a checkpoint's variables must exist before its restore.
-    """
-
-    def __init__(self):
-        with tf.device("/cpu:0"):       # a string variable cannot live on an accelerator
-            self.variable = tf.Variable("", dtype=tf.string, trainable=False, name="epoch_log_sums")
-        self.reset()
-
-    def reset(self):
-        self.sums, self.steps = {}, 0
-
-    def add(self, logs: dict, n: int):
-        """`logs` are means over `n` steps."""
-        for k, v in logs.items():
-            self.sums[k] = self.sums.get(k, 0.0) + v * n
-        self.steps += n
-
-    def means(self) -> dict:
-        return {k: v / max(self.steps, 1) for k, v in self.sums.items()}
-
-    def store(self):
-        """Before every save. Python floats round-trip exactly through JSON."""
-        self.variable.assign(json.dumps({"sums": self.sums, "steps": self.steps}))
-
-    def load(self):
-        """After a restore."""
-        text = self.variable.numpy().decode()
-        saved = json.loads(text) if text else {"sums": {}, "steps": 0}
-        self.sums, self.steps = saved["sums"], saved["steps"]
 
 
 class Trainer:
@@ -451,177 +387,29 @@ class Trainer:
                             f"the checkpoint: return them from build_state() (self.state[...]) instead")
 
     def restore_latest(self, ckpt: tf.train.Checkpoint, folder: Path) -> int:
-        """Restore the chief's newest checkpoint in `folder` on every worker; returns its number (its
-        step; 0: none). The chief's choice is broadcast: workers that see the file system
-        differently (a lagging network file system) would otherwise resume at different steps and
-        run different collectives, a hang."""
-        latest = tf.train.latest_checkpoint(str(folder))
-        number = distribute.chief_int(self.strategy, int(latest.rsplit("-", 1)[1]) if latest else 0)
-        if number:
-            ckpt.restore(str(folder / f"ckpt-{number}")).assert_existing_objects_matched()
-        return number
-
-    def preemption(self) -> Preemption:
-        """One signal watcher per trainer, shared with a method's own stage before the loop (MIRA-U's
-        stage 1): a second one would take over the handlers and miss what the first had caught."""
-        if self._preemption is None:
-            self._preemption = Preemption()
-        return self._preemption
-
-    def stop_requested(self) -> bool:
-        """Whether to save and exit now. Call it at the same steps on every worker: a signal reaches
-        workers at different times, so they agree (all-reduce) and all save the same step together."""
-        watcher = self.preemption()
-        if watcher.signal is None and near_job_end(self.cfg.train.end_time_margin_s):
-            watcher.signal = "SLURM_JOB_END_TIME (within train.end_time_margin_s)"
-        caught = watcher.signal is not None
-        if self.strategy_info.get("num_workers", 1) > 1:
-            return distribute.any_worker_true(self.strategy, caught)
-        return caught
+        """Restore the chief's newest checkpoint in `folder` on every worker (controller.restore_latest)."""
+        return restore_latest(self.strategy, ckpt, folder)
 
     def images_per_step(self) -> int:
         """Input images of one optimizer step, all replicas: labelled plus unlabelled."""
         return self.global_batch + (self.global_unlabeled_batch if self.uses_unlabeled else 0)
 
-    def _throughput(self, steps: int, seconds: float) -> dict:
-        """history.csv columns of an epoch's training part (validation excluded; the first epoch
-        includes tracing the step). GPU peak memory where TensorFlow reports it (GPUs only)."""
-        seconds = max(seconds, 1e-9)
-        speed = {"images_per_s": round(steps * self.images_per_step() / seconds, 2),
-                 "step_ms": round(1000.0 * seconds / max(steps, 1), 1)}
-        peak = _gpu_peak_mb()
-        if peak is not None:
-            speed["gpu_mem_peak_mb"] = peak
-        return speed
-
-    def _summary_writer(self, run: Path):
-        if getattr(self, "_writer", None) is None:
-            self._writer = tf.summary.create_file_writer(str(run / "tensorboard"))
-        return self._writer
-
     # ------------------------------------------------------------------ the outer loop
+    def train_loop(self, start_step: int):
+        """loop(n) -> {log: mean over n steps}: the traced multi-step loop, its data streams starting
+        at `start_step` (what the Controller calls per chunk of train.steps_per_loop steps)."""
+        return self._make_loop(*self._iterators(start_step))
+
+    def pretrain(self, controller) -> str | None:
+        """Stages a method runs before training, on the same controller (`controller.run_stage`);
+        "preempted" stops the run there. MIRA-U's masked-image-modelling stage 1 is one."""
+        return None
+
     def fit(self, run: Path, is_chief: bool = True, ckpt_dir: Path | None = None, progress: bool = True) -> str:
         """Train until epochs are done, early stopping, or preemption. Returns the stop reason.
-        The signal handlers `_fit` installs are removed however it ends (methods override `_fit`)."""
-        try:
-            return self._fit(run, is_chief, ckpt_dir, progress)
-        finally:
-            if self._preemption is not None:
-                self._preemption.restore()
-                self._preemption = None
-
-    def _fit(self, run: Path, is_chief: bool = True, ckpt_dir: Path | None = None, progress: bool = True) -> str:
-        from semiseg.progress import progress_bar
-        t = self.cfg.train
-        ckpt = self.checkpoint()
-        # Every worker saves (tf.distribute gathers variables collectively), the chief into the run
-        # folder and the others into private folders; all restore from the chief's.
-        manager = tf.train.CheckpointManager(ckpt, str(ckpt_dir or run / "checkpoints"), max_to_keep=t.keep_checkpoints)
-        sums = self.epoch_log_sums      # of the epoch in progress; every checkpoint carries them
-
-        def save(at_step):
-            sums.store()
-            save_checkpoint(manager, at_step)
-
-        restored = self.restore_latest(ckpt, run / "checkpoints")
-        if restored and int(self.steps_taken.numpy()) == 0:
-            # Saved before the step counter existed: a training checkpoint's number is its step. Only
-            # here: other checkpoints restored by restore_latest (MIRA-U's stage 1) do not hold this
-            # counter, and taking their number for it shifted the stage-2 step, its ramps and stream.
-            self.steps_taken.assign(restored)
-        if restored:
-            sums.load()
-            self.log(f"resumed from {run / 'checkpoints' / f'ckpt-{restored}'} (epoch {int(self.epoch.numpy())}, "
-                     f"step {int(self.steps_taken.numpy())})")
-        step = int(self.steps_taken.numpy())
-        labeled_it, unlabeled_it = self._iterators(step)
-        loop = self._make_loop(labeled_it, unlabeled_it)
-        self.preemption()
-        ckpt_every = t.checkpoint_every or self.steps_per_epoch
-        last_ckpt_step = step
-        validated = dict(self.eval_models())
-        select_name = next(iter(validated))
-        # history.csv's val_dice is always the exported network's (train.export may name one the
-        # method does not validate, or not the one that selects the best epoch).
-        export_name, export_net = self.export_model()
-        validated.setdefault(export_name, export_net)
-        # Validation runs on every replica of every worker, each on its share of the slices.
-        validators = {name: evaluation.ShardedCaseDice(self.strategy, m, self.data, "val", t.eval_batch_size)
-                      for name, m in validated.items()}
-        if t.patience and int(self.bad_epochs.numpy()) >= t.patience:
-            return "early_stopped"      # a resumed run that had already stopped early
-        while int(self.epoch.numpy()) < t.epochs:
-            epoch = int(self.epoch.numpy())
-            epoch_end = (epoch + 1) * self.steps_per_epoch
-            t0, first_step = time.time(), step
-            _reset_gpu_peak()
-            bar = progress_bar(total=self.steps_per_epoch, initial=step - epoch * self.steps_per_epoch, unit="step",
-                               desc=f"epoch {epoch + 1}/{t.epochs}", enabled=progress and is_chief, leave=False)
-            while step < epoch_end:
-                n = min(t.steps_per_loop, epoch_end - step)
-                logs = {k: float(v) for k, v in loop(tf.constant(n)).items()}
-                sums.add(logs, n)
-                step += n
-                bar.update(n)
-                bar.set_postfix(loss=f"{logs.get('loss', float('nan')):.4f}")
-                if not np.isfinite(logs.get("loss", 0.0)):
-                    raise FloatingPointError(f"loss became {logs['loss']} at step {step}; lower train.lr "
-                                             f"or check the data (run folder kept: {run})")
-                if self.stop_requested():
-                    bar.close()
-                    save(step)
-                    self.log(f"{self.preemption().signal or 'a peer worker'} received: checkpoint saved at "
-                             f"step {step}; exiting for requeue")
-                    return "preempted"
-                if step - last_ckpt_step >= ckpt_every and step < epoch_end:
-                    save(step)
-                    last_ckpt_step = step
-            bar.close()
-            speed = self._throughput(step - first_step, time.time() - t0)
-            scores = {name: validator.score() for name, validator in validators.items()}
-            score = scores[select_name]
-            if self.strategy_info.get("num_workers", 1) > 1:
-                # Every worker must take the same improve/stop decision: one worker stopping while
-                # the others enter the next step's all-reduce hangs the job. Sharded validation
-                # already gathers its counts, so the scores agree; the chief's value is still what
-                # decides, so the decision cannot depend on a worker's own arithmetic (e.g. a
-                # validator that scores a worker's networks alone, as before sharding). With
-                # unsynchronised BatchNorm each shard is scored by its own replica's statistics.
-                score = distribute.chief_float(self.strategy, score)
-            row = {"epoch": epoch + 1, "step": step, "lr": self.current_lr(),
-                   **sums.means(),
-                   **self.schedule_logs((epoch + 1)), **self.epoch_diagnostics(epoch + 1),
-                   "val_dice": scores[export_name],
-                   **{f"val_dice_{k}": v for k, v in scores.items() if k != export_name},
-                   **speed, "time_s": round(time.time() - t0, 2)}
-            improved = score > float(self.best_score.numpy()) + t.min_delta
-            if improved:
-                self.best_score.assign(score)
-                self.bad_epochs.assign(0)
-                if is_chief:
-                    self.save_best(run)
-            else:
-                self.bad_epochs.assign_add(1)
-            self.epoch.assign(epoch + 1)
-            sums.reset()
-            save(step)
-            last_ckpt_step = step
-            if is_chief:
-                rundir.append_history(run, row)
-                with self._summary_writer(run).as_default(step=step):
-                    for key, value in row.items():
-                        if key not in ("epoch", "step") and isinstance(value, (int, float)) and np.isfinite(value):
-                            tf.summary.scalar(key, value)
-            terms = " ".join(f"{k}={v:.4f}" for k, v in row.items() if k.startswith("loss"))
-            memory = f", GPU peak {speed['gpu_mem_peak_mb']:.0f} MB" if "gpu_mem_peak_mb" in speed else ""
-            selection = f" (selected by {select_name}: {score:.4f})" if select_name != export_name else ""
-            self.log(f"epoch {epoch + 1}/{t.epochs} {terms} val_dice={row['val_dice']:.4f}{selection}"
-                     f"{' *' if improved else ''} ({row['time_s']:.1f}s; {speed['images_per_s']:.1f} img/s, "
-                     f"{speed['step_ms']:.0f} ms/step{memory})")
-            if t.patience and int(self.bad_epochs.numpy()) >= t.patience:
-                self.log(f"early stopping: no validation improvement for {t.patience} epochs")
-                return "early_stopped"
-        return "completed"
+        The cadence (checkpoints, resume, preemption, validation, early stopping, export, logs) is
+        semiseg.training.controller's; the signal handlers it installs are removed however it ends."""
+        return Controller(self, run, is_chief, ckpt_dir, progress).fit()
 
 
 def _apply_gradients_as_given(optimizer) -> None:
@@ -644,69 +432,6 @@ def effective_lr(train_cfg) -> float:
     16 GPUs is the same optimisation problem and keeps its learning rate."""
     t = train_cfg
     return t.lr * (t.batch_size / t.lr_reference_batch if t.lr_scaling == "linear" else 1.0)
-
-
-def job_end_time() -> float | None:
-    """SLURM_JOB_END_TIME (unix seconds of the job's wall limit, set by Slurm 21.08+), else None."""
-    import os
-    value = os.environ.get("SLURM_JOB_END_TIME", "")
-    try:
-        return float(value) if value else None
-    except ValueError:
-        return None
-
-
-def near_job_end(margin_s: float) -> bool:
-    """Whether the job's wall limit is less than `margin_s` away: stop and checkpoint now, even if
-    no signal comes (a missing --signal, or one sent too late to finish validation and the save)."""
-    end = job_end_time()
-    return end is not None and margin_s > 0 and time.time() >= end - margin_s
-
-
-def _local_gpus() -> list:
-    return tf.config.list_logical_devices("GPU")
-
-
-def _reset_gpu_peak() -> None:
-    for device in _local_gpus():
-        try:
-            tf.config.experimental.reset_memory_stats(device.name)
-        except (ValueError, tf.errors.OpError):
-            pass
-
-
-def _gpu_peak_mb() -> float | None:
-    """Largest peak allocation over this process's GPUs since the last reset, in MB; None on CPU
-    or where the allocator does not report it."""
-    peaks = []
-    for device in _local_gpus():
-        try:
-            peaks.append(tf.config.experimental.get_memory_info(device.name)["peak"])
-        except (ValueError, tf.errors.OpError):
-            pass
-    return round(max(peaks) / 2 ** 20, 1) if peaks else None
-
-
-def save_checkpoint(manager: tf.train.CheckpointManager, step: int) -> None:
-    """manager.save, its errors named by the checkpoint's path. A failed save leaves the previous
-    checkpoint as `latest`: TF writes the shards under a temporary name and updates the
-    `checkpoint` index file (atomically) only after they are complete."""
-    path = Path(manager.directory) / f"ckpt-{step}"
-    try:
-        manager.save(checkpoint_number=step)
-    except (OSError, tf.errors.OpError) as err:
-        # The shards' temporary folder: give its space back (a full disk is the likely cause).
-        shutil.rmtree(f"{path}_temp", ignore_errors=True)
-        reason = err.strerror if isinstance(err, OSError) else _op_error_reason(err)
-        raise atomic_write.WriteError(path, f"{reason} (the previous checkpoint, "
-                                      f"{manager.latest_checkpoint or 'none'}, is kept)",
-                                      getattr(err, "errno", None)) from err
-
-
-def _op_error_reason(err: tf.errors.OpError) -> str:
-    """The message of a TF op error without its '{{function_node ...}}' prefix and '[Op:SaveV2]' tail."""
-    text = re.sub(r"\{\{function_node [^}]*\}\}\s*", "", err.message.strip())
-    return re.sub(r"\s*\[Op:\w+\]$", "", text).splitlines()[0] if text else type(err).__name__
 
 
 def augment_fn(kind: str):

@@ -6,7 +6,7 @@ CNN-Transformer student (two stages; Algorithms 1 and 2 of the MIRA-U README; is
     python main.py train --preset isic2016_30 --data data/ISIC2016 \
         --set mira_u.teacher_checkpoint=runs/mira10/teacher_mim.keras     # skips stage 1
 
-Stage 1 (`fit` runs it before the shared loop, unless `mira_u.teacher_checkpoint` is given):
+Stage 1 (`pretrain` runs it on the shared controller before stage 2, unless `mira_u.teacher_checkpoint` is given):
 masked image modelling on the training split's images only (labeled + unlabeled; never val/test),
 80% of the 8x8 patches masked, loss = mean L1 over the masked patches; the teacher is saved to
 RUN/teacher_mim.keras and per-epoch L_MIM to RUN/mim_history.csv. Stage 1 checkpoints as stage 2
@@ -68,7 +68,6 @@ import dataclasses
 import time
 from pathlib import Path
 
-import numpy as np
 import tensorflow as tf
 import keras
 
@@ -82,7 +81,8 @@ from semiseg.models.transformer import mc_dropout_stats, mim_l1_loss, patchify, 
 from semiseg.training.ema import ema_update, ema_weights
 from semiseg.training.ramps import sigmoid_rampup
 from semiseg.training.registry import register_method
-from semiseg.training.trainer import EpochLogSums, Trainer, augment_fn, save_checkpoint, save_model_atomic
+from semiseg.training.controller import EpochLogSums, Stage
+from semiseg.training.trainer import Trainer, augment_fn, save_model_atomic
 
 TEACHER_FILE = "teacher_mim.keras"
 # The teacher as it stood at the best epoch (MIM encoder + trained head): `predict --uncertainty`
@@ -218,18 +218,18 @@ class MiraU(Trainer):
             weak_logits = self.models["student_ema"](weak, training=True)
         p_weak = tf.stop_gradient(probabilities(weak_logits))
 
-        # Masked means divide by the *global* kept count, so summing replica shares gives the
-        # global-batch mean (a filtered loss needs the count all-reduced, docs/design.md section 4).
         n_pixels = tf.cast(tf.size(keep), tf.float32) * self.n_replicas
-        n_kept = self.all_reduce_sum(tf.reduce_sum(keep))
         if self.multiclass:     # CE to the argmax label, weighted by its confidence; L2 mean over classes
             ce = w * tf.nn.softmax_cross_entropy_with_logits(labels=target, logits=logits)[..., None]
             squared = tf.reduce_mean(tf.square(prob - p_weak), axis=-1, keepdims=True)
         else:
             ce = tf.nn.sigmoid_cross_entropy_with_logits(labels=target, logits=logits)
             squared = tf.square(prob - p_weak)
-        loss_ce = tf.reduce_sum(ce * keep) / tf.maximum(n_kept, 1.0)
-        loss_cons = tf.reduce_sum(squared * keep) / tf.maximum(n_kept, 1.0)
+        # Means over the kept pixels of the whole global batch (the base's masked_mean: the kept
+        # count all-reduced, so summing replica shares gives the global-batch mean). The count is a
+        # whole number, so its floor (1e-8 there, 1 here before) changes nothing: 0/0 is 0 either way.
+        loss_ce = self.masked_mean(ce, keep)
+        loss_cons = self.masked_mean(squared, keep)
         loss_ent = tf.reduce_sum(entropy_from_logits(logits)) / n_pixels
         loss_unsup = m.lambda_u * loss_ce + m.lambda_c * loss_cons
         beta = sigmoid_rampup(self.epoch_float(step), m.rampup_epochs)
@@ -288,21 +288,23 @@ class MiraU(Trainer):
         return probe.pseudo_dice_logs(self._pseudo_label_fn, self.cfg, self.data, cases,
                                       self.cfg.train.eval_batch_size)
 
-    # ------------------------------------------------------------------ stage 1 + stage 2
-    def _fit(self, run: Path, is_chief: bool = True, ckpt_dir: Path | None = None, progress: bool = True) -> str:
-        m, teacher = self.cfg.mira_u, self.models["teacher"]
-        saved = Path(run) / TEACHER_FILE
+    # ------------------------------------------------------------------ stage 1, then stage 2
+    def pretrain(self, controller) -> str | None:
+        """Stage 1 on the shared controller (MimStage), unless mira_u.teacher_checkpoint gives the
+        teacher; then the controller runs stage 2, the shared training stage."""
+        m, teacher, run = self.cfg.mira_u, self.models["teacher"], controller.run
+        saved = run / TEACHER_FILE
         if m.teacher_checkpoint:
             load_teacher_into(teacher, m.teacher_checkpoint)
             self.log(f"stage 1 skipped: teacher loaded from {m.teacher_checkpoint}")
-        else:
-            # A resumed run whose stage 1 is done restores its last checkpoint and runs no step.
-            if self.pretrain_teacher(Path(run), is_chief, ckpt_dir) == "preempted":
-                return "preempted"
-            if is_chief and not saved.exists():
-                save_model_atomic(teacher, saved)
-                self.log(f"stage 1 done: teacher saved to {saved}")
-        return super()._fit(run, is_chief, ckpt_dir, progress)
+            return None
+        # A resumed run whose stage 1 is done restores its last checkpoint and runs no step.
+        if controller.run_stage(MimStage(self, controller)) == "preempted":
+            return "preempted"
+        if controller.is_chief and not saved.exists():
+            save_model_atomic(teacher, saved)
+            self.log(f"stage 1 done: teacher saved to {saved}")
+        return None
 
     def mim_dataset_bundle(self):
         """The bundle with one more split, 'mim_train' = labeled + unlabeled training cases (never
@@ -356,69 +358,85 @@ class MiraU(Trainer):
                                          strategy.run(replica_step, args=(next(it),)), axis=None)
             return total / tf.cast(n, tf.float32)
 
-        steps = max(1, -(-bundle.n_slices("mim_train") // m.mim_batch_size))
-        return loop, steps, opt
+        return loop, self.mim_steps_per_epoch(), opt
 
-    def pretrain_teacher(self, run: Path, is_chief: bool = True, ckpt_dir: Path | None = None) -> str:
-        """Stage 1 (Algorithm 1): `mim_epochs` epochs of masked image modelling, checkpointed as the
-        base loop checkpoints stage 2 (same cadence, same preemption). Returns "completed" or
-        "preempted"; the checkpoints go to CKPT_DIR/mim (CKPT_DIR: RUN/checkpoints on the chief)."""
-        m, t, teacher = self.cfg.mira_u, self.cfg.train, self.models["teacher"]
-        opt, sums = self.mim_optimizer(), EpochLogSums()
-        # The optimizer's step count is the stage-1 step: it seeds the patch masks and says where
-        # the data stream resumes; the teacher's variables include its dropout RNG states.
-        ckpt = tf.train.Checkpoint(teacher=teacher, optimizer=opt, model_variables=model_variables({"teacher": teacher}),
-                                   epoch_log_sums=sums.variable)
-        folder = Path(run) / "checkpoints" / MIM_CHECKPOINTS
-        manager = tf.train.CheckpointManager(ckpt, str(Path(ckpt_dir or Path(run) / "checkpoints") / MIM_CHECKPOINTS),
-                                             max_to_keep=t.keep_checkpoints)
+    def mim_steps_per_epoch(self) -> int:
+        """Stage-1 steps per epoch: one pass over the training split's slices."""
+        return max(1, -(-self.mim_dataset_bundle().n_slices("mim_train") // self.cfg.mira_u.mim_batch_size))
 
-        def save(at_step):
-            sums.store()
-            save_checkpoint(manager, at_step)
 
-        # Where stage 1 stands is the chief's newest checkpoint, broadcast: a worker that judged by
-        # its own view of the file system could run stage 1's collectives while the others run
-        # stage 2's, and all would hang.
-        step = self.restore_latest(ckpt, folder)
-        loop, steps, _ = self.make_mim_loop(step, opt)
-        if step >= m.mim_epochs * steps:
-            self.log(f"stage 1 skipped: done in {folder / f'ckpt-{step}'} (resumed run)")
+
+class MimStage(Stage):
+    """Stage 1 (Algorithm 1) as a stage of the shared controller: `mim_epochs` epochs of masked
+    image modelling, checkpointed as stage 2 is (same cadence, same preemption) into
+    CKPT_DIR/mim (CKPT_DIR: RUN/checkpoints on the chief), per-epoch L_MIM in RUN/mim_history.csv.
+    The checkpoint holds the teacher, its stage-1 optimizer, whose step count is the stage-1 step
+    (it seeds the patch masks and says where the data stream resumes), the teacher's variables
+    (its dropout RNG states) and the epoch's running L_MIM sum."""
+    folder = MIM_CHECKPOINTS
+    where = " in stage 1"
+    loss_key = "loss_mim"
+    # Rows of epochs not in the checkpoint (written before a kill) are dropped on resume and redone.
+    row_before_checkpoint = True
+
+    def __init__(self, trainer: MiraU, controller):
+        self.trainer, self.controller = trainer, controller
+        self.epochs = trainer.cfg.mira_u.mim_epochs
+        self.opt, self.sums = trainer.mim_optimizer(), EpochLogSums()
+        self.steps_per_epoch = trainer.mim_steps_per_epoch()
+        self.history = controller.run / MIM_HISTORY
+
+    def checkpoint(self):
+        teacher = self.trainer.models["teacher"]
+        return tf.train.Checkpoint(teacher=teacher, optimizer=self.opt,
+                                   model_variables=model_variables({"teacher": teacher}),
+                                   epoch_log_sums=self.sums.variable)
+
+    def resume(self, restored: int) -> int:
+        # Where stage 1 stands is the chief's newest checkpoint, broadcast (the controller restores
+        # it): a worker that judged by its own view of the file system could run stage 1's
+        # collectives while the others run stage 2's, and all would hang.
+        return restored
+
+    def make_loop(self, step: int):
+        loop, _, _ = self.trainer.make_mim_loop(step, self.opt)
+        return lambda n: {"loss_mim": loop(n)}
+
+    def start(self, step: int) -> str | None:
+        folder = self.controller.run / "checkpoints" / MIM_CHECKPOINTS
+        if step:
+            self.sums.load()
+        epoch = self.current_epoch(step)
+        if epoch is None:
+            self.trainer.log(f"stage 1 skipped: done in {folder / f'ckpt-{step}'} (resumed run)")
             return "completed"
         if step:
-            sums.load()
-            self.log(f"stage 1 resumed from {folder / f'ckpt-{step}'} (step {step})")
-        if is_chief:    # rows of epochs not in the checkpoint (written before a kill) are redone
-            _keep_csv_rows(Path(run) / MIM_HISTORY, step // steps)
-        self.preemption()
-        ckpt_every, last_ckpt_step = t.checkpoint_every or steps, step
-        while step < m.mim_epochs * steps:
-            epoch, t0 = step // steps, time.time()
-            epoch_end = (epoch + 1) * steps
-            while step < epoch_end:
-                n = min(t.steps_per_loop, epoch_end - step)
-                loss = float(loop(tf.constant(n)))
-                if not np.isfinite(loss):
-                    raise FloatingPointError(f"stage 1: L_MIM became {loss} in epoch {epoch + 1}; lower mira_u.mim_lr")
-                sums.add({"loss_mim": loss}, n)
-                step += n
-                if self.stop_requested():
-                    save(step)
-                    self.log(f"{self.preemption().signal or 'a peer worker'} received in stage 1: checkpoint "
-                             f"saved at step {step}; exiting for requeue")
-                    return "preempted"
-                if step - last_ckpt_step >= ckpt_every and step < epoch_end:
-                    save(step)
-                    last_ckpt_step = step
-            loss = sums.means()["loss_mim"]
-            if is_chief:    # before the save: a kill in between redoes this epoch and rewrites its row
-                _append_csv(Path(run) / MIM_HISTORY, {"epoch": epoch + 1, "step": step, "loss_mim": loss,
-                                                      "time_s": round(time.time() - t0, 2)})
-            sums.reset()
-            save(step)
-            last_ckpt_step = step
-            self.log(f"stage 1 epoch {epoch + 1}/{m.mim_epochs} L_MIM={loss:.4f} ({time.time() - t0:.1f}s)")
-        return "completed"
+            self.trainer.log(f"stage 1 resumed from {folder / f'ckpt-{step}'} (step {step})")
+        if self.controller.is_chief:
+            _keep_csv_rows(self.history, epoch)
+        return None
+
+    def current_epoch(self, step: int) -> int | None:
+        # The epoch began `sums.steps` steps ago (they are reset once its row is written). Not
+        # step // steps_per_epoch: a preemption at an epoch's last step saves that step before the
+        # epoch's row, and the resumed stage must still write it (the epoch in progress, not the next).
+        epoch = (step - self.sums.steps) // self.steps_per_epoch
+        return epoch if epoch < self.epochs else None
+
+    def nan_message(self, value: float, step: int, epoch: int) -> str:
+        return f"stage 1: L_MIM became {value} in epoch {epoch + 1}; lower mira_u.mim_lr"
+
+    def end_epoch(self, epoch: int, step: int, t0: float, first_step: int) -> dict:
+        return {"epoch": epoch + 1, "step": step, "loss_mim": self.sums.means()["loss_mim"],
+                "time_s": round(time.time() - t0, 2)}
+
+    def write_row(self, row: dict) -> None:
+        _append_csv(self.history, row)
+
+    def report(self, row: dict, epoch: int, t0: float) -> str | None:
+        self.trainer.log(f"stage 1 epoch {epoch + 1}/{self.epochs} L_MIM={row['loss_mim']:.4f} "
+                         f"({time.time() - t0:.1f}s)")
+        return None
 
 
 def _keep_csv_rows(path: Path, epochs: int) -> None:
