@@ -65,7 +65,7 @@ def test_one_step_loss_equals_numpy(preset, threshold):
                          method="semsim")
     bundle = data_loader.prepare_data(cfg, log=lambda m: None, progress=False)
     trainer = semsim.SemSim(cfg, bundle, tf.distribute.get_strategy(), log=lambda m: None)
-    s, t, model, mc = cfg.semsim, cfg.train, trainer.models["student"], trainer.multiclass
+    s, model, mc = cfg.semsim, trainer.models["student"], trainer.multiclass
     images, masks = (v.numpy() for v in next(iter(bundle.train_dataset("labeled", 4, None, 0, None, stream_id=1,
                                                                         log=lambda m: None))))
     u = np.random.default_rng(1).random(images.shape).astype("float32")
@@ -76,7 +76,7 @@ def test_one_step_loss_equals_numpy(preset, threshold):
     s1 = augment.batch_photometric(u, trainer.replica_seed(step, fixmatch.PHOTOMETRIC_STREAM)).numpy()
     s2 = augment.batch_photometric(u, trainer.replica_seed(step, fixmatch.PHOTOMETRIC_STREAM + 10)).numpy()
     z, feats = (v.numpy().astype("float64") for v in model(np.concatenate([images, s1, s2]), training=True))
-    zl, z1, fl, f1, f2 = z[:4], z[4:8], feats[:4], feats[4:8], feats[8:]
+    z1, fl, f1, f2 = z[4:8], feats[:4], feats[4:8], feats[8:]
     prob = _np_softmax if mc else (lambda a: 1 / (1 + np.exp(-a)))
     pw = prob(weak)
     if mc:

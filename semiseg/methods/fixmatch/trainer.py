@@ -46,7 +46,7 @@ import tensorflow as tf
 from semiseg.data import augment
 from semiseg.methods.fixmatch.cutmix import cutmix, cutmix_boxes, cutmix_partners
 from semiseg.models.batchnorm import frozen_bn_statistics
-from semiseg.models.outputs import one_hot_masks, probabilities
+from semiseg.models.outputs import probabilities
 from semiseg.training.registry import register_method
 from semiseg.training.trainer import Trainer
 

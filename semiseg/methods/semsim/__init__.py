@@ -51,7 +51,8 @@ def build_networks(cfg, image_size: int, channels: int) -> dict:
         raise ConfigError(f"semsim.feature_layer: no layer '{cfg.semsim.feature_layer}' in model '{cfg.model.name}' "
                           f"(decoder layers: {', '.join(n for n in names if n.startswith('up'))})")
     features = net.get_layer(cfg.semsim.feature_layer).output
-    return {"student": keras.Model(net.inputs, [net.outputs[0], features], name="student")}
+    # net.input (one tensor), not net.inputs (a list): Keras warns when a list-built model gets a tensor.
+    return {"student": keras.Model(net.input, [net.outputs[0], features], name="student")}
 
 
 SPEC = register(MethodSpec(

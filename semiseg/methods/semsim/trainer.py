@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from semiseg.methods.fixmatch.trainer import FixMatch, first_output, hard_pseudo_labels
+from semiseg.methods.fixmatch.trainer import FixMatch, hard_pseudo_labels
 from semiseg.models.outputs import one_hot_masks, probabilities
 from semiseg.training.registry import register_method
 
@@ -155,7 +155,8 @@ class SemSim(FixMatch):
         else:
             weak_logits, weak_feats = (tf.stop_gradient(tf.cast(v, tf.float32)) for v in model(unlabeled, training=False))
             logits, feats = (tf.cast(v, tf.float32) for v in model(tf.concat([images, s1, s2], 0), training=True))
-        logits_lab, logits_s1, logits_s2 = logits[:n_lab], logits[n_lab:n_lab + n_u], logits[n_lab + n_u:]
+        # s2's logits are not used: the cross-image term trains s2 through its features only.
+        logits_lab, logits_s1 = logits[:n_lab], logits[n_lab:n_lab + n_u]
         feats_lab, feats_s1, feats_s2 = feats[:n_lab], feats[n_lab:n_lab + n_u], feats[n_lab + n_u:]
 
         # FixMatch on s1.
