@@ -23,8 +23,10 @@ Deviations and choices:
  - Weak view (fixmatch.weak_mode): `eval` (default) labels with the student in inference mode (moving
    BN statistics, no dropout), as the common segmentation re-implementations do with model.eval();
    the paper's classifier code forwards x, u_weak and u_strong as one training-mode batch and stops the
-   gradient of the weak logits (`train`: training mode, batch statistics and dropout, with the BN moving
-   statistics left as they are so the extra pass does not count as a training batch).
+   gradient of the weak logits (`train`: the same, one training-mode forward of concat(x, u, s'): batch
+   statistics and dropout; the probe runs the weak view alone in training mode, BN moving statistics
+   kept). Not a separate training-mode weak pass with frozen statistics inside the step: under
+   MirroredStrategy that left the moving statistics at their initial values (see `forward`).
  - The unlabelled loss adds a masked Dice term (dice_weight = 1): SemSim, whose base this is, trains its
    FixMatch term with a (masked) Dice; dice_weight=0 gives the paper's CE alone. The CE term is
    normalised by all pixels (unconfident ones count as 0), as the paper's mean over the whole batch.
