@@ -11,6 +11,7 @@ import sys
 import numpy as np
 import pytest
 import tensorflow as tf
+import keras
 
 from semiseg import cli as main
 from semiseg import config
@@ -55,6 +56,7 @@ def test_cutmix_mixes_images_labels_and_masks_with_the_same_boxes():
 
 # ---------------------------------------------------------------- one exact step
 def _trainer(preset, *overrides):
+    keras.utils.set_random_seed(0)      # the same initial weights whichever tests ran before
     cfg = config.resolve(preset, overrides=["model.dropout=0", *overrides], method="fixmatch")
     bundle = data_loader.prepare_data(cfg, log=lambda m: None, progress=False)
     return fixmatch.FixMatch(cfg, bundle, tf.distribute.get_strategy(), log=lambda m: None)
@@ -87,6 +89,9 @@ def test_one_step_loss_equals_numpy(preset, threshold, weak_mode):
     u = np.random.default_rng(1).random(images.shape).astype("float32")
     step = tf.constant(5, tf.int64)
     weak = model(u, training=False).numpy()             # before the step's forward moves the BN statistics
+    if weak_mode == "eval":     # tau at the median confidence: half the pixels pass whatever the initial weights
+        probs = _np_softmax(weak) if multiclass else np.concatenate([1 / (1 + np.exp(-weak)), 1 / (1 + np.exp(weak))], -1)
+        threshold = fm.threshold = float(np.median(probs.max(-1)))
     loss, logs = trainer.compute_loss((tf.constant(images), tf.constant(masks)), tf.constant(u), step)
 
     strong = augment.batch_photometric(u, trainer.replica_seed(step, fixmatch.PHOTOMETRIC_STREAM)).numpy()

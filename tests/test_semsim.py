@@ -11,6 +11,7 @@ import sys
 import numpy as np
 import pytest
 import tensorflow as tf
+import keras
 
 from semiseg import cli as main
 from semiseg import config
@@ -64,6 +65,7 @@ def test_one_step_loss_equals_numpy(preset, threshold):
     cfg = config.resolve(preset, overrides=["model.dropout=0", f"semsim.threshold={threshold}", "semsim.cutmix=false"],
                          method="semsim")
     bundle = data_loader.prepare_data(cfg, log=lambda m: None, progress=False)
+    keras.utils.set_random_seed(0)
     trainer = semsim.SemSim(cfg, bundle, tf.distribute.get_strategy(), log=lambda m: None)
     s, model, mc = cfg.semsim, trainer.models["student"], trainer.multiclass
     images, masks = (v.numpy() for v in next(iter(bundle.train_dataset("labeled", 4, None, 0, None, stream_id=1,
@@ -71,6 +73,8 @@ def test_one_step_loss_equals_numpy(preset, threshold):
     u = np.random.default_rng(1).random(images.shape).astype("float32")
     step = tf.constant(3, tf.int64)
     weak, weak_f = (v.numpy().astype("float64") for v in model(u, training=False))
+    probs = _np_softmax(weak) if mc else np.concatenate([1 / (1 + np.exp(-weak)), 1 / (1 + np.exp(weak))], -1)
+    threshold = s.threshold = float(np.median(probs.max(-1)))      # half the pixels pass, whatever the init
     loss, logs = trainer.compute_loss((tf.constant(images), tf.constant(masks)), tf.constant(u), step)
 
     s1 = augment.batch_photometric(u, trainer.replica_seed(step, fixmatch.PHOTOMETRIC_STREAM)).numpy()
@@ -156,7 +160,6 @@ def test_smoke_training_end_to_end(tmp_path):
         assert 0.0 < float(row["loss_intra"]) < 1.0 and 0.0 < float(row["loss_cross"]) < 1.0
         assert float(row["cross_uncertainty"]) >= 0 and 0.0 <= float(row["pseudo_dice"]) <= 1.0
     assert json.loads((out / "export.json").read_text())["network"] == "student"
-    import keras
     exported = keras.models.load_model(out / "best_model.keras")
     assert len(exported.outputs) == 1                # the main output only
 
