@@ -184,3 +184,72 @@ def test_unet_builds_fused_bn_and_the_ablation_builds_keras_bn():
         bns = [layer for layer in build_model(cfg, 16, 1).layers
                if isinstance(layer, keras.layers.BatchNormalization)]
     assert bns and all(type(layer) is keras.layers.BatchNormalization for layer in bns)
+
+
+MIRRORED_FREEZE = """
+import json
+import numpy as np
+from semiseg.training import distribute
+strategy, info = distribute.make_strategy("mirrored")
+import tensorflow as tf, keras
+from semiseg.models.batchnorm import frozen_bn_statistics
+from semiseg.models.fused_batchnorm import FusedBatchNormalization
+x = tf.constant(np.random.default_rng(0).normal(3.0, 1.0, (4, 4, 4, 2)).astype("float32"))
+out = {"replicas": strategy.num_replicas_in_sync}
+for name, with_block in (("reference", False), ("frozen_block", True)):
+    with strategy.scope():
+        inp = keras.Input((4, 4, 2))
+        model = keras.Model(inp, FusedBatchNormalization(momentum=0.5)(inp))
+
+    @tf.function
+    def run(x):
+        def step(x):
+            total = tf.constant(0.0)
+            if with_block:
+                with frozen_bn_statistics(model):
+                    y = model(x, training=True)
+                    # a cross-replica point inside the block: the replicas' threads take turns here
+                    total += tf.distribute.get_replica_context().all_reduce("sum", tf.reduce_sum(y))
+            return total + tf.reduce_sum(model(x, training=True))      # an ordinary forward
+        return strategy.run(step, args=(x,))
+
+    run(strategy.experimental_distribute_values_from_function(lambda ctx: x[2 * ctx.replica_id_in_sync_group:][:2]))
+    bn = model.layers[-1]
+    out[name] = {"momentum": bn.momentum, "mean": keras.ops.convert_to_numpy(bn.moving_mean).tolist(),
+                 "variance": keras.ops.convert_to_numpy(bn.moving_variance).tolist()}
+print("RESULT" + json.dumps(out))
+"""
+
+
+def test_frozen_block_under_mirrored_replicas_freezes_only_its_own_calls(tmp_path):
+    """Two replicas trace their steps in two threads that take turns at cross-replica points. The
+    block must not leak into the other replica's ordinary forward, nor leave the momentum at 1 (the
+    old attribute-setting version ended with momentum 1.0: the statistics frozen for good)."""
+    from test_equivalence import run_result_script
+    out = run_result_script(MIRRORED_FREEZE, tmp_path, SEMISEG_LOGICAL_CPUS="2")
+    assert out["replicas"] == 2
+    assert out["frozen_block"]["momentum"] == 0.5
+    ref, got = out["reference"], out["frozen_block"]
+    assert ref["mean"] != [0.0, 0.0]          # the ordinary forward moved the statistics
+    np.testing.assert_allclose(got["mean"], ref["mean"], rtol=1e-6)
+    np.testing.assert_allclose(got["variance"], ref["variance"], rtol=1e-6)
+
+
+def test_frozen_block_is_per_thread():
+    import threading
+    layer = FusedBatchNormalization(momentum=0.9)
+    layer.build((None, 4, 4, 2))
+    model = keras.Sequential([keras.Input((4, 4, 2)), layer])
+    inside, seen = threading.Event(), {}
+
+    def other_thread():
+        inside.wait(10)
+        seen["momentum"] = layer.momentum
+
+    thread = threading.Thread(target=other_thread)
+    thread.start()
+    with frozen_bn_statistics(model):
+        assert layer.momentum == 1.0
+        inside.set()
+        thread.join(10)
+    assert seen["momentum"] == 0.9 and layer.momentum == 0.9

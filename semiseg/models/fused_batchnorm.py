@@ -30,6 +30,8 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
+from semiseg.models.batchnorm import frozen_here
+
 _FUSED_DTYPES = (tf.float16, tf.bfloat16, tf.float32)
 _MIN_EPSILON = 1.001e-5     # cuDNN rejects smaller epsilons (Keras 2 fell back to unfused too)
 
@@ -49,6 +51,17 @@ class BatchNormalization(keras.layers.BatchNormalization):
     Named as Keras' class on purpose: .weights.h5 files address a layer by its class name
     (`.../batch_normalization_3/vars`), so only the same name keeps them loading across the two
     classes; .keras files tell them apart by the registered name `semiseg>BatchNormalization`."""
+
+    thread_aware_momentum = True       # see semiseg.models.batchnorm: frozen per thread, not by mutation
+
+    @property
+    def momentum(self):
+        """1.0 inside this thread's frozen_bn_statistics block (the statistics stay), else the layer's."""
+        return 1.0 if frozen_here(self) else self._configured_momentum
+
+    @momentum.setter
+    def momentum(self, value):
+        self._configured_momentum = value
 
     def _fusable(self, inputs, mask) -> bool:
         return (keras.backend.backend() == "tensorflow" and mask is None and not self.synchronized
