@@ -73,3 +73,16 @@ def test_licence_is_apache_2_and_every_place_says_so():
     assert "Apache-2.0" in (REPO / "pyproject.toml").read_text()
     readme = (REPO / "README.md").read_text()
     assert "Apache License 2.0" in readme and "[LICENSE](LICENSE)" in readme and "patent" in readme
+
+
+def test_readme_method_table_names_every_method_with_its_class_length():
+    """README section 4 lists every method package with the length of its Trainer class; adding a
+    method or growing one without updating the table fails here."""
+    import inspect
+    import re
+    from semiseg import methods
+    readme = (REPO / "README.md").read_text()
+    for name in methods.names():
+        row = re.search(rf"^\| `{name}` \|.*\| (\d+) lines \|$", readme, re.M)
+        assert row, f"README's method table has no row for {name}"
+        assert int(row.group(1)) == len(inspect.getsourcelines(methods.get_method(name))[0]), name
