@@ -5,7 +5,6 @@ posterior in the optimizer and the checkpoint, one vs two replicas, the smoke ru
 """
 import json
 import math
-import sys
 
 import numpy as np
 import pytest
@@ -16,7 +15,8 @@ from semiseg.data import loader
 from semiseg.methods.bayesian_pl import trainer as bpl
 from semiseg.runs import run_dir
 
-from test_equivalence import LOSS_RTOL, WEIGHT_ATOL, last_json_line, load_weights, python_env, run_processes
+from replicas import one_vs_two_replicas
+from test_equivalence import LOSS_RTOL, WEIGHT_ATOL
 
 
 def np_kl(mu, sigma, mu0, sigma0):
@@ -191,28 +191,6 @@ def test_describe_counts_the_network(capsys):
 
 
 STEPS = 3
-REPLICA_SCRIPT = """
-import json, sys
-import numpy as np
-from semiseg import config
-from semiseg.training import distribute
-cfg = config.resolve("smoke", "", ["model.dropout=0", "model.batchnorm=false", "train.steps_per_epoch=%(steps)d",
-                     "train.epochs=1", "bayesian_pl.threshold_temperature=0.05"], "bayesian_pl")
-results = {}
-for distribution in sys.argv[2:]:
-    strategy, info = distribute.make_strategy(distribution)
-    import keras, tensorflow as tf
-    from semiseg.data import loader
-    from semiseg.methods import get_method
-    keras.utils.set_random_seed(cfg.seed)
-    bundle = loader.prepare_data(cfg, log=lambda m: None, progress=False)
-    trainer = get_method("bayesian_pl")(cfg, bundle, strategy, info, log=lambda m: None)
-    loop = trainer._make_loop(*trainer._iterators(0))
-    logs = [{k: float(v) for k, v in loop(tf.constant(1)).items()} for _ in range(%(steps)d)]
-    np.savez(f"{sys.argv[1]}-{distribution}.npz", *[keras.ops.convert_to_numpy(w) for w in trainer.trainable_variables()])
-    results[distribution] = {"logs": logs, "replicas": info["num_replicas"]}
-print(json.dumps(results))
-""" % {"steps": STEPS}
 
 
 def test_one_replica_equals_two(tmp_path):
@@ -224,19 +202,15 @@ def test_one_replica_equals_two(tmp_path):
     The threshold's draw stays on: it is seeded by the step alone, the same on every replica. The
     relaxed mask (threshold_temperature > 0) gives mu and sigma gradients from the data, so their
     all-reduce is tested too (with the hard mask only the KL, a replica-free term, reaches them)."""
-    prefix = str(tmp_path / "w")
-    ((rc, stdout, stderr),) = run_processes([([sys.executable, "-c", REPLICA_SCRIPT, prefix, "none", "mirrored"],
-                                              python_env(SEMISEG_LOGICAL_CPUS="2"))])
-    assert rc == 0, stderr[-3000:]
-    results = last_json_line(stdout)
-    assert (results["none"]["replicas"], results["mirrored"]["replicas"]) == (1, 2)
+    results, single_w, mirrored_w = one_vs_two_replicas(
+        tmp_path, "bayesian_pl", ["model.dropout=0", "model.batchnorm=false", "bayesian_pl.threshold_temperature=0.05"],
+        STEPS)
     for key in ("loss", "loss_unsup", "loss_kl", "threshold_sample", "pseudo_kept", "loss_sup"):
         single = [log[key] for log in results["none"]["logs"]]
         np.testing.assert_allclose([log[key] for log in results["mirrored"]["logs"]], single, rtol=LOSS_RTOL,
                                    atol=1e-7, err_msg=key)
     assert len({log["loss"] for log in results["none"]["logs"]}) == STEPS
     assert results["none"]["logs"][-1]["loss_unsup"] > 0
-    single, mirrored = load_weights(f"{prefix}-none.npz"), load_weights(f"{prefix}-mirrored.npz")
-    assert float(single[-2]) != pytest.approx(0.5, abs=1e-5)        # mu moved (the last two: mu, log sigma)
-    for a, b in zip(single, mirrored):
+    assert float(single_w[-1]) != pytest.approx(0.5, abs=1e-5)      # mu moved (the state, by name: log_sigma, mu)
+    for a, b in zip(single_w, mirrored_w):
         np.testing.assert_allclose(b, a, atol=WEIGHT_ATOL)

@@ -6,7 +6,6 @@ the smoke run end to end, and `describe`'s parameter count.
 import contextlib
 import io
 import json
-import sys
 
 import numpy as np
 import pytest
@@ -20,7 +19,8 @@ from semiseg.data import loader as data_loader
 from semiseg.methods.fixmatch import cutmix as fm_cutmix
 from semiseg.methods.fixmatch import trainer as fixmatch
 from semiseg.runs import run_dir
-from test_equivalence import LOSS_RTOL, WEIGHT_ATOL, last_json_line, load_weights, python_env, run_processes
+from replicas import one_vs_two_replicas
+from test_equivalence import LOSS_RTOL, WEIGHT_ATOL
 
 
 def test_cutmix_boxes_lie_inside_with_the_drawn_areas_and_partners_are_others():
@@ -142,53 +142,30 @@ def test_one_step_loss_equals_numpy(preset, threshold, weak_mode):
 # head puts many pixels near p = 0.5 (measured: loss 2e-4 apart at step 3), so the script scales the head
 # (below) and keeps the paper's tau = 0.95; the losses and weights then agree to round-off.
 STEPS = 3
-REPLICA_SCRIPT = """
-import json, sys
-import numpy as np
-from semiseg import config
-from semiseg.training import distribute
 # Random draws are switched off: the photometric view and CutMix are seeded per replica (each replica
 # must draw its own) and CutMix pairs images within a replica's share, so 2 replicas draw differently
 # from 1 by design. Dropout is off for the same reason (Keras draws one mask on every replica). BN is off
 # as in tests/test_equivalence.py (with model.sync_batchnorm=true and an unscaled head, first-layer
 # weights were 1.5e-4 apart after 2 SGD steps: not separated from pixel flips, so not covered here).
-# weak_mode=train: the weak view in the step's one training-mode forward. The untrained head is scaled
-# so that part of the pixels are confident at the paper's tau and few lie within round-off of it.
-cfg = config.resolve("smoke", "", ["model.dropout=0", "model.batchnorm=false", "fixmatch.photometric=false",
-                     "fixmatch.cutmix=false", "fixmatch.weak_mode=train", "data.labeled_fraction=0.27",
-                     "train.steps_per_epoch=%(steps)d", "train.epochs=1"], "fixmatch")
-results = {}
-for distribution in sys.argv[2:]:
-    strategy, info = distribute.make_strategy(distribution)
-    import keras, tensorflow as tf
-    from semiseg.data import loader
-    from semiseg.methods import get_method
-    keras.utils.set_random_seed(cfg.seed)
-    bundle = loader.prepare_data(cfg, log=lambda m: None, progress=False)
-    trainer = get_method("fixmatch")(cfg, bundle, strategy, info, log=lambda m: None)
-    head = trainer.models["student"].get_layer("logits")
-    head.kernel.assign(head.kernel * 30.0)      # confident logits: part of the pixels pass tau = 0.95
-    loop = trainer._make_loop(*trainer._iterators(0))
-    logs = [{k: float(v) for k, v in loop(tf.constant(1)).items()} for _ in range(%(steps)d)]
-    np.savez(f"{sys.argv[1]}-{distribution}.npz", *[keras.ops.convert_to_numpy(w) for w in trainer.models["student"].weights])
-    results[distribution] = {"logs": logs, "replicas": info["num_replicas"]}
-print(json.dumps(results))
-""" % {"steps": STEPS}
+# weak_mode=train: the weak view in the step's one training-mode forward.
+def replica_overrides(method):
+    return ["model.dropout=0", "model.batchnorm=false", f"{method}.photometric=false", f"{method}.cutmix=false",
+            f"{method}.weak_mode=train", "data.labeled_fraction=0.27"]
+
+
+# The untrained head scaled: part of the pixels are confident at tau = 0.95, few within round-off of it.
+CONFIDENT_HEAD = 'head = trainer.models["student"].get_layer("logits"); head.kernel.assign(head.kernel * 30.0)'
 
 
 def test_one_replica_equals_two_mirrored(tmp_path):
-    prefix = str(tmp_path / "w")
-    ((rc, stdout, stderr),) = run_processes([([sys.executable, "-c", REPLICA_SCRIPT, prefix, "none", "mirrored"],
-                                              python_env(SEMISEG_LOGICAL_CPUS="2"))])
-    assert rc == 0, stderr[-3000:]
-    results = last_json_line(stdout)
-    assert (results["none"]["replicas"], results["mirrored"]["replicas"]) == (1, 2)
+    results, single_w, mirrored_w = one_vs_two_replicas(tmp_path, "fixmatch", replica_overrides("fixmatch"),
+                                                        STEPS, setup=CONFIDENT_HEAD)
     single = results["none"]["logs"]
     assert all(0 < log["mask_ratio"] < 1 and log["loss_unsup"] > 0 for log in single), single
     for key in ("loss", "loss_sup", "loss_unsup", "loss_unsup_ce", "loss_unsup_dice", "mask_ratio"):
         np.testing.assert_allclose([log[key] for log in results["mirrored"]["logs"]], [log[key] for log in single],
                                    rtol=LOSS_RTOL, err_msg=key)
-    for a, b in zip(load_weights(f"{prefix}-none.npz"), load_weights(f"{prefix}-mirrored.npz")):
+    for a, b in zip(single_w, mirrored_w):
         np.testing.assert_allclose(b, a, atol=WEIGHT_ATOL)
 
 

@@ -6,7 +6,6 @@ all-gathered), the smoke run end to end, and `describe`'s parameter count.
 import contextlib
 import io
 import json
-import sys
 
 import numpy as np
 import pytest
@@ -22,8 +21,9 @@ from semiseg.methods.semsim import trainer as semsim
 from semiseg.models.networks import configured_network
 from semiseg.models.outputs import main_output
 from semiseg.runs import run_dir
-from test_equivalence import LOSS_RTOL, WEIGHT_ATOL, last_json_line, load_weights, python_env, run_processes
-from test_fixmatch import REPLICA_SCRIPT as FIXMATCH_REPLICA_SCRIPT
+from test_equivalence import LOSS_RTOL, WEIGHT_ATOL
+from replicas import one_vs_two_replicas
+from test_fixmatch import CONFIDENT_HEAD, replica_overrides
 from test_fixmatch import _np_dice, _np_softmax
 
 
@@ -127,25 +127,17 @@ def test_one_step_loss_equals_numpy(preset, threshold):
 
 
 STEPS = 3
-REPLICA_SCRIPT = FIXMATCH_REPLICA_SCRIPT.replace('"fixmatch.', '"semsim.').replace('"fixmatch")', '"semsim")')
-
-
 def test_one_replica_equals_two_mirrored(tmp_path):
-    """As tests/test_fixmatch.py's (the same script and the same randomness switched off): the cross-image
-    term queries prototypes all-gathered from both replicas' labelled images, so it must match one replica."""
-    assert REPLICA_SCRIPT.count("semsim") >= 5 and '"fixmatch' not in REPLICA_SCRIPT
-    prefix = str(tmp_path / "w")
-    ((rc, stdout, stderr),) = run_processes([([sys.executable, "-c", REPLICA_SCRIPT, prefix, "none", "mirrored"],
-                                              python_env(SEMISEG_LOGICAL_CPUS="2"))])
-    assert rc == 0, stderr[-3000:]
-    results = last_json_line(stdout)
-    assert (results["none"]["replicas"], results["mirrored"]["replicas"]) == (1, 2)
+    """As tests/test_fixmatch.py's (the same randomness switched off): the cross-image term queries
+    prototypes all-gathered from both replicas' labelled images, so it must match one replica."""
+    results, single_w, mirrored_w = one_vs_two_replicas(tmp_path, "semsim", replica_overrides("semsim"), STEPS,
+                                                        setup=CONFIDENT_HEAD)
     single = results["none"]["logs"]
     assert all(log["loss_cross"] > 0 and log["loss_intra"] > 0 for log in single), single
     for key in ("loss", "loss_unsup", "loss_intra", "loss_cross", "cross_uncertainty", "mask_ratio"):
         np.testing.assert_allclose([log[key] for log in results["mirrored"]["logs"]], [log[key] for log in single],
                                    rtol=LOSS_RTOL, err_msg=key)
-    for a, b in zip(load_weights(f"{prefix}-none.npz"), load_weights(f"{prefix}-mirrored.npz")):
+    for a, b in zip(single_w, mirrored_w):
         np.testing.assert_allclose(b, a, atol=WEIGHT_ATOL)
 
 
