@@ -140,17 +140,22 @@ def test_workers_with_different_validation_scores_stop_together(tmp_path):
 
 
 def _train_steps(jit_compile: bool, steps: int):
-    """Losses and final weights of `steps` steps of the smoke U-Net on the default strategy."""
+    """Losses and final weights of `steps` steps of the smoke U-Net on the default strategy, built with
+    Keras' BatchNormalization: XLA lowers the fused BN kernel to its own batch-norm ops (another
+    summation order), and Adam's normalised update turned that round-off into weight differences
+    of 6e-5 to 4e-4 after 3 steps, different on every run; Keras' BN keeps them at 1e-5."""
     import keras
     import tensorflow as tf
     from semiseg import config
     from semiseg.data import loader as data_loader_tf2
+    from semiseg.models.fused_batchnorm import keras_batchnorm
     import train_ssl_tf2
     cfg = config.resolve("smoke", "", ["model.dropout=0", f"train.jit_compile={str(jit_compile).lower()}"],
                          "supervised")
     keras.utils.set_random_seed(cfg.seed)
     bundle = data_loader_tf2.prepare_data(cfg, log=lambda m: None, progress=False)
-    trainer = train_ssl_tf2.get_method("supervised")(cfg, bundle, tf.distribute.get_strategy(), log=lambda m: None)
+    with keras_batchnorm():
+        trainer = train_ssl_tf2.get_method("supervised")(cfg, bundle, tf.distribute.get_strategy(), log=lambda m: None)
     loop = trainer._make_loop(*trainer._iterators(0))
     losses = [float(loop(tf.constant(1))["loss"]) for _ in range(steps)]
     return losses, [keras.ops.convert_to_numpy(w) for w in trainer.trainable_variables()]
