@@ -300,7 +300,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         p.add_argument("--preset", default="", help=(
             f"named settings, one of: {', '.join(sorted(config.PRESETS))} (smoke: seconds, for wiring checks; "
             f"smoke_multiclass: the same with 2 classes on synthetic CT volumes; "
-            f"cpu: a small first run on a CPU; pancreas_*: the pancreas runs on MSD Task07; isic2016_*: MIRA-U "
+            f"cpu: a small first run on a CPU; bench, bench_tuned: the label-efficiency benchmark's settings with the "
+            f"papers' unlabelled-loss weights / the weights its tuning chose on validation; pancreas_*: the pancreas runs on MSD Task07; isic2016_*: MIRA-U "
             f"on ISIC-2016 at 10-50%% labels; acdc_3, acdc_7: ACDC at 3 or 7 labelled patients, SSL4MIS's "
             f"protocol). Applied first, then --config, then --set"))
         p.add_argument("--config", default="", metavar="FILE.yaml",

@@ -191,6 +191,10 @@ PRESETS: dict[str, dict] = {
         "train": {"epochs": 40, "patience": 10, "batch_size": 8, "steps_per_epoch": 40, "lr": 2e-3,
                   "schedule": "cosine"},
     },
+    # `bench` with each method's unlabelled-loss weight as the benchmark's tuning budget chose it on
+    # validation (10% labels, seed 0: bench/results/label_efficiency/tuning.json); the values are in the
+    # methods' specs (preset_sections["bench_tuned"]), applied on top of everything `bench` sets.
+    "bench_tuned": {},
     # One family, fair by construction: every pancreas_* preset trains the same network (the seed's
     # supervised U-Net, base 32), batch, schedule and budget (100 epochs, early stopping after 15);
     # they differ only in the labelled fraction and the method's own section. The seed project ran
@@ -240,6 +244,12 @@ def _merge_method_presets() -> None:
 
 
 _merge_method_presets()
+# Presets that are another preset plus their own values, built once the methods' sections are in.
+for _derived, _base in (("bench_tuned", "bench"),):
+    _own = PRESETS[_derived]
+    PRESETS[_derived] = {key: {**value, **_own.get(key, {})} if isinstance(value, dict) else value
+                         for key, value in PRESETS[_base].items()}
+    PRESETS[_derived].update({key: value for key, value in _own.items() if key not in PRESETS[_base]})
 
 
 def _field_types(cls) -> dict[str, typing.Any]:

@@ -55,5 +55,5 @@ SPEC = register(MethodSpec(
     choices={"weak_mode": ("eval", "train")},
     # No ramp to scale: the confidence threshold is FixMatch's own curriculum. The shared presets keep
     # the paper's values.
-    preset_sections={"smoke": {}, "smoke_multiclass": {}, "cpu": {}, "bench": {}},
+    preset_sections={"smoke": {}, "smoke_multiclass": {}, "cpu": {}, "bench": {}, "bench_tuned": {"lambda_u": 0.1}},
     unsup_weight="fixmatch.lambda_u"))

@@ -47,5 +47,6 @@ SPEC = register(MethodSpec(
             "noise_clip": AT_LEAST_0, "probe_cases": AT_LEAST_0},
     choices={"student_view": ("noise", "strong"), "noise_on": ("teacher", "both"), "teacher_bn": ("batch", "moving")},
     preset_sections={"smoke": {"rampup_epochs": 1.0}, "smoke_multiclass": {"rampup_epochs": 1.0},
-                     "cpu": {"rampup_epochs": 5.0}, "bench": {"rampup_epochs": 40.0}},
+                     "cpu": {"rampup_epochs": 5.0}, "bench": {"rampup_epochs": 40.0},
+                     "bench_tuned": {"consistency": 0.01}},
     unsup_weight="mean_teacher.consistency"))
