@@ -91,8 +91,8 @@ class Trainer:
     @classmethod
     def build_networks(cls, cfg, image_size: int, channels: int) -> dict:
         """Networks by role; 'student' is the one the optimizer trains. A classmethod so that
-        `describe` can count parameters without data. The table of each method's networks is
-        semiseg.models.networks.NETWORKS, which loading a finished run uses too."""
+        `describe` can count parameters without data. The builder is the method spec's
+        (semiseg/methods/NAME/__init__.py), which loading a finished run uses too."""
         return method_networks(cls.method_name, cfg, image_size, channels)
 
     def build_models(self) -> dict:
