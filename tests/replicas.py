@@ -7,7 +7,8 @@ replica test calls, so that each test says only what it switches off and what it
 
 A subprocess: the logical CPUs must be configured before TensorFlow starts (SEMISEG_LOGICAL_CPUS).
 Both runs train `steps` steps of the same global batch from the same seed; `setup` is Python run on
-each built trainer before its first step (e.g. to scale an untrained head).
+each built trainer before its first step (e.g. to scale an untrained head); `report`, a Python
+expression evaluated on each trainer after its steps, lands in results[...]["report"] (e.g. a probe).
 """
 from __future__ import annotations
 
@@ -39,16 +40,17 @@ for distribution in ("none", "mirrored"):
     weights = [w for name in sorted(trainer.models) for w in trainer.models[name].weights]
     weights += [v for _, v in sorted(trainer.state.items())]
     np.savez(spec["prefix"] + "-" + distribution + ".npz", *[keras.ops.convert_to_numpy(w) for w in weights])
-    results[distribution] = {"logs": logs, "replicas": info["num_replicas"]}
+    results[distribution] = {"logs": logs, "replicas": info["num_replicas"],
+                             "report": eval(spec["report"], {"trainer": trainer}) if spec["report"] else None}
 print(json.dumps(results))
 """
 
 
 def one_vs_two_replicas(tmp_path, method: str, overrides: list, steps: int = 3, preset: str = "smoke",
-                        setup: str = ""):
+                        setup: str = "", report: str = ""):
     prefix = str(tmp_path / "w")
     spec = {"method": method, "overrides": list(overrides), "steps": steps, "preset": preset, "setup": setup,
-            "prefix": prefix}
+            "report": report, "prefix": prefix}
     ((rc, stdout, stderr),) = run_processes([([sys.executable, "-c", SCRIPT, json.dumps(spec)],
                                               python_env(SEMISEG_LOGICAL_CPUS="2"))])
     assert rc == 0, stderr[-3000:]

@@ -4,7 +4,6 @@ describe's counts, and the network's training and inference views.
     python -m pytest tests/test_urpc.py -q
 """
 import json
-import sys
 
 import keras
 import numpy as np
@@ -17,7 +16,8 @@ from semiseg import config
 from semiseg.data import loader
 from semiseg.methods.urpc import trainer as urpc
 from semiseg.runs import run_dir
-from test_equivalence import LOSS_RTOL, WEIGHT_ATOL, last_json_line, load_weights, python_env, run_processes
+from replicas import one_vs_two_replicas
+from test_equivalence import LOSS_RTOL, WEIGHT_ATOL
 
 # depth 4: the main output and 3 auxiliary ones (feature noise 1/2, feature dropout 1/4, dropout 1/8).
 DEEP = ["model.depth=4", "urpc.rampup_epochs=2"]
@@ -137,48 +137,19 @@ STEPS = 3
 # global batch. BatchNorm stays on, synchronised across replicas (model.sync_batchnorm). SGD (SSL4MIS's
 # optimizer) rather than Adam: Adam divides by sqrt(v), which turned the float32 round-off of
 # near-zero gradients into weight differences up to 2.3e-5 after 3 steps (measured; SGD: 1.7e-6).
-REPLICA_SCRIPT = """
-import json, sys
-import numpy as np
-from semiseg import config
-from semiseg.training import distribute
-cfg = config.resolve("smoke", "", ["model.depth=3", "model.dropout=0", "train.optimizer=sgd",
-                     "model.sync_batchnorm=true", "train.steps_per_epoch=%(steps)d", "train.epochs=1",
-                     "urpc.rampup_epochs=0", "urpc.consistency=1", *json.loads(sys.argv[2])], "urpc")
-results = {}
-for distribution in sys.argv[3:]:
-    strategy, info = distribute.make_strategy(distribution)
-    import keras, tensorflow as tf
-    from semiseg.data import loader
-    from semiseg.methods import get_method
-    keras.utils.set_random_seed(cfg.seed)
-    bundle = loader.prepare_data(cfg, log=lambda m: None, progress=False)
-    trainer = get_method("urpc")(cfg, bundle, strategy, info, log=lambda m: None)
-    loop = trainer._make_loop(*trainer._iterators(0))
-    logs = [{k: float(v) for k, v in loop(tf.constant(1)).items()} for _ in range(%(steps)d)]
-    np.savez(f"{sys.argv[1]}-{distribution}.npz", *[keras.ops.convert_to_numpy(w) for w in trainer.models["student"].weights])
-    results[distribution] = {"logs": logs, "replicas": info["num_replicas"],
-                             "probe": trainer.epoch_diagnostics(1)["pseudo_dice"]}
-print(json.dumps(results))
-""" % {"steps": STEPS}
-
-
 def test_one_replica_equals_two(tmp_path):
-    prefix = str(tmp_path / "w")
-    ((rc, stdout, stderr),) = run_processes([([sys.executable, "-c", REPLICA_SCRIPT, prefix, "[]", "none", "mirrored"],
-                                              python_env(SEMISEG_LOGICAL_CPUS="2"))])
-    assert rc == 0, stderr[-3000:]
-    results = last_json_line(stdout)
-    assert (results["none"]["replicas"], results["mirrored"]["replicas"]) == (1, 2)
+    results, single_w, mirrored_w = one_vs_two_replicas(
+        tmp_path, "urpc", ["model.depth=3", "model.dropout=0", "train.optimizer=sgd", "model.sync_batchnorm=true",
+                           "urpc.rampup_epochs=0", "urpc.consistency=1"], STEPS,
+        report='trainer.epoch_diagnostics(1)["pseudo_dice"]')
     for key in ("loss", "loss_sup", "loss_unsup", "loss_unsup_rect", "loss_unsup_kl", "loss_sup_main"):
         single = [log[key] for log in results["none"]["logs"]]
         assert len(set(single)) == STEPS                                    # training moves it
         np.testing.assert_allclose([log[key] for log in results["mirrored"]["logs"]], single, rtol=LOSS_RTOL)
-    weights = list(zip(load_weights(f"{prefix}-none.npz"), load_weights(f"{prefix}-mirrored.npz")))
-    assert len(weights) > 20
-    for a, b in weights:        # trainable, BN moving statistics and the generators' states
+    assert len(single_w) > 20
+    for a, b in zip(single_w, mirrored_w):      # trainable, BN moving statistics and the generators' states
         np.testing.assert_allclose(b, a, atol=WEIGHT_ATOL)
-    assert results["mirrored"]["probe"] == pytest.approx(results["none"]["probe"], abs=1e-6)
+    assert results["mirrored"]["report"] == pytest.approx(results["none"]["report"], abs=1e-6)
 
 
 # ---------------------------------------------------------------- end to end, describe
