@@ -115,6 +115,29 @@ def test_only_the_teacher_view_is_noised_and_the_noise_is_clamped():
         assert len(calls) == views, noise_on
 
 
+@pytest.mark.parametrize("on_labeled", [False, True])
+def test_the_teacher_sees_only_the_images_the_consistency_is_on(on_labeled):
+    """consistency_on_labeled=false (SSL4MIS): the teacher's forward, and so its BN batch
+    statistics, cover the unlabelled images only; true (the paper): every image."""
+    trainer = _trainer(f"mean_teacher.consistency_on_labeled={str(on_labeled).lower()}", "mean_teacher.teacher_bn=batch",
+                       "model.dropout=0")
+    teacher, student = trainer.models["teacher"], trainer.models["student"]
+    images = tf.random.stateless_uniform([2, 32, 32, 1], [3, 4])
+    unlabeled = tf.random.stateless_uniform([2, 32, 32, 1], [5, 6]) * 2.0
+    masks = tf.cast(images > 0.5, tf.float32)
+    step = tf.constant(3, tf.int64)
+    x = tf.concat([images, unlabeled], 0)
+    view = trainer.noised(x, trainer.replica_seed(step, mean_teacher.TEACHER_NOISE_STREAM))
+    start = 0 if on_labeled else 2
+    with mean_teacher.frozen_bn_statistics(teacher), mean_teacher.frozen_bn_statistics(student):
+        p_t = tf.sigmoid(teacher(view[start:], training=True)).numpy()
+        p_s = tf.sigmoid(student(x, training=True)).numpy()[start:]
+    # Dropout off, so the expected value is exact.
+    expected = np.mean((p_s - p_t) ** 2)
+    _, logs = trainer.compute_loss((images, masks), unlabeled, step)
+    np.testing.assert_allclose(logs["loss_unsup"].numpy(), expected, rtol=1e-5)
+
+
 def test_the_probe_scores_the_training_mode_teacher_without_moving_its_statistics():
     trainer = _trainer("mean_teacher.teacher_bn=batch")
     teacher = trainer.models["teacher"]

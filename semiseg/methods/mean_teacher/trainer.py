@@ -95,15 +95,19 @@ class MeanTeacher(Trainer):
             # photometric only, so pixels still line up with the teacher's view.
             x_student = augment.batch_photometric(x_student, self.replica_seed(step, STUDENT_STRONG_STREAM))
         logits = tf.cast(self.models["student"](x_student, training=True), tf.float32)
-        # teacher_bn=batch: training mode normalises with this batch's statistics and updates the
-        # teacher's own moving statistics (its dropout is on too, as in the paper's code).
-        teacher_logits = tf.cast(self.models["teacher"](x_teacher, training=mt.teacher_bn == "batch"), tf.float32)
-        sup, dice, bce = self.supervised_loss(logits[:n_lab], masks)
         first = 0 if mt.consistency_on_labeled else n_lab
+        # The teacher sees only the images the consistency is computed on: with
+        # consistency_on_labeled=false the unlabelled ones (SSL4MIS's code), which also saves the
+        # forward pass of the labelled half. teacher_bn=batch: training mode normalises with this
+        # batch's statistics and updates the teacher's own moving statistics (its dropout is on
+        # too, as in the paper's code).
+        teacher_logits = tf.cast(self.models["teacher"](x_teacher[first:], training=mt.teacher_bn == "batch"),
+                                 tf.float32)
+        sup, dice, bce = self.supervised_loss(logits[:n_lab], masks)
         # Squared error between probabilities (the paper's choice for its classifiers), mean over
         # pixels per image, then the global-batch mean; the teacher is a constant target.
         # Multi-class: the squared error of every class's softmax probability (SSL4MIS's MSE).
-        squared = tf.square(probabilities(logits[first:]) - tf.stop_gradient(probabilities(teacher_logits[first:])))
+        squared = tf.square(probabilities(logits[first:]) - tf.stop_gradient(probabilities(teacher_logits)))
         cons = self.global_mean(tf.reduce_mean(squared, axis=[1, 2, 3]))
         weight = self.consistency_weight(self.epoch_float(step))
         loss = sup + weight * cons
