@@ -118,6 +118,9 @@ def cmd_train(args) -> int:
 
     from semiseg import precision as precisions
     policy, why = precisions.resolve(cfg.train.precision)
+    if info.get("num_workers", 1) > 1:      # one precision for the whole job, whatever each node has
+        policy, why = precisions.agree_across_workers(cfg.train.precision, policy, why,
+                                                      lambda flag: distribute.any_worker_true(strategy, flag))
     keras.mixed_precision.set_global_policy(policy)
     keras.utils.set_random_seed(cfg.seed)
     method_cls = get_method(cfg.method)

@@ -68,6 +68,21 @@ def gpu_capabilities() -> list[tuple[int, int]]:
     return caps
 
 
+def agree_across_workers(requested: str, policy: str, why: str, any_worker_true) -> tuple[str, str]:
+    """auto on a job of several workers (nodes): bfloat16 only if every worker runs it natively.
+
+    Each worker resolves auto from its own hardware; on a partition of mixed CPU generations (or
+    GPUs of different capability) the workers would otherwise train in different precisions, their
+    replicas computing the same step with different round-off, and run_info.json would record the
+    chief's choice only. `any_worker_true(flag)` is a collective (distribute.any_worker_true): every
+    worker calls this at the same point, with the same `requested` (one config)."""
+    if requested != AUTO:
+        return policy, why
+    if any_worker_true(policy != "mixed_bfloat16") and policy == "mixed_bfloat16":
+        return "float32", f"auto: another worker of this job has no native bfloat16 ({why} here); float32 on every worker"
+    return policy, why
+
+
 def resolve(requested: str) -> tuple[str, str]:
     """`choose` with this machine's CPU flags and GPUs (the hardware is read only for auto)."""
     if requested != AUTO:

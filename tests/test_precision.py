@@ -58,6 +58,27 @@ def test_auto_precision_decision(flags, gpus, want):
         assert precision.choose(asked, flags, gpus) == (asked, f"train.precision={asked} as asked")
 
 
+@pytest.mark.parametrize("mine, other, want", [
+    ("mixed_bfloat16", "mixed_bfloat16", "mixed_bfloat16"),   # every node native: bfloat16
+    ("mixed_bfloat16", "float32", "float32"),                 # a node without it: float32 everywhere
+    ("float32", "mixed_bfloat16", "float32"),
+    ("float32", "float32", "float32")])
+def test_auto_precision_agrees_across_workers(mine, other, want):
+    """The collective is an OR over workers; here the other worker's flag is given."""
+    from semiseg import precision
+    flags_seen = []
+
+    def any_worker_true(flag):
+        flags_seen.append(flag)
+        return flag or other != "mixed_bfloat16"
+    got, why = precision.agree_across_workers("auto", mine, "mine", any_worker_true)
+    assert got == want and flags_seen == [mine != "mixed_bfloat16"]
+    assert (why == "mine") == (got == mine)
+    # Asked for explicitly: kept, and no collective is run (every worker has the same config).
+    assert precision.agree_across_workers("mixed_bfloat16", "mixed_bfloat16", "asked", any_worker_true) == (
+        "mixed_bfloat16", "asked") and len(flags_seen) == 1
+
+
 def test_cpu_flags_read_from_cpuinfo(tmp_path):
     from semiseg import precision
     info = tmp_path / "cpuinfo"
