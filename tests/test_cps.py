@@ -5,7 +5,6 @@ CutMix), the two networks start apart and both train, one replica equals two, th
 """
 import json
 import math
-import sys
 
 import keras
 import numpy as np
@@ -19,7 +18,8 @@ from semiseg.methods import spec
 from semiseg.methods.cps import cutmix
 from semiseg.methods.cps import trainer as cps
 from semiseg.runs import run_dir
-from test_equivalence import LOSS_RTOL, WEIGHT_ATOL, last_json_line, load_weights, python_env, run_processes
+from replicas import one_vs_two_replicas, start_weights
+from test_equivalence import LOSS_RTOL, WEIGHT_ATOL
 
 
 def _trainer(preset="smoke", *overrides):
@@ -236,54 +236,17 @@ STEPS = 3
 # cannot match) and CutMix off (the default; its boxes are drawn per replica by design).
 SETUPS = {"exact": (["model.batchnorm=false"], LOSS_RTOL, WEIGHT_ATOL),
           "bn": (["model.sync_batchnorm=true", "train.optimizer=sgd", "train.lr=0.1"], 3e-4, 5e-3)}
-REPLICA_SCRIPT = """
-import json, sys
-import numpy as np
-from semiseg import config
-from semiseg.training import distribute
-setups = json.loads(sys.argv[2])
-results = {}
-for distribution in ("none", "mirrored"):
-    strategy, info = distribute.make_strategy(distribution)
-    import keras, tensorflow as tf
-    from semiseg.data import loader
-    from semiseg.methods import get_method
-    for name, sets in setups.items():
-        cfg = config.resolve("smoke", "", ["model.dropout=0", "train.steps_per_epoch=%(steps)d", "train.epochs=1",
-                                           *sets], "cps")
-        keras.utils.set_random_seed(cfg.seed)
-        bundle = loader.prepare_data(cfg, log=lambda m: None, progress=False)
-        trainer = get_method("cps")(cfg, bundle, strategy, info, log=lambda m: None)
-        weights = lambda: [keras.ops.convert_to_numpy(w) for k in ("student", "student2")
-                           for w in trainer.models[k].weights]
-        start = weights()
-        loop = trainer._make_loop(*trainer._iterators(0))
-        logs = [{k: float(v) for k, v in loop(tf.constant(1)).items()} for _ in range(%(steps)d)]
-        np.savez(f"{sys.argv[1]}-{name}-{distribution}.npz", *weights())
-        np.savez(f"{sys.argv[1]}-{name}-start.npz", *start)
-        results[f"{name}-{distribution}"] = {"logs": logs, "replicas": info["num_replicas"]}
-print(json.dumps(results))
-""" % {"steps": STEPS}
-
-
 # The BatchNorm setup traces four more networks: about a minute more on 2 cores, so slow.
 @pytest.mark.parametrize("setup", ["exact", pytest.param("bn", marks=pytest.mark.slow)])
 def test_one_replica_equals_two_mirrored(setup, tmp_path):
-    prefix = str(tmp_path / "w")
-    setups = json.dumps({setup: SETUPS[setup][0]})
-    ((rc, stdout, stderr),) = run_processes([([sys.executable, "-c", REPLICA_SCRIPT, prefix, setups],
-                                              python_env(SEMISEG_LOGICAL_CPUS="2"))])
-    assert rc == 0, stderr[-3000:]
-    results = last_json_line(stdout)
-    _, loss_rtol, weight_atol = SETUPS[name := setup]
-    one, two = results[f"{name}-none"], results[f"{name}-mirrored"]
-    assert (one["replicas"], two["replicas"]) == (1, 2)
+    sets, loss_rtol, weight_atol = SETUPS[name := setup]
+    results, single, mirrored = one_vs_two_replicas(tmp_path, "cps", ["model.dropout=0", *sets], steps=STEPS)
+    one, two = results["none"], results["mirrored"]
     for key in ("loss", "loss_sup", "loss_sup2", "loss_unsup"):
-        single = [log[key] for log in one["logs"]]
-        assert len(set(single)) == STEPS, (name, key)                   # training moves it
-        np.testing.assert_allclose([log[key] for log in two["logs"]], single, rtol=loss_rtol, err_msg=name)
-    start = load_weights(f"{prefix}-{name}-start.npz")
-    single, mirrored = load_weights(f"{prefix}-{name}-none.npz"), load_weights(f"{prefix}-{name}-mirrored.npz")
+        losses = [log[key] for log in one["logs"]]
+        assert len(set(losses)) == STEPS, (name, key)                   # training moves it
+        np.testing.assert_allclose([log[key] for log in two["logs"]], losses, rtol=loss_rtol, err_msg=name)
+    start = start_weights(tmp_path)
     assert len(single) == len(mirrored) == len(start)
     # The bound is far below what training moved (so a wrong all-reduce could not hide in it).
     moved = max(float(np.abs(a - s).max()) for a, s in zip(single, start))
