@@ -175,12 +175,13 @@ def paired_rows(runs) -> list[dict]:
     rows = []
     for (method, fraction, setting), members in groups.items():
         members = sorted(members, key=lambda r: r.seed)
+        commits = sorted({code_version(r) for r in members})
         dice = np.array([r.metrics["dice"] for r in members])
         row = {"method": method, "setting": setting, "labeled_fraction": fraction, "seeds": [r.seed for r in members],
                "dice_mean": dice.mean(), "dice_std": dice.std(ddof=1) if len(dice) > 1 else math.nan,
                "last_dice_mean": float(np.mean([last_dice(r) for r in members])),
                "steps_mean": float(np.mean([r.history["step"].iloc[-1] for r in members])),
-               "diff_points": [], "n_pairs": 0, "p_wilcoxon": math.nan}
+               "diff_points": [], "n_pairs": 0, "p_wilcoxon": math.nan, "commits": commits}
         if method != "supervised":
             pairs = []
             for run in members:
@@ -198,6 +199,15 @@ def paired_rows(runs) -> list[dict]:
     return rows
 
 
+def code_version(run) -> str:
+    """The commit a run was trained on (run_info.json's git record; '?' where none was recorded)."""
+    path = run.path / "run_info.json"
+    git = json.loads(path.read_text()).get("git") if path.exists() else None
+    if not git or not git.get("commit"):
+        return "?"
+    return git["commit"][:7] + ("+dirty" if git.get("dirty") else "")
+
+
 def summary_markdown(rows: list[dict]) -> str:
     lines = ["| Method | Setting | Labeled | Seeds | Test Dice, best val (mean ± std) | Test Dice, last | Steps |"
              " Δ vs supervised per seed (points) | mean Δ | p (Wilcoxon, seeds × cases) |",
@@ -213,7 +223,14 @@ def summary_markdown(rows: list[dict]) -> str:
         else:
             cells += ["–", "–", "–"]
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    text = "\n".join(lines) + "\n"
+    if len({c for r in rows for c in r["commits"]}) > 1:
+        # Retraining one seed on other code (same equations, other round-off) lands elsewhere: the
+        # reader must see which rows were trained on which code before reading a paired difference.
+        text += "\nCode versions (commits the runs of each row were trained on):\n\n" + "".join(
+            f"- {r['method']} {r['setting'] or ''} {100 * r['labeled_fraction']:g}%: {', '.join(r['commits'])}\n"
+            .replace("  ", " ") for r in rows)
+    return text
 
 
 def summarize(results: Path) -> str:

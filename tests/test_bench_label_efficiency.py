@@ -78,6 +78,21 @@ def test_table_pairs_by_seed_and_tests_over_seeds_times_cases(toy):
     assert "| supervised | – | 10% | 2 | 0.550 ± 0.000 | 0.500 | 800 | – | – | – |" in text
 
 
+def test_rows_trained_on_different_code_are_named(toy):
+    root, _, _ = toy
+    rows = bench.paired_rows(find_runs([root]))
+    assert all(r["commits"] == ["?"] for r in rows)          # no run_info.json: nothing recorded
+    assert "Code versions" not in bench.summary_markdown(rows)   # one version: no footnote
+    for name, commit, dirty in (("sup-0", "a" * 40, False), ("sup-1", "b" * 40, True), ("mt-0", "a" * 40, False),
+                                ("mt-1", "a" * 40, False), ("mt-tuned-0", "a" * 40, False)):
+        (root / name / "run_info.json").write_text(json.dumps({"git": {"commit": commit, "dirty": dirty}}))
+    rows = bench.paired_rows(find_runs([root]))
+    assert [r["commits"] for r in rows] == [["aaaaaaa", "bbbbbbb+dirty"], ["aaaaaaa"], ["aaaaaaa"]]
+    text = bench.summary_markdown(rows)
+    assert "- supervised 10%: aaaaaaa, bbbbbbb+dirty\n" in text
+    assert "- mean_teacher mean_teacher.consistency=0.1 10%: aaaaaaa\n" in text
+
+
 def test_plan_covers_every_registered_method_with_paper_and_tuned_rows():
     tuning = {"mean_teacher": {"key": "mean_teacher.consistency", "paper": 0.1, "tuned": 1.0},
               "mixmatch": {"key": "mixmatch.lambda_u", "paper": 75.0, "tuned": 75.0}}
