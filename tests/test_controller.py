@@ -18,6 +18,16 @@ from semiseg.runs import atomic_write
 from semiseg.training.controller import Controller, EpochLogSums, Stage
 
 
+@pytest.fixture(autouse=True)
+def signal_handlers_restored():
+    """These tests call run_stage directly (Controller.fit restores the handlers it installs; a
+    stage alone does not): put SIGTERM/SIGUSR1 back, so later tests see the process as it was."""
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    yield
+    for sig, handler in before.items():
+        signal.signal(sig, handler)
+
+
 class CountingStage(Stage):
     """Step k (1-based) logs loss = k; rows go to a list. `nan_at`: the step whose loss is NaN;
     `signal_at`: the step after which SIGUSR1 arrives."""

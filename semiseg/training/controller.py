@@ -25,10 +25,6 @@ What the controller reads of a Trainer, and nothing else:
 from __future__ import annotations
 
 import json
-import os
-import re
-import shutil
-import signal
 import time
 from pathlib import Path
 
@@ -36,33 +32,11 @@ import numpy as np
 import tensorflow as tf
 
 from semiseg.evaluation import evaluate as evaluation
-from semiseg.runs import atomic_write
 from semiseg.runs import run_dir as rundir
 from semiseg.training import distribute
-
-
-class Preemption:
-    """SIGTERM / SIGUSR1 set a flag; the loop checkpoints at the next loop boundary and exits 75.
-    `restore()` puts back the handlers found at install time: after training, a SIGTERM must end
-    the process again (test evaluation, a notebook, a caller's own handler)."""
-
-    def __init__(self):
-        self.signal = distribute.early_signal()      # one that arrived during start-up
-        self._previous = {}
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            try:
-                self._previous[sig] = distribute.handler_to_restore(sig, signal.signal(sig, self._handle))
-            except ValueError:          # not the main thread (e.g. inside some test runners)
-                pass
-
-    def _handle(self, signum, _frame):
-        self.signal = signal.Signals(signum).name
-
-    def restore(self):
-        for sig, handler in self._previous.items():
-            # None: installed from C, not Python; the default action is the closest we can restore.
-            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
-        self._previous = {}
+from semiseg.training.checkpoints import restore_latest, save_checkpoint
+from semiseg.training.preemption import Preemption, near_job_end
+from semiseg.training.throughput import reset_gpu_peak, throughput
 
 
 class EpochLogSums:
@@ -368,91 +342,3 @@ class TrainingStage(Stage):
             self.trainer.log(f"early stopping: no validation improvement for {t.patience} epochs")
             return "early_stopped"
         return None
-
-
-# ----------------------------------------------------------------------------- checkpoints
-def restore_latest(strategy, ckpt: tf.train.Checkpoint, folder: Path) -> int:
-    """Restore the chief's newest checkpoint in `folder` on every worker; returns its number (its
-    step; 0: none). The chief's choice is broadcast: workers that see the file system
-    differently (a lagging network file system) would otherwise resume at different steps and
-    run different collectives, a hang."""
-    latest = tf.train.latest_checkpoint(str(folder))
-    number = distribute.chief_int(strategy, int(latest.rsplit("-", 1)[1]) if latest else 0)
-    if number:
-        ckpt.restore(str(Path(folder) / f"ckpt-{number}")).assert_existing_objects_matched()
-    return number
-
-
-def save_checkpoint(manager: tf.train.CheckpointManager, step: int) -> None:
-    """manager.save, its errors named by the checkpoint's path. A failed save leaves the previous
-    checkpoint as `latest`: TF writes the shards under a temporary name and updates the
-    `checkpoint` index file (atomically) only after they are complete."""
-    path = Path(manager.directory) / f"ckpt-{step}"
-    try:
-        manager.save(checkpoint_number=step)
-    except (OSError, tf.errors.OpError) as err:
-        # The shards' temporary folder: give its space back (a full disk is the likely cause).
-        shutil.rmtree(f"{path}_temp", ignore_errors=True)
-        reason = err.strerror if isinstance(err, OSError) else _op_error_reason(err)
-        raise atomic_write.WriteError(path, f"{reason} (the previous checkpoint, "
-                                      f"{manager.latest_checkpoint or 'none'}, is kept)",
-                                      getattr(err, "errno", None)) from err
-
-
-def _op_error_reason(err: tf.errors.OpError) -> str:
-    """The message of a TF op error without its '{{function_node ...}}' prefix and '[Op:SaveV2]' tail."""
-    text = re.sub(r"\{\{function_node [^}]*\}\}\s*", "", err.message.strip())
-    return re.sub(r"\s*\[Op:\w+\]$", "", text).splitlines()[0] if text else type(err).__name__
-
-
-# ----------------------------------------------------------------------------- job end, throughput
-def job_end_time() -> float | None:
-    """SLURM_JOB_END_TIME (unix seconds of the job's wall limit, set by Slurm 21.08+), else None."""
-    value = os.environ.get("SLURM_JOB_END_TIME", "")
-    try:
-        return float(value) if value else None
-    except ValueError:
-        return None
-
-
-def near_job_end(margin_s: float) -> bool:
-    """Whether the job's wall limit is less than `margin_s` away: stop and checkpoint now, even if
-    no signal comes (a missing --signal, or one sent too late to finish validation and the save)."""
-    end = job_end_time()
-    return end is not None and margin_s > 0 and time.time() >= end - margin_s
-
-
-def throughput(steps: int, seconds: float, images_per_step: int) -> dict:
-    """history.csv columns of an epoch's training part (validation excluded; the first epoch
-    includes tracing the step). GPU peak memory where TensorFlow reports it (GPUs only)."""
-    seconds = max(seconds, 1e-9)
-    speed = {"images_per_s": round(steps * images_per_step / seconds, 2),
-             "step_ms": round(1000.0 * seconds / max(steps, 1), 1)}
-    peak = gpu_peak_mb()
-    if peak is not None:
-        speed["gpu_mem_peak_mb"] = peak
-    return speed
-
-
-def _local_gpus() -> list:
-    return tf.config.list_logical_devices("GPU")
-
-
-def reset_gpu_peak() -> None:
-    for device in _local_gpus():
-        try:
-            tf.config.experimental.reset_memory_stats(device.name)
-        except (ValueError, tf.errors.OpError):
-            pass
-
-
-def gpu_peak_mb() -> float | None:
-    """Largest peak allocation over this process's GPUs since the last reset, in MB; None on CPU
-    or where the allocator does not report it."""
-    peaks = []
-    for device in _local_gpus():
-        try:
-            peaks.append(tf.config.experimental.get_memory_info(device.name)["peak"])
-        except (ValueError, tf.errors.OpError):
-            pass
-    return round(max(peaks) / 2 ** 20, 1) if peaks else None

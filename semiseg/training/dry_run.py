@@ -111,7 +111,7 @@ def _peak_rss_bytes() -> int:
 def report(cfg, bundle, strategy, info: dict, method_cls, steps: int = 3, log=print) -> dict:
     """Build a throwaway trainer, time `steps` steps, print the report; returns its numbers."""
     from semiseg.data.loader import SPLITS
-    from semiseg.training import controller as training
+    from semiseg.training import throughput as training
     t = cfg.train
     trainer = method_cls(cfg, bundle, strategy, info, log=lambda m: None)
     splits = {s: len(bundle.splits[s]) for s in SPLITS}

@@ -29,8 +29,9 @@ import keras
 
 from semiseg.runs import atomic_write
 from semiseg.training import distribute
-from semiseg.training.controller import (  # noqa: F401  (EpochLogSums, Preemption, save_checkpoint: re-exported)
-    Controller, EpochLogSums, Preemption, restore_latest, save_checkpoint)
+from semiseg.training.checkpoints import restore_latest, save_checkpoint  # noqa: F401  (save_checkpoint: re-exported)
+from semiseg.training.controller import Controller, EpochLogSums  # noqa: F401  (EpochLogSums: re-exported)
+from semiseg.training.preemption import Preemption  # noqa: F401  (re-exported)
 from semiseg.data.loader import steps_per_epoch
 from semiseg.config import is_multiclass, num_classes
 from semiseg.models.networks import method_networks, model_variables  # noqa: F401  (model_variables: the trainer's API)
@@ -387,7 +388,7 @@ class Trainer:
                             f"the checkpoint: return them from build_state() (self.state[...]) instead")
 
     def restore_latest(self, ckpt: tf.train.Checkpoint, folder: Path) -> int:
-        """Restore the chief's newest checkpoint in `folder` on every worker (controller.restore_latest)."""
+        """Restore the chief's newest checkpoint in `folder` on every worker (checkpoints.restore_latest)."""
         return restore_latest(self.strategy, ckpt, folder)
 
     def images_per_step(self) -> int:
