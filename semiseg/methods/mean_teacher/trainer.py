@@ -94,7 +94,12 @@ class MeanTeacher(Trainer):
             # A harder view for the student than for the teacher (as in FixMatch-style consistency):
             # photometric only, so pixels still line up with the teacher's view.
             x_student = augment.batch_photometric(x_student, self.replica_seed(step, STUDENT_STRONG_STREAM))
-        logits = tf.cast(self.models["student"](x_student, training=True), tf.float32)
+        student = self.models["student"]
+        if mt.student_forward == "separate":        # BN statistics per part (see the config field)
+            logits = tf.concat([tf.cast(student(x_student[:n_lab], training=True), tf.float32),
+                                tf.cast(student(x_student[n_lab:], training=True), tf.float32)], axis=0)
+        else:
+            logits = tf.cast(student(x_student, training=True), tf.float32)
         first = 0 if mt.consistency_on_labeled else n_lab
         # The teacher sees only the images the consistency is computed on: with
         # consistency_on_labeled=false the unlabelled ones (SSL4MIS's code), which also saves the
