@@ -57,21 +57,17 @@ def mode_fn(model, mode: str, cfg):
     """images -> foreground probabilities [B,H,W] of `model` in `mode` (traced per mode)."""
     import contextlib
     import tensorflow as tf
+    from semiseg.methods.mean_teacher.trainer import PROBE_NOISE_SEED, noised_view
     from semiseg.models.batchnorm import frozen_bn_statistics
     from semiseg.models.outputs import probabilities
-
-    def noised(images):
-        mt = cfg.mean_teacher
-        noise = tf.random.stateless_normal(tf.shape(images), (12345, 1), stddev=mt.noise_std)
-        if mt.noise_clip > 0:
-            noise = tf.clip_by_value(noise, -mt.noise_clip, mt.noise_clip)
-        return images + noise * tf.math.reduce_std(images, axis=[1, 2], keepdims=True)
 
     def predict(images):
         images = tf.cast(images, tf.float32)
         if mode == "inference":
             return probabilities(tf.cast(model(images, training=False), tf.float32))[..., -1]
-        view = noised(images) if mode == "+noise" else images
+        # The noised view as Mean Teacher's probe draws it (its fixed seed).
+        view = noised_view(images, cfg.mean_teacher, tf.constant(PROBE_NOISE_SEED, tf.int64)) if mode == "+noise" \
+            else images
         dropout = contextlib.nullcontext() if mode in ("batch_bn+drop", "+noise") else _dropout_off(model)
         with frozen_bn_statistics(model), dropout:
             return probabilities(tf.cast(model(view, training=True), tf.float32))[..., -1]
@@ -79,23 +75,15 @@ def mode_fn(model, mode: str, cfg):
 
 
 def score_run(run: Path) -> dict:
-    import keras
-    import tensorflow as tf
     from semiseg.data import loader
     from semiseg.evaluation import evaluate as evaluation
-    from semiseg.models.networks import method_networks, model_variables
     from semiseg.models.outputs import main_output
     from semiseg.runs import load
     from semiseg.training import probe
 
     cfg = load.load_run_config(run)
-    keras.mixed_precision.set_global_policy(load.run_precision(run, cfg))
     bundle = loader.prepare_data(cfg, run_dir=run, log=lambda m: None, progress=False)
-    networks = method_networks(cfg.method, cfg, cfg.data.image_size, load._run_channels(run, cfg))
-    latest = tf.train.latest_checkpoint(str(run / "checkpoints"))
-    if latest is None:
-        raise SystemExit(f"{run / 'checkpoints'}: no checkpoint found")
-    tf.train.Checkpoint(model_variables=model_variables(networks)).restore(latest).expect_partial()
+    networks, latest = load.latest_networks(run, cfg)
     unlabeled = probe.probe_case_ids(cfg, bundle, 10 ** 6)
     scores = {"run": str(run), "checkpoint": Path(latest).name, "method": cfg.method,
               "unlabeled_cases": len(unlabeled), "networks": {}}

@@ -81,7 +81,6 @@ def load_run_model(run_dir, checkpoint: str = "best"):
     checkpoint in RUN_DIR/checkpoints restored into freshly built networks of the run's method."""
     run = Path(run_dir)
     cfg = load_run_config(run)
-    import keras
     if checkpoint == "best":
         path = run / "best_model.keras"
         if not path.exists():
@@ -92,9 +91,18 @@ def load_run_model(run_dir, checkpoint: str = "best"):
         return cfg, model, record["network"] if record else exported_network_name(run, cfg, ["student", "teacher"])
     if checkpoint != "latest":
         raise RunDirError(f"--checkpoint must be best or latest, got {checkpoint!r}")
+    from semiseg.models.outputs import main_output
+    networks, _ = latest_networks(run, cfg)
+    name, key = exported_network(run, cfg, list(networks))
+    return cfg, main_output(networks[key]), name
+
+
+def latest_networks(run: Path, cfg) -> tuple[dict, str]:
+    """({role: network} of every network of the run's method, built in the precision the run trained
+    in and restored from its newest checkpoint; that checkpoint's path)."""
+    import keras
     import tensorflow as tf
     from semiseg.models.networks import method_networks, model_variables
-    from semiseg.models.outputs import main_output
     latest = tf.train.latest_checkpoint(str(run / "checkpoints"))
     if latest is None:
         raise RunDirError(f"{run / 'checkpoints'}: no checkpoint found")
@@ -108,8 +116,7 @@ def load_run_model(run_dir, checkpoint: str = "best"):
     # expect_partial: the optimizer and counters in the checkpoint are not needed here. Restored
     # through model_variables: through the networks alone some variables would be missed.
     tf.train.Checkpoint(model_variables=model_variables(networks)).restore(latest).expect_partial()
-    name, key = exported_network(run, cfg, list(networks))
-    return cfg, main_output(networks[key]), name
+    return networks, latest
 
 
 def run_precision(run: Path, cfg) -> str:

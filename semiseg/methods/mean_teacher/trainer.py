@@ -68,6 +68,18 @@ STUDENT_NOISE_STREAM, TEACHER_NOISE_STREAM, STUDENT_STRONG_STREAM = 11, 12, 13
 PROBE_NOISE_SEED = (12345, 1)     # the probe's noise draw: fixed, so epochs are scored on the same view
 
 
+def noised_view(images, mt, seed):
+    """images + s * clip(N(0, noise_std), +-noise_clip), s = each image's (per channel) intensity
+    standard deviation: SSL4MIS adds N(0, 0.1) clamped to +-0.2 to z-scored images (s = 1), so
+    the noise is 10% of the image's contrast whatever its value range ([0, 1] pictures here).
+    `mt`: the mean_teacher config section."""
+    noise = augment.gaussian_noise(tf.zeros_like(images), mt.noise_std, seed)
+    if mt.noise_clip > 0:
+        noise = tf.clip_by_value(noise, -mt.noise_clip, mt.noise_clip)
+    scale = tf.math.reduce_std(tf.cast(images, tf.float32), axis=[1, 2], keepdims=True)
+    return images + noise * tf.cast(scale, noise.dtype)
+
+
 @register_method("mean_teacher")
 class MeanTeacher(Trainer):
     """Student: L_sup + ramped MSE to an EMA teacher that sees a differently noised view."""
@@ -123,15 +135,7 @@ class MeanTeacher(Trainer):
         return loss, {"loss": loss, "loss_sup": sup, "loss_dice": dice, self.ce_key: bce, "loss_unsup": cons}
 
     def noised(self, images, seed):
-        """images + s * clip(N(0, noise_std), +-noise_clip), s = each image's (per channel) intensity
-        standard deviation: SSL4MIS adds N(0, 0.1) clamped to +-0.2 to z-scored images (s = 1), so
-        the noise is 10% of the image's contrast whatever its value range ([0, 1] pictures here)."""
-        mt = self.cfg.mean_teacher
-        noise = augment.gaussian_noise(tf.zeros_like(images), mt.noise_std, seed)
-        if mt.noise_clip > 0:
-            noise = tf.clip_by_value(noise, -mt.noise_clip, mt.noise_clip)
-        scale = tf.math.reduce_std(tf.cast(images, tf.float32), axis=[1, 2], keepdims=True)
-        return images + noise * tf.cast(scale, noise.dtype)
+        return noised_view(images, self.cfg.mean_teacher, seed)
 
     def on_step_end(self, step):
         mt = self.cfg.mean_teacher
