@@ -92,6 +92,10 @@ class TrainConfig:
     steps_per_epoch: int = 0           # 0 = ceil(training slices / batch_size), same for every method
     batch_size: int = 8                # GLOBAL labelled images per step (all replicas together)
     unlabeled_ratio: int = 1           # unlabelled images per labelled image in a step (SSL methods)
+    labeled_forward: str = "joint"     # SSL methods' student pass. joint (the papers' code): labelled and
+                                       # unlabelled images in one training-mode forward, BN statistics over
+                                       # both; separate: the labelled images in a forward of their own, so
+                                       # the supervised loss sees labelled statistics only (docs/benchmarks.md)
     lr: float = 1e-3
     lr_scaling: str = "none"           # none | linear: lr * batch_size / lr_reference_batch
     lr_reference_batch: int = 0        # the (global) batch train.lr was tuned at; needed by linear
@@ -429,7 +433,7 @@ CHOICES: dict[str, tuple] = {
     "method": tuple(METHODS), "model.name": MODEL_NAMES, "data.format": DATA_FORMATS,
     "data.modality": ("auto", "ct", "mri"), "data.synthetic_kind": ("2d", "3d"), "model.activation": ("relu", "leaky_relu"),
     "train.lr_scaling": ("none", "linear"), "train.schedule": ("constant", "cosine", "poly"),
-    "train.optimizer": ("adam", "sgd"), "train.precision": ("auto", "float32", "mixed_float16", "mixed_bfloat16"),
+    "train.optimizer": ("adam", "sgd"), "train.labeled_forward": ("joint", "separate"), "train.precision": ("auto", "float32", "mixed_float16", "mixed_bfloat16"),
     "train.distribution": ("auto", "none", "mirrored", "multi_worker"),
     "train.export": ("auto",) + tuple(dict.fromkeys(r for spec in METHODS.values() for r in spec.networks)),
     "train.collective": ("auto", "nccl", "ring"), "data.shard_policy": ("record", "file"),

@@ -138,24 +138,6 @@ def test_the_teacher_sees_only_the_images_the_consistency_is_on(on_labeled):
     np.testing.assert_allclose(logs["loss_unsup"].numpy(), expected, rtol=1e-5)
 
 
-@pytest.mark.parametrize("forward", ["joint", "separate"])
-def test_student_forward_sets_what_the_supervised_loss_normalises_with(forward):
-    """joint (the papers' code): BN statistics over labelled + unlabelled; separate: the labelled
-    images' own, so the supervised loss equals that of the student on the labelled images alone."""
-    trainer = _trainer(f"mean_teacher.student_forward={forward}", "model.dropout=0")
-    student = trainer.models["student"]
-    images = tf.random.stateless_uniform([2, 32, 32, 1], [3, 4])
-    unlabeled = tf.random.stateless_uniform([2, 32, 32, 1], [5, 6]) * 3.0    # other statistics
-    masks = tf.cast(images > 0.5, tf.float32)
-    with mean_teacher.frozen_bn_statistics(student):
-        alone, _, _ = trainer.supervised_loss(student(images, training=True), masks)
-        joint, _, _ = trainer.supervised_loss(student(tf.concat([images, unlabeled], 0), training=True)[:2], masks)
-    assert abs(float(alone) - float(joint)) > 1e-3          # the two differ on these batches
-    _, logs = trainer.compute_loss((images, masks), unlabeled, tf.constant(3, tf.int64))
-    np.testing.assert_allclose(logs["loss_sup"].numpy(), (alone if forward == "separate" else joint).numpy(),
-                               rtol=1e-5)
-
-
 def test_the_probe_scores_the_training_mode_teacher_without_moving_its_statistics():
     trainer = _trainer("mean_teacher.teacher_bn=batch")
     teacher = trainer.models["teacher"]

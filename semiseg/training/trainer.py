@@ -238,6 +238,18 @@ class Trainer:
         t = self.cfg.train
         return t.lambda_dice * dice + t.lambda_bce * bce, dice, bce
 
+    def training_forward(self, model, images, n_labeled):
+        """`model`'s training-mode outputs (a tensor, or a structure of them) on `images`, whose first
+        `n_labeled` are labelled. train.labeled_forward=joint: one forward, BN normalises every image
+        with the statistics of the whole batch (the papers' code); separate: the labelled images get
+        a forward of their own, the rest another, so the supervised loss never sees statistics of
+        unlabelled (or strongly augmented) images; BN's moving statistics are updated by both."""
+        if self.cfg.train.labeled_forward == "joint":
+            return model(images, training=True)
+        return tf.nest.map_structure(lambda a, b: tf.concat([a, b], axis=0),
+                                     model(images[:n_labeled], training=True),
+                                     model(images[n_labeled:], training=True))
+
     def replica_seed(self, step, stream: int):
         """A stateless seed that differs per step, per replica and per purpose (`stream`)."""
         ctx = tf.distribute.get_replica_context()

@@ -150,7 +150,8 @@ class BayesianPseudoLabels(Trainer):
         s = self.section
         images, masks = labeled
         n_lab = tf.shape(images)[0]
-        logits = tf.cast(self.models["student"](tf.concat([images, unlabeled], axis=0), training=True), tf.float32)
+        logits = tf.cast(self.training_forward(self.models["student"], tf.concat([images, unlabeled], axis=0), n_lab),
+                         tf.float32)
         sup, dice, bce = self.supervised_loss(logits[:n_lab], masks)
         u_logits = logits[n_lab:]
         probs, confidence, labels = self.pseudo_labels(u_logits)

@@ -113,8 +113,8 @@ class CrossPseudoSupervision(Trainer):
         else:
             x_u = unlabeled
         x = tf.concat([images, x_u], axis=0)
-        logits1 = tf.cast(net1(x, training=True), tf.float32)
-        logits2 = tf.cast(net2(x, training=True), tf.float32)
+        logits1 = tf.cast(self.training_forward(net1, x, n_lab), tf.float32)
+        logits2 = tf.cast(self.training_forward(net2, x, n_lab), tf.float32)
         sup1, dice1, ce1 = self.supervised_loss(logits1[:n_lab], masks)
         sup2, _, _ = self.supervised_loss(logits2[:n_lab], masks)
         labels1, labels2 = self.hard_labels(logits1), self.hard_labels(logits2)

@@ -115,11 +115,12 @@ class FixMatch(Trainer):
         model = self.models["student"]
         n_lab, n_u = tf.shape(labeled_images)[0], tf.shape(unlabeled)[0]
         if self.section.weak_mode == "train":
-            logits = tf.cast(first_output(model(tf.concat([labeled_images, unlabeled, strong], 0), training=True)),
-                             tf.float32)
+            logits = tf.cast(first_output(self.training_forward(model, tf.concat([labeled_images, unlabeled, strong], 0),
+                                                                n_lab)), tf.float32)
             return logits[:n_lab], logits[n_lab + n_u:], tf.stop_gradient(logits[n_lab:n_lab + n_u])
         weak = self.weak_logits(unlabeled)
-        logits = tf.cast(first_output(model(tf.concat([labeled_images, strong], 0), training=True)), tf.float32)
+        logits = tf.cast(first_output(self.training_forward(model, tf.concat([labeled_images, strong], 0), n_lab)),
+                         tf.float32)
         return logits[:n_lab], logits[n_lab:], weak
 
     def unsupervised_loss(self, logits, targets, mask):

@@ -30,10 +30,6 @@ class MeanTeacherConfig:
                                        # training, its own moving statistics (for evaluation) from them;
                                        # moving: inference mode on the EMA of the student's statistics
                                        # (the teacher then trailed the student: label-efficiency bench)
-    student_forward: str = "joint"     # joint (the papers' code): one training-mode forward of labelled and
-                                       # unlabelled images, BN statistics over both; separate: two forwards,
-                                       # so the supervised loss sees BN statistics of labelled images only
-                                       # (ours, a diagnosis: docs/benchmarks.md)
 
 
 def build_networks(cfg, image_size: int, channels: int) -> dict:
@@ -49,8 +45,7 @@ SPEC = register(MethodSpec(
     uses_unlabeled=True, config=MeanTeacherConfig,
     ranges={"ema_decay": DECAY, "consistency": AT_LEAST_0, "rampup_epochs": AT_LEAST_0, "noise_std": AT_LEAST_0,
             "noise_clip": AT_LEAST_0, "probe_cases": AT_LEAST_0},
-    choices={"student_view": ("noise", "strong"), "noise_on": ("teacher", "both"), "teacher_bn": ("batch", "moving"),
-             "student_forward": ("joint", "separate")},
+    choices={"student_view": ("noise", "strong"), "noise_on": ("teacher", "both"), "teacher_bn": ("batch", "moving")},
     preset_sections={"smoke": {"rampup_epochs": 1.0}, "smoke_multiclass": {"rampup_epochs": 1.0},
                      "cpu": {"rampup_epochs": 5.0}, "bench": {"rampup_epochs": 40.0},
                      "bench_tuned": {"consistency": 0.01}},

@@ -26,10 +26,10 @@ BatchNorm (`mean_teacher.teacher_bn`):
         With `batch` the teacher caught up by epoch 4 and then tracked the student within 0.03
         (30%: val 0.439 vs 0.441 at the end; 10%: 0.416 test Dice instead of 0.392 with `moving`).
 The dropout RNG state is never averaged: it is an integer counter.
-`student_forward`: joint (the papers' code) runs the student once on labelled + unlabelled images, so
-BN normalises the supervised loss's images with statistics of both; separate runs it twice. On the
-label-efficiency benchmark (10% labels, 3 seeds, docs/benchmarks.md) joint cost about 4 test Dice
-points against separate, already with the consistency weight at 0.
+`train.labeled_forward`: joint (the papers' code) runs the student once on labelled + unlabelled
+images, so BN normalises the supervised loss's images with statistics of both; separate runs it twice.
+On the label-efficiency benchmark (10% labels, 3 seeds, docs/benchmarks.md) joint cost about 4 test
+Dice points against separate, already with the consistency weight at 0.
 `ema_warmup` (the paper's code): a = min(1 - 1/(n + 1), ema_decay) after n updates, so the early
 teacher is not dominated by the random initial weights.
 
@@ -111,11 +111,7 @@ class MeanTeacher(Trainer):
             # photometric only, so pixels still line up with the teacher's view.
             x_student = augment.batch_photometric(x_student, self.replica_seed(step, STUDENT_STRONG_STREAM))
         student = self.models["student"]
-        if mt.student_forward == "separate":        # BN statistics per part (see the config field)
-            logits = tf.concat([tf.cast(student(x_student[:n_lab], training=True), tf.float32),
-                                tf.cast(student(x_student[n_lab:], training=True), tf.float32)], axis=0)
-        else:
-            logits = tf.cast(student(x_student, training=True), tf.float32)
+        logits = tf.cast(self.training_forward(student, x_student, n_lab), tf.float32)
         first = 0 if mt.consistency_on_labeled else n_lab
         # The teacher sees only the images the consistency is computed on: with
         # consistency_on_labeled=false the unlabelled ones (SSL4MIS's code), which also saves the

@@ -193,7 +193,8 @@ class MiraU(Trainer):
         # three (the hybrid student traces slowly), and BN sees labeled and unlabeled images alike.
         own_weak = "student_ema" not in self.models
         parts = [images, strong] + ([weak] if own_weak else [])
-        all_logits = tf.split(tf.cast(student(tf.concat(parts, 0), training=True), tf.float32),
+        all_logits = tf.split(tf.cast(self.training_forward(student, tf.concat(parts, 0), tf.shape(images)[0]),
+                                      tf.float32),
                               [tf.shape(p)[0] for p in parts], axis=0)
         loss_sup, dice, bce = self.supervised_loss(all_logits[0], masks)
         # Teacher head on labeled data, frozen encoder (no gradient, deterministic tokens).

@@ -144,7 +144,7 @@ class MixMatch(Trainer):
         lam = sample_mixup_lambda(n_all, mm.alpha, self.replica_seed(step, BETA_STREAM))
         mixed_images, mixed_targets = mixup(all_images, all_targets, tf.gather(all_images, order),
                                             tf.gather(all_targets, order), lam)
-        logits = tf.cast(model(mixed_images, training=True), tf.float32)
+        logits = tf.cast(self.training_forward(model, mixed_images, n_lab), tf.float32)
         sup, dice, bce = self.supervised_loss(logits[:n_lab], mixed_targets[:n_lab])
         squared = tf.square(probabilities(logits[n_lab:]) - mixed_targets[n_lab:])
         loss_u = self.global_mean(tf.reduce_mean(squared, axis=[1, 2, 3]))

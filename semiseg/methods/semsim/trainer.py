@@ -148,13 +148,14 @@ class SemSim(FixMatch):
         s1, mix1 = self.strong_view(unlabeled, step)
         s2, mix2 = self.strong_view(unlabeled, step, SECOND_VIEW_OFFSET)
         if s.weak_mode == "train":
-            logits, feats = model(tf.concat([images, unlabeled, s1, s2], 0), training=True)
+            logits, feats = self.training_forward(model, tf.concat([images, unlabeled, s1, s2], 0), n_lab)
             logits, feats = tf.cast(logits, tf.float32), tf.cast(feats, tf.float32)
             weak_logits, weak_feats = tf.stop_gradient(logits[n_lab:n_lab + n_u]), tf.stop_gradient(feats[n_lab:n_lab + n_u])
             logits, feats = tf.concat([logits[:n_lab], logits[n_lab + n_u:]], 0), tf.concat([feats[:n_lab], feats[n_lab + n_u:]], 0)
         else:
             weak_logits, weak_feats = (tf.stop_gradient(tf.cast(v, tf.float32)) for v in model(unlabeled, training=False))
-            logits, feats = (tf.cast(v, tf.float32) for v in model(tf.concat([images, s1, s2], 0), training=True))
+            logits, feats = (tf.cast(v, tf.float32)
+                             for v in self.training_forward(model, tf.concat([images, s1, s2], 0), n_lab))
         # s2's logits are not used: the cross-image term trains s2 through its features only.
         logits_lab, logits_s1 = logits[:n_lab], logits[n_lab:n_lab + n_u]
         feats_lab, feats_s1, feats_s2 = feats[:n_lab], feats[n_lab:n_lab + n_u], feats[n_lab + n_u:]

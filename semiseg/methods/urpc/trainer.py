@@ -82,7 +82,7 @@ class URPC(Trainer):
     def compute_loss(self, labeled, unlabeled, step):
         images, masks = labeled
         n_lab = tf.shape(images)[0]
-        outputs = self.models["student"](tf.concat([images, unlabeled], axis=0), training=True)
+        outputs = self.training_forward(self.models["student"], tf.concat([images, unlabeled], axis=0), n_lab)
         outputs = [tf.cast(z, tf.float32) for z in outputs]
         sup_terms = [self.supervised_loss(z[:n_lab], masks) for z in outputs]
         sup, dice, ce = (tf.add_n(list(parts)) / len(outputs) for parts in zip(*sup_terms))
