@@ -64,11 +64,12 @@ class Grouping:
     """Which row a run belongs to, and which supervised run it is paired with."""
 
     def __init__(self, runs: list[Run]):
-        from semiseg.config import METHODS     # a table of names, no TensorFlow
+        from semiseg.config import METHODS, UNLABELED_ONLY_KEYS     # tables of names, no TensorFlow
         self.keys = setting_keys(runs)
-        # Settings outside every method's own section: a method is paired only with a baseline
-        # trained on the same data, network and schedule.
-        self.shared = [key for key in self.keys if key.split(".", 1)[0] not in METHODS]
+        # Settings outside every method's own section (and not read by supervised training): a method
+        # is paired only with a baseline trained on the same data, network and schedule.
+        self.shared = [key for key in self.keys
+                       if key.split(".", 1)[0] not in METHODS and key not in UNLABELED_ONLY_KEYS]
 
     def group(self, run: Run) -> tuple:
         return (run.method, run.labeled_fraction, variant(run, self.keys))

@@ -99,11 +99,13 @@ def flat_config(config: dict) -> dict:
 
 def run_settings(run: "Run") -> dict:
     """What was trained: the flat config without RUN_IDENTITY_KEYS and without the sections of
-    other methods (a supervised run's config.yaml carries mean_teacher.* defaults it never used)."""
-    from semiseg.config import METHODS          # a table of names, no TensorFlow
+    other methods (a supervised run's config.yaml carries mean_teacher.* defaults it never used), and
+    without the settings only SSL methods read (UNLABELED_ONLY_KEYS) for a method that trains on none."""
+    from semiseg.config import METHODS, UNLABELED_ONLY_KEYS          # tables of names, no TensorFlow
     others = {name for name in METHODS if name != run.method}
+    unused = () if run.method in METHODS and METHODS[run.method].uses_unlabeled else UNLABELED_ONLY_KEYS
     return {key: value for key, value in flat_config(run.config).items()
-            if key not in RUN_IDENTITY_KEYS and key.split(".", 1)[0] not in others}
+            if key not in RUN_IDENTITY_KEYS and key.split(".", 1)[0] not in others and key not in unused}
 
 
 def setting_keys(runs: list["Run"]) -> list[str]:
@@ -181,7 +183,8 @@ def load_run(run_dir) -> Run:
     if per_case is not None:
         per_case["case_id"] = per_case["case_id"].astype(str)
     history = _read_csv(path / "history.csv", ("epoch",))
-    return Run(path=path, config=_read_yaml(config_path),
+    from semiseg.config import saved_run_mapping      # no TensorFlow
+    return Run(path=path, config=saved_run_mapping(_read_yaml(config_path)),
                history=None if history is None else current_history_names(history),
                metrics=metrics, per_case=per_case)
 

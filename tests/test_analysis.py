@@ -315,6 +315,26 @@ def test_compare_never_merges_runs_whose_settings_differ(tmp_path):
     paired = compare.paired_dice(load_run(tmp_path / "mt-w1.0-s0"), load_run(tmp_path / "sup-f8-s0"))
     assert tests.iloc[0]["median_difference"] == pytest.approx((paired["dice"] - paired["dice_baseline"]).median())
     assert "| supervised | model.base_filters=16 | 10% | 2 |" in compare.to_markdown(table)
+def test_runs_saved_before_labeled_forward_read_as_joint_and_pair_with_one_baseline(tmp_path):
+    """A run whose config.yaml predates train.labeled_forward trained joint: it is a row of its own
+    beside the separate runs (never merged), and both rows pair with the same supervised runs,
+    which that setting does not touch whatever their config.yaml says."""
+    for seed in (0, 1):
+        sup = write_fake_run(tmp_path / f"sup-s{seed}", "supervised", 0.1, seed)
+        if seed:
+            _set_config(sup, "train.labeled_forward", "separate")
+        write_fake_run(tmp_path / f"mt-old-s{seed}", "mean_teacher", 0.1, seed)      # no such key
+        _set_config(write_fake_run(tmp_path / f"mt-new-s{seed}", "mean_teacher", 0.1, seed),
+                    "train.labeled_forward", "separate")
+    assert load_run(tmp_path / "mt-old-s0").config["train"]["labeled_forward"] == "joint"
+    table = compare.summary_table(find_runs([tmp_path]))
+    assert list(zip(table["method"], table["setting"])) == [
+        ("supervised", ""), ("mean_teacher", "train.labeled_forward=joint"),
+        ("mean_teacher", "train.labeled_forward=separate")]
+    tests = compare.wilcoxon_table(find_runs([tmp_path]))
+    assert len(tests[tests["seed"] != "all"]) == 4 and (tests["n_pairs"] == len(CASE_IDS)).all()
+
+
 def test_older_runs_history_columns_read_under_todays_names(tmp_path):
     """Runs made before the one naming scheme (docs/outputs.md) read with today's column names."""
     old = {"mean_teacher": "epoch,loss,loss_cons,cons_weight,pseudo_target_dice,val_dice\n1,0.5,0.1,2.0,0.7,0.6\n",

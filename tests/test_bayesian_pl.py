@@ -81,7 +81,7 @@ def test_one_step_loss_equals_numpy(preset, tau):
     model, s, t = trainer.models["student"], trainer.section, trainer.cfg.train
     step = 2            # smoke: 2 epochs of 3 steps, ramp 0 -> 1 over the first half: r = (2/3 / 2) / 0.5
     n_lab = int(images.shape[0])
-    z = model(tf.concat([images, unlabeled], 0), training=True).numpy()
+    z = trainer.training_forward(model, tf.concat([images, unlabeled], 0), n_lab).numpy()   # as train.labeled_forward says
     multiclass, C = trainer.multiclass, trainer.n_classes
     p_u, c_u, y_u, ce_u = _np_terms(z[n_lab:], multiclass, C)
     # Put the posterior off the prior, and its mean so that the drawn T sits at the median confidence.

@@ -95,3 +95,16 @@ def test_repeated_set_accumulates_in_config_cli(capsys):
     assert config.main(REPEATED_SET) == 0
     resolved = yaml.safe_load(capsys.readouterr().out)
     assert (resolved["data"]["labeled_fraction"], resolved["seed"], resolved["train"]["epochs"]) == (0.1, 2, 5)
+
+
+def test_a_run_saved_before_labeled_forward_existed_reads_as_joint(tmp_path):
+    """Runs saved before train.labeled_forward existed trained joint: --resume and evaluate read
+    them so (KEYS_ADDED_LATER), while a new run gets today's default and a saved value stays as saved."""
+    cfg = config.resolve("smoke", method="mean_teacher")
+    assert cfg.train.labeled_forward == "separate"
+    old = config.to_dict(cfg)
+    del old["train"]["labeled_forward"]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(old))
+    assert config.load_run_config(tmp_path / "config.yaml").train.labeled_forward == "joint"
+    config.save_yaml(cfg, tmp_path / "config.yaml")
+    assert config.load_run_config(tmp_path / "config.yaml").train.labeled_forward == "separate"

@@ -94,8 +94,9 @@ def test_one_step_loss_is_the_papers_equation(preset, on_labeled, rampup, step):
     n_classes = trainer.n_classes
     images, masks, unlabeled = _batch(n_classes)
     x = np.concatenate([images, unlabeled])
-    z1 = trainer.models["student"](x, training=True).numpy().astype(np.float64)
-    z2 = trainer.models["student2"](x, training=True).numpy().astype(np.float64)
+    n_lab = len(images)         # the forward passes as train.labeled_forward says
+    z1, z2 = (trainer.training_forward(trainer.models[k], x, n_lab).numpy().astype(np.float64)
+              for k in ("student", "student2"))
     loss, logs = trainer.compute_loss((tf.constant(images), tf.constant(masks)), tf.constant(unlabeled),
                                       tf.constant(step, tf.int64))
     n, first = len(images), 0 if on_labeled else len(images)
@@ -128,7 +129,7 @@ def test_cutmix_loss_trains_mixed_images_on_mixed_pseudo_labels_of_the_unmixed(p
     mixed = unlabeled * (1 - boxes) + partner * boxes
     x = np.concatenate([images, mixed])
     nets = trainer.models["student"], trainer.models["student2"]
-    z = [net(x, training=True).numpy().astype(np.float64) for net in nets]
+    z = [trainer.training_forward(net, x, len(images)).numpy().astype(np.float64) for net in nets]
     plain = [_hard(net(unlabeled, training=True).numpy(), k) for net in nets]
     labels = [np.concatenate([_hard(zk[:2], k), p * (1 - boxes) + np.roll(p, 1, axis=0) * boxes])
               for zk, p in zip(z, plain)]

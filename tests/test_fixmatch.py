@@ -100,10 +100,11 @@ def test_one_step_loss_equals_numpy(preset, threshold, weak_mode):
     partner = fm_cutmix.cutmix_partners(u.shape[0], trainer.replica_seed(step, fixmatch.PARTNER_STREAM)).numpy()
     mix = lambda a: np.where(box, a[partner], a)  # noqa: E731
     strong = mix(strong)
-    z = model(np.concatenate([images, strong]), training=True).numpy().astype("float64")
+    # The student's forward passes as train.labeled_forward says (x alone, then the rest, by default).
+    z = trainer.training_forward(model, np.concatenate([images, strong]), 4).numpy().astype("float64")
     zl, zu = z[:4], z[4:]
-    if weak_mode == "train":        # the weak logits from the step's one forward of (x, u, strong)
-        z = model(np.concatenate([images, u, strong]), training=True).numpy().astype("float64")
+    if weak_mode == "train":        # the weak logits from the step's forward of (x, u, strong)
+        z = trainer.training_forward(model, np.concatenate([images, u, strong]), 4).numpy().astype("float64")
         zl, weak, zu = z[:4], z[4:8], z[8:]
     if multiclass:
         p = _np_softmax(weak)

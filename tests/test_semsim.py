@@ -79,7 +79,8 @@ def test_one_step_loss_equals_numpy(preset, threshold):
 
     s1 = augment.batch_photometric(u, trainer.replica_seed(step, fixmatch.PHOTOMETRIC_STREAM)).numpy()
     s2 = augment.batch_photometric(u, trainer.replica_seed(step, fixmatch.PHOTOMETRIC_STREAM + 10)).numpy()
-    z, feats = (v.numpy().astype("float64") for v in model(np.concatenate([images, s1, s2]), training=True))
+    z, feats = (v.numpy().astype("float64")       # the forward passes as train.labeled_forward says
+                for v in trainer.training_forward(model, np.concatenate([images, s1, s2]), 4))
     z1, fl, f1, f2 = z[4:8], feats[:4], feats[4:8], feats[8:]
     prob = _np_softmax if mc else (lambda a: 1 / (1 + np.exp(-a)))
     pw = prob(weak)

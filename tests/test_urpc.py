@@ -90,7 +90,8 @@ def test_one_step_loss_equals_numpy(preset):
     # The same draws again: restore the generators and rerun the training view (BN on batch statistics).
     for v, value in zip(states, before):
         v.assign(value)
-    outputs = [np.asarray(z) for z in model(tf.concat([images, unlabeled], 0), training=True)]
+    outputs = [np.asarray(z)            # the forward passes as train.labeled_forward says
+               for z in trainer.training_forward(model, tf.concat([images, unlabeled], 0), 2)]
     assert len(outputs) == 4 and all(z.shape == outputs[0].shape for z in outputs)
     inference = [np.asarray(z) for z in model(tf.concat([images, unlabeled], 0), training=False)]
     assert not np.allclose(outputs[1], inference[1], atol=1e-4)       # perturbations were on

@@ -7,7 +7,8 @@ Pseudo labelling read as EM: the network labels its own unlabelled images (E-ste
 those labels (M-step); the confidence threshold T is a latent variable with a Gaussian prior
 p(T) = N(mu0, sigma0^2) and a variational posterior q(T) = N(mu, sigma^2), learned by maximising
 E_q[log p(Y_u | X_u, T)] - KL(q || p). Per step, with labelled (x, y) and unlabelled u:
- 1. One forward pass over concat(x, u) in training mode (the reference code's single pass, BN over both).
+ 1. Training-mode forward of concat(x, u): x in a pass of its own (train.labeled_forward=separate, the
+    default), or the reference code's single pass, BN over both (joint).
  2. T = mu + sigma * eps, eps ~ N(0, 1): one reparameterised draw per step, the same on every replica
     (a stateless seed of the step, not of the replica: T is one global latent variable).
  3. Pseudo labels from the network's own prediction on u (no gradient through them):

@@ -6,7 +6,8 @@
 Two networks f1 ('student') and f2 ('student2') of the configured architecture, initialised
 differently (network 2's random weights drawn again from seeds derived from `seed`:
 initialise.py), trained together by the one optimizer. Per step, with labelled (x, y) and
-unlabelled u (both weakly augmented in tf.data), X = concat(x, u), one forward per network:
+unlabelled u (both weakly augmented in tf.data), X = concat(x, u), a forward per network (x in a pass
+of its own with train.labeled_forward=separate, the default; one pass with joint, the paper's code):
     P1 = f1(X), P2 = f2(X)                       (training mode: BN batch statistics, dropout on)
     Y1 = hard(P1), Y2 = hard(P2)                 hard: argmax over the classes; binary: p >= 0.5;
                                                  no gradient flows through a pseudo label

@@ -11,7 +11,8 @@ Per step, with labelled (x, y) and unlabelled u (both weakly augmented in tf.dat
     only, so pixels stay aligned with y_hat), then CutMix across the unlabelled batch: image i gets one
     box B_i (area ~ U(0.02, 0.4), aspect ~ U(0.3, 3.3)) from image j = partner(i); y_hat and m are mixed
     with the same boxes (y_hat'_i = B_i y_hat_j + (1 - B_i) y_hat_i, likewise m').
- 3. One training-mode forward of concat(x, s') (BN statistics over both; weak_mode=train: concat(x, u, s')).
+ 3. Training-mode forward of concat(x, s') (weak_mode=train: concat(x, u, s')): x in a pass of its own
+    (train.labeled_forward=separate, the default), or one pass, BN statistics over all (joint, the paper's).
     L_u = (1 / (N H W)) sum_{n,h,w} m' CE(f(s'), y_hat')           normalised by ALL pixels of the
           + dice_weight * Dice(f(s') * m', y_hat' * m')            global unlabelled batch (the paper
                                                                     divides by the full batch size mu B)
@@ -23,7 +24,7 @@ Deviations and choices:
  - Weak view (fixmatch.weak_mode): `eval` (default) labels with the student in inference mode (moving
    BN statistics, no dropout), as the common segmentation re-implementations do with model.eval();
    the paper's classifier code forwards x, u_weak and u_strong as one training-mode batch and stops the
-   gradient of the weak logits (`train`: the same, one training-mode forward of concat(x, u, s'): batch
+   gradient of the weak logits (`train`: the same, the step's training-mode forward of concat(x, u, s'): batch
    statistics and dropout; the probe runs the weak view alone in training mode, BN moving statistics
    kept). Not a separate training-mode weak pass with frozen statistics inside the step: under
    MirroredStrategy that left the moving statistics at their initial values (see `forward`).
@@ -108,8 +109,8 @@ class FixMatch(Trainer):
 
     def forward(self, labeled_images, unlabeled, strong):
         """(logits of the labelled images, of the strong views, weak-view logits without gradient).
-        weak_mode=train: ONE training-mode forward of concat(x, u, s) as the paper's code (BN statistics
-        over the whole batch, updated once); a separate training-mode weak pass with frozen statistics
+        weak_mode=train: the step's training-mode forward of concat(x, u, s) (train.labeled_forward=joint:
+        one pass as the paper's code, BN statistics over the whole batch); a separate training-mode weak pass with frozen statistics
         is not used in the step: it changes BN momentum while MirroredStrategy traces replicas in
         parallel threads, and the other replica's forward then kept its moving statistics frozen."""
         model = self.models["student"]

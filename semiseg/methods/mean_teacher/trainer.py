@@ -26,10 +26,10 @@ BatchNorm (`mean_teacher.teacher_bn`):
         With `batch` the teacher caught up by epoch 4 and then tracked the student within 0.03
         (30%: val 0.439 vs 0.441 at the end; 10%: 0.416 test Dice instead of 0.392 with `moving`).
 The dropout RNG state is never averaged: it is an integer counter.
-`train.labeled_forward`: joint (the papers' code) runs the student once on labelled + unlabelled
-images, so BN normalises the supervised loss's images with statistics of both; separate runs it twice.
-On the label-efficiency benchmark (10% labels, 3 seeds, docs/benchmarks.md) joint cost about 4 test
-Dice points against separate, already with the consistency weight at 0.
+`train.labeled_forward`: separate (the default, ours) runs the student on the labelled images and on
+the unlabelled ones in two passes; joint (the papers' code) runs it once on both, so BN normalises the
+supervised loss's images with statistics of both. On the label-efficiency benchmark (10% labels, 3
+seeds, docs/benchmarks.md) joint cost about 4 test Dice points, already with the consistency at 0.
 `ema_warmup` (the paper's code): a = min(1 - 1/(n + 1), ema_decay) after n updates, so the early
 teacher is not dominated by the random initial weights.
 

@@ -189,8 +189,8 @@ class MiraU(Trainer):
         images, masks = labeled
         weak = unlabeled
         strong = augment.batch_photometric(weak, self.replica_seed(step, _STREAM_STRONG))
-        # One student forward over [labeled; strong (; weak)]: one traced graph instead of two or
-        # three (the hybrid student traces slowly), and BN sees labeled and unlabeled images alike.
+        # The student's forward over [labeled; strong (; weak)]: the labelled images in a pass of their
+        # own (train.labeled_forward=separate, the default), the unlabelled views together.
         own_weak = "student_ema" not in self.models
         parts = [images, strong] + ([weak] if own_weak else [])
         all_logits = tf.split(tf.cast(self.training_forward(student, tf.concat(parts, 0), tf.shape(images)[0]),

@@ -15,7 +15,8 @@ Per step, with labelled (x, y) and unlabelled u (both already weakly augmented i
     (so each mixed example stays closer to its own first input); X'' = MixUp(X', W[:|X'|]),
     U'' = MixUp(U', W[|X'|:]), images and targets mixed with the same lambda'.
  5. L = L_sup(f(X''), soft targets) + lambda_u * ramp(t) * mean_pixels (sigmoid(f(U'')) - q'')^2,
-    one forward pass over concat(X'', U'') in training mode; ramp(t) linear over rampup_epochs (the
+    training-mode forward of concat(X'', U'') (X'' in a pass of its own with train.labeled_forward=separate,
+    the default; one pass with joint, the paper's code); ramp(t) linear over rampup_epochs (the
     paper's; `mixmatch.ramp=sigmoid` for Mean Teacher's ramp).
  6. An EMA of the weights (decay 0.999 as in the paper, with Mean Teacher's warm-up so that short
     runs are not dominated by the initial weights) is the network validated, selected and exported

@@ -8,7 +8,8 @@ The student returns (logits, features F) (`semsim.feature_layer`, a decoder map)
  1. FixMatch (semiseg.methods.fixmatch.trainer): weak view u -> hard pseudo labels y_hat and confidence
     mask m (>= tau); strong view s1 = CutMix(photometric(u)), y_hat and m mixed alike; L_u as FixMatch.
     A second strong view s2 (its own photometric draw and CutMix boxes) feeds the cross-image term.
-    One training-mode forward of concat(x, s1, s2) (weak_mode=train: concat(x, u, s1, s2)).
+    Training-mode forward of concat(x, s1, s2) (weak_mode=train: concat(x, u, s1, s2)), x in a pass of its
+    own unless train.labeled_forward=joint (one pass, the paper's code).
  2. Intra-image consistency (Eqs. 4-5): F and the probabilities P are average-pooled to S x S
     (S = semsim.affinity_size, 16 by default, or the feature map's side if smaller; N = S^2 positions), f = F / |F| per position,
     M = softmax_row(f f^T / t_a) [N x N] per image, refined P_in = (P + M P) / 2 (the article's

@@ -6,8 +6,8 @@
 One network f with S = model.depth outputs (semiseg/methods/urpc/network.py): the U-Net's main
 logits z_0 and auxiliary logits z_1..z_{S-1} from decoder stages at 1/2, 1/4, ... of the input size,
 each behind its own perturbation (feature noise, feature dropout, dropout), up-sampled to the input.
-Per step, one forward pass in training mode over concat(labelled x, unlabelled u) (as SSL4MIS, whose
-batch mixes both, so BatchNorm sees both):
+Per step, a training-mode forward over concat(labelled x, unlabelled u): x in a pass of its own with
+train.labeled_forward=separate (the default); joint runs one pass as SSL4MIS, whose batch mixes both:
     L_sup = 1/S sum_s [lambda_dice Dice(z_s(x), y) + lambda_bce CE(z_s(x), y)]    (the base's supervised
             loss at every scale; SSL4MIS: (CE + Dice) summed over its 4 outputs / 8 = 0.5/0.5 here)
     on u, per pixel v, with class probabilities p_s = softmax(z_s) (binary: the 2-class form
