@@ -110,9 +110,10 @@ class FixMatch(Trainer):
     def forward(self, labeled_images, unlabeled, strong):
         """(logits of the labelled images, of the strong views, weak-view logits without gradient).
         weak_mode=train: the step's training-mode forward of concat(x, u, s) (train.labeled_forward=joint:
-        one pass as the paper's code, BN statistics over the whole batch); a separate training-mode weak pass with frozen statistics
-        is not used in the step: it changes BN momentum while MirroredStrategy traces replicas in
-        parallel threads, and the other replica's forward then kept its moving statistics frozen."""
+        one pass as the paper's code, BN statistics over the whole batch); a separate training-mode weak
+        pass with frozen statistics is not used in the step: it changes BN momentum while MirroredStrategy
+        traces replicas in parallel threads, and the other replica's forward then kept its moving
+        statistics frozen."""
         model = self.models["student"]
         n_lab, n_u = tf.shape(labeled_images)[0], tf.shape(unlabeled)[0]
         if self.section.weak_mode == "train":
