@@ -399,7 +399,7 @@ def saved_run_mapping(mapping: dict) -> dict:
     return filled
 
 
-def load_run_config(path) -> Config:
+def load_saved_config(path) -> Config:
     """RUN/config.yaml as the Config the run trained with (see KEYS_ADDED_LATER)."""
     return from_dict(saved_run_mapping(load_yaml(path)))
 

@@ -57,7 +57,7 @@ def plan_resume(args) -> ResumePlan:
     run = Path(args.out)
     if not (run / "config.yaml").exists():
         raise RunDirError(f"cannot resume: {run / 'config.yaml'} not found")
-    saved = config.load_run_config(run / "config.yaml")
+    saved = config.load_saved_config(run / "config.yaml")
     run_info = _read_run_info(run)
     _check_flags(saved, args, run, run_info)
     cfg, changes = _apply_sets(saved, args.set or [], run)

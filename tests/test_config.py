@@ -105,6 +105,6 @@ def test_a_run_saved_before_labeled_forward_existed_reads_as_joint(tmp_path):
     old = config.to_dict(cfg)
     del old["train"]["labeled_forward"]
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(old))
-    assert config.load_run_config(tmp_path / "config.yaml").train.labeled_forward == "joint"
+    assert config.load_saved_config(tmp_path / "config.yaml").train.labeled_forward == "joint"
     config.save_yaml(cfg, tmp_path / "config.yaml")
-    assert config.load_run_config(tmp_path / "config.yaml").train.labeled_forward == "separate"
+    assert config.load_saved_config(tmp_path / "config.yaml").train.labeled_forward == "separate"

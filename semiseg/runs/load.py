@@ -33,7 +33,7 @@ def load_run_config(run_dir) -> config.Config:
         raise RunDirError(f"run folder {run} does not exist")
     if not (run / "config.yaml").exists():
         raise RunDirError(f"{run} is not a run folder (no config.yaml)")
-    return config.load_run_config(run / "config.yaml")
+    return config.load_saved_config(run / "config.yaml")
 
 
 def exported_network(run: Path, cfg, names) -> tuple[str, str]:
