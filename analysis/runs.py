@@ -87,7 +87,9 @@ class Run:
 # comparison into groups. Everything else that differs between runs does (see `setting_keys`).
 RUN_IDENTITY_KEYS = ("method", "seed", "data.labeled_fraction", "data.path", "data.cache_dir",
                      "train.steps_per_loop", "train.eval_batch_size", "train.checkpoint_every",
-                     "train.keep_checkpoints", "train.end_time_margin_s", "train.progress")
+                     "train.keep_checkpoints", "train.end_time_margin_s", "train.progress",
+                     # the same update equations as one kernel or several: float32 rounding apart
+                     "train.fused_update")
 
 
 def flat_config(config: dict) -> dict:

@@ -25,7 +25,8 @@ import common  # noqa: E402
 
 # In the order; numbers are the item numbers.
 BENCHMARKS = [
-    ("step_vs_yardstick", 0), ("step_ablations", "0b"), ("method_throughput", 1), ("pipeline_headroom", 2), ("mc_dropout", 3),
+    ("step_vs_yardstick", 0), ("step_ablations", "0b"), ("profile_step", "0c"), ("method_throughput", 1),
+    ("pipeline_headroom", 2), ("mc_dropout", 3),
     ("preprocess_memory", 4), ("train_memory", 5), ("machine_limit", 6),
 ]
 
@@ -83,6 +84,14 @@ def summary_lines(results: dict) -> list[str]:
                             f"{x['ms_per_step']} ms (CPU {x['cpu_ms_per_step']} ms); saved vs base "
                             f"{x['ms_saved']:+} ms wall, {x['cpu_ms_saved']:+} ms CPU", "ms saved",
                             x["verdict"])
+        elif name == "profile_step":
+            for x in r["rows"]:
+                top = ", ".join(f"{t['op']} {t['share']:.0%}" for t in x["top_op_types"][:3])
+                row(name, f"{x['method']} {x['policy']} {r['image_size']}px",
+                    f"op time forward {x['op_ms']['forward']} / backward {x['op_ms']['backward']} / update "
+                    f"{x['op_ms']['update']} ms: backward+update x{x['backward_update_over_forward']} the forward; "
+                    f"idle {x['idle_share']:.1%} of the step; top: {top}", "backward+update <= x2.5",
+                    "yes" if x["backward_update_over_forward"] <= 2.5 else "no")
         elif name == "method_throughput":
             for x in r["rows"]:
                 ratio = (f"time x{x['time_ratio']} vs work x{x['work_ratio']}" if "time_ratio" in x

@@ -8,6 +8,8 @@ today ("base": fused BatchNorm, global-norm clipping on) and with one thing chan
 
   keras_bn : Keras 3's BatchNormalization instead of the fused kernel (semiseg.models.fused_batchnorm)
   no_clip  : train.clip_norm=0 (clipping costs a global norm over all gradients each step)
+  keras_update : train.fused_update=false, Keras' own optimizer update ops instead of one kernel
+             per variable (semiseg.training.fused_optimizers)
   xla      : train.jit_compile=true (with --xla only: compiling takes minutes on 2 cores)
   auto     : train.precision=auto, i.e. what semiseg.precision picks on this machine, vs
              float32 (the same candidate as base when auto picks float32)
@@ -15,8 +17,8 @@ today ("base": fused BatchNorm, global-norm clipping on) and with one thing chan
 in float32 and, where bfloat16 is native (auto would pick it), mixed_bfloat16. Candidates run in
 interleaved rounds in one process; each row gives the median ms/step (wall and CPU time of this
 process), ms saved against base (positive: the change is faster) and a verdict, decided on CPU time,
-which other processes on a shared machine inflate far less than wall time: fused BN is "kept" if base beats keras_bn by more
-than the noise (2%), clipping is a training setting and stays on (the row states its cost), XLA is
+which other processes on a shared machine inflate far less than wall time: fused BN (the fused
+update) is "kept" if base beats keras_bn (keras_update) by more than the noise (2%), clipping is a training setting and stays on (the row states its cost), XLA is
 "rejected" unless it saves more than 2%. --quick: 64x64, supervised only, 3 rounds.
 """
 from __future__ import annotations
@@ -49,6 +51,9 @@ def verdict(change: str, saved_ms: float, base_ms: float) -> str:
     if change == "keras_bn":        # the row times going back to Keras BN: fused saves -saved_ms
         return "kept (fused BN)" if -frac > NOISE else ("rejected: Keras BN faster" if frac > NOISE else
                                                         "within noise; fused kept (same weights)")
+    if change == "keras_update":    # the row times Keras' update ops: the fused update saves -saved_ms
+        return "kept (fused update)" if -frac > NOISE else ("rejected: Keras' update faster" if frac > NOISE else
+                                                            "within noise; fused kept (same equations)")
     if change == "no_clip":
         return f"kept on (training setting; costs {saved_ms:.1f} ms/step)" if abs(frac) > NOISE else \
             "kept on (cost within noise)"
@@ -73,6 +78,7 @@ def run(quick: bool, size: int = 0, methods=None, xla: bool = False) -> dict:
             cands[f"{policy}/base"] = candidate(method, policy, size)
             cands[f"{policy}/keras_bn"] = candidate(method, policy, size, keras_bn=True)
             cands[f"{policy}/no_clip"] = candidate(method, policy, size, ["train.clip_norm=0"])
+            cands[f"{policy}/keras_update"] = candidate(method, policy, size, ["train.fused_update=false"])
             if xla:
                 cands[f"{policy}/xla"] = candidate(method, policy, size, ["train.jit_compile=true"])
         timed = common.interleaved(cands, rounds)

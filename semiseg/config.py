@@ -105,6 +105,9 @@ class TrainConfig:
     warmup_epochs: float = 0.0
     optimizer: str = "adam"            # adam (AdamW when weight_decay > 0) | sgd (momentum, e.g. nnU-Net's)
     momentum: float = 0.9              # sgd only
+    fused_update: bool = True          # each variable's optimizer update as one TF kernel (ResourceApplyAdam,
+                                       # ...; semiseg.training.fused_optimizers): Keras' equations and
+                                       # variables, fewer ops; false = Keras' own update ops
     weight_decay: float = 0.0
     clip_norm: float = 5.0             # global-norm gradient clipping; 0 = off
     lambda_dice: float = 0.5           # L_sup = lambda_dice * Dice + lambda_bce * BCE
@@ -383,7 +386,7 @@ def load_yaml(path) -> dict:
 # Settings added after runs had been saved without them, with the value those runs trained with (not
 # today's default, where the two differ): a run folder's config.yaml is read through `saved_run_mapping`,
 # so --resume, evaluate and the analysis scripts see what an older run really did.
-KEYS_ADDED_LATER = {"train.labeled_forward": "joint"}
+KEYS_ADDED_LATER = {"train.labeled_forward": "joint", "train.fused_update": False}
 # train.* settings that only a method training on unlabelled images reads: a supervised run's value
 # says nothing, so comparisons neither split supervised rows by them nor pair baselines on them.
 UNLABELED_ONLY_KEYS = ("train.labeled_forward",)

@@ -335,6 +335,20 @@ def test_runs_saved_before_labeled_forward_read_as_joint_and_pair_with_one_basel
     assert len(tests[tests["seed"] != "all"]) == 4 and (tests["n_pairs"] == len(CASE_IDS)).all()
 
 
+def test_fused_update_never_splits_a_comparison(tmp_path):
+    """train.fused_update changes how the update runs, not what it computes: runs that differ only in
+    it (an old run without the key reads as false) are one row and pair with one baseline."""
+    for seed in (0, 1):
+        write_fake_run(tmp_path / f"sup-s{seed}", "supervised", 0.1, seed)          # no such key: false
+        _set_config(write_fake_run(tmp_path / f"mt-s{seed}", "mean_teacher", 0.1, seed),
+                    "train.fused_update", seed == 1)
+    assert load_run(tmp_path / "sup-s0").config["train"]["fused_update"] is False
+    table = compare.summary_table(find_runs([tmp_path]))
+    assert list(zip(table["method"], table["setting"])) == [("supervised", ""), ("mean_teacher", "")]
+    tests = compare.wilcoxon_table(find_runs([tmp_path]))
+    assert len(tests[tests["seed"] != "all"]) == 2 and (tests["n_pairs"] == len(CASE_IDS)).all()
+
+
 def test_older_runs_history_columns_read_under_todays_names(tmp_path):
     """Runs made before the one naming scheme (docs/outputs.md) read with today's column names."""
     old = {"mean_teacher": "epoch,loss,loss_cons,cons_weight,pseudo_target_dice,val_dice\n1,0.5,0.1,2.0,0.7,0.6\n",

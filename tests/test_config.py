@@ -72,7 +72,8 @@ def test_optimizer_choice_is_checked_and_builds_sgd_with_momentum():
     opt = trainer._build_optimizer()
     assert isinstance(opt, keras.optimizers.SGD) and opt.momentum == pytest.approx(0.95)
     trainer.cfg = config.resolve()
-    assert type(trainer._build_optimizer()) is keras.optimizers.Adam
+    from semiseg.training.fused_optimizers import FusedAdam
+    assert type(trainer._build_optimizer()) is FusedAdam       # Keras' Adam, one kernel per variable
 
 
 REPEATED_SET = ["--preset", "smoke", "--set", "data.labeled_fraction=0.1", "train.epochs=3",

@@ -28,7 +28,7 @@ import tensorflow as tf
 import keras
 
 from semiseg.runs import atomic_write
-from semiseg.training import distribute
+from semiseg.training import distribute, fused_optimizers
 from semiseg.training.checkpoints import restore_latest, save_checkpoint  # noqa: F401  (save_checkpoint: re-exported)
 from semiseg.training.controller import Controller, EpochLogSums  # noqa: F401  (EpochLogSums: re-exported)
 from semiseg.training.preemption import Preemption  # noqa: F401  (re-exported)
@@ -284,12 +284,13 @@ class Trainer:
         self._keras_clips = t.precision == "mixed_float16"
         if t.clip_norm > 0 and self._keras_clips:
             kwargs["global_clipnorm"] = t.clip_norm / self.n_replicas
+        classes = optimizer_classes(t.fused_update)
         if t.optimizer == "sgd":
-            opt = keras.optimizers.SGD(momentum=t.momentum, weight_decay=t.weight_decay or None, **kwargs)
+            opt = classes["sgd"](momentum=t.momentum, weight_decay=t.weight_decay or None, **kwargs)
         elif t.weight_decay > 0:
-            opt = keras.optimizers.AdamW(weight_decay=t.weight_decay, **kwargs)
+            opt = classes["adamw"](weight_decay=t.weight_decay, **kwargs)
         else:
-            opt = keras.optimizers.Adam(**kwargs)
+            opt = classes["adam"](**kwargs)
         if t.precision == "mixed_float16":
             # float16 gradients underflow without loss scaling; bfloat16 has float32's range.
             opt = keras.optimizers.LossScaleOptimizer(opt)
@@ -423,6 +424,13 @@ class Trainer:
         The cadence (checkpoints, resume, preemption, validation, early stopping, export, logs) is
         semiseg.training.controller's; the signal handlers it installs are removed however it ends."""
         return Controller(self, run, is_chief, ckpt_dir, progress).fit()
+
+
+def optimizer_classes(fused: bool) -> dict:
+    """{'sgd', 'adamw', 'adam'}: semiseg's one-kernel updates (train.fused_update) or Keras' own."""
+    if fused:
+        return {"sgd": fused_optimizers.FusedSGD, "adamw": fused_optimizers.FusedAdamW, "adam": fused_optimizers.FusedAdam}
+    return {"sgd": keras.optimizers.SGD, "adamw": keras.optimizers.AdamW, "adam": keras.optimizers.Adam}
 
 
 def _apply_gradients_as_given(optimizer) -> None:

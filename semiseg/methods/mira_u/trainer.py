@@ -82,7 +82,7 @@ from semiseg.training.ema import ema_update, ema_weights
 from semiseg.training.ramps import sigmoid_rampup
 from semiseg.training.registry import register_method
 from semiseg.training.controller import EpochLogSums, Stage
-from semiseg.training.trainer import Trainer, augment_fn, save_model_atomic
+from semiseg.training.trainer import Trainer, augment_fn, optimizer_classes, save_model_atomic
 
 TEACHER_FILE = "teacher_mim.keras"
 # The teacher as it stood at the best epoch (MIM encoder + trained head): `predict --uncertainty`
@@ -321,7 +321,7 @@ class MiraU(Trainer):
     def mim_optimizer(self):
         m = self.cfg.mira_u
         with self.strategy.scope():
-            opt = keras.optimizers.Adam(m.mim_lr)
+            opt = optimizer_classes(self.cfg.train.fused_update)["adam"](m.mim_lr)
             if self.cfg.train.precision == "mixed_float16":
                 opt = keras.optimizers.LossScaleOptimizer(opt)
             opt.build(self.mim_variables())
