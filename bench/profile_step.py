@@ -1,7 +1,7 @@
 """Benchmark 0c: where the training step's time goes, read from TensorFlow's profiler (issue 19).
 
     python bench/profile_step.py [--quick] [--size 128] [--methods supervised,mean_teacher]
-                                 [--precisions float32,mixed_bfloat16] [--trace DIR]
+                                 [--precisions float32,mixed_bfloat16] [--serial] [--trace DIR]
 
 semiseg's own loop in the setup of step_vs_yardstick.py (U-Net 16-256, leaky ReLU, BN, 4 labelled
 + 4 unlabelled, memory feed, steps_per_loop 10) runs `calls` loop calls under `tf.profiler`. The
@@ -22,7 +22,11 @@ iterator): the host overhead the issue asks about.
 
 The profiler adds a fixed cost to each op, which weighs most on small ones: shares, not absolute
 milliseconds, are the figures to read; the step time measured without the profiler is given beside
-them. --quick: 64x64, supervised only, float32.
+them. TF runs independent ops at the same time (inter-op threads), and two convolutions that share
+the cores each take longer than alone, so op time then overstates what a phase costs. --serial
+runs one op at a time (inter-op parallelism 1, each op still on every core): the per-phase costs
+(e.g. backward / forward) are read there, the step's wall time with the default.
+--quick: 64x64, supervised only, float32.
 """
 from __future__ import annotations
 
@@ -60,7 +64,8 @@ def op_events(xspace):
     """(name, type, start ps, duration ps) of every op executed on TF's CPU compute threads.
 
     On the CPU, the host plane holds one line per inter-op thread (`tf_Compute/...`); an op's event is
-    named "graph name:op type". Its executor's wrapper events (ExecutorState::...) have no op type."""
+    named "graph name:op type". TF's own trace events there (ExecutorState::Process, the thread
+    pool's ThreadpoolListener::Record, ...) are C++ names with "::", which graph names never have."""
     for plane in xspace.planes:
         if not plane.name.startswith("/host:"):
             continue
@@ -71,7 +76,7 @@ def op_events(xspace):
             for e in line.events:
                 label = plane.event_metadata[e.metadata_id].name
                 name, sep, op_type = label.rpartition(":")
-                if not sep or not op_type or name.startswith("ExecutorState"):
+                if not sep or not op_type or "::" in label:
                     continue
                 yield name, op_type, base + e.offset_ps, e.duration_ps
 
@@ -166,8 +171,12 @@ def profile(method: str, policy: str, size: int, calls: int, logdir: Path, sets=
             "untraced_ms_per_step": round(sorted(w for w, _ in untraced)[len(untraced) // 2], 2), **row}
 
 
-def run(quick: bool, size: int = 0, methods=None, precisions=None, trace: str | None = None, sets=()) -> dict:
+def run(quick: bool, size: int = 0, methods=None, precisions=None, trace: str | None = None, sets=(),
+        serial: bool = False) -> dict:
     os.environ.setdefault("SEMISEG_CACHE", str(Path(tempfile.gettempdir()) / "semiseg-bench-cache"))
+    import tensorflow as tf
+    if serial:      # before TF's runtime starts (the first op)
+        tf.config.threading.set_inter_op_parallelism_threads(1)
     from semiseg import precision
     size = size or (64 if quick else 128)
     calls = 2 if quick else 3
@@ -177,6 +186,7 @@ def run(quick: bool, size: int = 0, methods=None, precisions=None, trace: str | 
         precisions = ["float32"] + (["mixed_bfloat16"] if auto == "mixed_bfloat16" and not quick else [])
     root = Path(trace) if trace else Path(tempfile.mkdtemp(prefix="semiseg-profile-"))
     result = {"machine": common.machine_info(), "quick": quick, "image_size": size, "calls": calls, "sets": list(sets),
+              "serial": serial,
               "steps_per_call": 10, "auto_precision": auto, "auto_reason": why, "rows": []}
     try:
         for method in methods:
@@ -203,15 +213,18 @@ def main(argv=None) -> int:
                                                          "where train.precision=auto picks it; --quick: float32)")
     parser.add_argument("--trace", default=None, help="keep the profiler's files here (one folder per row) "
                                                       "for TensorBoard's profile tab; default: a temporary folder")
+    parser.add_argument("--serial", action="store_true", help="one op at a time (inter-op parallelism 1): "
+                                                               "per-phase costs without two ops sharing the cores")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="extra config overrides, e.g. train.fused_update=false")
     parser.add_argument("--out", default=str(common.BENCH_DIR / "results_profile_step.json"))
     args = parser.parse_args(argv)
     common.use_repo(args.repo)
     split = lambda s: [x for x in s.split(",") if x] or None  # noqa: E731
-    result = run(args.quick, args.size, split(args.methods), split(args.precisions), args.trace, args.set)
+    result = run(args.quick, args.size, split(args.methods), split(args.precisions), args.trace, args.set,
+                 args.serial)
     for r in result["rows"]:
-        print(f"\n[{r['method']} {r['policy']} {result['image_size']}px] step {r['untraced_ms_per_step']} ms "
+        print(f"\n[{r['method']} {r['policy']} {result['image_size']}px{' serial' if result['serial'] else ''}] step {r['untraced_ms_per_step']} ms "
               f"untraced, {r['wall_ms']} ms traced: busy {r['busy_ms']} ms, idle {r['idle_ms']} ms "
               f"({r['idle_share']:.1%}); op time forward {r['op_ms']['forward']} / backward "
               f"{r['op_ms']['backward']} / update {r['op_ms']['update']} ms: backward x{r['backward_over_forward']}, "

@@ -87,11 +87,14 @@ def summary_lines(results: dict) -> list[str]:
         elif name == "profile_step":
             for x in r["rows"]:
                 top = ", ".join(f"{t['op']} {t['share']:.0%}" for t in x["top_op_types"][:3])
-                row(name, f"{x['method']} {x['policy']} {r['image_size']}px",
+                # Op time splits into phases fairly only with one op at a time (profile_step.py --serial).
+                serial = r.get("serial", False)
+                row(name, f"{x['method']} {x['policy']} {r['image_size']}px" + (" serial" if serial else ""),
                     f"op time forward {x['op_ms']['forward']} / backward {x['op_ms']['backward']} / update "
                     f"{x['op_ms']['update']} ms: backward+update x{x['backward_update_over_forward']} the forward; "
-                    f"idle {x['idle_share']:.1%} of the step; top: {top}", "backward+update <= x2.5",
-                    "yes" if x["backward_update_over_forward"] <= 2.5 else "no")
+                    f"idle {x['idle_share']:.1%} of the step; top: {top}",
+                    "backward+update <= x2.5" if serial else "where the time goes (phases: --serial)",
+                    ("yes" if x["backward_update_over_forward"] <= 2.5 else "no") if serial else "")
         elif name == "method_throughput":
             for x in r["rows"]:
                 ratio = (f"time x{x['time_ratio']} vs work x{x['work_ratio']}" if "time_ratio" in x

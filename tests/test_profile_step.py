@@ -37,7 +37,7 @@ def test_union_ps_merges_overlaps():
 
 def _xspace():
     """Two loop calls of 100 us (1 step each) on the Python line; ops on two compute threads, one op
-    outside the calls (ignored), one executor wrapper event (ignored)."""
+    outside the calls (ignored), TF's own trace events (ignored)."""
     from tensorflow.tsl.profiler.protobuf import xplane_pb2
     xs = xplane_pb2.XSpace()
     plane = xs.planes.add(name="/host:CPU")
@@ -55,7 +55,7 @@ def _xspace():
             ln.events.add(metadata_id=meta(label), offset_ps=start_us * 10**6, duration_ps=dur_us * 10**6)
 
     line("python", [("loop", 0, 100), ("loop", 200, 100)])
-    line("tf_Compute/1", [("ExecutorState::Process", 0, 100),
+    line("tf_Compute/1", [("ExecutorState::Process", 0, 100), ("ThreadpoolListener::Record", 5, 0),
                           (LOOP + "student/c/convolution:_MklNativeConv2D", 0, 20),
                           (LOOP + "gradient_tape/student/c/convolution/Conv2DBackpropFilter:"
                                   "_MklNativeConv2DBackpropFilter", 30, 40),
@@ -96,7 +96,9 @@ def test_profile_step_tiny_end_to_end(tmp_path):
                            "--out", str(out)], capture_output=True, text=True, timeout=900,
                           env={**os.environ, "PYTHONPATH": str(REPO)})
     assert proc.returncode == 0, proc.stderr[-2000:]
-    (row,) = json.loads(out.read_text())["rows"]
+    result = json.loads(out.read_text())
+    (row,) = result["rows"]
+    assert result["serial"] is False
     assert row["method"] == "supervised" and row["policy"] == "float32"
     assert all(row["op_ms"][phase] > 0 for phase in ("forward", "backward", "update"))
     assert 0 < row["busy_ms"] <= row["wall_ms"] and row["idle_ms"] >= 0
@@ -106,10 +108,12 @@ def test_profile_step_tiny_end_to_end(tmp_path):
 def test_run_all_reports_the_profile_row():
     import run_all
     row = {"method": "supervised", "policy": "float32", **profile_step.breakdown(_xspace(), "adam", steps=2)}
-    result = {"image_size": 16, "rows": [row]}
-    lines = run_all.summary_lines({"machine": {"date": "d", "host": "h", "cpu": "c", "cores": 2, "avx512_bf16": False,
-                                               "load_avg": [0, 0, 0]}, "quick": True, "gpu": "no GPU",
-                                   "benchmarks": {"profile_step": {"status": "ok", "result": result}}})
-    (line,) = [x for x in lines if x.startswith("| profile_step")]
-    assert "backward+update x3.5 the forward" in line and line.endswith("| no |")
-    assert "idle 30.0% of the step" in line and "_MklNativeConv2DBackpropFilter 44%" in line
+    for serial, verdict in ((True, "| no |"), (False, "(phases: --serial) |  |")):
+        result = {"image_size": 16, "rows": [row], "serial": serial}
+        lines = run_all.summary_lines({"machine": {"date": "d", "host": "h", "cpu": "c", "cores": 2,
+                                                   "avx512_bf16": False, "load_avg": [0, 0, 0]},
+                                       "quick": True, "gpu": "no GPU",
+                                       "benchmarks": {"profile_step": {"status": "ok", "result": result}}})
+        (line,) = [x for x in lines if x.startswith("| profile_step")]
+        assert "backward+update x3.5 the forward" in line and line.endswith(verdict)
+        assert "idle 30.0% of the step" in line and "_MklNativeConv2DBackpropFilter 44%" in line
