@@ -94,6 +94,16 @@ def interleaved(candidates: dict, rounds: int) -> dict:
     return out
 
 
+def add_step_arguments(parser) -> None:
+    """--quick, --repo, --size, --methods: the options of the benchmarks that time semiseg's step at one
+    image size for a list of methods (step_ablations.py, profile_step.py)."""
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--repo", default=None, help="semiseg checkout to benchmark (default: this one)")
+    parser.add_argument("--size", type=int, default=0, help="image size (default 64 with --quick, else 128)")
+    parser.add_argument("--methods", default="", help="comma-separated (default: supervised with --quick, "
+                                                      "else supervised,mean_teacher)")
+
+
 def build_trainer(method: str, overrides: list[str], preset: str = ""):
     """A Trainer built the way `main.py train` builds it (strategy first, policy, seed, data),
     without a run folder. Raises ValueError if `method` is not registered."""

@@ -204,11 +204,7 @@ def run(quick: bool, size: int = 0, methods=None, precisions=None, trace: str | 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--repo", default=None, help="semiseg checkout to benchmark (default: this one)")
-    parser.add_argument("--size", type=int, default=0, help="image size (default 64 with --quick, else 128)")
-    parser.add_argument("--methods", default="", help="comma-separated (default: supervised with --quick, "
-                                                      "else supervised,mean_teacher)")
+    common.add_step_arguments(parser)
     parser.add_argument("--precisions", default="", help="comma-separated (default: float32, and mixed_bfloat16 "
                                                          "where train.precision=auto picks it; --quick: float32)")
     parser.add_argument("--trace", default=None, help="keep the profiler's files here (one folder per row) "

@@ -109,11 +109,7 @@ def run(quick: bool, size: int = 0, methods=None, xla: bool = False) -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--repo", default=None, help="semiseg checkout to benchmark (default: this one)")
-    parser.add_argument("--size", type=int, default=0, help="image size (default 64 with --quick, else 128)")
-    parser.add_argument("--methods", default="", help="comma-separated (default: supervised with --quick, "
-                                                      "else supervised,mean_teacher)")
+    common.add_step_arguments(parser)
     parser.add_argument("--xla", action="store_true", help="also time train.jit_compile=true")
     parser.add_argument("--out", default=str(common.BENCH_DIR / "results_step_ablations.json"))
     args = parser.parse_args(argv)

@@ -22,16 +22,21 @@ REPO = Path(__file__).resolve().parents[1]
 YARDSTICKS = Path(os.environ.get("SEMISEG_YARDSTICKS", REPO.parent / "shared" / "yardsticks"))
 
 
+def run_tiny(script: str, tmp_path, *args) -> dict:
+    """bench/SCRIPT --quick --size 16 ARGS in a subprocess (semiseg from this checkout, no install
+    needed); the JSON it wrote."""
+    out = tmp_path / "result.json"
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / script), "--quick", "--size", "16", *args,
+                           "--out", str(out)], capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(out.read_text())
+
+
 @pytest.mark.slow   # starts TF twice in subprocesses; a harness check, not a value check of semiseg
 @pytest.mark.skipif(not (YARDSTICKS / "plain_step.py").exists(), reason=f"no yardsticks folder at {YARDSTICKS}")
 def test_step_vs_yardstick_tiny_writes_ratios(tmp_path):
-    out = tmp_path / "svy.json"
-    proc = subprocess.run([sys.executable, str(REPO / "bench" / "step_vs_yardstick.py"), "--quick", "--size", "16",
-                           "--policies", "float32", "--feeds", "memory", "--out", str(out)],
-                          capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "PYTHONPATH": str(REPO)})     # semiseg without an install
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    result = json.loads(out.read_text())
+    result = run_tiny("step_vs_yardstick.py", tmp_path, "--policies", "float32", "--feeds", "memory")
     machine = result["machine"]
     assert machine["cores"] >= 1 and machine["cpu"] and len(machine["load_avg"]) == 3
     assert result["image_size"] == 16 and result["quick"] is True
@@ -50,12 +55,7 @@ def test_step_vs_yardstick_tiny_writes_ratios(tmp_path):
 
 @pytest.mark.slow   # builds 3-6 trainers in a subprocess; a harness check, not a value check of semiseg
 def test_step_ablations_tiny_rows_and_readme_lines(tmp_path):
-    out = tmp_path / "abl.json"
-    proc = subprocess.run([sys.executable, str(REPO / "bench" / "step_ablations.py"), "--quick", "--size", "16",
-                           "--out", str(out)], capture_output=True, text=True, timeout=900,
-                          env={**os.environ, "PYTHONPATH": str(REPO)})
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    result = json.loads(out.read_text())
+    result = run_tiny("step_ablations.py", tmp_path)
     from semiseg import precision
     assert result["auto_precision"] == precision.resolve("auto")[0] and result["image_size"] == 16
     rows = {r["candidate"]: r for r in result["by_method"]["supervised"]["rows"]}
@@ -63,7 +63,7 @@ def test_step_ablations_tiny_rows_and_readme_lines(tmp_path):
     for policy in policies:
         base = rows[f"{policy}/base"]["ms_per_step"]
         assert base > 0
-        for change in ("keras_bn", "no_clip"):
+        for change in ("keras_bn", "no_clip", "keras_update"):
             r = rows[f"{policy}/{change}"]
             assert r["ms_saved"] == pytest.approx(base - r["ms_per_step"], abs=0.02) and r["verdict"]
     auto = rows[f"auto ({result['auto_precision']})"]
@@ -73,4 +73,14 @@ def test_step_ablations_tiny_rows_and_readme_lines(tmp_path):
     import run_all
     lines = run_all.summary_lines({"machine": result["machine"], "quick": True, "gpu": "no GPU",
                                    "benchmarks": {"step_ablations": {"status": "ok", "result": result}}})
-    assert sum("step_ablations" in line for line in lines) == 2 * len(policies) + 1     # + the auto row
+    assert sum("step_ablations" in line for line in lines) == 3 * len(policies) + 1     # + the auto row
+
+
+@pytest.mark.slow   # builds and profiles a trainer in a subprocess; the read-out: tests/test_profile_step.py
+def test_profile_step_tiny_end_to_end(tmp_path):
+    result = run_tiny("profile_step.py", tmp_path)
+    (row,) = result["rows"]
+    assert result["serial"] is False and row["method"] == "supervised" and row["policy"] == "float32"
+    assert all(row["op_ms"][phase] > 0 for phase in ("forward", "backward", "update"))
+    assert 0 < row["busy_ms"] <= row["wall_ms"] and row["idle_ms"] >= 0
+    assert any("Conv2DBackpropFilter" in r["op"] for r in row["top_op_types"])
