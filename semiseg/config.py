@@ -201,8 +201,8 @@ PRESETS: dict[str, dict] = {
                   "schedule": "cosine"},
     },
     # `bench` with each method's unlabelled-loss weight as the benchmark's tuning budget chose it on
-    # validation (10% labels, seed 0, tuned with train.labeled_forward=joint:
-    # bench/results/label_efficiency_joint/tuning.json); the values are in the methods' specs
+    # validation (10% labels, seed 0, train.labeled_forward=separate: bench/results/label_efficiency/
+    # tuning.json; a test keeps the two equal); the values are in the methods' specs
     # (preset_sections["bench_tuned"]), applied on top of everything `bench` sets.
     "bench_tuned": {},
     # One family, fair by construction: every pancreas_* preset trains the same network (the seed's

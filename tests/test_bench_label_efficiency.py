@@ -117,3 +117,14 @@ def test_every_ssl_method_names_the_weight_it_is_tuned_on():
         key, value = bench.default_weight(name)
         section, field = key.split(".")
         assert section == name and value == getattr(getattr(config.Config(), section), field) > 0
+
+
+def test_bench_tuned_preset_holds_the_committed_tuning_choice():
+    """The `bench_tuned` preset is what the kept tuning budget chose (bench/results/label_efficiency/
+    tuning.json), for every method it tuned: a new tuning round must move the preset with it."""
+    tuning = json.loads((REPO / "bench" / "results" / "label_efficiency" / "tuning.json").read_text())
+    assert tuning
+    for method, choice in tuning.items():
+        section, key = choice["key"].split(".")
+        cfg = config.resolve("bench_tuned", "", [], method)
+        assert getattr(getattr(cfg, section), key) == pytest.approx(choice["tuned"]), method

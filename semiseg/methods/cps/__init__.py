@@ -55,6 +55,6 @@ SPEC = register(MethodSpec(
             "cutmix_min_area": FRACTION, "cutmix_max_area": FRACTION, "probe_cases": AT_LEAST_0},
     # The paper's constant weight in every shared preset (rampup_epochs 0): CPS has no ramp of its own.
     preset_sections={"smoke": {"rampup_epochs": 0.0}, "smoke_multiclass": {"rampup_epochs": 0.0},
-                     "cpu": {"rampup_epochs": 0.0}, "bench": {"rampup_epochs": 0.0}},
+                     "cpu": {"rampup_epochs": 0.0}, "bench": {"rampup_epochs": 0.0}, "bench_tuned": {"weight": 0.15}},
     # x0.1 ~ SSL4MIS's 0.1, x1 the paper's VOC value, x4 = 6 the paper's Cityscapes value.
     unsup_weight="cps.weight", tune_factors=(0.1, 1.0, 4.0)))

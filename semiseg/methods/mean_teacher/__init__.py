@@ -48,5 +48,5 @@ SPEC = register(MethodSpec(
     choices={"student_view": ("noise", "strong"), "noise_on": ("teacher", "both"), "teacher_bn": ("batch", "moving")},
     preset_sections={"smoke": {"rampup_epochs": 1.0}, "smoke_multiclass": {"rampup_epochs": 1.0},
                      "cpu": {"rampup_epochs": 5.0}, "bench": {"rampup_epochs": 40.0},
-                     "bench_tuned": {"consistency": 0.01}},
+                     "bench_tuned": {"consistency": 1.0}},
     unsup_weight="mean_teacher.consistency"))

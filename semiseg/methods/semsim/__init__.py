@@ -62,5 +62,5 @@ SPEC = register(MethodSpec(
     ranges={**FIXMATCH_SPEC.ranges, "intra_weight": AT_LEAST_0, "cross_weight": AT_LEAST_0, "affinity_size": AT_LEAST_1,
             "grid": AT_LEAST_1, "affinity_temperature": POSITIVE, "prototype_temperature": POSITIVE},
     choices=dict(FIXMATCH_SPEC.choices),
-    preset_sections={"smoke": {}, "smoke_multiclass": {}, "cpu": {}, "bench": {}},
+    preset_sections={"smoke": {}, "smoke_multiclass": {}, "cpu": {}, "bench": {}, "bench_tuned": {"lambda_u": 0.1}},
     unsup_weight="semsim.lambda_u"))
