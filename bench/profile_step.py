@@ -41,9 +41,10 @@ import time
 from pathlib import Path
 
 import common  # noqa: E402
-from step_vs_yardstick import MT_SETS, UNET_SETS  # noqa: E402
+from step_vs_yardstick import step_trainer  # noqa: E402
 
 TOP = 12                    # op types listed per profile
+STEPS_PER_LOOP = 10         # optimizer steps per traced call of the loop
 
 # Prefixes TF puts in front of the graph names of ops run inside nested functions and while loops.
 _WRAPPERS = re.compile(r"(while/body/_\d+/)?(while/)?(StatefulPartitionedCall/|PartitionedCall/)+")
@@ -152,10 +153,7 @@ def read_xspace(logdir: Path):
 
 def profile(method: str, policy: str, size: int, calls: int, logdir: Path, sets=()) -> dict:
     import tensorflow as tf
-    extra = MT_SETS if method == "mean_teacher" else []
-    trainer = common.build_trainer(method, extra + UNET_SETS + [
-        f"data.image_size={size}", f"data.synthetic_size={size}", f"train.precision={policy}",
-        "train.steps_per_loop=10", *sets])
+    trainer = step_trainer(method, policy, size, STEPS_PER_LOOP, sets)
     timer = common.loop_timer(trainer, "memory", warmup_calls=2)
     untraced = [timer() for _ in range(calls)]
     shutil.rmtree(logdir, ignore_errors=True)
@@ -166,7 +164,7 @@ def profile(method: str, policy: str, size: int, calls: int, logdir: Path, sets=
     finally:
         tf.profiler.experimental.stop()
     optimizer = getattr(trainer.optimizer, "inner_optimizer", trainer.optimizer).name
-    row = breakdown(read_xspace(logdir), optimizer, calls * trainer.cfg.train.steps_per_loop)
+    row = breakdown(read_xspace(logdir), optimizer, calls * STEPS_PER_LOOP)
     return {"method": method, "policy": policy,
             "untraced_ms_per_step": round(sorted(w for w, _ in untraced)[len(untraced) // 2], 2), **row}
 
@@ -187,7 +185,7 @@ def run(quick: bool, size: int = 0, methods=None, precisions=None, trace: str | 
     root = Path(trace) if trace else Path(tempfile.mkdtemp(prefix="semiseg-profile-"))
     result = {"machine": common.machine_info(), "quick": quick, "image_size": size, "calls": calls, "sets": list(sets),
               "serial": serial,
-              "steps_per_call": 10, "auto_precision": auto, "auto_reason": why, "rows": []}
+              "steps_per_call": STEPS_PER_LOOP, "auto_precision": auto, "auto_reason": why, "rows": []}
     try:
         for method in methods:
             for policy in precisions:

@@ -18,8 +18,9 @@ in float32 and, where bfloat16 is native (auto would pick it), mixed_bfloat16. C
 interleaved rounds in one process; each row gives the median ms/step (wall and CPU time of this
 process), ms saved against base (positive: the change is faster) and a verdict, decided on CPU time,
 which other processes on a shared machine inflate far less than wall time: fused BN (the fused
-update) is "kept" if base beats keras_bn (keras_update) by more than the noise (2%), clipping is a training setting and stays on (the row states its cost), XLA is
-"rejected" unless it saves more than 2%. --quick: 64x64, supervised only, 3 rounds.
+update) is "kept" if base beats keras_bn (keras_update) by more than the noise (2%), clipping is a
+training setting and stays on (the row states its cost), XLA is "rejected" unless it saves more
+than 2%. --quick: 64x64, supervised only, 3 rounds.
 """
 from __future__ import annotations
 
@@ -31,29 +32,27 @@ import tempfile
 from pathlib import Path
 
 import common  # noqa: E402
-from step_vs_yardstick import MT_SETS, UNET_SETS  # noqa: E402
+from step_vs_yardstick import step_trainer  # noqa: E402
 
 NOISE = 0.02      # a change must move the median by more than this to count
+# Rows that swap one of semiseg's fused kernels back for Keras' own: (ours, theirs, what both share).
+BACK_TO_KERAS = {"keras_bn": ("fused BN", "Keras BN", "same weights"),
+                 "keras_update": ("fused update", "Keras' update", "same equations")}
 
 
 def candidate(method: str, policy: str, size: int, extra=(), keras_bn: bool = False):
     from semiseg.models import fused_batchnorm
-    sets = (MT_SETS if method == "mean_teacher" else []) + UNET_SETS + [
-        f"data.image_size={size}", f"data.synthetic_size={size}", f"train.precision={policy}",
-        "train.steps_per_loop=10", *extra]
     with fused_batchnorm.keras_batchnorm() if keras_bn else contextlib.nullcontext():
-        trainer = common.build_trainer(method, sets)
+        trainer = step_trainer(method, policy, size, 10, extra)
     return common.loop_timer(trainer, "memory", warmup_calls=1)
 
 
 def verdict(change: str, saved_ms: float, base_ms: float) -> str:
     frac = saved_ms / base_ms
-    if change == "keras_bn":        # the row times going back to Keras BN: fused saves -saved_ms
-        return "kept (fused BN)" if -frac > NOISE else ("rejected: Keras BN faster" if frac > NOISE else
-                                                        "within noise; fused kept (same weights)")
-    if change == "keras_update":    # the row times Keras' update ops: the fused update saves -saved_ms
-        return "kept (fused update)" if -frac > NOISE else ("rejected: Keras' update faster" if frac > NOISE else
-                                                            "within noise; fused kept (same equations)")
+    if change in BACK_TO_KERAS:     # the row times going back to Keras' version: ours saves -saved_ms
+        ours, theirs, same = BACK_TO_KERAS[change]
+        return f"kept ({ours})" if -frac > NOISE else (f"rejected: {theirs} faster" if frac > NOISE else
+                                                       f"within noise; fused kept ({same})")
     if change == "no_clip":
         return f"kept on (training setting; costs {saved_ms:.1f} ms/step)" if abs(frac) > NOISE else \
             "kept on (cost within noise)"

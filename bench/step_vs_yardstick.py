@@ -48,12 +48,18 @@ def yardstick_subprocess(policy: str, supervised: bool, steps: int, warmup: int,
 MT_SETS = ["mean_teacher.consistency_on_labeled=false"]
 
 
+def step_trainer(method: str, policy: str, size: int, spl: int, extra=()):
+    """semiseg's Trainer for the yardstick's setup (UNET_SETS, Mean Teacher on equal work) at `size`,
+    `policy` and steps_per_loop `spl`, with `extra` overrides; shared by the step benchmarks."""
+    extra = (MT_SETS if method == "mean_teacher" else []) + list(extra)
+    return common.build_trainer(method, UNET_SETS + [f"data.image_size={size}", f"data.synthetic_size={size}",
+                                                     f"train.precision={policy}", f"train.steps_per_loop={spl}",
+                                                     *extra])
+
+
 def semiseg(method: str, policy: str, spl: int, data: str, size: int, extra=(), calls: int = 1,
             no_ema: bool = False, warmup_calls: int = 2):
-    extra = (MT_SETS if method == "mean_teacher" else []) + list(extra)
-    trainer = common.build_trainer(method, UNET_SETS + [f"data.image_size={size}", f"data.synthetic_size={size}",
-                                                        f"train.precision={policy}", f"train.steps_per_loop={spl}",
-                                                        *extra])
+    trainer = step_trainer(method, policy, size, spl, extra)
     if no_ema:
         trainer.on_step_end = lambda step: None
     return common.loop_timer(trainer, data, warmup_calls=warmup_calls, calls=calls)

@@ -26,6 +26,13 @@ import keras
 import tensorflow as tf
 
 
+def optimizer_classes(fused: bool) -> dict:
+    """{'sgd', 'adamw', 'adam'}: the classes below (train.fused_update) or Keras' own."""
+    if fused:
+        return {"sgd": FusedSGD, "adamw": FusedAdamW, "adam": FusedAdam}
+    return {"sgd": keras.optimizers.SGD, "adamw": keras.optimizers.AdamW, "adam": keras.optimizers.Adam}
+
+
 def _handle(variable):
     """The resource handle of `variable` (a Keras variable, a tf.Variable, or under tf.distribute the
     component of the device being updated: DistributedVariable.handle resolves it in an update call)."""

@@ -284,7 +284,7 @@ class Trainer:
         self._keras_clips = t.precision == "mixed_float16"
         if t.clip_norm > 0 and self._keras_clips:
             kwargs["global_clipnorm"] = t.clip_norm / self.n_replicas
-        classes = optimizer_classes(t.fused_update)
+        classes = fused_optimizers.optimizer_classes(t.fused_update)
         if t.optimizer == "sgd":
             opt = classes["sgd"](momentum=t.momentum, weight_decay=t.weight_decay or None, **kwargs)
         elif t.weight_decay > 0:
@@ -424,13 +424,6 @@ class Trainer:
         The cadence (checkpoints, resume, preemption, validation, early stopping, export, logs) is
         semiseg.training.controller's; the signal handlers it installs are removed however it ends."""
         return Controller(self, run, is_chief, ckpt_dir, progress).fit()
-
-
-def optimizer_classes(fused: bool) -> dict:
-    """{'sgd', 'adamw', 'adam'}: semiseg's one-kernel updates (train.fused_update) or Keras' own."""
-    if fused:
-        return {"sgd": fused_optimizers.FusedSGD, "adamw": fused_optimizers.FusedAdamW, "adam": fused_optimizers.FusedAdam}
-    return {"sgd": keras.optimizers.SGD, "adamw": keras.optimizers.AdamW, "adam": keras.optimizers.Adam}
 
 
 def _apply_gradients_as_given(optimizer) -> None:

@@ -82,7 +82,8 @@ from semiseg.training.ema import ema_update, ema_weights
 from semiseg.training.ramps import sigmoid_rampup
 from semiseg.training.registry import register_method
 from semiseg.training.controller import EpochLogSums, Stage
-from semiseg.training.trainer import Trainer, augment_fn, optimizer_classes, save_model_atomic
+from semiseg.training.fused_optimizers import optimizer_classes
+from semiseg.training.trainer import Trainer, augment_fn, save_model_atomic
 
 TEACHER_FILE = "teacher_mim.keras"
 # The teacher as it stood at the best epoch (MIM encoder + trained head): `predict --uncertainty`
