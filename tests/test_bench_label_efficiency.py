@@ -100,7 +100,7 @@ def test_plan_covers_every_registered_method_with_paper_and_tuned_rows():
     names = [r[0] for r in runs]
     assert len(names) == len(set(names))
     for method in config.METHODS:
-        fractions = (0.1, 0.3, 1.0) if method == "supervised" else (0.1, 0.3)
+        fractions = (0.05, 0.1, 0.2, 0.3, 0.5, 1.0) if method == "supervised" else (0.1, 0.3)
         for seed in (0, 1):
             for fraction in fractions:
                 assert bench.run_name(method, fraction, seed) in names
@@ -128,3 +128,40 @@ def test_bench_tuned_preset_holds_the_committed_tuning_choice():
         section, key = choice["key"].split(".")
         cfg = config.resolve("bench_tuned", "", [], method)
         assert getattr(getattr(cfg, section), key) == pytest.approx(choice["tuned"]), method
+
+
+@pytest.mark.slow   # five tiny trainings in a subprocess (a minute or more on 2 cores)
+def test_quick_mode_end_to_end_tunes_trains_pairs_and_reuses(tmp_path):
+    """`--quick` through the real CLI: Mean Teacher's tuning budget (3 weights), the table's runs,
+    summary.md whose paired difference and Wilcoxon p are the per-case files' own, and a second call
+    that trains nothing (every run reused from --results)."""
+    import os
+    import re
+    import subprocess
+    results, out = tmp_path / "results", tmp_path / "out"
+    command = [sys.executable, str(REPO / "bench" / "label_efficiency.py"), "--quick", "--methods", "supervised",
+               "mean_teacher", "--fractions", "0.1", "--results", str(results), "--out", str(out)]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    first = subprocess.run(command, capture_output=True, text=True, timeout=1200, env=env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    tuning = json.loads((results / "tuning.json").read_text())["mean_teacher"]
+    assert tuning["key"] == "mean_teacher.consistency" and len(tuning["best_val_dice"]) == 3
+    assert tuning["tuned"] in [float(v) for v in tuning["best_val_dice"]]
+    kept = sorted(p.name for p in (results / "runs").iterdir())
+    assert "supervised-10pct-seed0" in kept and "mean_teacher-10pct-seed0" in kept and len(kept) == 4
+    for name in kept:
+        assert (results / "runs" / name / "eval" / "test_latest" / "metrics.json").is_file(), name
+    # The table's Mean Teacher row at the paper's weight, recomputed from the kept per-case files.
+    sup = pd.read_csv(results / "runs" / "supervised-10pct-seed0" / "per_case.csv")
+    mt = pd.read_csv(results / "runs" / "mean_teacher-10pct-seed0" / "per_case.csv")
+    pairs = mt.merge(sup, on="case_id", suffixes=("", "_sup"))
+    diff = 100 * (pairs["dice"].mean() - pairs["dice_sup"].mean())
+    row = next(line for line in (results / "summary.md").read_text().splitlines()
+               if line.startswith("| mean_teacher | mean_teacher.consistency=0.1 |"))
+    assert f"| {diff:+.1f} | {diff:+.1f} |" in row and f"(n={len(pairs)})" in row
+    # A second call finds every run in --results: nothing is trained again.
+    second = subprocess.run(command + ["--stage", "table"], capture_output=True, text=True, timeout=600, env=env)
+    assert second.returncode == 0, second.stderr[-3000:]
+    table_runs = 3 if tuning["tuned"] != tuning["paper"] else 2     # supervised, paper row, tuned row
+    assert second.stdout.count("[bench] reuse") == table_runs
+    assert not re.search(r"\[bench\] \S+: \d+ s", second.stdout)    # the line a trained run prints
