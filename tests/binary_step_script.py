@@ -28,9 +28,11 @@ def main(methods):
     results = {}
     for method in methods:
         # The reference commit ran labelled and unlabelled images in one forward pass (joint) and
-        # Keras' own optimizer update ops (the fused kernel rounds differently).
+        # Keras' own optimizer update ops (the fused kernel rounds differently); MixMatch's K views
+        # carried the photometric jitter then.
+        then = ["mixmatch.photometric_views=true"] if method == "mixmatch" else []
         cfg = config.resolve("smoke", "", ["train.steps_per_epoch=2", "train.epochs=1", "train.labeled_forward=joint",
-                                           "train.fused_update=false"], method)
+                                           "train.fused_update=false", *then], method)
         keras.utils.set_random_seed(cfg.seed)
         bundle = loader.prepare_data(cfg, log=lambda m: None, progress=False)
         with keras_batchnorm():

@@ -23,7 +23,9 @@ class MixMatchConfig:
                                        # (batch statistics, dropout) without updating BN moving statistics;
                                        # inference: moving statistics, no dropout
     ema_decay: float = 0.999           # the paper evaluates an EMA of the weights; 0 = no EMA network
-    photometric_views: bool = True     # the K guess views: flips + photometric jitter (false: flips only)
+    photometric_views: bool = False    # false (the paper's weak views): the K views are random flips of the
+                                       # weakly augmented batch; true adds the strong photometric jitter
+                                       # (gamma, contrast, blur, noise, cutout), this project's first choice
     probe_cases: int = 32              # hidden-truth cases scoring the sharpened guesses per epoch; 0 = off
 
 

@@ -4,7 +4,8 @@
     python main.py train --method mixmatch --preset smoke --set mixmatch.lambda_u=10
 
 Per step, with labelled (x, y) and unlabelled u (both already weakly augmented in tf.data):
- 1. K views of u: random flips + photometric jitter (`batch_photometric`), each its own seed.
+ 1. K views of u: random flips (the paper's weak views; `mixmatch.photometric_views=true` adds the
+    strong photometric jitter of `batch_photometric`), each its own seed.
  2. Guess: q = mean_k undo_flips_k(sigmoid(f(view_k))), pixel by pixel (undoing the flips lines
     the K predictions up). As in the paper's code, f runs in training mode (batch statistics,
     dropout) but the guessing passes leave the BN moving statistics alone (`mixmatch.guess_mode`;
