@@ -235,13 +235,40 @@ def summary_markdown(rows: list[dict]) -> str:
     return text
 
 
+def figure_runs(runs, tuning: dict) -> list:
+    """The runs the plot draws: one line per method, so one setting per method - its tuned weight
+    (tuning.json) and today's default for every other setting its runs differ in (the tuning runs'
+    other weights and superseded settings stay in the table, where each is its own row)."""
+    from analysis.runs import run_settings
+    defaults = config.Config()
+    kept = []
+    for run in runs:
+        t = tuning.get(run.method)
+        if t and run.config_value(t["key"]) is not None and float(run.config_value(t["key"])) != float(t["tuned"]):
+            continue
+        peers = [run_settings(r) for r in runs if r.method == run.method]
+        varying = {k for s in peers for k in s if len({repr(p.get(k)) for p in peers}) > 1}
+        varying -= {"seed", "data.labeled_fraction", t["key"] if t else ""}
+        current = True
+        for key in varying:
+            section, _, field = key.partition(".")
+            default = getattr(getattr(defaults, section, None), field, None) if field else None
+            if default is not None and run_settings(run).get(key) != default:
+                current = False
+        if current:
+            kept.append(run)
+    return kept
+
+
 def summarize(results: Path) -> str:
     from analysis import compare, figures
     from analysis.label_efficiency import label_efficiency_figure
     from analysis.runs import find_runs
     runs = [r for r in find_runs([results / "runs"]) if r.metrics is not None]
     compare.write_tables(runs, results)
-    figure = label_efficiency_figure(runs, "dice", band="std")
+    tuning_path = results / "tuning.json"
+    tuning = json.loads(tuning_path.read_text()) if tuning_path.exists() else {}
+    figure = label_efficiency_figure(figure_runs(runs, tuning), "dice", band="std")
     figures.save_figure(figure, results, "label_efficiency", ("png",))
     figures.close(figure)
     text = summary_markdown(paired_rows(runs))

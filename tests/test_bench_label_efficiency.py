@@ -165,3 +165,12 @@ def test_quick_mode_end_to_end_tunes_trains_pairs_and_reuses(tmp_path):
     table_runs = 3 if tuning["tuned"] != tuning["paper"] else 2     # supervised, paper row, tuned row
     assert second.stdout.count("[bench] reuse") == table_runs
     assert not re.search(r"\[bench\] \S+: \d+ s", second.stdout)    # the line a trained run prints
+
+
+def test_the_plot_draws_each_method_at_its_tuned_weight_only(toy):
+    root, _, _ = toy
+    runs = find_runs([root])
+    tuning = {"mean_teacher": {"key": "mean_teacher.consistency", "paper": 0.1, "tuned": 1.0}}
+    assert sorted(r.name for r in bench.figure_runs(runs, tuning)) == ["mt-tuned-0", "sup-0", "sup-1"]
+    tuning["mean_teacher"]["tuned"] = 0.1
+    assert sorted(r.name for r in bench.figure_runs(runs, tuning)) == ["mt-0", "mt-1", "sup-0", "sup-1"]
