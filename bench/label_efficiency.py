@@ -15,8 +15,8 @@ labelled subset and the initialisation.
 
 Methods are every registered method (semiseg.config.METHODS): supervised at 5/10/20/30/50/100%
 labels (the label curve), the others at 10/30%, each with its paper's settings (the method's defaults
-plus the `bench` preset's ramps). Tuning budget (Oliver et al. 2018): on validation, at 10% labels and seed 0, each method
-tries its unlabelled-loss weight (MethodSpec.unsup_weight) at 3 factors of its default
+plus the `bench` preset's ramps). Tuning budget (Oliver et al. 2018): on validation, at 10% labels
+and seed 0, each method tries its unlabelled-loss weight (MethodSpec.unsup_weight) at 3 factors of its default
 (MethodSpec.tune_factors: 1/10, 1 and 10 unless the method says otherwise); the
 best validation Dice wins, and the table has both a "paper" and a "tuned" row when they differ.
 Test data is never used to choose.
@@ -241,19 +241,20 @@ def figure_runs(runs, tuning: dict) -> list:
     other weights and superseded settings stay in the table, where each is its own row)."""
     from analysis.runs import run_settings
     defaults = config.Config()
+    settings = {id(run): run_settings(run) for run in runs}       # once per run, not once per pair
     kept = []
     for run in runs:
         t = tuning.get(run.method)
         if t and run.config_value(t["key"]) is not None and float(run.config_value(t["key"])) != float(t["tuned"]):
             continue
-        peers = [run_settings(r) for r in runs if r.method == run.method]
+        peers = [settings[id(r)] for r in runs if r.method == run.method]
         varying = {k for s in peers for k in s if len({repr(p.get(k)) for p in peers}) > 1}
         varying -= {"seed", "data.labeled_fraction", t["key"] if t else ""}
         current = True
         for key in varying:
             section, _, field = key.partition(".")
             default = getattr(getattr(defaults, section, None), field, None) if field else None
-            if default is not None and run_settings(run).get(key) != default:
+            if default is not None and settings[id(run)].get(key) != default:
                 current = False
         if current:
             kept.append(run)
@@ -288,8 +289,8 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", type=int, default=3, help="run seeds 0..N-1")
     parser.add_argument("--methods", nargs="*", default=list(config.METHODS), choices=list(config.METHODS),
                         help="default: every registered method")
-    parser.add_argument("--fractions", nargs="*", type=float, default=None, help="subset of the planned fractions (supervised: 0.05 0.1 0.2 0.3 0.5 1.0; "
-                                                                      "the others: 0.1 0.3)")
+    parser.add_argument("--fractions", nargs="*", type=float, default=None,
+                        help="subset of the planned fractions (supervised: 0.05 0.1 0.2 0.3 0.5 1.0; the others: 0.1 0.3)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes and 1 seed: a check of the harness")
     config.add_set_argument(parser, help="extra overrides for every run; runs are named without them, so "
                                          "give another --results folder for another setting")
