@@ -98,7 +98,7 @@ def train_variant(trainer, variant: str, teacher_file: Path, steps: int, eval_ev
     variables = reset_teacher(trainer, variant, teacher_file)
     optimizer = keras.optimizers.Adam(cfg.train.lr)
     stream = iter(trainer.data.train_dataset("labeled", trainer.per_replica_batch, None, 0,
-                                             augment_fn(trainer.labeled_augment), stream_id=1,
+                                             augment_fn(trainer.labeled_augmentation()), stream_id=1,
                                              log=lambda msg: None))
 
     @tf.function

@@ -98,6 +98,10 @@ class TrainConfig:
                                        # code): one forward of labelled and unlabelled images, BN statistics
                                        # over both. separate won on the label-efficiency benchmark for most
                                        # methods (docs/benchmarks.md)
+    labeled_augment: str = "method"    # augmentation of the labelled images: method (each method's paper:
+                                       # strong for MIRA-U, weak for the others) | weak (flips, rotation,
+                                       # scale) | strong (weak + photometric) | none. One value for every
+                                       # method makes a comparison equal in this too
     lr: float = 1e-3
     lr_scaling: str = "none"           # none | linear: lr * batch_size / lr_reference_batch
     lr_reference_batch: int = 0        # the (global) batch train.lr was tuned at; needed by linear
@@ -386,7 +390,7 @@ def load_yaml(path) -> dict:
 # Settings added after runs had been saved without them, with the value those runs trained with (not
 # today's default, where the two differ): a run folder's config.yaml is read through `saved_run_mapping`,
 # so --resume, evaluate and the analysis scripts see what an older run really did.
-KEYS_ADDED_LATER = {"train.labeled_forward": "joint", "train.fused_update": False}
+KEYS_ADDED_LATER = {"train.labeled_forward": "joint", "train.fused_update": False, "train.labeled_augment": "method"}
 # train.* settings that only a method training on unlabelled images reads: a supervised run's value
 # says nothing, so comparisons neither split supervised rows by them nor pair baselines on them.
 UNLABELED_ONLY_KEYS = ("train.labeled_forward",)
@@ -463,7 +467,8 @@ CHOICES: dict[str, tuple] = {
     "method": tuple(METHODS), "model.name": MODEL_NAMES, "data.format": DATA_FORMATS,
     "data.modality": ("auto", "ct", "mri"), "data.synthetic_kind": ("2d", "3d"), "model.activation": ("relu", "leaky_relu"),
     "train.lr_scaling": ("none", "linear"), "train.schedule": ("constant", "cosine", "poly"),
-    "train.optimizer": ("adam", "sgd"), "train.labeled_forward": ("joint", "separate"), "train.precision": ("auto", "float32", "mixed_float16", "mixed_bfloat16"),
+    "train.optimizer": ("adam", "sgd"), "train.labeled_forward": ("joint", "separate"),
+    "train.labeled_augment": ("method", "weak", "strong", "none"), "train.precision": ("auto", "float32", "mixed_float16", "mixed_bfloat16"),
     "train.distribution": ("auto", "none", "mirrored", "multi_worker"),
     "train.export": ("auto",) + tuple(dict.fromkeys(r for spec in METHODS.values() for r in spec.networks)),
     "train.collective": ("auto", "nccl", "ring"), "data.shard_policy": ("record", "file"),

@@ -47,7 +47,8 @@ class Trainer:
     """Base trainer: supervised loss on labelled batches. Subclasses add unlabelled terms."""
     method_name = "base"
     uses_unlabeled = False
-    labeled_augment = "weak"        # weak | strong | none, applied in tf.data per element
+    labeled_augment = "weak"        # weak | strong | none, applied in tf.data per element (the paper's;
+                                    # train.labeled_augment overrides it: labeled_augmentation())
     unlabeled_augment = "weak"
 
     def __init__(self, cfg, data, strategy, strategy_info: dict | None = None, log=print):
@@ -369,8 +370,13 @@ class Trainer:
 
         return tf.function(loop)
 
+    def labeled_augmentation(self) -> str:
+        """What the labelled stream applies: train.labeled_augment, or the method's own choice."""
+        kind = self.cfg.train.labeled_augment
+        return self.labeled_augment if kind == "method" else kind
+
     def _iterators(self, start_step: int):
-        augment = augment_fn(self.labeled_augment)
+        augment = augment_fn(self.labeled_augmentation())
         b, ub = self.per_replica_batch, self.per_replica_batch * self.cfg.train.unlabeled_ratio
         lab = self.strategy.distribute_datasets_from_function(
             lambda ctx: self.data.train_dataset("labeled", b, ctx, start_step, augment, stream_id=1, log=self.log))
