@@ -7,8 +7,9 @@ MIRA-U's student learns from the teacher's pseudo labels, so the teacher has to 
 unlabelled images better than the student would alone. This script answers that before (or after)
 stage 2 is paid for. It reads RUN's saved settings, splits and stage-1 teacher (`teacher_mim.keras`)
 and trains the teacher on the run's labelled split alone, with stage 2's head loss (L_head: the
-run's Dice + BCE/CE weights) on the same strong-augmented labelled stream, the run's `train.lr`,
-`train.batch_size` and Adam, for --steps steps, in three variants:
+run's Dice + BCE/CE weights) on the run's labelled stream (strong views, MIRA-U's, unless the run set
+`train.labeled_augment`), the run's `train.lr`, `train.batch_size` and Adam, for --steps steps, in
+three variants:
 
   frozen    stage 2 as the seed has it: the MIM encoder frozen, the segmentation head trained
   finetune  encoder and head trained (not the seed: what the labelled images could give the teacher)
@@ -30,7 +31,7 @@ import sys
 import time
 from pathlib import Path
 
-import common  # noqa: E402  (sets TF_CPP_MIN_LOG_LEVEL before TensorFlow loads)
+import common  # sets TF_CPP_MIN_LOG_LEVEL before TensorFlow loads
 
 VARIANTS = ("frozen", "finetune", "scratch")
 
