@@ -67,6 +67,20 @@ def test_one_step_gives_finite_losses_and_changes_the_student():
     assert all(not np.allclose(b, v.numpy()) for b, v in zip(before, trainer.trainable_variables()))
 
 
+@pytest.mark.parametrize("mix_labeled", [True, False])
+def test_mix_labeled_false_trains_the_supervised_loss_on_the_labelled_images_as_they_are(mix_labeled):
+    cfg = config.resolve("smoke", method="mixmatch", overrides=["model.dropout=0", f"mixmatch.mix_labeled={mix_labeled}"])
+    bundle = data_loader_tf2.prepare_data(cfg, log=lambda m: None, progress=False)
+    trainer = mixmatch.MixMatch(cfg, bundle, tf.distribute.get_strategy(), log=lambda m: None)
+    labeled, unlabeled = trainer._iterators(0)
+    images, masks = next(labeled)
+    _, logs = trainer.compute_loss((images, masks), next(unlabeled), tf.constant(3, tf.int64))
+    plain = trainer.supervised_loss(trainer.models["student"](images, training=True), masks)[0]
+    # BN in training mode normalises with the batch's own statistics: the same batch, the same logits.
+    assert np.isclose(float(logs["loss_sup"]), float(plain), rtol=1e-5) == (not mix_labeled)
+    assert float(logs["loss_unsup"]) > 0
+
+
 def test_smoke_training_end_to_end(tmp_path):
     out = tmp_path / "mm"
     assert main.main(["train", "--method", "mixmatch", "--preset", "smoke", "--out", str(out), "--no-progress"]) == 0

@@ -26,6 +26,9 @@ class MixMatchConfig:
     photometric_views: bool = False    # false (the paper's weak views): the K views are random flips of the
                                        # weakly augmented batch; true adds the strong photometric jitter
                                        # (gamma, contrast, blur, noise, cutout), this project's first choice
+    mix_labeled: bool = True           # true (the paper): the labelled batch is mixed too (X' = MixUp(X, W));
+                                       # false: the paper's ablation "MixUp on unlabeled only" (its Table 4),
+                                       # L_sup on the labelled images as they are
     probe_cases: int = 32              # hidden-truth cases scoring the sharpened guesses per epoch; 0 = off
 
 
