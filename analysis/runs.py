@@ -116,7 +116,18 @@ def setting_keys(runs: list["Run"]) -> list[str]:
     have (a method's own section) differs only if those runs disagree on it."""
     settings = [run_settings(run) for run in runs]
     keys = set().union(*settings) if settings else set()
-    return sorted(key for key in keys if len({repr(each[key]) for each in settings if key in each}) > 1)
+
+    from semiseg.config import METHODS      # a table of names, no TensorFlow
+
+    def values(key):
+        section = key.split(".", 1)[0]
+        if section not in METHODS:
+            return {repr(each[key]) for each in settings if key in each}
+        # A run of the method that lacks one of its settings was saved before the setting existed (and
+        # KEYS_ADDED_LATER does not know its value): unknown counts as different, never merged.
+        prefix = section + "."
+        return {repr(each.get(key, "<unset>")) for each in settings if any(k.startswith(prefix) for k in each)}
+    return sorted(key for key in keys if len(values(key)) > 1)
 
 
 def variant(run: "Run", keys: list[str]) -> str:

@@ -428,3 +428,27 @@ def test_curves_name_the_multiclass_columns(tmp_path):
     assert columns.index("pseudo_dice_RV") == columns.index("pseudo_dice") + 1
     assert curves.panel_names("pseudo_dice_RV") == ("Pseudo-target Dice vs hidden truth: RV", "Dice")
     assert curves.panel_names("loss_sup_ce")[0] == "Supervised CE loss (multi-class)"
+
+
+def test_a_method_setting_an_older_run_lacks_is_never_merged(tmp_path, monkeypatch):
+    """A run saved before a method's setting existed: read with the value it trained with where
+    KEYS_ADDED_LATER knows it (mixmatch.mix_labeled: the labelled batch was mixed), and otherwise a
+    row of its own rather than merged with runs that state a value."""
+    monkeypatch.setitem(EXTRA_COLUMNS, "mixmatch", ["loss_unsup", "val_dice_student", "rampup"])
+    monkeypatch.setitem(METHOD_ERROR, "mixmatch", 2.0)
+    for seed in (0, 1):
+        write_fake_run(tmp_path / f"sup-s{seed}", "supervised", 0.1, seed)
+        _set_config(write_fake_run(tmp_path / f"mm-old-s{seed}", "mixmatch", 0.1, seed), "mixmatch.lambda_u", 0.75)
+        new = write_fake_run(tmp_path / f"mm-new-s{seed}", "mixmatch", 0.1, seed)
+        _set_config(new, "mixmatch.lambda_u", 0.75)
+        _set_config(new, "mixmatch.mix_labeled", False)
+        _set_config(write_fake_run(tmp_path / f"mt-old-s{seed}", "mean_teacher", 0.1, seed),
+                    "mean_teacher.consistency", 1.0)
+        knob = write_fake_run(tmp_path / f"mt-new-s{seed}", "mean_teacher", 0.1, seed)
+        _set_config(knob, "mean_teacher.consistency", 1.0)
+        _set_config(knob, "mean_teacher.some_later_knob", 2)
+    table = compare.summary_table(find_runs([tmp_path]))
+    rows = list(zip(table["method"], table["setting"], table["n_seeds"]))
+    assert ("mixmatch", "mixmatch.mix_labeled=True", 2) in rows and ("mixmatch", "mixmatch.mix_labeled=False", 2) in rows
+    assert ("mean_teacher", "", 2) in rows and ("mean_teacher", "mean_teacher.some_later_knob=2", 2) in rows
+    assert len(rows) == 5
