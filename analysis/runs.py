@@ -112,12 +112,12 @@ def run_settings(run: "Run") -> dict:
 
 def setting_keys(runs: list["Run"]) -> list[str]:
     """The settings whose values differ between the runs that have them: data set, network,
-    schedule, a method's weight... Comparisons group by them, never merging. A key only some runs
-    have (a method's own section) differs only if those runs disagree on it."""
+    schedule, a method's weight... Comparisons group by them, never merging. A key of a method's own
+    section differs if that method's runs disagree on it, a run that lacks it counting as a value of
+    its own; other keys only some runs have differ if those runs disagree on it."""
+    from semiseg.config import METHODS      # a table of names, no TensorFlow
     settings = [run_settings(run) for run in runs]
     keys = set().union(*settings) if settings else set()
-
-    from semiseg.config import METHODS      # a table of names, no TensorFlow
 
     def values(key):
         section = key.split(".", 1)[0]
