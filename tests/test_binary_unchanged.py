@@ -28,6 +28,17 @@ EXPECTED = {
 }
 
 
+# The same step on a second platform (a 2-core Intel Xeon VM with AVX-512 and AMX, TensorFlow 2.21.0),
+# whose kernels sum in another order: computed with the script on 35b62a9, a commit whose step matched
+# EXPECTED bit for bit on the first platform. A run must match one platform's values for every method.
+EXPECTED_XEON = {
+    "supervised": ("0x1.a235b60000000p-1", "a51035ef2189167475d5a368758aca4608359d2ec5eddd8a7208f97de7cd8f0c"),
+    "mean_teacher": ("0x1.b8a3720000000p-1", "e4d783e3f7cc5ce90a4235ce2dfb6924cf1ba5d874c4423810679c1f45742882"),
+    "mixmatch": ("0x1.8435540000000p-1", "3d356a0c25d7124a21d5ab21e0d12e815ec1c9f919b031ebffef688998c84433"),
+    "mira_u": ("0x1.6cb8700000000p+0", "5850c1a99cd5349bf58005233086633881bf5ce02a59e01fbbdc9b1159b5f660"),
+}
+
+
 def test_binary_step_bit_for_bit(tmp_path):
     tf = pytest.importorskip("tensorflow")
     if tf.__version__ != "2.21.0" or tf.config.list_physical_devices("GPU"):
@@ -38,5 +49,5 @@ def test_binary_step_bit_for_bit(tmp_path):
                          env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     got = json.loads([line for line in out.stdout.splitlines() if line.startswith("{")][-1])
-    for method, (loss_hex, digest) in EXPECTED.items():
-        assert (got[method]["loss_hex"], got[method]["weights_sha256"]) == (loss_hex, digest), method
+    steps = {method: (got[method]["loss_hex"], got[method]["weights_sha256"]) for method in EXPECTED}
+    assert steps in (EXPECTED, EXPECTED_XEON), {m: (v, EXPECTED[m], EXPECTED_XEON[m]) for m, v in steps.items()}
