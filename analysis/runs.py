@@ -117,6 +117,7 @@ def setting_keys(runs: list["Run"]) -> list[str]:
     its own; other keys only some runs have differ if those runs disagree on it."""
     from semiseg.config import METHODS      # a table of names, no TensorFlow
     settings = [run_settings(run) for run in runs]
+    sections = [{key.split(".", 1)[0] for key in each} for each in settings]
     keys = set().union(*settings) if settings else set()
 
     def values(key):
@@ -125,8 +126,7 @@ def setting_keys(runs: list["Run"]) -> list[str]:
             return {repr(each[key]) for each in settings if key in each}
         # A run of the method that lacks one of its settings was saved before the setting existed (and
         # KEYS_ADDED_LATER does not know its value): unknown counts as different, never merged.
-        prefix = section + "."
-        return {repr(each.get(key, "<unset>")) for each in settings if any(k.startswith(prefix) for k in each)}
+        return {repr(each.get(key, "<unset>")) for each, has in zip(settings, sections) if section in has}
     return sorted(key for key in keys if len(values(key)) > 1)
 
 

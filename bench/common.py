@@ -108,17 +108,23 @@ def build_trainer(method: str, overrides: list[str], preset: str = ""):
     """A Trainer built the way `main.py train` builds it (strategy first, policy, seed, data),
     without a run folder. Raises ValueError if `method` is not registered."""
     from semiseg import config
-    from semiseg.training import distribute
     cfg = config.resolve(preset, "", overrides, method)
-    strategy, info = distribute.make_strategy(cfg.train.distribution)
+    return trainer_for(cfg, cfg.train.distribution)
+
+
+def trainer_for(cfg, distribution: str, run_dir=None):
+    """The Trainer of a resolved config (its method), built in `main.py train`'s order: strategy,
+    precision policy, seed, data; with `run_dir`, on that run's saved splits."""
+    from semiseg.training import distribute
+    strategy, info = distribute.make_strategy(distribution)
     import keras
     from semiseg.data import loader as data_loader_tf2
     from semiseg.methods import get_method
-    method_cls = get_method(method)
+    method_cls = get_method(cfg.method)
     from semiseg import precision
     keras.mixed_precision.set_global_policy(precision.resolve(cfg.train.precision)[0])
     keras.utils.set_random_seed(cfg.seed)
-    bundle = data_loader_tf2.prepare_data(cfg, log=lambda m: None, progress=False)
+    bundle = data_loader_tf2.prepare_data(cfg, run_dir, log=lambda m: None, progress=False)
     return method_cls(cfg, bundle, strategy, info, log=lambda m: None)
 
 

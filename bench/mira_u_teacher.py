@@ -49,19 +49,10 @@ def load_trainer(run: Path):
         sys.exit(f"{saved}: method is '{cfg.method}', not mira_u; this diagnosis reads a MIRA-U teacher")
     if not (run / "teacher_mim.keras").exists():
         sys.exit(f"{run / 'teacher_mim.keras'}: not found; the run has not finished stage 1 (MIM pretraining)")
-    import keras
-    from semiseg import precision
-    from semiseg.data import loader
-    from semiseg.methods import get_method
-    from semiseg.training import distribute
-    strategy, info = distribute.make_strategy("none")
-    keras.mixed_precision.set_global_policy(precision.resolve(cfg.train.precision)[0])
-    keras.utils.set_random_seed(cfg.seed)
-    try:
-        bundle = loader.prepare_data(cfg, run, log=lambda m: None, progress=False)
+    try:        # one process, the default strategy: a diagnosis, not a distributed run
+        return common.trainer_for(cfg, "none", run)
     except ConfigError as err:
         sys.exit(f"{saved}: {err}")
-    return get_method("mira_u")(cfg, bundle, strategy, info, log=lambda m: None)
 
 
 def reset_teacher(trainer, variant: str, teacher_file: Path) -> list:
