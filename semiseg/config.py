@@ -391,7 +391,7 @@ def load_yaml(path) -> dict:
 # today's default, where the two differ): a run folder's config.yaml is read through `saved_run_mapping`,
 # so --resume, evaluate and the analysis scripts see what an older run really did.
 KEYS_ADDED_LATER = {"train.labeled_forward": "joint", "train.fused_update": False, "train.labeled_augment": "method",
-                    "mixmatch.mix_labeled": True}
+                    "mixmatch.mix_labeled": True, "mira_u.student": "hybrid"}
 # train.* settings that only a method training on unlabelled images reads: a supervised run's value
 # says nothing, so comparisons neither split supervised rows by them nor pair baselines on them.
 UNLABELED_ONLY_KEYS = ("train.labeled_forward",)
@@ -590,7 +590,8 @@ def _validate_networks(cfg: Config) -> None:
     size, m, spec = cfg.data.image_size, cfg.model, METHODS[cfg.method]
     if spec.validate is not None:
         spec.validate(cfg)
-    if not spec.uses_model_config:      # its networks are built from its own section (MIRA-U)
+    uses_model = spec.uses_model_config(cfg) if callable(spec.uses_model_config) else spec.uses_model_config
+    if not uses_model:      # its networks are built from its own section (MIRA-U's hybrid student)
         return
     if m.name == "hybrid":
         _check(size % 16 == 0, "data.image_size", f"{size} must be a multiple of 16 (model.name=hybrid)")

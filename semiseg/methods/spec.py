@@ -31,7 +31,8 @@ class MethodSpec:
     choices: dict = field(default_factory=dict)    # section field -> allowed values
     # (cfg) -> None, raising ConfigError for rules between fields (e.g. image size vs patch size).
     validate: typing.Optional[typing.Callable] = None
-    uses_model_config: bool = True      # False: its networks ignore model.* (MIRA-U builds its own)
+    # False: its networks ignore model.*; or (cfg) -> bool where a setting decides (MIRA-U's student).
+    uses_model_config: typing.Union[bool, typing.Callable] = True
     # Values this method's section takes in the shared presets: {preset name: {field: value}}.
     preset_sections: dict = field(default_factory=dict)
     presets: dict = field(default_factory=dict)    # presets of its own: {name: full override mapping}

@@ -24,6 +24,10 @@ class MiraUConfig:
     depth: int = 4
     num_heads: int = 4
     teacher_dropout: float = 0.1
+    # hybrid: the paper's CNN-Transformer student (student_* below). model: the network model.*
+    # configures, the U-Net every other method trains: a comparison on one network, so a difference to
+    # supervised is the method's and not the architecture's (not the paper; docs/mira_u.md).
+    student: str = "hybrid"
     student_base_channels: int = 32
     student_swin_depth: int = 2        # Swin blocks per student stage (1 makes tests trace faster)
     mc_samples: int = 20               # M
@@ -40,19 +44,25 @@ class MiraUConfig:
 
 
 def build_networks(cfg, image_size: int, channels: int) -> dict:
-    """MIRA-U: hybrid CNN-transformer student, MIM-pretrained ViT teacher, and either an EMA copy
-    of the student (ema_target=student_ema) or a fast copy of the teacher's head."""
+    """MIRA-U: hybrid CNN-transformer student (or model.*'s network: mira_u.student=model),
+    MIM-pretrained ViT teacher, and either an EMA copy of the student (ema_target=student_ema) or a
+    fast copy of the teacher's head."""
     from semiseg.config import output_channels
     from semiseg.models.transformer import SegmentationHead, build_hybrid_student, build_mim_teacher
+    from semiseg.models.networks import configured_network
     m, out = cfg.mira_u, output_channels(cfg.data)
-    student = build_hybrid_student(image_size, channels, m.student_base_channels,
-                                   swin_depth=m.student_swin_depth, name="student", out_channels=out)
+
+    def student_network(name):
+        if m.student == "model":
+            return configured_network(cfg, image_size, channels, name)
+        return build_hybrid_student(image_size, channels, m.student_base_channels,
+                                    swin_depth=m.student_swin_depth, name=name, out_channels=out)
+    student = student_network("student")
     teacher = build_mim_teacher(image_size, channels, m.patch_size, m.embed_dim, m.depth,
                                 m.num_heads, dropout=m.teacher_dropout, name="teacher", out_channels=out)
     nets = {"student": student, "teacher": teacher}
     if m.ema_target == "student_ema":
-        ema = build_hybrid_student(image_size, channels, m.student_base_channels,
-                                   swin_depth=m.student_swin_depth, name="student_ema", out_channels=out)
+        ema = student_network("student_ema")
         ema.set_weights(student.get_weights())
         nets["student_ema"] = ema
     else:
@@ -66,9 +76,10 @@ def build_networks(cfg, image_size: int, channels: int) -> dict:
 
 
 def validate(cfg) -> None:
-    """MIRA-U builds its own networks from mira_u.* (hybrid student, ViT teacher), not from model.*."""
+    """MIRA-U builds its teacher from mira_u.*, its student from mira_u.student_* (hybrid) or from
+    model.* (mira_u.student=model, checked by the shared model.* rules: uses_model_config)."""
     size, mu = cfg.data.image_size, cfg.mira_u
-    if size % 16:
+    if mu.student == "hybrid" and size % 16:
         raise ConfigError(f"data.image_size: {size} must be a multiple of 16 (MIRA-U's hybrid student)")
     if size % mu.patch_size:
         raise ConfigError(f"data.image_size: {size} must be a multiple of mira_u.patch_size = {mu.patch_size} "
@@ -101,7 +112,8 @@ SPEC = register(MethodSpec(
     name="mira_u", summary="MIM-pretrained ViT teacher, MC-dropout uncertainty-weighted soft pseudo labels, "
                            "hybrid CNN-transformer student, EMA teacher",
     paper="Qamar, arXiv:2510.15354, 2025 (MIRA-U)", build_networks=build_networks, networks=("student", "teacher"),
-    uses_unlabeled=True, config=MiraUConfig, validate=validate, uses_model_config=False,
+    uses_unlabeled=True, config=MiraUConfig, validate=validate,
+    uses_model_config=lambda cfg: cfg.mira_u.student == "model",
     ranges={"mim_epochs": AT_LEAST_0, "mim_lr": POSITIVE, "mim_batch_size": AT_LEAST_1,
             "mask_ratio": (lambda v: 0 < v < 1, "in (0, 1)"),
             "patch_size": (lambda v: v >= 1 and not v & (v - 1), "a power of two"),
@@ -111,7 +123,7 @@ SPEC = register(MethodSpec(
             "mc_samples": (lambda v: v >= 2, ">= 2"), "mc_chunk": (lambda v: v >= 0, ">= 0 (0 = all at once)"),
             "kappa": POSITIVE, "tau_u": FRACTION, "lambda_u": AT_LEAST_0, "lambda_c": AT_LEAST_0, "gamma": AT_LEAST_0,
             "rampup_epochs": AT_LEAST_0, "ema_decay": DECAY, "probe_cases": AT_LEAST_0},
-    choices={"ema_target": ("student_ema", "teacher_head")},
+    choices={"ema_target": ("student_ema", "teacher_head"), "student": ("hybrid", "model")},
     # bench: the networks scaled as the U-Net is (seed: 256-d ViT, 4 layers, 8x8 patches at 256 px;
     # here 64-d, 2 layers, 4x4 patches at 64 px: a 16x16 token grid), its ramp over 80/150 of the
     # run as in its seed, EMA 0.99 for a 1600-step run (0.999 fits the seed's ~24k steps).
