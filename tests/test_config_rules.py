@@ -82,6 +82,10 @@ BAD = [
     ("mira_u", ["data.image_size=40"], "data.image_size"),
     ("mira_u", ["mira_u.patch_size=6"], "mira_u.patch_size"),
     ("mira_u", ["mira_u.embed_dim=30", "mira_u.num_heads=4"], "mira_u.embed_dim"),
+    ("mira_u", ["mira_u.student=unet"], "mira_u.student"),
+    # The U-Net student (mira_u.student=model) obeys model.*'s rules; the hybrid ignores model.*.
+    ("mira_u", ["mira_u.student=model", "model.depth=6"], "data.image_size"),
+    ("mira_u", ["mira_u.student=model", "model.dropout=1"], "model.dropout"),
     ("mean_teacher", ["train.unlabeled_ratio=0"], "train.unlabeled_ratio"),
     ("mixmatch", ["train.unlabeled_ratio=0"], "train.unlabeled_ratio"),
     ("mean_teacher", ["mean_teacher.ema_decay=1"], "mean_teacher.ema_decay"),

@@ -164,6 +164,26 @@ def test_one_stage2_step_student_ema_reading(trainer):
     assert logs["kept_fraction"] == 1.0 and logs["mean_confidence"] >= math.exp(-1)
 
 
+def test_model_student_is_the_networks_every_method_trains():
+    """mira_u.student=model: the student and its EMA are model.*'s network (the U-Net), the ViT
+    teacher is unchanged, and a stage-2 step trains the student and moves the EMA half way."""
+    from semiseg.models.networks import configured_network
+    from semiseg.training.ema import ema_weights
+    trainer = _trainer("mira_u.student=model")
+    unet = configured_network(trainer.cfg, trainer.cfg.data.image_size, 1, "unet")
+    for role in ("student", "student_ema"):
+        assert [tuple(w.shape) for w in trainer.models[role].weights] == [tuple(w.shape) for w in unet.weights], role
+    assert not any("swin" in v.path or "cross" in v.path for v in trainer.models["student"].weights)
+    assert trainer.models["teacher"].count_params() == _trainer().models["teacher"].count_params()
+    # model.depth changes the student, as it does every other method's network
+    deeper = _trainer("mira_u.student=model", "model.depth=3")
+    assert deeper.models["student"].count_params() > trainer.models["student"].count_params()
+    ema, student = (ema_weights(trainer.models[k], "batch") for k in ("student_ema", "student"))
+    initial = _values(ema)
+    _stage2_step(trainer)
+    _assert_half_way(ema, initial, student)
+
+
 def test_export_record_names_the_ema_student(trainer):
     # RUN/export.json: evaluate/predict restore this network (the old guess was 'student')
     record = trainer.export_record()
