@@ -19,10 +19,14 @@ plus the `bench` preset's ramps). Tuning budget (Oliver et al. 2018): on validat
 and seed 0, each method tries its unlabelled-loss weight (MethodSpec.unsup_weight) at 3 factors of its default
 (MethodSpec.tune_factors: 1/10, 1 and 10 unless the method says otherwise); the
 best validation Dice wins, and the table has both a "paper" and a "tuned" row when they differ.
-Test data is never used to choose.
+A method's tuning.json entry may also name `settings`, further keys chosen on validation at the same
+10% / seed 0 (MixMatch: {"mixmatch.mix_labeled": false}); its 3 weights are then tried with them and
+the tuned row carries them. Test data is never used to choose.
 
 Resumable: a run whose files are in --results (`runs/<name>/metrics.json`) is reused, so the
-benchmark can be run in parts and in later sessions; each finished run's small files (config,
+benchmark can be run in parts and in later sessions, provided its config.yaml says it trained what
+the plan asks for today (else the script stops and names the settings that differ: a default that
+changed since must not pass under the old run's name); each finished run's small files (config,
 history, metrics, per-case scores, the last checkpoint's scores) are copied there, the models are
 left in --out. At the end --results holds summary.md (the table with paired differences and
 Wilcoxon tests), comparison.{md,csv,tex}, wilcoxon.csv, label_efficiency.png and tuning.json.
@@ -64,9 +68,24 @@ def fraction_tag(fraction: float) -> str:
     return f"{round(100 * fraction)}pct"
 
 
-def run_name(method: str, fraction: float, seed: int, weight: tuple | None = None) -> str:
+def setting_text(value) -> str:
+    """A setting's value as run names and --set write it: false, 0.75, weak."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def run_name(method: str, fraction: float, seed: int, weight: tuple | None = None, settings: dict | None = None) -> str:
+    """mean_teacher-10pct-seed0, then -field=value for a weight other than the paper's and for each
+    further setting (tuning.json's `settings`), e.g. mixmatch-10pct-seed0-lambda_u=0.75-mix_labeled=false."""
     name = f"{method}-{fraction_tag(fraction)}-seed{seed}"
-    return name if weight is None else f"{name}-{weight[0].split('.', 1)[1]}={weight[1]:g}"
+    pairs = ([weight] if weight is not None else []) + sorted((settings or {}).items())
+    return name + "".join(f"-{key.split('.', 1)[1]}={setting_text(value)}" for key, value in pairs)
+
+
+def set_list(settings: dict) -> list[str]:
+    """{'mixmatch.mix_labeled': False} -> ['mixmatch.mix_labeled=false'] (--set's form)."""
+    return [f"{key}={setting_text(value)}" for key, value in sorted(settings.items())]
 
 
 def default_weight(method: str) -> tuple | None:
@@ -78,24 +97,55 @@ def default_weight(method: str) -> tuple | None:
     return key, float(getattr(getattr(config.Config(), section), field))
 
 
+def run_overrides(fraction: float, seed: int, overrides: list[str]) -> list[str]:
+    # float32 unless overridden (precision_dice.py): the stored runs are float32, and
+    # train.precision's default (auto) would pick bfloat16 on some CPUs.
+    return [f"seed={seed}", f"data.labeled_fraction={fraction}", "train.precision=float32", *overrides]
+
+
+def differences(run: Path, method: str, fraction: float, seed: int, overrides: list[str]) -> dict:
+    """{key: (value RUN trained with, value planned)} for every setting in which the run folder's
+    config.yaml differs from what `main.py train --preset bench` with these overrides resolves to
+    today (run-identity keys, other methods' sections and, for supervised, the unlabelled-only keys
+    aside). A run is reused by name; this says when the name no longer means what it trained."""
+    from analysis.runs import RUN_IDENTITY_KEYS, flat_config
+    planned = flat_config(config.to_dict(config.resolve("bench", "", run_overrides(fraction, seed, overrides), method)))
+    saved = flat_config(config.saved_run_mapping(config.load_yaml(run / "config.yaml")))
+    ignored = set(RUN_IDENTITY_KEYS) | ({"preset"}) | (
+        set() if config.METHODS[method].uses_unlabeled else set(config.UNLABELED_ONLY_KEYS))
+    others = set(config.METHODS) - {method}
+    return {key: (saved.get(key, "<unset>"), value) for key, value in planned.items()
+            if key not in ignored and key.split(".", 1)[0] not in others
+            and repr(saved.get(key, "<unset>")) != repr(value)}
+
+
+def check_reusable(run: Path, name: str, method: str, fraction: float, seed: int, overrides: list[str]) -> None:
+    """Exit naming the keys where a run folder about to be reused (kept, or interrupted) trained
+    otherwise than planned: a changed default or another --set must not pass for the planned run."""
+    diffs = differences(run, method, fraction, seed, overrides)
+    if diffs:
+        text = ", ".join(f"{key}: {got!r} there, {want!r} planned" for key, (got, want) in sorted(diffs.items()))
+        raise SystemExit(f"[bench] {name}: the run in {run} trained with other settings than planned ({text}); "
+                         f"move or rename it to train the planned run, or give another --results/--out")
+
+
 def train_run(results: Path, out: Path, name: str, method: str, fraction: float, seed: int,
               overrides: list[str], log=print) -> Path:
     """Train (unless --results already holds it), score the last checkpoint, keep the small files."""
     kept = results / "runs" / name
     if (kept / "metrics.json").exists():
+        check_reusable(kept, name, method, fraction, seed, overrides)
         log(f"[bench] reuse {name}")
         return kept
     from semiseg import cli
     run = out / name
-    if run.exists():            # an interrupted run: resume it (its checkpoints are exact)
+    if (run / "config.yaml").exists():      # an interrupted run: resume it (its checkpoints are exact)
+        check_reusable(run, name, method, fraction, seed, overrides)
         code = cli.main(["train", "--out", str(run), "--resume", "--no-progress"])
     else:
         t0 = time.time()
         code = cli.main(["train", "--method", method, "--preset", "bench", "--out", str(run), "--no-progress",
-                         # float32 unless overridden (precision_dice.py): the stored runs are float32,
-                         # and train.precision's default (auto) would pick bfloat16 on some CPUs.
-                         "--set", f"seed={seed}", f"data.labeled_fraction={fraction}", "train.precision=float32",
-                         *overrides])
+                         "--set", *run_overrides(fraction, seed, overrides)])
         log(f"[bench] {name}: {time.time() - t0:.0f} s")
     if code != 0:
         raise SystemExit(f"[bench] {name} failed with exit code {code} (run folder {run})")
@@ -116,23 +166,29 @@ def best_val(run: Path) -> float:
     return float(pd.read_csv(run / "history.csv")["val_dice"].max())
 
 
-def tune(results: Path, out: Path, methods: list[str], overrides: list[str], log=print) -> dict:
-    """The tuning budget: 3 weights per method at 10% labels, seed 0, chosen on validation Dice."""
+def tune(results: Path, out: Path, methods: list[str], overrides: list[str], log=print,
+         previous: dict | None = None) -> dict:
+    """The tuning budget: 3 weights per method at 10% labels, seed 0, chosen on validation Dice.
+    A method whose entry in `previous` (tuning.json) has `settings` (further keys chosen on
+    validation, e.g. {"mixmatch.mix_labeled": false}) tries its 3 weights with those settings; the
+    entry's other notes are kept."""
     chosen = {}
     for method in methods:
         weight = default_weight(method)
         if weight is None:
             continue
         key, default = weight
+        before = (previous or {}).get(method, {})
+        settings = before.get("settings", {})
         scores = {}
         for factor in config.METHODS[method].tune_factors:
             value = float(f"{default * factor:.6g}")     # 0.1 * 0.1 is 0.010000000000000002
-            name = run_name(method, TUNE_FRACTION, TUNE_SEED, None if factor == 1.0 else (key, value))
+            name = run_name(method, TUNE_FRACTION, TUNE_SEED, None if factor == 1.0 else (key, value), settings)
             run = train_run(results, out, name, method, TUNE_FRACTION, TUNE_SEED,
-                            overrides + [f"{key}={value:g}"], log)
+                            overrides + [f"{key}={value:g}", *set_list(settings)], log)
             scores[value] = best_val(run)
         best = max(scores, key=lambda v: (scores[v], v == default))     # ties keep the paper's value
-        chosen[method] = {"key": key, "paper": default, "tuned": best,
+        chosen[method] = {**before, "key": key, "paper": default, "tuned": best,
                           "best_val_dice": {f"{v:g}": round(s, 4) for v, s in scores.items()}}
         log(f"[bench] tuned {key}: {best:g} (best validation Dice: "
             f"{', '.join(f'{v:g} -> {s:.4f}' for v, s in scores.items())})")
@@ -149,9 +205,11 @@ def plan(methods: list[str], fractions, seeds: int, tuning: dict) -> list[tuple]
                     continue
                 runs.append((run_name(method, fraction, seed), method, fraction, seed, []))
                 t = tuning.get(method)
-                if t and t["tuned"] != t["paper"]:
-                    runs.append((run_name(method, fraction, seed, (t["key"], t["tuned"])), method, fraction, seed,
-                                 [f"{t['key']}={t['tuned']:g}"]))
+                settings = (t or {}).get("settings", {})
+                if t and (t["tuned"] != t["paper"] or settings):
+                    weight = (t["key"], t["tuned"]) if t["tuned"] != t["paper"] else None
+                    runs.append((run_name(method, fraction, seed, weight, settings), method, fraction, seed,
+                                 [f"{t['key']}={t['tuned']:g}", *set_list(settings)]))
     return runs
 
 
@@ -237,8 +295,8 @@ def summary_markdown(rows: list[dict]) -> str:
 
 def figure_runs(runs, tuning: dict) -> list:
     """The runs the plot draws: one line per method, so one setting per method - its tuned weight
-    (tuning.json) and today's default for every other setting its runs differ in (the tuning runs'
-    other weights and superseded settings stay in the table, where each is its own row)."""
+    and settings (tuning.json) and today's default for every other setting its runs differ in (the
+    tuning runs' other weights and superseded settings stay in the table, where each is its own row)."""
     from analysis.runs import run_settings
     defaults = config.Config()
     settings = {id(run): run_settings(run) for run in runs}       # once per run, not once per pair
@@ -251,9 +309,11 @@ def figure_runs(runs, tuning: dict) -> list:
         varying = {k for s in peers for k in s if len({repr(p.get(k)) for p in peers}) > 1}
         varying -= {"seed", "data.labeled_fraction", t["key"] if t else ""}
         current = True
+        chosen = (t or {}).get("settings", {})
         for key in varying:
             section, _, field = key.partition(".")
             default = getattr(getattr(defaults, section, None), field, None) if field else None
+            default = chosen.get(key, default)      # a setting the tuning chose beats the default
             if default is not None and settings[id(run)].get(key) != default:
                 current = False
         if current:
@@ -302,7 +362,7 @@ def main(argv=None) -> int:
     tuning_path = results / "tuning.json"
     tuning = json.loads(tuning_path.read_text()) if tuning_path.exists() else {}
     if args.stage in ("all", "tune"):
-        tuning.update(tune(results, out, args.methods, overrides))
+        tuning.update(tune(results, out, args.methods, overrides, previous=tuning))
         from semiseg.runs import atomic_write
         atomic_write.write_text(tuning_path, json.dumps(tuning, indent=1))
     if args.stage in ("all", "table"):

@@ -109,6 +109,73 @@ def test_plan_covers_every_registered_method_with_paper_and_tuned_rows():
     assert ("mean_teacher-30pct-seed0-consistency=1", "mean_teacher", 0.3, 0, ["mean_teacher.consistency=1"]) in runs
 
 
+def test_plan_carries_the_settings_the_tuning_chose_into_the_tuned_rows():
+    tuning = {"mixmatch": {"key": "mixmatch.lambda_u", "paper": 75.0, "tuned": 0.75,
+                           "settings": {"mixmatch.mix_labeled": False}}}
+    runs = bench.plan(["supervised", "mixmatch"], [0.1], 1, tuning)
+    assert ("mixmatch-10pct-seed0", "mixmatch", 0.1, 0, []) in runs                 # the paper row: no settings
+    assert ("mixmatch-10pct-seed0-lambda_u=0.75-mix_labeled=false", "mixmatch", 0.1, 0,
+            ["mixmatch.lambda_u=0.75", "mixmatch.mix_labeled=false"]) in runs
+    tuning["mixmatch"]["tuned"] = 75.0          # the paper's weight won, the setting still differs: a row
+    names = [r[0] for r in bench.plan(["mixmatch"], [0.1], 1, tuning)]
+    assert names == ["mixmatch-10pct-seed0", "mixmatch-10pct-seed0-mix_labeled=false"]
+
+
+def _saved_run(root: Path, method: str, sets: list[str], drop: tuple = ()) -> Path:
+    """A run folder whose config.yaml is what `train --preset bench` wrote with these --set values
+    (`drop`: section.key entries removed, as a run saved before the key existed lacks them)."""
+    run = root / "run"
+    run.mkdir(parents=True)
+    mapping = config.to_dict(config.resolve("bench", "", sets, method))
+    for dotted in drop:
+        section, key = dotted.split(".")
+        del mapping[section][key]
+    (run / "config.yaml").write_text(yaml.safe_dump(mapping))
+    return run
+
+
+def test_a_kept_run_is_reused_only_if_it_trained_what_is_planned(tmp_path):
+    sets = bench.run_overrides(0.1, 0, ["mixmatch.lambda_u=0.75"])
+    run = _saved_run(tmp_path / "a", "mixmatch", sets)
+    assert bench.differences(run, "mixmatch", 0.1, 0, ["mixmatch.lambda_u=0.75"]) == {}
+    assert bench.differences(run, "mixmatch", 0.1, 1, ["mixmatch.lambda_u=0.75"]) == {}    # the seed names the run
+    assert bench.differences(run, "mixmatch", 0.1, 0, ["mixmatch.lambda_u=7.5"]) == {"mixmatch.lambda_u": (0.75, 7.5)}
+    with pytest.raises(SystemExit, match=r"mixmatch.mix_labeled: True there, False planned"):
+        bench.check_reusable(run, "x", "mixmatch", 0.1, 0, ["mixmatch.lambda_u=0.75", "mixmatch.mix_labeled=false"])
+    # A run saved before mix_labeled existed trained with mixing (config.KEYS_ADDED_LATER), not "unknown".
+    old = _saved_run(tmp_path / "b", "mixmatch", sets, drop=("mixmatch.mix_labeled",))
+    assert bench.differences(old, "mixmatch", 0.1, 0, ["mixmatch.lambda_u=0.75"]) == {}
+    # A default that changed since the run trained (here: its photometric views) is a difference.
+    photometric = _saved_run(tmp_path / "c", "mixmatch", sets + ["mixmatch.photometric_views=true"])
+    assert bench.differences(photometric, "mixmatch", 0.1, 0, ["mixmatch.lambda_u=0.75"]) == {
+        "mixmatch.photometric_views": (True, False)}
+    # Supervised reads no unlabelled images: the unlabelled-only keys do not split it.
+    sup = _saved_run(tmp_path / "d", "supervised", bench.run_overrides(0.1, 0, ["train.labeled_forward=joint"]))
+    assert bench.differences(sup, "supervised", 0.1, 0, []) == {}
+
+
+def test_every_kept_run_the_plan_reuses_trained_what_the_plan_asks():
+    """The committed bench/results/label_efficiency: `python bench/label_efficiency.py` reuses each
+    kept run by name, so each one whose name the plan (and the tuning budget) asks for must have
+    trained those settings on today's defaults."""
+    results = REPO / "bench" / "results" / "label_efficiency"
+    tuning = json.loads((results / "tuning.json").read_text())
+    planned = bench.plan(list(config.METHODS), None, 4, tuning)
+    for method, t in tuning.items():
+        default = bench.default_weight(method)[1]
+        for factor in config.METHODS[method].tune_factors:
+            value = float(f"{default * factor:.6g}")
+            weight = None if factor == 1.0 else (t["key"], value)
+            planned.append((bench.run_name(method, 0.1, 0, weight, t.get("settings", {})), method, 0.1, 0,
+                            [f"{t['key']}={value:g}", *bench.set_list(t.get("settings", {}))]))
+    reused = 0
+    for name, method, fraction, seed, extra in planned:
+        if (results / "runs" / name / "metrics.json").exists():
+            reused += 1
+            assert bench.differences(results / "runs" / name, method, fraction, seed, extra) == {}, name
+    assert reused >= 40
+
+
 def test_every_ssl_method_names_the_weight_it_is_tuned_on():
     for name, info in config.METHODS.items():
         if name == "supervised":
@@ -128,6 +195,8 @@ def test_bench_tuned_preset_holds_the_committed_tuning_choice():
         section, key = choice["key"].split(".")
         cfg = config.resolve("bench_tuned", "", [], method)
         assert getattr(getattr(cfg, section), key) == pytest.approx(choice["tuned"]), method
+        for dotted, value in choice.get("settings", {}).items():
+            assert config.get(cfg, dotted) == value, dotted
 
 
 @pytest.mark.slow   # five tiny trainings in a subprocess (a minute or more on 2 cores)
