@@ -243,3 +243,19 @@ def test_the_plot_draws_each_method_at_its_tuned_weight_only(toy):
     assert sorted(r.name for r in bench.figure_runs(runs, tuning)) == ["mt-tuned-0", "sup-0", "sup-1"]
     tuning["mean_teacher"]["tuned"] = 0.1
     assert sorted(r.name for r in bench.figure_runs(runs, tuning)) == ["mt-0", "mt-1", "sup-0", "sup-1"]
+
+
+def test_the_plot_draws_a_method_at_the_settings_its_tuning_chose(toy):
+    """A setting in tuning.json's `settings` (mean_teacher.student_view here) picks the plotted runs
+    as the tuned weight does; without it the default (noise) is drawn."""
+    root, sup, _ = toy
+    for name, view in (("mt-view-0", "strong"), ("mt-noise-0", "noise")):
+        toy_run(root, name, "mean_teacher", 0.1, 0, sup[0], last=0.5, steps=800, consistency=1.0)
+        saved = yaml.safe_load((root / name / "config.yaml").read_text())
+        saved["mean_teacher"]["student_view"] = view
+        (root / name / "config.yaml").write_text(yaml.safe_dump(saved))
+    runs = [r for r in find_runs([root]) if r.name != "mt-tuned-0"]
+    tuning = {"mean_teacher": {"key": "mean_teacher.consistency", "paper": 0.1, "tuned": 1.0}}
+    assert sorted(r.name for r in bench.figure_runs(runs, tuning)) == ["mt-noise-0", "sup-0", "sup-1"]
+    tuning["mean_teacher"]["settings"] = {"mean_teacher.student_view": "strong"}
+    assert sorted(r.name for r in bench.figure_runs(runs, tuning)) == ["mt-view-0", "sup-0", "sup-1"]
