@@ -107,16 +107,14 @@ def differences(run: Path, method: str, fraction: float, seed: int, overrides: l
     """{key: (value RUN trained with, value planned)} for every setting in which the run folder's
     config.yaml differs from what `main.py train --preset bench` with these overrides resolves to
     today (run-identity keys, other methods' sections and, for supervised, the unlabelled-only keys
-    aside). A run is reused by name; this says when the name no longer means what it trained."""
-    from analysis.runs import RUN_IDENTITY_KEYS, flat_config
-    planned = flat_config(config.to_dict(config.resolve("bench", "", run_overrides(fraction, seed, overrides), method)))
-    saved = flat_config(config.saved_run_mapping(config.load_yaml(run / "config.yaml")))
-    ignored = set(RUN_IDENTITY_KEYS) | ({"preset"}) | (
-        set() if config.METHODS[method].uses_unlabeled else set(config.UNLABELED_ONLY_KEYS))
-    others = set(config.METHODS) - {method}
+    aside: the settings analysis/runs.run_settings compares runs by). A run is reused by name; this
+    says when the name no longer means what it trained."""
+    from analysis.runs import Run, load_run, run_settings
+    resolved = config.resolve("bench", "", run_overrides(fraction, seed, overrides), method)
+    planned = run_settings(Run(path=run, config=config.to_dict(resolved), history=None, metrics=None, per_case=None))
+    saved = run_settings(load_run(run))
     return {key: (saved.get(key, "<unset>"), value) for key, value in planned.items()
-            if key not in ignored and key.split(".", 1)[0] not in others
-            and repr(saved.get(key, "<unset>")) != repr(value)}
+            if repr(saved.get(key, "<unset>")) != repr(value)}
 
 
 def check_reusable(run: Path, name: str, method: str, fraction: float, seed: int, overrides: list[str]) -> None:
