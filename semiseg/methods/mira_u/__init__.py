@@ -34,6 +34,9 @@ class MiraUConfig:
     mc_chunk: int = 0                  # 0 = all M passes in one batched forward
     kappa: float = 0.5
     tau_u: float = 0.15
+    # shrink: the seed's soft label y~ = w * mu. weight: y~ = mu with each pixel's BCE weighted by w
+    # (the multi-class rule's reading; not the seed: shrinking leans uncertain pixels to background).
+    pseudo_label: str = "shrink"
     lambda_u: float = 1.0
     lambda_c: float = 0.1
     gamma: float = 0.01
@@ -123,7 +126,8 @@ SPEC = register(MethodSpec(
             "mc_samples": (lambda v: v >= 2, ">= 2"), "mc_chunk": (lambda v: v >= 0, ">= 0 (0 = all at once)"),
             "kappa": POSITIVE, "tau_u": FRACTION, "lambda_u": AT_LEAST_0, "lambda_c": AT_LEAST_0, "gamma": AT_LEAST_0,
             "rampup_epochs": AT_LEAST_0, "ema_decay": DECAY, "probe_cases": AT_LEAST_0},
-    choices={"ema_target": ("student_ema", "teacher_head"), "student": ("hybrid", "model")},
+    choices={"ema_target": ("student_ema", "teacher_head"), "student": ("hybrid", "model"),
+             "pseudo_label": ("shrink", "weight")},
     # bench: the networks scaled as the U-Net is (seed: 256-d ViT, 4 layers, 8x8 patches at 256 px;
     # here 64-d, 2 layers, 4x4 patches at 64 px: a 16x16 token grid), its ramp over 80/150 of the
     # run as in its seed, EMA 0.99 for a 1600-step run (0.999 fits the seed's ~24k steps).

@@ -24,6 +24,8 @@ Stage 2 (`compute_loss`, run by the base loop), per step:
            batched forward (`mc_dropout_stats`), noise seeded per step and per replica.
   w = exp(-sigma / kappa); pixels with w < tau_u are dropped; y~ = w * mu (the seed's soft label).
   L_ce   = BCE(student(strong), y~), mean over kept pixels (global count, all-reduced).
+  mira_u.pseudo_label=weight (not the seed): y~ = mu and L_ce = mean over kept pixels of w * BCE,
+           so uncertainty lowers a pixel's weight instead of pulling its label to background.
   L_cons = (p_student(strong) - p_target(weak))^2, mean over kept pixels; p_target is stop-gradient.
   L_ent  = binary entropy of student(strong), mean over all unlabeled pixels.
   beta(t) = exp(-5 (1 - t/80)^2) for t < 80 epochs, then 1, with t the fractional epoch.
@@ -96,14 +98,21 @@ _STREAM_STRONG, _STREAM_MC, _STREAM_MIM_MASK = 11, 12, 21
 
 
 # ----------------------------------------------------------------------------- pure pieces
-def confidence_targets(mu, sigma, kappa, tau_u):
-    """(w, keep, y~): w = exp(-sigma/kappa), keep = 1 where w >= tau_u, y~ = w * mu (Alg. 2, l. 19-28).
+def confidence_targets(mu, sigma, kappa, tau_u, rule="shrink"):
+    """(w, keep, y~): w = exp(-sigma/kappa), keep = 1 where w >= tau_u (Alg. 2, l. 19-28), and the
+    target: y~ = w * mu (rule "shrink", the seed's soft label) or y~ = mu (rule "weight": the loss
+    weighs each pixel's BCE by w instead, as the multi-class rule does).
+
+    Why "weight" exists: w <= 1 shrinks an uncertain foreground pixel towards background and never an
+    uncertain background pixel towards foreground, so with a noisy teacher the seed's labels lean
+    to background (measured on the bench preset: pseudo-label Dice 0.00-0.12 at 30% labels while
+    the teacher's own Dice was 0.3-0.55; docs/mira_u.md).
 
     Note: sigma of a probability is at most 0.5, so with kappa = 0.5 every w >= exp(-1) = 0.37 and
     the seed's tau_u = 0.15 never drops a pixel; the filter acts only for kappa < 0.5/ln(1/tau_u)."""
     w = tf.exp(-sigma / kappa)
     keep = tf.cast(w >= tau_u, tf.float32)
-    return w, keep, w * mu
+    return w, keep, (w * mu if rule == "shrink" else mu)
 
 
 def multiclass_confidence_targets(mu, sigma, kappa, tau_u):
@@ -209,7 +218,7 @@ class MiraU(Trainer):
         if self.multiclass:
             w, keep, target = multiclass_confidence_targets(mu, sigma, m.kappa, m.tau_u)
         else:
-            w, keep, target = confidence_targets(mu, sigma, m.kappa, m.tau_u)
+            w, keep, target = confidence_targets(mu, sigma, m.kappa, m.tau_u, m.pseudo_label)
 
         logits = all_logits[1]
         prob = probabilities(logits)
@@ -226,6 +235,8 @@ class MiraU(Trainer):
             squared = tf.reduce_mean(tf.square(prob - p_weak), axis=-1, keepdims=True)
         else:
             ce = tf.nn.sigmoid_cross_entropy_with_logits(labels=target, logits=logits)
+            if m.pseudo_label == "weight":
+                ce = w * ce
             squared = tf.square(prob - p_weak)
         # Means over the kept pixels of the whole global batch (the base's masked_mean: the kept
         # count all-reduced, so summing replica shares gives the global-batch mean). The count is a
@@ -284,7 +295,7 @@ class MiraU(Trainer):
                 if self.multiclass:     # dropped pixels as background: an all-zero row's argmax is 0
                     _, keep, target = multiclass_confidence_targets(mu, sigma, m.kappa, m.tau_u)
                     return target * keep
-                _, keep, target = confidence_targets(mu, sigma, m.kappa, m.tau_u)
+                _, keep, target = confidence_targets(mu, sigma, m.kappa, m.tau_u, m.pseudo_label)
                 return target * keep
             self._pseudo_label_fn = pseudo_label
         return probe.pseudo_dice_logs(self._pseudo_label_fn, self.cfg, self.data, cases,
