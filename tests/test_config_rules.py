@@ -83,6 +83,7 @@ BAD = [
     ("mira_u", ["mira_u.patch_size=6"], "mira_u.patch_size"),
     ("mira_u", ["mira_u.embed_dim=30", "mira_u.num_heads=4"], "mira_u.embed_dim"),
     ("mira_u", ["mira_u.student=unet"], "mira_u.student"),
+    ("mira_u", ["mira_u.pseudo_label=hard"], "mira_u.pseudo_label"),
     # The U-Net student (mira_u.student=model) obeys model.*'s rules; the hybrid ignores model.*.
     ("mira_u", ["mira_u.student=model", "model.depth=6"], "data.image_size"),
     ("mira_u", ["mira_u.student=model", "model.dropout=1"], "model.dropout"),

@@ -54,6 +54,30 @@ def test_confidence_weights_and_tau_filter_on_known_sigma():
     np.testing.assert_array_equal(keep.numpy(), [1, 1, 0, 0, 0])
 
 
+def test_weight_rule_keeps_the_label_and_weighs_the_loss():
+    """pseudo_label=weight: the same w and filter, the target is mu itself, the BCE is scaled by w.
+    The seed's shrink turns a confident-enough foreground pixel (mu 0.9, sigma 0.3: w 0.549) into a
+    background label (0.494 < 0.5); weight keeps it foreground at weight 0.549."""
+    mu = tf.constant([0.9, 0.5, 0.2, 0.7, 1.0])
+    sigma = tf.constant([0.3, 0.1, 0.5, 1.0, 0.0])
+    w_s, keep_s, shrunk = mira_u.confidence_targets(mu, sigma, kappa=0.5, tau_u=0.15)
+    w, keep, target = mira_u.confidence_targets(mu, sigma, kappa=0.5, tau_u=0.15, rule="weight")
+    np.testing.assert_array_equal(w.numpy(), w_s.numpy())
+    np.testing.assert_array_equal(keep.numpy(), keep_s.numpy())
+    np.testing.assert_array_equal(target.numpy(), mu.numpy())
+    assert shrunk.numpy()[0] < 0.5 < target.numpy()[0]
+    logits = tf.constant([2.0, -1.0, 0.5, 0.0, -3.0])
+    p = 1 / (1 + np.exp(-logits.numpy().astype(np.float64)))
+
+    def bce(y):
+        return -(y * np.log(p) + (1 - y) * np.log(1 - p))
+    wn = w.numpy().astype(np.float64)
+    np.testing.assert_allclose(mira_u.binary_pseudo_label_ce(logits, target, w, "weight").numpy(),
+                               wn * bce(mu.numpy()), rtol=1e-5)
+    np.testing.assert_allclose(mira_u.binary_pseudo_label_ce(logits, shrunk, w_s, "shrink").numpy(),
+                               bce(wn * mu.numpy()), rtol=1e-5)
+
+
 def test_binary_entropy_from_logits_matches_direct_formula():
     z = tf.constant([-30.0, -2.0, 0.0, 1.5, 30.0])
     p = 1 / (1 + np.exp(-z.numpy().astype(np.float64)))

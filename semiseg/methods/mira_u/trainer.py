@@ -115,6 +115,13 @@ def confidence_targets(mu, sigma, kappa, tau_u, rule="shrink"):
     return w, keep, (w * mu if rule == "shrink" else mu)
 
 
+def binary_pseudo_label_ce(logits, target, w, rule="shrink"):
+    """Per-pixel BCE of the student's logits to the target `confidence_targets` gave: as it is for
+    the seed's y~ = w * mu ("shrink"), weighted by w for y~ = mu ("weight")."""
+    ce = tf.nn.sigmoid_cross_entropy_with_logits(labels=target, logits=logits)
+    return w * ce if rule == "weight" else ce
+
+
 def multiclass_confidence_targets(mu, sigma, kappa, tau_u):
     """(w, keep, target) for C classes: mu, sigma [B,H,W,C] are the MC mean and std of the softmax.
     The pseudo label is argmax_c mu (target: its one-hot); the pixel's uncertainty is the std of the
@@ -234,9 +241,7 @@ class MiraU(Trainer):
             ce = w * tf.nn.softmax_cross_entropy_with_logits(labels=target, logits=logits)[..., None]
             squared = tf.reduce_mean(tf.square(prob - p_weak), axis=-1, keepdims=True)
         else:
-            ce = tf.nn.sigmoid_cross_entropy_with_logits(labels=target, logits=logits)
-            if m.pseudo_label == "weight":
-                ce = w * ce
+            ce = binary_pseudo_label_ce(logits, target, w, m.pseudo_label)
             squared = tf.square(prob - p_weak)
         # Means over the kept pixels of the whole global batch (the base's masked_mean: the kept
         # count all-reduced, so summing replica shares gives the global-batch mean). The count is a
