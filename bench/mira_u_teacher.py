@@ -80,8 +80,6 @@ def train_variant(trainer, variant: str, teacher_file: Path, steps: int, eval_ev
     import keras
     import tensorflow as tf
     from semiseg.evaluation import evaluate as evaluation
-    from semiseg.methods.mira_u.trainer import confidence_targets, multiclass_confidence_targets
-    from semiseg.models.transformer import mc_dropout_stats
     from semiseg.training import probe
     from semiseg.training.trainer import augment_fn
 
@@ -106,12 +104,7 @@ def train_variant(trainer, variant: str, teacher_file: Path, steps: int, eval_ev
         optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
         return loss
 
-    @tf.function(reduce_retracing=True)
-    def pseudo_label(images):           # MiraU.epoch_diagnostics' target, same fixed MC seed
-        mu, sigma = mc_dropout_stats(teacher, images, m.mc_samples, m.mc_chunk or None, seed=[cfg.seed, 7])
-        rule = multiclass_confidence_targets if trainer.multiclass else confidence_targets
-        _, keep, target = rule(mu, sigma, m.kappa, m.tau_u)
-        return target * keep
+    pseudo_label = tf.function(trainer.probe_pseudo_label, reduce_retracing=True)     # the run's own probe
 
     predict = evaluation.make_predict_fn(teacher)
     cases = probe.probe_case_ids(cfg, trainer.data, m.probe_cases)

@@ -284,25 +284,26 @@ class MiraU(Trainer):
         first = {"student_ema": self.models["student_ema"]} if "student_ema" in self.models else {}
         return {**first, "student": self.models["student"], "teacher": self.models["teacher"]}
 
+    def probe_pseudo_label(self, images):
+        """The pseudo label stage 2 trains on, as the probe scores it (dropped pixels as background;
+        a multi-class all-zero row's argmax is 0): the teacher's MC passes with a fixed seed, so the
+        probe changes only because the teacher's head changed. bench/mira_u_teacher.py scores it too."""
+        m = self.cfg.mira_u
+        mu, sigma = mc_dropout_stats(self.models["teacher"], images, m.mc_samples, m.mc_chunk or None,
+                                     seed=[self.cfg.seed, 7])
+        if self.multiclass:
+            _, keep, target = multiclass_confidence_targets(mu, sigma, m.kappa, m.tau_u)
+        else:
+            _, keep, target = confidence_targets(mu, sigma, m.kappa, m.tau_u, m.pseudo_label)
+        return target * keep
+
     def epoch_diagnostics(self, epoch: int) -> dict:
         # The same hidden-label gate as every method: synthetic data, or data.hide_labels=true.
         cases = probe.probe_case_ids(self.cfg, self.data, self.cfg.mira_u.probe_cases)
         if not cases:
             return {}
         if getattr(self, "_pseudo_label_fn", None) is None:
-            m, teacher = self.cfg.mira_u, self.models["teacher"]
-
-            @tf.function(reduce_retracing=True)
-            def pseudo_label(images):
-                # A fixed MC seed, so the probe changes only because the teacher's head changed.
-                mu, sigma = mc_dropout_stats(teacher, images, m.mc_samples, m.mc_chunk or None,
-                                             seed=[self.cfg.seed, 7])
-                if self.multiclass:     # dropped pixels as background: an all-zero row's argmax is 0
-                    _, keep, target = multiclass_confidence_targets(mu, sigma, m.kappa, m.tau_u)
-                    return target * keep
-                _, keep, target = confidence_targets(mu, sigma, m.kappa, m.tau_u, m.pseudo_label)
-                return target * keep
-            self._pseudo_label_fn = pseudo_label
+            self._pseudo_label_fn = tf.function(self.probe_pseudo_label, reduce_retracing=True)
         return probe.pseudo_dice_logs(self._pseudo_label_fn, self.cfg, self.data, cases,
                                       self.cfg.train.eval_batch_size)
 
