@@ -36,6 +36,7 @@ class MiraUConfig:
     tau_u: float = 0.15
     # shrink: the seed's soft label y~ = w * mu. weight: y~ = mu with each pixel's BCE weighted by w
     # (the multi-class rule's reading; not the seed: shrinking leans uncertain pixels to background).
+    # Binary labels only: with data.classes the pseudo label is one-hot and its CE always weighted by w.
     pseudo_label: str = "shrink"
     lambda_u: float = 1.0
     lambda_c: float = 0.1

@@ -106,7 +106,8 @@ def confidence_targets(mu, sigma, kappa, tau_u, rule="shrink"):
     Why "weight" exists: w <= 1 shrinks an uncertain foreground pixel towards background and never an
     uncertain background pixel towards foreground, so with a noisy teacher the seed's labels lean
     to background (measured on the bench preset: pseudo-label Dice 0.00-0.12 at 30% labels while
-    the teacher's own Dice was 0.3-0.55; docs/mira_u.md).
+    the teacher's own Dice was 0.3-0.55). It did not rescue MIRA-U there: its labels stayed ~0.3 Dice,
+    worse than the student's own predictions (docs/mira_u.md), so the seed's rule stays the default.
 
     Note: sigma of a probability is at most 0.5, so with kappa = 0.5 every w >= exp(-1) = 0.37 and
     the seed's tau_u = 0.15 never drops a pixel; the filter acts only for kappa < 0.5/ln(1/tau_u)."""
