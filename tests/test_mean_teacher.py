@@ -138,6 +138,32 @@ def test_the_teacher_sees_only_the_images_the_consistency_is_on(on_labeled):
     np.testing.assert_allclose(logs["loss_unsup"].numpy(), expected, rtol=1e-5)
 
 
+def test_teacher_forward_as_student_splits_the_teachers_batch_like_the_students():
+    """teacher_forward=as_student with train.labeled_forward=separate: the teacher's BN normalises the
+    labelled and the unlabelled images apart (two passes), as the student's does; joint: one pass."""
+    images = tf.random.stateless_uniform([2, 32, 32, 1], [3, 4])
+    unlabeled = tf.random.stateless_uniform([2, 32, 32, 1], [5, 6]) * 2.0    # other statistics
+    masks = tf.cast(images > 0.5, tf.float32)
+    step = tf.constant(3, tf.int64)
+    x = tf.concat([images, unlabeled], 0)
+    losses = {}
+    for forward in ("joint", "as_student"):
+        trainer = _trainer(f"mean_teacher.teacher_forward={forward}", "train.labeled_forward=separate",
+                           "mean_teacher.teacher_bn=batch", "model.dropout=0")
+        teacher, student = trainer.models["teacher"], trainer.models["student"]
+        view = trainer.noised(x, trainer.replica_seed(step, mean_teacher.TEACHER_NOISE_STREAM))
+        with mean_teacher.frozen_bn_statistics(teacher), mean_teacher.frozen_bn_statistics(student):
+            p_s = tf.sigmoid(trainer.training_forward(student, x, 2)).numpy()
+            p_t = tf.sigmoid(tf.concat([teacher(view[:2], training=True), teacher(view[2:], training=True)], 0)
+                             if forward == "as_student" else teacher(view, training=True)).numpy()
+        _, logs = trainer.compute_loss((images, masks), unlabeled, step)
+        losses[forward] = logs["loss_unsup"].numpy()
+        np.testing.assert_allclose(losses[forward], np.mean((p_s - p_t) ** 2), rtol=1e-5)
+    # The teacher starts as a copy of the student: split like it, its targets equal the student's
+    # predictions up to the noise; one joint pass normalises with other statistics.
+    assert losses["as_student"] < 0.5 * losses["joint"]
+
+
 def test_the_probe_scores_the_training_mode_teacher_without_moving_its_statistics():
     trainer = _trainer("mean_teacher.teacher_bn=batch")
     teacher = trainer.models["teacher"]

@@ -30,6 +30,10 @@ class MeanTeacherConfig:
                                        # training, its own moving statistics (for evaluation) from them;
                                        # moving: inference mode on the EMA of the student's statistics
                                        # (the teacher then trailed the student: label-efficiency bench)
+    teacher_forward: str = "joint"     # joint (the papers' code): one teacher pass over every image the
+                                       # consistency is on; as_student: the passes follow
+                                       # train.labeled_forward, so with separate the teacher's BN normalises
+                                       # labelled and unlabelled images apart, as the student's does
 
 
 def build_networks(cfg, image_size: int, channels: int) -> dict:
@@ -45,7 +49,8 @@ SPEC = register(MethodSpec(
     uses_unlabeled=True, config=MeanTeacherConfig,
     ranges={"ema_decay": DECAY, "consistency": AT_LEAST_0, "rampup_epochs": AT_LEAST_0, "noise_std": AT_LEAST_0,
             "noise_clip": AT_LEAST_0, "probe_cases": AT_LEAST_0},
-    choices={"student_view": ("noise", "strong"), "noise_on": ("teacher", "both"), "teacher_bn": ("batch", "moving")},
+    choices={"student_view": ("noise", "strong"), "noise_on": ("teacher", "both"), "teacher_bn": ("batch", "moving"),
+             "teacher_forward": ("joint", "as_student")},
     preset_sections={"smoke": {"rampup_epochs": 1.0}, "smoke_multiclass": {"rampup_epochs": 1.0},
                      "cpu": {"rampup_epochs": 5.0}, "bench": {"rampup_epochs": 40.0},
                      "bench_tuned": {"consistency": 1.0}},

@@ -30,6 +30,11 @@ The dropout RNG state is never averaged: it is an integer counter.
 the unlabelled ones in two passes; joint (the papers' code) runs it once on both, so BN normalises the
 supervised loss's images with statistics of both. On the label-efficiency benchmark (10% labels, 3
 seeds, docs/benchmarks.md) joint cost about 4 test Dice points, already with the consistency at 0.
+`teacher_forward` (with teacher_bn=batch and the consistency on labelled images too): joint (the
+default; the papers' code) runs the teacher once over labelled and unlabelled images together;
+as_student splits its forward as train.labeled_forward splits the student's, so with separate passes
+teacher and student normalise the same groups of images (its moving statistics then average both
+groups' passes, like the student's). With the unlabelled images alone, or teacher_bn=moving, both are one pass.
 `ema_warmup` (the paper's code): a = min(1 - 1/(n + 1), ema_decay) after n updates, so the early
 teacher is not dominated by the random initial weights.
 
@@ -118,8 +123,14 @@ class MeanTeacher(Trainer):
         # forward pass of the labelled half. teacher_bn=batch: training mode normalises with this
         # batch's statistics and updates the teacher's own moving statistics (its dropout is on
         # too, as in the paper's code).
-        teacher_logits = tf.cast(self.models["teacher"](x_teacher[first:], training=mt.teacher_bn == "batch"),
-                                 tf.float32)
+        teacher = self.models["teacher"]
+        if mt.teacher_forward == "as_student" and first == 0 and mt.teacher_bn == "batch":
+            # The teacher's BN statistics come from the same image groups as the student's, so the
+            # target on a labelled image is computed the way the student's prediction on it is.
+            teacher_logits = self.training_forward(teacher, x_teacher, n_lab)
+        else:
+            teacher_logits = teacher(x_teacher[first:], training=mt.teacher_bn == "batch")
+        teacher_logits = tf.cast(teacher_logits, tf.float32)
         sup, dice, bce = self.supervised_loss(logits[:n_lab], masks)
         # Squared error between probabilities (the paper's choice for its classifiers), mean over
         # pixels per image, then the global-batch mean; the teacher is a constant target.
