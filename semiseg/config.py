@@ -392,7 +392,8 @@ def load_yaml(path) -> dict:
 # so --resume, evaluate and the analysis scripts see what an older run really did.
 KEYS_ADDED_LATER = {"train.labeled_forward": "joint", "train.fused_update": False, "train.labeled_augment": "method",
                     "mixmatch.mix_labeled": True, "mira_u.student": "hybrid",
-                    "mira_u.pseudo_label": "shrink", "mean_teacher.teacher_forward": "joint"}
+                    "mira_u.pseudo_label": "shrink", "mean_teacher.teacher_forward": "joint",
+                    "bayesian_pl.label_rule": "confidence"}
 # train.* settings that only a method training on unlabelled images reads: a supervised run's value
 # says nothing, so comparisons neither split supervised rows by them nor pair baselines on them.
 UNLABELED_ONLY_KEYS = ("train.labeled_forward",)

@@ -14,6 +14,7 @@ from semiseg import cli, config
 from semiseg.data import loader
 from semiseg.methods.bayesian_pl import trainer as bpl
 from semiseg.runs import run_dir
+from semiseg.errors import ConfigError
 
 from replicas import one_vs_two_replicas
 from test_equivalence import LOSS_RTOL, WEIGHT_ATOL
@@ -71,11 +72,12 @@ def _np_dice_loss(p, y, multiclass):
     return _np_dice(p, y)
 
 
-@pytest.mark.parametrize("preset, tau", [("smoke", 0.0), ("smoke_multiclass", 0.0), ("smoke", 0.05)])
-def test_one_step_loss_equals_numpy(preset, tau):
+@pytest.mark.parametrize("preset, tau, rule", [("smoke", 0.0, "confidence"), ("smoke_multiclass", 0.0, "confidence"),
+                                               ("smoke", 0.05, "confidence"), ("smoke", 0.0, "cut")])
+def test_one_step_loss_equals_numpy(preset, tau, rule):
     # Dropout off so the network is a deterministic function of the batch (BN in training mode uses the
     # batch's statistics), and its logits can be taken once more for the NumPy side.
-    trainer = _trainer(preset, f"bayesian_pl.threshold_temperature={tau}")
+    trainer = _trainer(preset, f"bayesian_pl.threshold_temperature={tau}", f"bayesian_pl.label_rule={rule}")
     lab_it, unl_it = trainer._iterators(0)
     (images, masks), unlabeled = next(lab_it), next(unl_it)
     model, s, t = trainer.models["student"], trainer.section, trainer.cfg.train
@@ -84,10 +86,11 @@ def test_one_step_loss_equals_numpy(preset, tau):
     z = trainer.training_forward(model, tf.concat([images, unlabeled], 0), n_lab).numpy()   # as train.labeled_forward says
     multiclass, C = trainer.multiclass, trainer.n_classes
     p_u, c_u, y_u, ce_u = _np_terms(z[n_lab:], multiclass, C)
-    # Put the posterior off the prior, and its mean so that the drawn T sits at the median confidence.
+    # Put the posterior off the prior, and its mean so that the drawn T sits at the median confidence
+    # (cut: the 70th percentile of the foreground probability, so the cut is not the argmax's 0.5).
     eps = float(tf.random.stateless_normal([], tf.constant([trainer.cfg.seed * 1000 + 30, step], tf.int64)))
     sigma = 0.08
-    threshold = float(np.median(c_u))
+    threshold = float(np.quantile(p_u, 0.7) if rule == "cut" else np.median(c_u))
     trainer.state["threshold_mu"].assign(threshold - sigma * eps)
     trainer.state["threshold_log_sigma"].assign(math.log(sigma))
     mu = threshold - sigma * eps
@@ -109,6 +112,12 @@ def test_one_step_loss_equals_numpy(preset, tau):
     sup = t.lambda_dice * _np_dice_loss(p_l, y_l, multiclass) + t.lambda_bce * ce_l.mean()
     # The unlabelled part: mask above the drawn T, Dice and CE over the kept pixels.
     mask = 1 / (1 + np.exp(-(c_u - threshold) / tau)) if tau > 0 else (c_u > threshold).astype(np.float64)
+    if rule == "cut":       # EMSSL's binary rule: every pixel, labelled 1(p > T)
+        y_u = (p_u > threshold).astype(np.float64)
+        ce_u = np.maximum(z[n_lab:], 0) - z[n_lab:] * y_u + np.log1p(np.exp(-np.abs(z[n_lab:])))
+        mask = np.ones_like(mask)
+        # T moved the foreground's edge: 30% of the pixels are foreground, where p > 0.5 gives another share.
+        assert y_u.mean() == pytest.approx(0.3, abs=0.02) and abs(np.mean(p_u > 0.5) - 0.3) > 0.05
     loss_u = (t.lambda_dice * _np_dice_loss(p_u * mask, y_u * mask, multiclass)
               + t.lambda_bce * np.sum(mask * ce_u) / np.sum(mask))
     kl = np_kl(mu, sigma, s.prior_mu, s.prior_sigma)
@@ -116,8 +125,11 @@ def test_one_step_loss_equals_numpy(preset, tau):
     assert 0 < r < 1
     expected = sup + r * (s.lambda_u * loss_u + s.kl_weight * kl)
 
-    assert 0.2 < float(logs["pseudo_kept"]) < 0.8           # the threshold really splits the pixels
-    assert float(logs["pseudo_kept"]) == pytest.approx(np.mean(c_u > threshold), abs=1e-6)
+    if rule == "cut":
+        assert float(logs["pseudo_kept"]) == 1.0
+    else:
+        assert 0.2 < float(logs["pseudo_kept"]) < 0.8           # the threshold really splits the pixels
+        assert float(logs["pseudo_kept"]) == pytest.approx(np.mean(c_u > threshold), abs=1e-6)
     assert float(logs["threshold_sample"]) == pytest.approx(threshold, rel=1e-5)
     assert float(logs["loss_kl"]) == pytest.approx(kl, rel=1e-4)
     assert float(logs["loss_unsup"]) == pytest.approx(loss_u, rel=1e-4)
@@ -214,3 +226,13 @@ def test_one_replica_equals_two(tmp_path):
     assert float(single_w[-1]) != pytest.approx(0.5, abs=1e-5)      # mu moved (the state, by name: log_sigma, mu)
     for a, b in zip(single_w, mirrored_w):
         np.testing.assert_allclose(b, a, atol=WEIGHT_ATOL)
+
+
+@pytest.mark.parametrize("preset, sets, named", [
+    ("smoke_multiclass", ["bayesian_pl.label_rule=cut"], "data.classes"),
+    ("smoke", ["bayesian_pl.label_rule=cut", "bayesian_pl.threshold_temperature=0.05"], "threshold_temperature"),
+])
+def test_cut_rule_refuses_settings_it_has_no_form_for(preset, sets, named):
+    with pytest.raises(ConfigError, match=named):
+        config.resolve(preset, "", sets, "bayesian_pl")
+    config.resolve(preset, "", [s for s in sets if "label_rule" not in s], "bayesian_pl")     # fine without it

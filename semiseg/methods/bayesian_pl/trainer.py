@@ -42,8 +42,9 @@ Deviations from the paper and its code, all stated:
   amortises it: a linear head on pooled decoder features gives mu (through ReLU) and log-variance,
   256 draws per image averaged into one threshold. Here mu has no ReLU and T is one draw.
 - The threshold masks pixels by confidence (largest class probability; binary max(p, 1-p)) and the
-  label is the argmax, so one rule covers C classes. The reference code (binary) labels every voxel
-  1(p > T), i.e. it moves the foreground cut instead of dropping uncertain pixels.
+  label is the argmax, so one rule covers C classes (`label_rule=confidence`, the default). The
+  reference code (binary) labels every voxel 1(p > T), i.e. it moves the foreground cut instead of
+  dropping uncertain pixels: `label_rule=cut` (binary only) does that, and `pseudo_kept` is then 1.
 - No gates: the reference drops L_u where pseudo labels have < 0.05% foreground and drops L_u and KL
   for a step whose T falls outside (0, 1). Here a T >= 1 keeps no pixel (L_u = 0), a T below the
   smallest confidence keeps all, and the KL term always applies.
@@ -126,6 +127,11 @@ class BayesianPseudoLabels(Trainer):
             labels = tf.cast(probs > 0.5, tf.float32)
         return probs, tf.stop_gradient(confidence), tf.stop_gradient(labels)
 
+    @staticmethod
+    def cut_labels(probs, threshold):
+        """label_rule=cut (EMSSL's binary rule): every pixel labelled 1(p > T), constant."""
+        return tf.stop_gradient(tf.cast(probs > threshold, tf.float32))
+
     def keep_mask(self, confidence, threshold):
         tau = self.section.threshold_temperature
         if tau > 0:
@@ -157,7 +163,12 @@ class BayesianPseudoLabels(Trainer):
         u_logits = logits[n_lab:]
         probs, confidence, labels = self.pseudo_labels(u_logits)
         threshold = self.sample_threshold(step)
-        mask = self.keep_mask(confidence, threshold)
+        if s.label_rule == "cut":
+            labels = self.cut_labels(probs, threshold)
+            mask = kept = tf.ones_like(labels)
+        else:
+            mask = self.keep_mask(confidence, threshold)
+            kept = tf.cast(confidence > threshold, tf.float32)
         loss_u = self.unlabeled_loss(u_logits, mask, probs, labels)
         kl = self.kl() / self.n_replicas        # a global scalar: this replica's share
         weight = self.weight(self.epoch_float(step))
@@ -165,7 +176,7 @@ class BayesianPseudoLabels(Trainer):
         share = 1.0 / self.n_replicas           # replica-independent values: sums over replicas = the value
         return loss, {"loss": loss, "loss_sup": sup, "loss_dice": dice, self.ce_key: bce, "loss_unsup": loss_u,
                       "loss_kl": kl, "threshold_sample": threshold * share,
-                      "pseudo_kept": self.pixel_mean(tf.cast(confidence > threshold, tf.float32))}
+                      "pseudo_kept": self.pixel_mean(kept)}
 
     def schedule_logs(self, epoch_float: float) -> dict:
         s = self.section
@@ -175,9 +186,12 @@ class BayesianPseudoLabels(Trainer):
 
     def pseudo_targets(self, images):
         """The pseudo labels the loss trains on, kept at T = mu (the posterior mean; masked pixels are
-        background for the probe), from the network in training mode with its BN statistics untouched."""
+        background for the probe; label_rule=cut: 1(p > mu)), from the network in training mode with
+        its BN statistics untouched."""
         model = self.models["student"]
         with frozen_bn_statistics(model):
             logits = tf.cast(model(images, training=True), tf.float32)
-        _, confidence, labels = self.pseudo_labels(logits)
+        probs, confidence, labels = self.pseudo_labels(logits)
+        if self.section.label_rule == "cut":
+            return self.cut_labels(probs, self.state["threshold_mu"])
         return labels * tf.cast(confidence > self.state["threshold_mu"], tf.float32)
