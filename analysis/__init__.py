@@ -2,6 +2,6 @@
 
     python analysis/report.py runs/sweep --out reports/sweep
 
-Scripts: curves.py, compare.py, label_efficiency.py, overlays.py, report.py; runs.py reads run
+Scripts: curves.py, compare.py, families.py, label_efficiency.py, overlays.py, report.py; runs.py reads run
 folders, figures.py holds the shared figure plumbing. See docs/evaluation.md.
 """

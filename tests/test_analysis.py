@@ -251,7 +251,7 @@ def test_scripts_run_as_files_without_tensorflow(sweep, tmp_path):
     assert "tensorflow imported: False" in result.stdout and "exit code 0" in result.stdout
 
 
-@pytest.mark.parametrize("script", ["collect", "compare", "curves", "label_efficiency", "overlays", "report", "runs"])
+@pytest.mark.parametrize("script", ["collect", "compare", "curves", "families", "label_efficiency", "overlays", "report", "runs"])
 def test_a_missing_run_folder_is_an_error_without_traceback(script, tmp_path, monkeypatch, capsys):
     # Each script as `python analysis/SCRIPT.py` (its __main__ block), in this interpreter.
     missing, out = tmp_path / "no_such_sweep", tmp_path / "out"
@@ -393,7 +393,7 @@ def test_collect_writes_one_row_per_run_with_differing_config_keys_and_metrics(s
     assert table["dice"].isna().tolist() == [False, False, True]
 
 
-@pytest.mark.parametrize("script", ["collect", "compare", "curves", "label_efficiency", "overlays", "report", "runs"])
+@pytest.mark.parametrize("script", ["collect", "compare", "curves", "families", "label_efficiency", "overlays", "report", "runs"])
 def test_script_help_describes_it_in_whole_sentences(script, capsys):
     module = runpy.run_path(str(REPO / "analysis" / f"{script}.py"))
     with pytest.raises(SystemExit) as stopped:
