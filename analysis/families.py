@@ -111,7 +111,9 @@ def pair_table(runs: list[Run], fraction: float) -> pd.DataFrame:
                          "coverage": coverage(traits[pair.case_id], counts),
                          "traits": "|".join(traits[pair.case_id])})
     if not rows:
-        raise ValueError(f"no run at {percent(fraction)} labels has a supervised run to pair with")
+        found = ", ".join(sorted({percent(run.labeled_fraction) for run in runs}, key=lambda t: float(t[:-1])))
+        raise ValueError(f"no run at {percent(fraction)} labels has a supervised run to pair with "
+                         f"(labelled fractions found: {found}; choose one with --fraction)")
     return pd.DataFrame(rows)
 
 

@@ -94,5 +94,6 @@ def test_runs_on_other_data_are_an_error_naming_the_config(tmp_path, capsys):
 def test_no_run_at_the_fraction_is_an_error(sweep, capsys):
     tmp_path, _ = sweep
     assert run_cli(families.main, [str(tmp_path / "runs"), "--fraction", "0.5", "--out", str(tmp_path / "o")]) == 2
-    assert "no run at 50% labels" in capsys.readouterr().err
+    assert "no run at 50% labels has a supervised run to pair with (labelled fractions found: 25%, 100%;" \
+        in capsys.readouterr().err
     assert find_runs([tmp_path / "runs"])            # the runs are there: the fraction is what is missing
