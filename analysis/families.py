@@ -152,7 +152,13 @@ def summaries(pairs: pd.DataFrame, full: pd.Series, min_seeds: int) -> tuple[pd.
     Groups paired on fewer than `min_seeds` seeds are left out (single-seed tuning runs)."""
     keep = kept_groups(pairs, min_seeds)
     labels = column_labels(keep)
-    base = pairs[pairs["method"] == BASELINE].drop_duplicates(["seed", "case_id"])
+    base = pairs[pairs["method"] == BASELINE]
+    if base["setting"].nunique() > 1:
+        # One supervised column: runs of two networks or data sets would be averaged into it.
+        raise ValueError("the supervised runs differ in " + " / ".join(sorted(setting or "(no such key)" for setting
+                                                                                in set(base["setting"])))
+                         + "; give the runs of one comparison (one data set, network and schedule)")
+    base = base.drop_duplicates(["seed", "case_id"])
     long = pairs.assign(trait=pairs["traits"].str.split("|")).explode("trait")
     long_base = base.assign(trait=base["traits"].str.split("|")).explode("trait")
 

@@ -97,3 +97,17 @@ def test_no_run_at_the_fraction_is_an_error(sweep, capsys):
     assert "no run at 50% labels has a supervised run to pair with (labelled fractions found: 25%, 100%;" \
         in capsys.readouterr().err
     assert find_runs([tmp_path / "runs"])            # the runs are there: the fraction is what is missing
+
+
+def test_supervised_runs_of_two_networks_are_an_error_not_one_column(sweep, capsys):
+    tmp_path, cache = sweep
+    folder = tmp_path / "runs" / "sup-wide-s0"
+    write_run(folder, "supervised", 0.25, 0, [0.1] * 4, cache)
+    for run, filters in ((folder, 48), (tmp_path / "runs" / "sup-s0", 16)):
+        config_path = run / "config.yaml"
+        saved = yaml.safe_load(config_path.read_text())
+        saved["model"] = {"base_filters": filters}
+        config_path.write_text(yaml.safe_dump(saved))
+    assert run_cli(families.main, [str(tmp_path / "runs"), "--fraction", "0.25", "--out", str(tmp_path / "o")]) == 2
+    assert ("the supervised runs differ in (no such key) / model.base_filters=16 / model.base_filters=48; "
+            "give the runs of one comparison") in capsys.readouterr().err
