@@ -29,8 +29,9 @@ from semiseg.runs import atomic_write  # noqa: E402
 from analysis import figures  # noqa: E402
 from analysis.compare import BASELINE, Grouping, evaluated_runs, paired_dice  # noqa: E402
 from analysis.runs import Run, find_runs, percent, run_cli, summary  # noqa: E402
+from semiseg.data import synthetic  # noqa: E402  (NumPy/SciPy only)
 
-FACTORS = ("shape", "pattern", "skin", "exposure")     # one value per case; artefacts are a list
+FACTORS = tuple(synthetic.FAMILY_SHARES)     # one value per case (shape, pattern...); artefacts are a list
 # Coverage bands: labelled images sharing the case's rarest trait. With ~28 labelled images and
 # shares of 10-27%, a trait has 0-1 examples in a poor subset and 5 or more in a generous one.
 BANDS = ((0, 1, "0-1"), (2, 2, "2"), (3, 4, "3-4"), (5, None, "5+"))
@@ -45,7 +46,6 @@ def case_traits(families: dict) -> list[str]:
 def families_of(run: Run, cache: dict) -> dict:
     """case_id -> traits of the embedded set the run trained on (generated if the cache lacks it)."""
     from semiseg import config
-    from semiseg.data import synthetic
     cfg = config.from_dict(run.config)
     if cfg.data.format != "synthetic" or cfg.data.synthetic_kind != "2d":
         raise ValueError(f"{run.path / 'config.yaml'}: data.format={cfg.data.format} "
@@ -146,12 +146,11 @@ def kept_groups(pairs: pd.DataFrame, min_seeds: int) -> list[tuple]:
     return [key for key, count in seeds.items() if count >= min_seeds]
 
 
-def summaries(pairs: pd.DataFrame, full: pd.Series, min_seeds: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+def summaries(pairs: pd.DataFrame, full: pd.Series, keep: list[tuple],
+              labels: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(by trait, by coverage band): per row the test-case pairs, supervised's mean Dice (and the
-    all-labels runs' where present) and every method group's mean difference in Dice points.
-    Groups paired on fewer than `min_seeds` seeds are left out (single-seed tuning runs)."""
-    keep = kept_groups(pairs, min_seeds)
-    labels = column_labels(keep)
+    all-labels runs' where present) and the mean difference in Dice points of every method group in
+    `keep` (kept_groups), in the column `labels` names."""
     base = pairs[pairs["method"] == BASELINE]
     if base["setting"].nunique() > 1:
         # One supervised column: runs of two networks or data sets would be averaged into it.
@@ -170,7 +169,8 @@ def summaries(pairs: pd.DataFrame, full: pd.Series, min_seeds: int) -> tuple[pd.
             out["all labels"] = frame_base.assign(full=frame_base["case_id"].map(full)).groupby(key)["full"].mean()
         for method, setting in keep:
             member = frame[(frame["method"] == method) & (frame["setting"] == setting)]
-            out[labels[(method, setting)]] = 100 * (member["dice"] - member["dice_baseline"]).groupby(member[key]).mean()
+            gain = 100 * (member["dice"] - member["dice_baseline"])
+            out[labels[(method, setting)]] = gain.groupby(member[key]).mean()
         return out.dropna(subset=["pairs"])
 
     traits = sorted(set(long_base["trait"]), key=lambda t: (t.split("=")[0] not in FACTORS, t))
@@ -184,7 +184,8 @@ def summaries(pairs: pd.DataFrame, full: pd.Series, min_seeds: int) -> tuple[pd.
 def to_markdown(frame: pd.DataFrame, fraction: float, what: str) -> str:
     columns = list(frame.columns)
     lines = [f"Test Dice of supervised at {percent(fraction)} labels and each method's mean difference to it "
-             f"(points, over the seeds it was paired on), {what}:", "", "| " + " | ".join([frame.index.name, *columns]) + " |",
+             f"(points, over the seeds it was paired on), {what}:", "",
+             "| " + " | ".join([frame.index.name, *columns]) + " |",
              "|" + "---|" * (len(columns) + 1)]
     for name, row in frame.iterrows():
         cells = [str(name)]
@@ -199,9 +200,9 @@ def to_markdown(frame: pd.DataFrame, fraction: float, what: str) -> str:
 def write_tables(runs: list[Run], out_dir, fraction: float, min_seeds: int) -> dict:
     runs = evaluated_runs(runs)
     pairs = pair_table(runs, fraction)
-    by_trait, by_band = summaries(pairs, all_label_dice(runs, pairs), min_seeds)
     keep = kept_groups(pairs, min_seeds)
     labels = column_labels(keep)
+    by_trait, by_band = summaries(pairs, all_label_dice(runs, pairs), keep, labels)
     spearman = {}
     for method, setting in keep:
         member = pairs[(pairs["method"] == method) & (pairs["setting"] == setting)]
